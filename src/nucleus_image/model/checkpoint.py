@@ -1,0 +1,121 @@
+"""The diffusers checkpoint format: `config.json` beside `diffusion_pytorch_model.safetensors`, or shards
+`diffusion_pytorch_model-0000i-of-0000n.safetensors` with `diffusion_pytorch_model.safetensors.index.json`.
+
+Loading builds the model on the meta device and assigns each tensor straight from the memory-mapped file in
+the target dtype and device, so a 17B checkpoint never exists as an fp32 copy in host memory. Saving writes
+into a temporary folder and renames it into place, so an interrupted save never leaves a half-written model.
+Weights are only ever read with safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import NucleusConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    raise ValueError(f"max_shard_size {size!r} not understood; use bytes or e.g. '5GB', '500MB'")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / INDEX_NAME).exists():
+        index = json.loads((folder / INDEX_NAME).read_text())
+        return [folder / name for name in sorted(set(index["weight_map"].values()))]
+    if (folder / WEIGHTS_NAME).exists():
+        return [folder / WEIGHTS_NAME]
+    found = sorted(p.name for p in folder.iterdir())
+    raise FileNotFoundError(f"{str(folder)!r} holds no {WEIGHTS_NAME} or {INDEX_NAME} (found: {found})")
+
+
+def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None):
+    """Build `cls` from a diffusers transformer folder. dtype None keeps the stored dtype."""
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    if not (folder / CONFIG_NAME).exists() and (folder / "transformer" / CONFIG_NAME).exists():
+        folder = folder / "transformer"  # a pipeline folder: take its transformer
+    if not (folder / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{str(folder)!r} is not a transformer folder: no {CONFIG_NAME}")
+    config = NucleusConfig.from_json(folder / CONFIG_NAME)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+
+    state, unexpected, mismatched = {}, [], []
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key not in expected:
+                    unexpected.append(key)
+                    continue
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(expected[key]):
+                    mismatched.append(f"{key}: checkpoint {shape} vs model {tuple(expected[key])}")
+                    continue
+                tensor = f.get_tensor(key)
+                state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in mismatched})
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("mis-shaped", mismatched)):
+            if items:
+                parts.append(f"{len(items)} {label}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise ValueError(f"checkpoint {str(folder)!r} does not fit {config}: " + "; ".join(parts))
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def save_pretrained(model, path, max_shard_size: int | str = "10GB") -> None:
+    """Write config.json and safetensors shards (<= max_shard_size each) atomically into `path`."""
+    path = Path(path)
+    limit = _parse_size(max_shard_size)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata=metadata)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)

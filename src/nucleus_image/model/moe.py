@@ -1,0 +1,89 @@
+"""Expert-choice mixture of experts with a shared expert and decoupled routing.
+
+Routing: the router scores every image token against every expert from concat(timestep embedding, token).
+With `router_input="decoupled"` (the release) the token is the *unmodulated* LayerNorm output, so content
+decides routing and the timestep is an additive channel; with "coupled" it is the modulated token the experts
+compute on, which lets the timestep's scale dominate the logits. Per sample, each expert then takes its top
+C = max(1, ceil(CF * S / E)) tokens by affinity (expert choice). A token's picked affinities are renormalised
+to sum to one over the experts that picked it, times route_scale, and the weighted expert outputs are added to
+a shared SwiGLU expert that sees every token.
+
+Because every expert takes exactly C tokens, all shapes are static: tokens are gathered to (E, B*C, D), run
+through the experts as two batched matmuls, weighted and scatter-added back. No host sync, no padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .mlp import SwiGLU
+
+
+@dataclass
+class Routing:
+    """What one MoE layer decided for a batch: router logits (B, S, E) and chosen token indices (B, E, C)."""
+
+    logits_BSE: torch.Tensor
+    indices_BEC: torch.Tensor
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU experts stored pre-transposed: gate_up_proj (E, D, 2F) = [gate | up], down_proj (E, F, D)."""
+
+    def __init__(self, dim: int, inner: int, num_experts: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * inner))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, inner, dim))
+
+    def forward(self, x_ETD: torch.Tensor) -> torch.Tensor:
+        gate, up = torch.bmm(x_ETD, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.down_proj)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, dim: int, inner: int, num_experts: int, capacity_factor: float, use_sigmoid: bool, route_scale: float):
+        super().__init__()
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.use_sigmoid = use_sigmoid
+        self.route_scale = route_scale
+        self.gate = nn.Linear(2 * dim, num_experts, bias=False)
+        self.experts = SwiGLUExperts(dim, inner, num_experts)
+        self.shared_expert = SwiGLU(dim, inner)
+
+    def capacity(self, seq_len: int) -> int:
+        c = max(1, math.ceil(self.capacity_factor * seq_len / self.num_experts))
+        if c > seq_len:
+            raise ValueError(
+                f"capacity factor {self.capacity_factor} gives C={c} tokens per expert for a sequence of {seq_len} "
+                f"image tokens with {self.num_experts} experts; C must be <= {seq_len}, so use a capacity factor "
+                f"<= {self.num_experts} or a larger image"
+            )
+        return c
+
+    def forward(self, x_mod_BSD: torch.Tensor, router_in_BSD: torch.Tensor, temb_BD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        B, S, D = x_mod_BSD.shape
+        E, C = self.num_experts, self.capacity(S)
+        logits = self.gate(torch.cat([temb_BD.unsqueeze(1).expand(-1, S, -1), router_in_BSD], dim=-1))
+        scores = torch.sigmoid(logits.float()) if self.use_sigmoid else F.softmax(logits.float(), dim=-1)
+        scores = scores.to(logits.dtype)
+
+        gating_BEC, idx_BEC = torch.topk(scores.transpose(1, 2), k=C, dim=-1)
+        # Flat token ids in expert-major order (E, B*C), the order the experts consume them.
+        flat_idx = (idx_BEC + torch.arange(B, device=idx_BEC.device).view(B, 1, 1) * S).transpose(0, 1).reshape(-1)
+        gating = gating_BEC.transpose(0, 1).reshape(-1)
+        # Renormalise each token's picked affinities over the experts that picked it.
+        token_sums = torch.zeros(B * S, device=gating.device, dtype=gating.dtype).scatter_add_(0, flat_idx, gating)
+        gating = gating / (token_sums[flat_idx] + 1e-12) * self.route_scale
+
+        x_flat = x_mod_BSD.reshape(B * S, D)
+        routed = self.experts(x_flat[flat_idx].view(E, B * C, D)).reshape(E * B * C, D)
+        routed = (routed.float() * gating.unsqueeze(-1)).to(x_mod_BSD.dtype)
+        out = self.shared_expert(x_mod_BSD).reshape(B * S, D)
+        out = out.scatter_add(0, flat_idx.unsqueeze(-1).expand(-1, D), routed)
+        return out.view(B, S, D), Routing(logits, idx_BEC)
