@@ -32,17 +32,16 @@ class Attention(nn.Module):
         self.norm_added_q = RMSNorm(head_dim, eps)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim, bias=False)])
 
-    def text_kv(self, context_BLD: torch.Tensor, txt_cos: torch.Tensor, txt_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_kv(self, context_BLD: torch.Tensor, txt_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text keys (normed, rotated) and values, (B, kv_heads, L, head_dim) each."""
         k = self.norm_added_k(self.add_k_proj(context_BLD).unflatten(-1, (self.kv_heads, -1))).transpose(1, 2)
         v = self.add_v_proj(context_BLD).unflatten(-1, (self.kv_heads, -1)).transpose(1, 2)
-        return apply_rope(k, txt_cos, txt_sin), v
+        return apply_rope(k, txt_rot), v
 
     def forward(
         self,
         x_BSD: torch.Tensor,
-        img_cos: torch.Tensor,
-        img_sin: torch.Tensor,
+        img_rot: torch.Tensor,
         txt_k: torch.Tensor,
         txt_v: torch.Tensor,
         mask_B11K: torch.Tensor | None,
@@ -50,8 +49,8 @@ class Attention(nn.Module):
         q = self.norm_q(self.to_q(x_BSD).unflatten(-1, (self.heads, -1))).transpose(1, 2)
         k = self.norm_k(self.to_k(x_BSD).unflatten(-1, (self.kv_heads, -1))).transpose(1, 2)
         v = self.to_v(x_BSD).unflatten(-1, (self.kv_heads, -1)).transpose(1, 2)
-        q = apply_rope(q, img_cos, img_sin)
-        k = torch.cat([apply_rope(k, img_cos, img_sin), txt_k], dim=2)
+        q = apply_rope(q, img_rot)
+        k = torch.cat([apply_rope(k, img_rot), txt_k], dim=2)
         v = torch.cat([v, txt_v], dim=2)
         if mask_B11K is None:
             # No mask: SDPA may take its fastest kernel, and GQA heads are shared without copying.

@@ -3,8 +3,9 @@
 Each of a head's D/2 rotation pairs belongs to one axis (frame, height, width; sizes axes_dims_rope / 2).
 Image token (f, y, x) on an h x w grid sits at height position y - (h - h//2) and width position x - (w - w//2),
 so the grid is centred on zero. Text token j sits at position max(h//2, w//2) + j on all three axes, just past
-the image's largest positive coordinate. Angles are computed in fp32 exactly as the reference does, as
-(cos, sin) pairs rather than complex numbers so the rotation compiles to plain elementwise ops.
+the image's largest positive coordinate. Angles are computed in fp32 exactly as the reference does and the
+rotation is one complex multiply (on CPU ~9x faster than the same rotation spelled out in real arithmetic;
+torch.compile lowers it without graph breaks).
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ def text_angles(
     return torch.cat([_angles(pos, d, theta) for d in axes_dims], dim=-1)
 
 
-def apply_rope(x_BHSD: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2k], x[2k+1]) by the angle of pair k, in fp32, returning x's dtype."""
-    x = x_BHSD.float().unflatten(-1, (-1, 2))
-    real, imag = x[..., 0], x[..., 1]
-    out = torch.stack([real * cos_SK - imag * sin_SK, real * sin_SK + imag * cos_SK], dim=-1)
-    return out.flatten(-2).to(x_BHSD.dtype)
+def rotations(angles: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers e^{i*angle}, (S, D/2) complex64."""
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x_BHSD: torch.Tensor, rot_SK: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2k], x[2k+1]) by pair k's rotation, in fp32, returning x's dtype."""
+    x = torch.view_as_complex(x_BHSD.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(x * rot_SK).flatten(-2).to(x_BHSD.dtype)

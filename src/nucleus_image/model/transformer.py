@@ -23,7 +23,7 @@ from .config import NucleusConfig
 from .mlp import SwiGLU
 from .moe import MoELayer, Routing
 from .norms import RMSNorm, layer_norm
-from .rope import image_angles, text_angles
+from .rope import image_angles, rotations, text_angles
 
 
 @dataclass
@@ -108,12 +108,12 @@ class NucleusBlock(nn.Module):
         else:
             self.img_mlp = SwiGLU(d, cfg.dense_mlp_dim)
 
-    def text_kv(self, txt_normed_BLJ, txt_cos, txt_sin):
-        return self.attn.text_kv(self.encoder_proj(txt_normed_BLJ), txt_cos, txt_sin)
+    def text_kv(self, txt_normed_BLJ, txt_rot):
+        return self.attn.text_kv(self.encoder_proj(txt_normed_BLJ), txt_rot)
 
-    def forward(self, x, temb, img_cos, img_sin, txt_k, txt_v, mask) -> tuple[torch.Tensor, Routing | None]:
+    def forward(self, x, temb, img_rot, txt_k, txt_v, mask) -> tuple[torch.Tensor, Routing | None]:
         scale1, gate1, scale2, gate2 = self.img_mod(temb).unsqueeze(1).chunk(4, dim=-1)
-        x = x + gate1.clamp(-2.0, 2.0).tanh() * self.attn(layer_norm(x) * (1 + scale1), img_cos, img_sin, txt_k, txt_v, mask)
+        x = x + gate1.clamp(-2.0, 2.0).tanh() * self.attn(layer_norm(x) * (1 + scale1), img_rot, txt_k, txt_v, mask)
         normed = layer_norm(x)
         x_mod = normed * (1 + scale2)
         routing = None
@@ -217,10 +217,9 @@ class NucleusTransformer(nn.Module):
                     f"(batch, text_len) = ({B}, {L})"
                 )
             mask = encoder_hidden_states_mask.to(torch.bool)
-        angles = text_angles(L, h, w, cfg.axes_dims_rope, device=encoder_hidden_states.device)
-        cos, sin = torch.cos(angles), torch.sin(angles)
+        rot = rotations(text_angles(L, h, w, cfg.axes_dims_rope, device=encoder_hidden_states.device))
         txt = self.txt_norm(encoder_hidden_states.to(self.dtype))
-        kv = [blk.text_kv(txt, cos, sin) for blk in self.transformer_blocks]
+        kv = [blk.text_kv(txt, rot) for blk in self.transformer_blocks]
         return TextKV(tuple(k for k, _ in kv), tuple(v for _, v in kv), mask, max(h // 2, w // 2))
 
     # ---- forward -----------------------------------------------------------------------------------------
@@ -271,8 +270,7 @@ class NucleusTransformer(nn.Module):
 
         x = self.img_in(hidden_states)
         temb = self.time_text_embed(timestep.to(x.dtype), x.dtype)
-        angles = image_angles(f, h, w, cfg.axes_dims_rope, device=x.device)
-        img_cos, img_sin = torch.cos(angles), torch.sin(angles)
+        img_rot = rotations(image_angles(f, h, w, cfg.axes_dims_rope, device=x.device))
         mask = None
         if text_kv.mask_BL is not None:
             image_part = torch.ones(B, S, dtype=torch.bool, device=x.device)
@@ -281,9 +279,9 @@ class NucleusTransformer(nn.Module):
         logits, indices = [], []
         for blk, k, v in zip(self.transformer_blocks, text_kv.keys, text_kv.values):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, routing = checkpoint(blk, x, temb, img_cos, img_sin, k, v, mask, use_reentrant=False)
+                x, routing = checkpoint(blk, x, temb, img_rot, k, v, mask, use_reentrant=False)
             else:
-                x, routing = blk(x, temb, img_cos, img_sin, k, v, mask)
+                x, routing = blk(x, temb, img_rot, k, v, mask)
             if routing is not None and return_routing:
                 logits.append(routing.logits_BSE)
                 indices.append(routing.indices_BEC)
