@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-DATA_COMMANDS: tuple[str, ...] = ()
+DATA_COMMANDS: tuple[str, ...] = ("curate", "stats", "synth")
 
 
 def register(subparsers) -> None:

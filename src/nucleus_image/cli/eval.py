@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-EVAL_COMMANDS: tuple[str, ...] = ()
+EVAL_COMMANDS: tuple[str, ...] = ("compositional",)
 
 
 def register(subparsers) -> None:

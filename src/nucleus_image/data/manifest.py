@@ -128,3 +128,49 @@ def write_shard(table: pa.Table, path: str | Path, provenance: dict | None = Non
     tmp = path.with_suffix(path.suffix + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
+
+
+# Every input a curation run does not put in the manifest lands in a rejects table (`manifest-vNNNN/rejects/`)
+# with the stage that refused it and a reason code, so nothing is dropped silently and counts add up.
+REJECT_REASONS: dict[str, str] = {
+    "missing_file": "the listed image file does not exist",
+    "unreadable": "the file could not be read (I/O error, bad tar member)",
+    "zero_byte": "the file is empty",
+    "orphan_caption": "a caption file with no image beside it",
+    "no_image": "a WebDataset sample with no image member",
+    "not_an_image": "the bytes are not an image format Pillow can identify",
+    "truncated": "the image data ends early or is corrupt",
+    "decompression_bomb": "the header declares more pixels than the configured limit (refused before decoding)",
+    "too_small": "shorter side below the configured minimum",
+    "too_large": "longer side above the configured maximum",
+    "aspect_ratio": "long/short side ratio above the configured maximum",
+    "unsupported_mode": "pixel mode that cannot be normalised to RGB",
+    "duplicate_exact": "identical bytes (SHA-256) to the kept image named in duplicate_of",
+    "duplicate_near": "perceptual hash within the Hamming radius of the kept image named in duplicate_of",
+    "blank": "flat image: luminance standard deviation below the threshold",
+    "histogram_anomaly": "nearly all pixels clipped to black or white, or too few grey levels",
+    "blurry": "Laplacian variance and high-frequency energy both below their thresholds",
+    "low_quality": "quality score below the minimum kept score",
+    "no_caption": "no usable caption (missing, undecodable, or all routed to synthesize)",
+}
+REJECT_STAGES = ("input", "validate", "dedup", "quality", "captions")
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),  # path, or tar:PATH#MEMBER for WebDataset members
+        pa.field("stage", pa.string(), nullable=False),  # one of REJECT_STAGES
+        pa.field("reason", pa.string(), nullable=False),  # a key of REJECT_REASONS
+        pa.field("detail", pa.string(), nullable=True),  # the offending value, e.g. "size 120x300 < 256"
+        pa.field("sha256", pa.string(), nullable=True),
+        pa.field("duplicate_of", pa.string(), nullable=True),  # source of the kept image, for duplicates
+    ],
+    metadata={b"nucleus_manifest_version": str(SCHEMA_VERSION).encode()},
+)
+
+
+def read_rejects(root: str | Path) -> pa.Table:
+    """The rejects table of the newest manifest version under root (empty if that version has none)."""
+    shards = sorted((latest_version_dir(root) / "rejects").glob("*.parquet"))
+    if not shards:
+        return REJECTS_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p, schema=REJECTS_SCHEMA) for p in shards])

@@ -1,0 +1,273 @@
+"""Compositional scoring: GenEval's rules over the synthetic shapes domain, with an exact detector
+(`nucleus_image.eval.shape_detector`) in place of GenEval's Mask2Former and CLIP colour classifier.
+
+    nucleus eval compositional --images OUT_DIR --out REPORT_DIR      # a GenEval-layout folder of samples
+    nucleus eval compositional --model PIPELINE_DIR --out REPORT_DIR  # generate the held-out prompts, then score
+
+Rules (GenEval's `evaluate_images.py`, detections most confident first): for each `include` entry, the first
+`count` detections of its class must exist; if it names a colour, that many of them must have it; if it names a
+position (relation, group), each of them must stand in that relation (GenEval's `relative_position`) to every
+object matched by the referenced entry, which must itself have matched. Each `exclude` entry fails the image if
+its class is detected `count` or more times. An image is correct only if every check holds. A task's accuracy is
+the share of its images that are correct; the overall score is the mean of the task accuracies.
+
+Folder layout read and written (what GenEval's scorer reads): `<dir>/<index:05d>/metadata.jsonl` (the prompt's
+record, one line) and `<dir>/<index:05d>/samples/<k:04d>.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from nucleus_image.data.synthetic import COLORS, RELATIONS, SHAPES, TASKS, relative_position
+from nucleus_image.eval.shape_detector import Detection, DetectorConfig, detect
+
+
+def validate_records(records: list[dict]) -> None:
+    """Refuse malformed metadata before any work, naming every bad value and what is accepted."""
+    problems = []
+    for i, rec in enumerate(records):
+        where = f"record {i} ({rec.get('prompt', '?')!r})" if isinstance(rec, dict) else f"record {i}"
+        if not isinstance(rec, dict) or not isinstance(rec.get("include"), list) or not rec["include"]:
+            problems.append(f"{where}: needs a non-empty 'include' list")
+            continue
+        if rec.get("tag") not in TASKS:
+            problems.append(f"{where}: tag {rec.get('tag')!r} not one of {list(TASKS)}")
+        for kind in ("include", "exclude"):
+            for j, entry in enumerate(rec.get(kind, [])):
+                if entry.get("class") not in SHAPES:
+                    problems.append(f"{where}: {kind}[{j}] class {entry.get('class')!r} not one of {list(SHAPES)}")
+                if not isinstance(entry.get("count"), int) or entry["count"] < 1:
+                    problems.append(f"{where}: {kind}[{j}] count {entry.get('count')!r} must be an integer >= 1")
+                if "color" in entry and entry["color"] not in COLORS:
+                    problems.append(f"{where}: {kind}[{j}] color {entry['color']!r} not one of {list(COLORS)}")
+                if "position" in entry:
+                    pos = entry["position"]
+                    if (not isinstance(pos, (list, tuple)) or len(pos) != 2 or pos[0] not in RELATIONS
+                            or not isinstance(pos[1], int) or not 0 <= pos[1] < j):
+                        problems.append(f"{where}: {kind}[{j}] position {pos!r} must be [relation, earlier include "
+                                        f"index] with relation in {list(RELATIONS)}")
+    if problems:
+        raise ValueError("invalid compositional metadata: " + "; ".join(problems))
+
+
+def evaluate(record: dict, detections: list[Detection]) -> tuple[bool, list[str]]:
+    """GenEval's per-image rule set on detections sorted most confident first. Returns (correct, reasons)."""
+    by_class: dict[str, list[Detection]] = {}
+    for det in detections:
+        by_class.setdefault(det.shape, []).append(det)
+    correct, reasons, matched_groups = True, [], []
+    for req in record["include"]:
+        name, count = req["class"], req["count"]
+        found = by_class.get(name, [])[:count]
+        matched = True
+        if len(found) < count:
+            matched = False
+            reasons.append(f"expected {name}>={count}, found {len(found)}")
+        else:
+            if "color" in req:
+                colors = [d.color for d in found]
+                if colors.count(req["color"]) < count:
+                    matched = False
+                    reasons.append(f"expected {req['color']} {name}>={count}, found {colors}")
+            if "position" in req and matched:
+                rel, group = req["position"]
+                if matched_groups[group] is None:
+                    matched = False
+                    reasons.append(f"no target for {name} to be {rel}")
+                else:
+                    for det in found:
+                        for target in matched_groups[group]:
+                            actual = relative_position(det.bbox, target.bbox)
+                            if rel not in actual:
+                                matched = False
+                                reasons.append(f"expected {name} {rel} target, found {sorted(actual) or 'none'}")
+                                break
+                        if not matched:
+                            break
+        correct = correct and matched
+        matched_groups.append(found if matched else None)
+    for req in record.get("exclude", []):
+        n = len(by_class.get(req["class"], []))
+        if n >= req["count"]:
+            correct = False
+            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
+    return correct, reasons
+
+
+def summarize(per_prompt: list[dict]) -> dict:
+    """Task accuracies over images and the overall mean over the tasks present, as GenEval's summary prints."""
+    tasks = {}
+    for tag in TASKS:
+        rows = [p for p in per_prompt if p["tag"] == tag and p["correct"]]
+        if rows:
+            flags = [c for p in rows for c in p["correct"]]
+            tasks[tag] = {"accuracy": float(np.mean(flags)), "correct": int(sum(flags)), "images": len(flags),
+                          "prompts": len(rows)}
+    flags = [c for p in per_prompt for c in p["correct"]]
+    scored = [p for p in per_prompt if p["correct"]]
+    return {
+        "overall": float(np.mean([t["accuracy"] for t in tasks.values()])) if tasks else 0.0,
+        "tasks": tasks,
+        "tasks_missing": [t for t in TASKS if t not in tasks],
+        "images": len(flags),
+        "prompts": len(scored),
+        "correct_images": float(np.mean(flags)) if flags else 0.0,
+        "correct_prompts": float(np.mean([any(p["correct"]) for p in scored])) if scored else 0.0,
+    }
+
+
+def score(records: list[dict], images_per_prompt: list[list], config: DetectorConfig = DetectorConfig(),
+          progress: bool = False) -> dict:
+    """Score images (PIL images, paths or HxWx3 uint8 arrays), one list per record. A path that cannot be read
+    is skipped and listed under `skipped`; the report holds per-task and overall accuracy plus, per prompt,
+    each image's verdict, reasons and detections."""
+    validate_records(records)
+    if len(images_per_prompt) != len(records):
+        raise ValueError(f"got image lists for {len(images_per_prompt)} prompts but {len(records)} metadata records")
+    per_prompt, skipped = [], []
+    total = sum(len(imgs) for imgs in images_per_prompt)
+    bar = tqdm(total=total, desc="scoring", unit="img", disable=not progress)
+    for index, (rec, images) in enumerate(zip(records, images_per_prompt)):
+        entry = {"index": index, "tag": rec["tag"], "prompt": rec.get("prompt", ""), "correct": [], "reasons": [],
+                 "detections": []}
+        for image in images:
+            bar.update(1)
+            try:
+                dets = detect(image, config)
+            except (OSError, SyntaxError) as err:  # PIL raises these for missing, truncated or non-image files
+                skipped.append({"image": str(image), "reason": f"{type(err).__name__}: {err}"})
+                continue
+            ok, reasons = evaluate(rec, dets)
+            entry["correct"].append(ok)
+            entry["reasons"].append(reasons)
+            entry["detections"].append([d.to_dict() for d in dets])
+        per_prompt.append(entry)
+    bar.close()
+    report = summarize(per_prompt)
+    report.update({"rules": "GenEval (evaluate_images.py) with the exact synthetic-shapes detector",
+                   "skipped": skipped, "per_prompt": per_prompt})
+    return report
+
+
+def write_geneval_folder(folder: str | Path, records: list[dict], images_per_prompt: list[list[Image.Image]]) -> Path:
+    """Write samples in GenEval's layout: <folder>/<index:05d>/{metadata.jsonl, samples/<k:04d>.png}."""
+    folder = Path(folder)
+    for index, (rec, images) in enumerate(zip(records, images_per_prompt)):
+        sample_dir = folder / f"{index:05d}" / "samples"
+        sample_dir.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index:05d}" / "metadata.jsonl").write_text(json.dumps(rec) + "\n")
+        for k, image in enumerate(images):
+            image.save(sample_dir / f"{k:04d}.png")
+    return folder
+
+
+def read_geneval_folder(folder: str | Path) -> tuple[list[dict], list[list[Path]]]:
+    """Records and sample paths of a GenEval-layout folder, in index order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images folder {str(folder)!r} does not exist")
+    prompt_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    if not prompt_dirs:
+        raise ValueError(f"{str(folder)!r} holds no GenEval-layout prompt folders (<index:05d>/metadata.jsonl "
+                         f"and <index:05d>/samples/<k:04d>.png)")
+    records, paths = [], []
+    for d in prompt_dirs:
+        meta = d / "metadata.jsonl"
+        if not meta.exists():
+            raise ValueError(f"prompt folder {str(d)!r} has no metadata.jsonl")
+        try:
+            records.append(json.loads(meta.read_text().splitlines()[0]))
+        except (json.JSONDecodeError, IndexError) as err:
+            raise ValueError(f"{str(meta)!r} does not hold a JSON metadata record: {err}") from err
+        paths.append(sorted((d / "samples").glob("*.png")))
+    return records, paths
+
+
+def score_folder(folder: str | Path, config: DetectorConfig = DetectorConfig(), progress: bool = True) -> dict:
+    records, paths = read_geneval_folder(folder)
+    report = score(records, paths, config, progress=progress)
+    report["images_folder"] = str(folder)
+    return report
+
+
+def generate_samples(pipeline, records: list[dict], folder: str | Path, samples: int = 4, seed: int = 0,
+                     steps: int = 20, guidance: float = 4.0, aspect: str = "1:1", batch_prompts: int = 4,
+                     progress: bool = True) -> Path:
+    """Sample every record's prompt `samples` times with a NucleusPipeline and write GenEval's layout. Image k
+    of prompt i uses a CPU generator seeded seed + i * samples + k, so each image reproduces on its own."""
+    import torch
+
+    validate_records(records)
+    if samples < 1 or batch_prompts < 1:
+        raise ValueError(f"samples ({samples}) and batch_prompts ({batch_prompts}) must be >= 1")
+    folder = Path(folder)
+    for start in tqdm(range(0, len(records), batch_prompts), desc="sampling prompts", disable=not progress):
+        chunk = records[start:start + batch_prompts]
+        gens = [torch.Generator("cpu").manual_seed(seed + (start + i) * samples + k)
+                for i in range(len(chunk)) for k in range(samples)]
+        images = pipeline([r["prompt"] for r in chunk], num_images_per_prompt=samples, generator=gens,
+                          num_inference_steps=steps, guidance_scale=guidance, aspect_ratio=aspect,
+                          progress=False).images
+        per_prompt = [images[i * samples:(i + 1) * samples] for i in range(len(chunk))]
+        for i, (rec, imgs) in enumerate(zip(chunk, per_prompt)):
+            sample_dir = folder / f"{start + i:05d}" / "samples"
+            sample_dir.mkdir(parents=True, exist_ok=True)
+            (sample_dir.parent / "metadata.jsonl").write_text(json.dumps(rec) + "\n")
+            for k, image in enumerate(imgs):
+                image.save(sample_dir / f"{k:04d}.png")
+    return folder
+
+
+def annotate(image, detections: list[dict], correct: bool, cell: int = 160) -> Image.Image:
+    """A thumbnail with detection boxes and labels, framed green when correct and red when not."""
+    image = image if isinstance(image, Image.Image) else Image.open(image)
+    image = image.convert("RGB")
+    scale = cell / max(image.size)
+    thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
+    canvas = Image.new("RGB", (cell + 8, cell + 8), (40, 160, 60) if correct else (200, 40, 40))
+    canvas.paste(thumb, (4, 4))
+    draw = ImageDraw.Draw(canvas)
+    for det in detections:
+        x0, y0, x1, y1 = (4 + v * scale for v in det["bbox"])
+        draw.rectangle((x0, y0, x1, y1), outline=(255, 0, 255))
+        draw.text((x0 + 1, y0 + 1), f"{det['color'][:3]} {det['shape']}", fill=(0, 0, 0))
+    return canvas
+
+
+def write_report(report: dict, out: str | Path, images_per_prompt: list[list] | None = None,
+                 max_cells: int = 48) -> Path:
+    """report.json, plus detections.png (first sample of each prompt, annotated) when images are given."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(path)
+    if images_per_prompt:
+        cells = []
+        for entry, images in zip(report["per_prompt"], images_per_prompt):
+            if entry["correct"] and images and len(cells) < max_cells:
+                cells.append(annotate(images[0], entry["detections"][0], entry["correct"][0]))
+        if cells:
+            cols = 8
+            grid = Image.new("RGB", (cols * cells[0].width, -(-len(cells) // cols) * cells[0].height), "white")
+            for k, c in enumerate(cells):
+                grid.paste(c, ((k % cols) * c.width, (k // cols) * c.height))
+            grid.save(out / "detections.png")
+    return path
+
+
+def format_summary(report: dict) -> str:
+    lines = [f"{'task':<14} {'accuracy':>8}  correct/images"]
+    for tag, t in report["tasks"].items():
+        lines.append(f"{tag:<14} {t['accuracy']:>8.3f}  {t['correct']}/{t['images']}")
+    lines.append(f"{'overall':<14} {report['overall']:>8.3f}  (mean of {len(report['tasks'])} tasks)")
+    if report.get("skipped"):
+        lines.append(f"skipped {len(report['skipped'])} unreadable images")
+    return "\n".join(lines)

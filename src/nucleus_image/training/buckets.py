@@ -1,0 +1,93 @@
+"""Multi-aspect bucketing from step zero: every batch comes from one aspect bucket, so no image is padded or
+squashed and every batch has one static shape.
+
+A stage's buckets share its pixel area (resolution^2) at several aspect ratios, each side a multiple of the
+model's pixel granularity (autoencoder factor x patch size). Each image joins the bucket nearest its own
+aspect ratio (in log ratio) and is resized to cover the bucket, then centre-cropped. A batch first picks a
+bucket, with probability proportional to the curriculum weight it holds, then draws its images inside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import parse_ratio
+
+
+@dataclass(frozen=True)
+class AspectBucket:
+    ratio: str
+    width: int
+    height: int
+
+
+def make_buckets(resolution: int, aspect_ratios: tuple[str, ...], multiple: int) -> list[AspectBucket]:
+    """Buckets of about resolution^2 pixels, sides rounded to `multiple`; duplicates (after rounding) dropped."""
+    buckets: list[AspectBucket] = []
+    for ratio in aspect_ratios:
+        r = parse_ratio(ratio)
+        width = max(multiple, round(resolution * math.sqrt(r) / multiple) * multiple)
+        height = max(multiple, round(resolution / math.sqrt(r) / multiple) * multiple)
+        if all((b.width, b.height) != (width, height) for b in buckets):
+            buckets.append(AspectBucket(ratio, width, height))
+    return buckets
+
+
+def assign_buckets(widths: np.ndarray, heights: np.ndarray, buckets: list[AspectBucket]) -> np.ndarray:
+    """Index of the bucket whose aspect ratio is nearest each image's, in log space (so 2:1 and 1:2 are
+    equally far from 1:1)."""
+    image_log = np.log(np.asarray(widths, np.float64) / np.asarray(heights, np.float64))
+    bucket_log = np.log(np.array([b.width / b.height for b in buckets]))
+    return np.abs(image_log[:, None] - bucket_log[None, :]).argmin(axis=1)
+
+
+def draw_batch(rng: np.random.Generator, bucket_of_row: np.ndarray, row_weights: np.ndarray, num_buckets: int,
+               batch_size: int) -> tuple[int, np.ndarray]:
+    """(bucket index, row indices): one bucket by its share of the weight, then `batch_size` rows inside it
+    by weight, without replacement when the bucket holds enough rows."""
+    mass = np.bincount(bucket_of_row, weights=row_weights, minlength=num_buckets)
+    if mass.sum() <= 0:
+        raise ValueError("no image has a positive sampling weight in this stage; check tier_weights / bucket_weights")
+    bucket = int(rng.choice(num_buckets, p=mass / mass.sum()))
+    rows = np.flatnonzero((bucket_of_row == bucket) & (row_weights > 0))
+    p = row_weights[rows] / row_weights[rows].sum()
+    chosen = rng.choice(rows, size=batch_size, replace=len(rows) < batch_size, p=p)
+    return bucket, chosen
+
+
+class ImageCache:
+    """Images fitted to bucket sizes, as uint8 (3, H, W) tensors, loaded once per (image, size) and kept:
+    the synthetic and small curated sets this trainer runs on fit in memory many times over."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def get(self, row: int, width: int, height: int) -> torch.Tensor:
+        key = (row, width, height)
+        if key not in self._cache:
+            self._cache[key] = fit_image(self.paths[row], width, height)
+        return self._cache[key]
+
+    def batch(self, rows: np.ndarray, bucket: AspectBucket) -> torch.Tensor:
+        """(B, 3, H, W) float32 in [-1, 1], the autoencoder's input range."""
+        images = torch.stack([self.get(int(r), bucket.width, bucket.height) for r in rows])
+        return images.float() / 127.5 - 1.0
+
+
+def fit_image(path: Path, width: int, height: int) -> torch.Tensor:
+    """Resize to cover width x height (box filter down, bicubic up), then centre-crop; uint8 (3, H, W)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = max(width / im.width, height / im.height)
+        size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+        im = im.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
+        left, top = (im.width - width) // 2, (im.height - height) // 2
+        im = im.crop((left, top, left + width, top + height))
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)

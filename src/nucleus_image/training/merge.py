@@ -1,0 +1,105 @@
+"""The Merge of Warmup-Stable-Merge: a weighted average of the last N checkpoints stands in for LR decay.
+
+Checkpoints theta_0 (oldest) .. theta_{N-1} (newest) of a constant-LR run differ by the updates
+Delta_i = theta_{i-1} - theta_i. A merge with coefficients c_j >= 0, sum_j c_j = 1, is
+
+    sum_j c_j * theta_j = theta_0 - sum_{i=1}^{N-1} w_i * Delta_i,   w_i = sum_{j >= i} c_j,
+
+i.e. the run replayed from theta_0 with the i-th window of updates scaled by w_i: a decay schedule
+1 >= w_1 >= ... >= w_{N-1} > 0 applied after the fact (WSM, arXiv 2507.17634). Weight choices:
+
+    uniform:      c_j = 1/N                               -> w_i = (N - i)/N, a linear decay to 1/N
+    inverse-sqrt: c_j proportional to 1/sqrt(N - j)       (the newest, age 1, weighs most; the oldest,
+                  age N, weighs 1/sqrt(N) of it)          -> w_i = sum_{j>=i} c_j, a concave decay that
+                                                             keeps more of the recent updates
+
+`decay_weights` returns the w_i a merge implies; `tests/test_merge.py` checks the identity above numerically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+MERGE_WEIGHTS = ("inverse-sqrt", "uniform")
+
+
+def merge_coefficients(n: int, kind: str) -> list[float]:
+    """c_0..c_{n-1}, oldest checkpoint first, summing to 1."""
+    if n < 1:
+        raise ValueError(f"merging needs at least one checkpoint, got n={n}")
+    if kind == "uniform":
+        raw = [1.0] * n
+    elif kind == "inverse-sqrt":
+        raw = [1.0 / math.sqrt(n - j) for j in range(n)]
+    else:
+        raise ValueError(f"unknown merge weights {kind!r}; accepted: {', '.join(MERGE_WEIGHTS)}")
+    total = sum(raw)
+    return [r / total for r in raw]
+
+
+def decay_weights(coefficients: list[float]) -> list[float]:
+    """w_1..w_{N-1}: the factor the merge applies to each window of updates between consecutive checkpoints."""
+    return [sum(coefficients[i:]) for i in range(1, len(coefficients))]
+
+
+def merge_state_dicts(state_dicts: list[dict[str, torch.Tensor]], coefficients: list[float]) -> dict[str, torch.Tensor]:
+    """sum_j c_j * state_j per tensor, accumulated in float64 and returned in each tensor's own dtype."""
+    if len(state_dicts) != len(coefficients) or not state_dicts:
+        raise ValueError(f"{len(state_dicts)} state dicts but {len(coefficients)} coefficients")
+    keys = set(state_dicts[0])
+    for i, sd in enumerate(state_dicts[1:], 1):
+        if set(sd) != keys:
+            raise ValueError(f"checkpoint {i} has different tensors from checkpoint 0: {sorted(keys ^ set(sd))[:5]}")
+    merged = {}
+    for key, first in state_dicts[0].items():
+        if not torch.is_floating_point(first):
+            merged[key] = first.clone()  # integer buffers (none today) are not averaged
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for sd, c in zip(state_dicts, coefficients):
+            acc.add_(sd[key].to(torch.float64), alpha=c)
+        merged[key] = acc.to(first.dtype)
+    return merged
+
+
+def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> Path:
+    """Merge the newest `last` complete checkpoints of a run into a pipeline folder at `out` (diffusers layout:
+    transformer/, vae/, text_encoder/, scheduler/) that `NucleusPipeline.from_pretrained(out)` loads."""
+    from safetensors.torch import load_file
+
+    from ..model import NucleusConfig, NucleusTransformer
+    from .checkpoint import list_checkpoints
+    from .config import TrainConfig
+    from .sampling import make_pipeline
+    from .trainer import build_encoders
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "train_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a training run folder (no train_config.json)")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise ValueError(f"run {str(run_dir)!r} has no complete checkpoint to merge")
+    if last < 1:
+        raise ValueError(f"--last must be >= 1, got {last}")
+    chosen = found[-last:]
+    coefficients = merge_coefficients(len(chosen), weights)
+    cfg = TrainConfig.from_json(config_file)
+    print(f"merging {len(chosen)} checkpoints ({weights}): " +
+          ", ".join(f"step {step} x {c:.3f}" for (step, _), c in zip(chosen, coefficients)))
+    merged = merge_state_dicts([load_file(path / "model.safetensors") for _, path in chosen], coefficients)
+    model_cfg = NucleusConfig.from_json(chosen[-1][1] / "config.json")
+    model = NucleusTransformer(model_cfg)
+    model.load_state_dict(merged)
+    text_encoder, autoencoder = build_encoders(cfg, torch.device("cpu"))
+    # Native size: the last stage's resolution, the one the merged weights were last trained at.
+    pipe = make_pipeline(model, text_encoder, autoencoder, cfg.timesteps, cfg.stages[-1].resolution)
+    pipe.save_pretrained(out)
+    (Path(out) / "merge.json").write_text(json.dumps({
+        "run": str(run_dir), "weights": weights, "steps": [s for s, _ in chosen], "coefficients": coefficients,
+        "decay_weights": decay_weights(coefficients)}, indent=1) + "\n")
+    return Path(out)

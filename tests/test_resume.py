@@ -1,0 +1,129 @@
+"""Exact resume: a run killed with SIGKILL (between steps, or in the middle of writing a checkpoint) and resumed
+with `nucleus train --resume` reproduces the uninterrupted run: the same loss at every step and bitwise
+identical final weights and optimizer state on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import cli, micro_config, micro_dataset, run_cli
+
+from nucleus_image.training.checkpoint import list_checkpoints
+
+STEPS = 30
+
+# Runs the real CLI in a subprocess; the patch only slows it down (a sleep after each step, or in the middle of
+# one checkpoint write, after a marker file says where it is), so that the parent's SIGKILL lands mid-run.
+WRAPPER = """
+import sys, time
+from pathlib import Path
+import nucleus_image.training.checkpoint as ckpt
+import nucleus_image.training.trainer as trainer
+mode, marker = sys.argv[1], Path(sys.argv[2])
+if mode == "steps":
+    step = trainer.Trainer._train_step
+    def slow_step(self, *a, **k):
+        out = step(self, *a, **k)
+        time.sleep(0.2)
+        return out
+    trainer.Trainer._train_step = slow_step
+else:
+    save = ckpt.save_file
+    def slow_save(tensors, path, *a, **k):
+        save(tensors, path, *a, **k)
+        if ".tmp-step-00000010" in str(path):
+            marker.write_text(str(path))
+            time.sleep(120)
+    ckpt.save_file = slow_save
+from nucleus_image.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = micro_dataset(root / "data")
+    config = root / "micro.json"
+    micro_config().save_json(config)
+    straight = root / "straight"
+    done = run_cli("train", "--config", str(config), "--data", str(data), "--out", str(straight),
+                   "--max-steps", str(STEPS), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, data, config, straight
+
+
+def _killed_run(root, data, config, name, mode, ready):
+    out = root / name
+    marker = root / f"{name}.marker"
+    args = ["train", "--config", str(config), "--data", str(data), "--out", str(out), "--max-steps", str(STEPS),
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, mode, str(marker), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONHASHSEED="0"))
+    deadline = time.time() + 240
+    while not ready(out, marker):
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert time.time() < deadline, "timed out waiting for the run to reach the kill point"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return out
+
+
+def _assert_identical(run, straight):
+    assert json.loads((run / "losses.json").read_text()) == json.loads((straight / "losses.json").read_text())
+    final, ref = list_checkpoints(run)[-1][1], list_checkpoints(straight)[-1][1]
+    assert final.name == ref.name == f"step-{STEPS:08d}"
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        a, b = load_file(final / name), load_file(ref / name)
+        assert set(a) == set(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs"
+    trainer_a, trainer_b = (json.loads((p / "trainer.json").read_text()) for p in (final, ref))
+    assert trainer_a == trainer_b
+
+
+def test_sigkill_between_steps_then_resume_is_exact(setup):
+    root, data, config, straight = setup
+    run = _killed_run(root, data, config, "killed", "steps",
+                      lambda out, _: any(s >= 10 for s, _ in list_checkpoints(out)))
+    steps_left = [s for s, _ in list_checkpoints(run)]
+    assert max(steps_left) < STEPS and not (run / "losses.json").exists()  # it really died mid-run
+    done = run_cli("train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from" in done.stdout and f"at step {max(steps_left)}" in done.stdout
+    _assert_identical(run, straight)
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(setup):
+    root, data, config, straight = setup
+    run = _killed_run(root, data, config, "killed_in_save", "save", lambda out, marker: marker.exists())
+    # The half-written checkpoint is a temp folder: invisible to resume; the previous one is complete.
+    assert [s for s, _ in list_checkpoints(run)] == [5]
+    stray = list((run / "checkpoints").glob(".tmp-step-00000010-*"))
+    assert len(stray) == 1 and (stray[0] / "model.safetensors").exists() and not (stray[0] / "trainer.json").exists()
+    previous = run / "checkpoints" / "step-00000005"
+    assert json.loads((previous / "trainer.json").read_text())["step"] == 5
+    assert load_file(previous / "model.safetensors")  # loadable
+
+    done = run_cli("train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "at step 5" in done.stdout
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the next save cleaned the stray folder
+    _assert_identical(run, straight)
+
+
+def test_resume_refuses_a_changed_config(setup):
+    root, data, config, straight = setup
+    done = run_cli("train", "--data", str(data), "--out", str(straight), "--resume", "--set", "lr=0.5", "--no-progress")
+    assert done.returncode == 2 and "fields ['lr'] differ" in done.stderr
+    again = run_cli("train", "--config", str(config), "--data", str(data), "--out", str(straight), "--no-progress")
+    assert again.returncode == 2 and "pass --resume" in again.stderr
