@@ -28,14 +28,17 @@ class AspectBucket:
 
 
 def make_buckets(resolution: int, aspect_ratios: tuple[str, ...], multiple: int) -> list[AspectBucket]:
-    """Buckets of about resolution^2 pixels, sides rounded to `multiple`; duplicates (after rounding) dropped."""
+    """Buckets of about resolution^2 pixels with sides that are multiples of `multiple`. Small images leave few
+    such sides, so each bucket is the candidate that best keeps the ratio first (a wrong ratio crops objects
+    out of the picture) and the area second: cost = 2*|log ratio error| + |log area error|. Duplicates after
+    rounding are dropped."""
     buckets: list[AspectBucket] = []
     for ratio in aspect_ratios:
         r = parse_ratio(ratio)
-        width = max(multiple, round(resolution * math.sqrt(r) / multiple) * multiple)
-        height = max(multiple, round(resolution / math.sqrt(r) / multiple) * multiple)
-        if all((b.width, b.height) != (width, height) for b in buckets):
-            buckets.append(AspectBucket(ratio, width, height))
+        sides = range(multiple, 4 * resolution + 1, multiple)
+        best = min((2 * abs(math.log(w / h / r)) + abs(math.log(w * h / resolution**2)), w, h) for w in sides for h in sides)
+        if all((b.width, b.height) != best[1:] for b in buckets):
+            buckets.append(AspectBucket(ratio, best[1], best[2]))
     return buckets
 
 

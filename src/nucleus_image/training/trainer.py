@@ -61,7 +61,9 @@ def build_encoders(cfg: TrainConfig, device: torch.device):
     if cfg.autoencoder == "pixel":
         from ..encoders.pixel import PixelAutoencoder
 
-        autoencoder = PixelAutoencoder(factor=2)
+        # Space-to-depth of RGB: the factor follows from the model's latent channels (3 * factor^2).
+        factor = round(math.sqrt(cfg.model.latent_channels / 3))
+        autoencoder = PixelAutoencoder(factor=max(factor, 1))
     else:
         autoencoder = _from_pipeline_folder(cfg.autoencoder, "vae", device)
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)

@@ -1,0 +1,57 @@
+"""Aspect buckets (one bucket per batch, ratio-preserving sizes) and curriculum sampling weights."""
+
+import numpy as np
+import pytest
+
+from nucleus_image.training.buckets import assign_buckets, draw_batch, make_buckets
+from nucleus_image.training.config import StageConfig
+from nucleus_image.training.curriculum import caption_probabilities, pick_caption, row_weights
+
+
+def test_buckets_keep_ratio_and_area_on_the_grid():
+    for res, g in ((32, 8), (48, 4), (1024, 16)):
+        for b in make_buckets(res, ("1:1", "4:3", "3:4", "16:9"), g):
+            w, h = (int(x) for x in b.ratio.split(":"))
+            assert b.width % g == 0 and b.height % g == 0
+            assert abs(np.log(b.width / b.height / (w / h))) < 0.1, b
+            assert abs(np.log(b.width * b.height / res**2)) < 0.35, b
+    assert [(b.width, b.height) for b in make_buckets(32, ("4:3", "3:4"), 8)] == [(32, 24), (24, 32)]
+    with pytest.raises(ValueError, match="W:H"):
+        make_buckets(32, ("wide",), 8)
+
+
+def test_every_batch_comes_from_one_bucket_by_weight():
+    buckets = make_buckets(32, ("1:1", "4:3", "3:4"), 4)
+    widths, heights = np.array([64, 64, 88, 64, 48, 60]), np.array([64, 62, 64, 88, 64, 80])
+    of_row = assign_buckets(widths, heights, buckets)
+    assert of_row.tolist() == [0, 0, 1, 2, 2, 2]
+    weights = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    rng = np.random.default_rng(0)
+    seen = {0: 0, 1: 0, 2: 0}
+    for _ in range(300):
+        bucket, rows = draw_batch(rng, of_row, weights, len(buckets), 2)
+        assert (of_row[rows] == bucket).all() and len(rows) == 2
+        seen[bucket] += 1
+    assert seen[1] == 0  # zero weight is never drawn
+    assert seen[2] / seen[0] == pytest.approx(1.5, rel=0.25)  # buckets by the weight they hold
+
+
+def test_stage_weights_shift_sampling_mass():
+    tiers, buckets = np.array([1, 1, 5, 5]), np.array([1, 8, 1, 8])
+    early = StageConfig("a", 1, 32, 4, tier_weights=(1, 1, 1, 1, 1), bucket_weights=(4, 1, 1, 1, 1, 1, 1, 1))
+    late = StageConfig("b", 1, 32, 4, tier_weights=(1, 1, 1, 1, 3))
+    assert row_weights(tiers, buckets, early).tolist() == pytest.approx([0.4, 0.1, 0.4, 0.1])
+    assert row_weights(tiers, buckets, late).tolist() == pytest.approx([0.125, 0.125, 0.375, 0.375])
+    with pytest.raises(ValueError, match="zero weight"):
+        row_weights(tiers, buckets, StageConfig("c", 1, 32, 4, tier_weights=(0, 0, 0, 0, 0)))
+
+
+def test_one_caption_granularity_per_sample():
+    assert caption_probabilities((3, 1, 0, 0), 4).tolist() == [0.75, 0.25, 0.0, 0.0]
+    assert caption_probabilities((1, 2), 3).tolist() == pytest.approx([0.2, 0.4, 0.4])
+    rng = np.random.default_rng(1)
+    caps = ["short", "two", "detailed", "paragraph"]
+    drawn = [pick_caption(rng, caps, (3, 1, 0, 0), 0.1) for _ in range(4000)]
+    share = {c: drawn.count(c) / len(drawn) for c in set(drawn)}
+    assert set(share) == {"short", "two", ""}
+    assert share[""] == pytest.approx(0.1, abs=0.02) and share["short"] == pytest.approx(0.675, abs=0.03)
