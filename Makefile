@@ -23,11 +23,11 @@ DEMO ?= runs/demo
 NUCLEUS := $(VENV)/bin/nucleus
 demo: $(STAMP)
 	@rm -rf $(DEMO); start=$$(date +%s); \
-	$(NUCLEUS) data synth --out $(DEMO)/data --num 2000 --seed 0 --size 64 --aspects 1:1,4:3,3:4 --heldout-per-task 12 && \
+	$(NUCLEUS) data synth --out $(DEMO)/data --num 2000 --seed 0 --size 64 --aspects 1:1,4:3,3:4 && \
 	$(NUCLEUS) train --preset tiny --data $(DEMO)/data --out $(DEMO)/run && \
 	$(NUCLEUS) merge $(DEMO)/run --out $(DEMO)/merged && \
 	$(NUCLEUS) eval compositional --model $(DEMO)/merged --prompts $(DEMO)/data/heldout_metadata.jsonl \
-		--out $(DEMO)/eval --samples 2 --steps 16 --batch-prompts 12 && \
+		--out $(DEMO)/eval --samples 4 --steps 16 --batch-prompts 12 && \
 	echo "demo: $$(( $$(date +%s) - start )) s from data to scores (setup excluded); results in $(DEMO)/"
 
 clean:

@@ -55,3 +55,41 @@ def test_one_caption_granularity_per_sample():
     share = {c: drawn.count(c) / len(drawn) for c in set(drawn)}
     assert set(share) == {"short", "two", ""}
     assert share[""] == pytest.approx(0.1, abs=0.02) and share["short"] == pytest.approx(0.675, abs=0.03)
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
+    import torch
+    from training_helpers import micro_config, micro_dataset
+
+    from nucleus_image.data.manifest import read_manifest
+    from nucleus_image.training.trainer import Trainer
+
+    data = micro_dataset(tmp_path / "data")
+    first = read_manifest(data).column("image_path")[0].as_py()
+    (data / first).write_bytes(b"not a png")
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(micro_config(), data, tmp_path / "run", max_steps=4, progress=False)
+        assert "skipping 1 unreadable images" in capsys.readouterr().out
+        result = trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
+    assert trainer.weights[~trainer.readable].sum() == 0
+
+
+def test_config_overrides_round_trip_and_refusals(tmp_path):
+    from nucleus_image.training.config import TrainConfig
+
+    cfg = TrainConfig.preset("tiny").override(["lr=3e-3", "stages.1.steps=7", "model.num_experts=16",
+                                               "timesteps.uniform_share=0.2", "caption_weights=[1,0]"])
+    assert cfg.lr == 3e-3 and cfg.stages[1].steps == 7 and cfg.model.num_experts == 16
+    assert cfg.timesteps.uniform_share == 0.2 and cfg.caption_weights == (1.0, 0.0)
+    cfg.save_json(tmp_path / "c.json")
+    assert TrainConfig.from_json(tmp_path / "c.json") == cfg
+    assert cfg.stage_at(0)[0] == 0 and cfg.stage_at(cfg.stages[0].steps)[0] == 1
+    for bad, message in (("lr=abc", "expected a number"), ("nope=1", "no field 'nope'"),
+                         ("stages.9.steps=1", "out of range"), ("merge_weights=ema", "accepted: inverse-sqrt"),
+                         ("stages.0.capacity_factors=[1,2]", "model has 4 layers"), ("lr", "not key=value")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.preset("tiny").override([bad])

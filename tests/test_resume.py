@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -127,3 +128,32 @@ def test_resume_refuses_a_changed_config(setup):
     assert done.returncode == 2 and "fields ['lr'] differ" in done.stderr
     again = run_cli("train", "--config", str(config), "--data", str(data), "--out", str(straight), "--no-progress")
     assert again.returncode == 2 and "pass --resume" in again.stderr
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(setup, tmp_path, monkeypatch):
+    import nucleus_image.training.trainer as trainer_module
+    from nucleus_image.training.trainer import NonFiniteLossError, Trainer
+
+    root, data, config, straight = setup
+    real_loss, calls = trainer_module.flow_loss, {"n": 0}
+
+    def poisoned(pred, x0, noise):  # step 3 (0-based 2) once, then every step from 7 on
+        calls["n"] += 1
+        loss = real_loss(pred, x0, noise)
+        return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 8 else loss
+
+    monkeypatch.setattr(trainer_module, "flow_loss", poisoned)
+    threads = torch.get_num_threads()
+    trainer = Trainer(micro_config(max_nonfinite_in_a_row=3), data, tmp_path / "run", progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    try:
+        with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row at step 9.*step-00000005"):
+            trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    losses = trainer.losses
+    assert len(losses) == 10 and np.isnan(losses[2]) and np.isnan(losses[7:]).all() and np.isfinite(losses[3:7]).all()
+    assert trainer.nonfinite == 4  # the lone one was skipped and counted, training went on
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [5]  # the last good checkpoint, intact
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000005" / "model.safetensors")
+    assert any(not torch.equal(saved[k], before[k]) for k in saved) and all(torch.isfinite(v).all() for v in saved.values())

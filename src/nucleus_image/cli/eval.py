@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-EVAL_COMMANDS: tuple[str, ...] = ("compositional",)
+EVAL_COMMANDS: tuple[str, ...] = ("compositional", "fid")
 
 
 def register(subparsers) -> None:

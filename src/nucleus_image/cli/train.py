@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (dotted: lr=3e-3, stages.0.steps=200, model.num_layers=6); repeatable")
+                   help="override a config field (dotted: lr=3e-3, stages.0.steps=200, model.num_experts=16); repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -84,6 +84,16 @@ class ImageCache:
         return images.float() / 127.5 - 1.0
 
 
+def readable_image(path: Path) -> bool:
+    """Whether PIL can identify the file and its header is intact (no full decode)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
 def fit_image(path: Path, width: int, height: int) -> torch.Tensor:
     """Resize to cover width x height (box filter down, bicubic up), then centre-crop; uint8 (3, H, W)."""
     with Image.open(path) as im:

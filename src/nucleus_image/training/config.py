@@ -2,7 +2,7 @@
 256 -> 512 -> 1024 curriculum, scaled to the domain), named presets, `--set key=value` overrides, and the
 resolved config written into every run folder.
 
-    cfg = TrainConfig.preset("tiny").override(["lr=3e-3", "stages.0.steps=100", "model.num_layers=6"])
+    cfg = TrainConfig.preset("tiny").override(["lr=3e-3", "stages.0.steps=100", "model.num_experts=16"])
     cfg.save_json(run_dir / "train_config.json")
 """
 
@@ -140,6 +140,7 @@ class TrainConfig:
         """Apply `key=value` assignments (dotted paths, list indices, `model.<field>`); values parse as JSON,
         falling back to a plain string. Returns a new validated config."""
         data = self.to_dict()
+        model_changes = {}
         for item in assignments:
             if "=" not in item:
                 raise ValueError(f"--set {item!r} is not key=value (e.g. lr=3e-4, stages.0.steps=200)")
@@ -148,6 +149,10 @@ class TrainConfig:
                 value = json.loads(raw)
             except json.JSONDecodeError:
                 value = raw
+            if key.startswith("model."):
+                # Through NucleusConfig.replace, which keeps dependent fields (per-layer CFs) consistent.
+                model_changes[key.split(".", 1)[1]] = value
+                continue
             node, parts = data, key.split(".")
             for part in parts[:-1]:
                 node = _child(node, part, key)
@@ -158,6 +163,8 @@ class TrainConfig:
                 node[last] = value
             else:
                 raise ValueError(f"--set {key!r}: no field {last!r}; accepted here: {', '.join(sorted(node))}")
+        if model_changes:
+            data["model"] = self.model.replace(**model_changes)
         return TrainConfig.from_dict(data)
 
     def to_dict(self) -> dict:
@@ -252,8 +259,10 @@ def _coerce(value, hint, name: str):
         args = typing.get_args(hint)
         inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
         return tuple(_coerce(v, inner or args[i], name) for i, v in enumerate(value))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{name}={value!r}: expected a number")
     if hint in (int, str, bool) and not isinstance(value, hint):
         raise ValueError(f"{name}={value!r}: expected {hint.__name__}")
     if hint is int and isinstance(value, bool):
@@ -288,20 +297,23 @@ def released() -> TrainConfig:
 
 def tiny() -> TrainConfig:
     """The embedded default: the tiny MoE on the synthetic shapes domain, trained on 2 CPU cores in minutes
-    (`make demo`). Two stages scale the recipe's resolution curriculum down (32 -> 48 px; pixel autoencoder,
-    one token per 4x4 px) with the recipe's capacity-factor step-down; the curriculum starts on the simpler
+    (`make demo`). Two stages scale the recipe's resolution curriculum down (24 -> 32 px; pixel autoencoder,
+    one token per 4x4 px) with its capacity-factor step-down (4 -> 2); the curriculum starts on the simpler
     scenes (buckets 1-4: one object, colours, two objects, two of a kind) and then samples all of them. Captions
     favour the short GenEval-like sentence (the granularity the held-out prompts use) and skip the paragraph
-    granularities, whose text encoding would cost more CPU time than the steps it displaces."""
+    granularities, whose text encoding would cost more CPU time than the steps it displaces. One CPU thread:
+    these matmuls are too small to split well, and two-thread barriers stall badly on a shared machine.
+    Tuned on 2 busy cores: 16 px tokens (pixel factor 4) learnt far less per second than 4 px tokens, and a
+    48 px final stage cost more than its resolution gave back."""
     model = NucleusConfig.preset("tiny")
     aspects = ("1:1", "4:3", "3:4")
     return TrainConfig(
-        model=model, lr=2e-3, warmup_steps=50, weight_decay=0.0, checkpoint_every=50, keep_last=8, merge_last=6,
+        model=model, lr=3e-3, warmup_steps=50, weight_decay=0.0, checkpoint_every=50, keep_last=8, merge_last=6,
         log_every=10, sample_every=200, sample_steps=16, caption_dropout=0.1, caption_weights=(3.0, 1.0, 0.0, 0.0),
         cpu_threads=1,
         stages=[
-            StageConfig("32px", 400, 32, 32, aspects, (0.0, 4.0, 4.0, 4.0), (), (3, 3, 2, 2, 1, 1, 1, 1)),
-            StageConfig("48px", 200, 48, 16, aspects, (0.0, 4.0, 4.0, 2.0)),
+            StageConfig("24px", 700, 24, 32, aspects, (0.0, 4.0, 4.0, 4.0), (), (3, 3, 2, 2, 1, 1, 1, 1)),
+            StageConfig("32px", 500, 32, 32, aspects, (0.0, 2.0, 2.0, 2.0)),
         ],
     )
 

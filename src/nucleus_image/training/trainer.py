@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..data.manifest import latest_version_dir, read_manifest
 from ..model import NucleusTransformer
 from . import checkpoint as ckpt
-from .buckets import ImageCache, assign_buckets, draw_batch, make_buckets
+from .buckets import ImageCache, assign_buckets, draw_batch, make_buckets, readable_image
 from .config import TrainConfig
 from .curriculum import caption_probabilities, pick_caption, row_weights, share_by_bucket
 from .monitor import RunLogger, routing_stats
@@ -169,6 +169,8 @@ class Trainer:
             cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype)
         self.optimizers = {"muon": self.muon, "adamw": self.adamw}
 
+        # Written once everything above was accepted, so a refused start leaves no run behind.
+        self.cfg.save_json(self.run_dir / "train_config.json")
         self.step, self.losses, self.nonfinite, self.nonfinite_in_a_row = 0, [], 0, 0
         self.stage_index = -1
         if resume:
@@ -191,7 +193,6 @@ class Trainer:
             if diff:
                 raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg.save_json(config_file)
 
     def _load_data(self) -> None:
         table = read_manifest(self.data_dir)
@@ -208,6 +209,14 @@ class Trainer:
         empty = [i for i, c in enumerate(self.row_captions) if not c]
         if empty:
             raise ValueError(f"{len(empty)} manifest rows have no captions (first: row {empty[0]})")
+        # Unreadable images are found up front (a header check) and never drawn, so sampling stays a function
+        # of the seed whatever a run happens to touch first.
+        self.readable = np.array([readable_image(p) for p in paths])
+        if not self.readable.all():
+            bad = np.flatnonzero(~self.readable)
+            print(f"skipping {len(bad)} unreadable images (first: {paths[bad[0]]})")
+            if len(bad) == len(paths):
+                raise ValueError(f"no readable image in {str(self.data_dir)!r}")
 
     def _caption_weights(self, n: int) -> tuple[float, ...]:
         return caption_probabilities(self.cfg.caption_weights, n)
@@ -217,7 +226,7 @@ class Trainer:
         granularity = self.autoencoder.scale_factor * self.cfg.model.patch_size
         self.aspect_buckets = make_buckets(stage.resolution, stage.aspect_ratios, granularity)
         self.bucket_of_row = assign_buckets(self.widths, self.heights, self.aspect_buckets)
-        self.weights = row_weights(self.tiers, self.buckets, stage)
+        self.weights = row_weights(self.tiers, self.buckets, stage) * self.readable
         self.model.set_capacity_factors(stage.capacity_factors or self.cfg.model.capacity_factors)
         self.stage_index = index
         sizes = ", ".join(f"{b.ratio} {b.width}x{b.height}" for b in self.aspect_buckets)
