@@ -46,6 +46,7 @@ class StageConfig:
     capacity_factors: tuple[float, ...] = ()  # per layer; empty keeps the model config's
     tier_weights: tuple[float, ...] = ()
     bucket_weights: tuple[float, ...] = ()
+    wavelet_weight: float = 0.0  # Haar detail loss on the velocity error (the recipe: 0.1 in the 1024 stage only)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class TrainConfig:
     # Objective.
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     z_loss_weight: float = 5e-7
+    orthogonality_weight: float = 1e-7  # router rows pushed apart (loss.router_orthogonality_loss)
+    wavelet_levels: int = 2  # Haar levels of the stages' wavelet loss
     caption_dropout: float = 0.1  # share of samples trained on the empty prompt, for classifier-free guidance
     caption_weights: tuple[float, ...] = ()  # over caption granularities, low to high quality; empty = uniform
     # Systems.
@@ -122,6 +125,8 @@ class TrainConfig:
                 errors.append(f"stage {i} tier_weights needs 5 entries (tiers 1..5), got {len(s.tier_weights)}")
             if s.bucket_weights and len(s.bucket_weights) != 8:
                 errors.append(f"stage {i} bucket_weights needs 8 entries (buckets 1..8), got {len(s.bucket_weights)}")
+            if s.wavelet_weight < 0:
+                errors.append(f"stage {i} wavelet_weight must be >= 0, got {s.wavelet_weight}")
             for ratio in s.aspect_ratios:
                 parse_ratio(ratio)
         if self.mixed_precision not in ("auto", "bf16", "no"):
@@ -130,6 +135,8 @@ class TrainConfig:
             errors.append(f"merge_weights {self.merge_weights!r}; accepted: inverse-sqrt, uniform")
         if not 0.0 <= self.timesteps.uniform_share <= 1.0 or not 0.0 <= self.caption_dropout < 1.0:
             errors.append("timesteps.uniform_share must be in [0, 1] and caption_dropout in [0, 1)")
+        if self.z_loss_weight < 0 or self.orthogonality_weight < 0 or self.wavelet_levels < 1:
+            errors.append("z_loss_weight and orthogonality_weight must be >= 0 and wavelet_levels >= 1")
         if self.lr <= 0 or self.warmup_steps < 0 or self.checkpoint_every < 1 or self.keep_last < 1:
             errors.append("lr > 0, warmup_steps >= 0, checkpoint_every >= 1 and keep_last >= 1 are required")
         if errors:
@@ -290,7 +297,7 @@ def released() -> TrainConfig:
         stages=[
             StageConfig("256px", 100_000, 256, 4096, ALL_ASPECTS, (0.0,) * 3 + (8.0,) * 29),
             StageConfig("512px", 50_000, 512, 1024, ALL_ASPECTS, (0.0,) * 3 + (4.0,) * 29),
-            StageConfig("1024px", 20_000, 1024, 256, ALL_ASPECTS, late),
+            StageConfig("1024px", 20_000, 1024, 256, ALL_ASPECTS, late, wavelet_weight=0.1),
         ],
     )
 

@@ -39,3 +39,59 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.zeros(())
     per_layer = [torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits in router_logits]
     return torch.stack(per_layer).mean()
+
+
+def router_orthogonality_loss(gate_weights: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over MoE layers of the mean squared cosine similarity between different experts' router rows.
+
+    The report lists "an orthogonality term 1e-7" without its form; this is the usual router form (the rows
+    of the gate are the experts' keys: pushing them apart keeps experts from being picked by the same tokens,
+    which expert choice cannot prevent on its own). 0 when every pair of rows is orthogonal, 1 when all rows
+    are parallel."""
+    if not gate_weights:
+        return torch.zeros(())
+    per_layer = []
+    for w in gate_weights:
+        u = torch.nn.functional.normalize(w.float(), dim=-1)
+        E = u.shape[0]
+        gram = u @ u.T
+        off = gram - torch.eye(E, device=u.device, dtype=u.dtype)
+        per_layer.append(off.pow(2).sum() / max(E * (E - 1), 1))
+    return torch.stack(per_layer).mean()
+
+
+def unpack_latents(x_BSD: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
+    """(B, (H/p)(W/p), C*p*p) -> (B, C, H, W): the inverse of the trainer's `pack_latents`."""
+    B, S, D = x_BSD.shape
+    C = D // (patch * patch)
+    x = x_BSD.reshape(B, height // patch, width // patch, C, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, C, height, width)
+
+
+def haar_details(x_BCHW: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """The detail sub-bands (LH, HL, HH stacked on a new dim 2) of an orthonormal 2-D Haar transform, finest
+    level first; stops early when a side becomes odd."""
+    out, low = [], x_BCHW
+    for _ in range(levels):
+        if low.shape[-1] % 2 or low.shape[-2] % 2 or min(low.shape[-2:]) < 2:
+            break
+        a, b = low[..., 0::2, 0::2], low[..., 0::2, 1::2]
+        c, d = low[..., 1::2, 0::2], low[..., 1::2, 1::2]
+        out.append(torch.stack([(a - b + c - d) / 2, (a + b - c - d) / 2, (a - b - c + d) / 2], dim=2))
+        low = (a + b + c + d) / 2
+    return out
+
+
+def wavelet_loss(pred_BSD: torch.Tensor, x0_BSD: torch.Tensor, noise_BSD: torch.Tensor, height: int, width: int,
+                 patch: int, levels: int = 2) -> torch.Tensor:
+    """Mean over Haar levels of the mean squared detail coefficients of the velocity error, on the latent grid.
+
+    The report adds "a wavelet loss 0.1 in the 1024 stage only" without its form. The plain MSE already counts
+    every sub-band once (the transform is orthonormal), so this term adds weight on edges and texture, the
+    detail the high-resolution stage is there to learn. The error is taken in velocity space, as the main loss
+    is (the x0 error is the same field scaled by sigma)."""
+    err = (pred_BSD.float() - velocity_target(x0_BSD, noise_BSD).float())
+    bands = haar_details(unpack_latents(err, height, width, patch), levels)
+    if not bands:
+        return torch.zeros((), device=pred_BSD.device)
+    return torch.stack([b.pow(2).mean() for b in bands]).mean()

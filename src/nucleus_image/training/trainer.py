@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from ..data.manifest import latest_version_dir, read_manifest
 from ..model import NucleusTransformer
+from ..model.moe import MoELayer
 from . import checkpoint as ckpt
 from .buckets import ImageCache, assign_buckets, draw_batch, make_buckets, readable_image
 from .config import TrainConfig
 from .curriculum import caption_probabilities, pick_caption, row_weights, share_by_bucket
 from .monitor import RunLogger, routing_stats
-from .loss import flow_loss, noisy_latents, router_z_loss
+from .loss import flow_loss, noisy_latents, router_orthogonality_loss, router_z_loss, wavelet_loss
 from .optim import build_optimizers, describe_groups
 from .sampling import make_pipeline, sample_grid
 from .schedule import set_lr, wsm_lr
@@ -160,6 +161,7 @@ class Trainer:
         self.model = NucleusTransformer(cfg.model).to(self.device)
         if cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
         self.text_encoder, self.autoencoder = build_encoders(cfg, self.device)
         drawable = [c for caps in self.row_captions for c, w in zip(caps, self._caption_weights(len(caps))) if w > 0]
         self.captions = CaptionCache(self.text_encoder, drawable, self.run_dir / "text_states.safetensors", progress)
@@ -245,7 +247,7 @@ class Trainer:
             latents = self.autoencoder.encode(images)
         return latents, captions
 
-    def _train_step(self, batch_size: int) -> tuple[float, float, dict | None, bool]:
+    def _train_step(self, batch_size: int, wavelet_weight: float = 0.0) -> tuple[float, float, dict | None, bool]:
         """(loss, grad norm, routing stats or None, whether the update was applied)."""
         cfg, patch = self.cfg, self.cfg.model.patch_size
         latents, captions = self._batch(batch_size)
@@ -263,6 +265,10 @@ class Trainer:
         loss = flow_loss(out.sample, x0, noise)
         if cfg.z_loss_weight:
             loss = loss + cfg.z_loss_weight * router_z_loss(out.router_logits)
+        if cfg.orthogonality_weight and self.router_gates:
+            loss = loss + cfg.orthogonality_weight * router_orthogonality_loss(self.router_gates)
+        if wavelet_weight:
+            loss = loss + wavelet_weight * wavelet_loss(out.sample, x0, noise, h, w, patch, cfg.wavelet_levels)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             return loss_value, float("nan"), None, False
@@ -294,7 +300,7 @@ class Trainer:
                     self._enter_stage(index)
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
-                loss, grad_norm, stats, applied = self._train_step(stage.batch_size)
+                loss, grad_norm, stats, applied = self._train_step(stage.batch_size, stage.wavelet_weight)
                 self._account(loss, applied)
                 images_seen += stage.batch_size
                 ips = images_seen / max(time.perf_counter() - t0, 1e-9)
