@@ -23,7 +23,7 @@ DEMO ?= runs/demo
 NUCLEUS := $(VENV)/bin/nucleus
 demo: $(STAMP)
 	@rm -rf $(DEMO); start=$$(date +%s); \
-	$(NUCLEUS) data synth --out $(DEMO)/data --num 2000 --seed 0 --size 64 --aspects 1:1,4:3,3:4 && \
+	$(NUCLEUS) data synth --out $(DEMO)/data --num 4000 --seed 0 --size 64 --aspects 1:1,4:3,3:4 && \
 	$(NUCLEUS) train --preset tiny --data $(DEMO)/data --out $(DEMO)/run && \
 	$(NUCLEUS) merge $(DEMO)/run --out $(DEMO)/merged && \
 	$(NUCLEUS) eval compositional --model $(DEMO)/merged --prompts $(DEMO)/data/heldout_metadata.jsonl \

@@ -21,7 +21,12 @@ if TYPE_CHECKING:
 
 CAPTION_SOURCES = ("synthetic:short", "synthetic:two", "synthetic:detailed", "synthetic:paragraph")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
-OPENERS = ("", "a picture of ", "an image of ", "a drawing of ", "a rendering of ", "a simple picture of ")
+# Many openers, so a model learns that the words before the objects carry no content: with few of them, an
+# unseen opener (the held-out prompts' "a photo of") pulls attention away from the objects and blanks images.
+OPENERS = ("", "a picture of ", "an image of ", "a drawing of ", "a rendering of ", "a simple picture of ",
+           "an illustration of ", "a graphic of ", "a sketch of ", "a diagram of ", "a render of ", "a snapshot of ",
+           "a view of ", "a scene with ", "a still of ", "a painting of ", "clip art of ", "a flat image of ",
+           "a digital picture of ", "a close view of ")
 TEXTURE_WORDS = {"plain": "plain", "grain": "grainy", "stripes": "faintly striped", "gradient": "softly shaded",
                  "checker": "faintly checkered"}
 RELATION_PHRASES = {
