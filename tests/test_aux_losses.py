@@ -7,9 +7,9 @@ import pytest
 import torch
 from training_helpers import micro_config, micro_dataset
 
-from nucleus_image.training.loss import (haar_details, router_orthogonality_loss, unpack_latents, velocity_target,
-                                         wavelet_loss)
-from nucleus_image.training.trainer import Trainer, pack_latents
+from nucleus_image.pipeline.pipeline import pack_latents, unpack_latents
+from nucleus_image.training.loss import haar_details, router_orthogonality_loss, velocity_target, wavelet_loss
+from nucleus_image.training.trainer import Trainer
 
 
 def test_orthogonality_is_zero_for_orthogonal_rows_and_one_for_parallel_rows():
@@ -52,7 +52,7 @@ def test_haar_is_orthonormal_and_localises_frequencies():
     assert len(haar_details(torch.zeros(1, 1, 6, 6), 3)) == 1  # 3x3 after one level: odd, stops
 
 
-def test_unpack_inverts_pack_and_wavelet_loss_sees_only_detail():
+def test_wavelet_loss_sees_only_detail():
     torch.manual_seed(0)
     lat = torch.randn(2, 12, 8, 6)
     packed = pack_latents(lat, 2)

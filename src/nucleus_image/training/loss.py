@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..pipeline.pipeline import unpack_latents
+
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
     """x_s = (1 - s) x0 + s noise, with one sigma per sample broadcast over the remaining dims."""
@@ -58,14 +60,6 @@ def router_orthogonality_loss(gate_weights: list[torch.Tensor]) -> torch.Tensor:
         off = gram - torch.eye(E, device=u.device, dtype=u.dtype)
         per_layer.append(off.pow(2).sum() / max(E * (E - 1), 1))
     return torch.stack(per_layer).mean()
-
-
-def unpack_latents(x_BSD: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    """(B, (H/p)(W/p), C*p*p) -> (B, C, H, W): the inverse of the trainer's `pack_latents`."""
-    B, S, D = x_BSD.shape
-    C = D // (patch * patch)
-    x = x_BSD.reshape(B, height // patch, width // patch, C, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(B, C, height, width)
 
 
 def haar_details(x_BCHW: torch.Tensor, levels: int) -> list[torch.Tensor]:

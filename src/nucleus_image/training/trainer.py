@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..data.manifest import latest_version_dir, read_manifest
 from ..model import NucleusTransformer
 from ..model.moe import MoELayer
+from ..pipeline.pipeline import pack_latents
 from . import checkpoint as ckpt
 from .buckets import ImageCache, assign_buckets, draw_batch, make_buckets, readable_image
 from .config import TrainConfig
@@ -86,13 +87,6 @@ def _from_pipeline_folder(spec: str, component: str, device):
     from ..pipeline.folder import load_components
 
     return load_components(spec.split(":", 1)[1], torch.float32, device)[component]
-
-
-def pack_latents(latents_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, (H/p)(W/p), C*p*p), exactly diffusers' `_pack_latents`."""
-    B, C, H, W = latents_BCHW.shape
-    x = latents_BCHW.view(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(B, (H // patch) * (W // patch), C * patch * patch)
 
 
 class CaptionCache:
