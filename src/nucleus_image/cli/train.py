@@ -6,12 +6,21 @@
 Writes RUN_DIR/train_config.json (the resolved config), checkpoints/step-*/ (atomic, last N kept),
 tensorboard/, samples/*.png, loss_curve.png and losses.json. `--resume` continues from the newest complete
 checkpoint, reproducing the uninterrupted run exactly on CPU.
+
+Several processes (FSDP2, expert parallelism; the layout in `parallel.*`, the global batch split over them):
+
+    nucleus train ... --nproc 4 --set parallel.ep=2                     # one machine: starts 4 processes itself
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m nucleus_image train ... --set parallel.ep=8                  # several machines
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from nucleus_image.parallel.config import check_layout
+from nucleus_image.parallel.launch import launch
+from nucleus_image.parallel.mesh import launched_world
 from nucleus_image.training.config import PRESETS, TrainConfig
 
 
@@ -27,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (dotted: lr=3e-3, stages.0.steps=200, model.num_experts=16); repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes to start on this machine (torchrun standalone; gloo on CPU, nccl on GPU)")
     p.set_defaults(func=run)
 
 
@@ -42,5 +53,28 @@ def run(args) -> int:
         cfg = TrainConfig.from_json(args.config).override(args.overrides)
     else:
         cfg = TrainConfig.preset(args.preset).override(args.overrides)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and launched_world() == 1:
+        # Checked here too, so a layout that cannot work fails before any process starts.
+        check_layout(cfg.parallel.resolve(args.nproc), cfg.model.num_experts,
+                     {s.name: s.batch_size for s in cfg.stages}, cfg.grad_accum_steps)
+        return launch(args.nproc, _forwarded(args))
     Trainer(cfg, args.data, out, max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress).train()
     return 0
+
+
+def _forwarded(args) -> list[str]:
+    """This command's arguments for each started process (without --nproc)."""
+    out = ["train", "--preset", args.preset, "--data", args.data, "--out", args.out]
+    if args.config:
+        out += ["--config", args.config]
+    if args.max_steps is not None:
+        out += ["--max-steps", str(args.max_steps)]
+    if args.resume:
+        out.append("--resume")
+    if args.no_progress:
+        out.append("--no-progress")
+    for item in args.overrides:
+        out += ["--set", item]
+    return out

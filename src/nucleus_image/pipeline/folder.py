@@ -69,13 +69,16 @@ def _class(index: dict, name: str) -> str | None:
     return entry[1] if entry and entry[1] is not None else None
 
 
-def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = True) -> dict:
-    """Everything NucleusPipeline.__init__ takes, read from a pipeline folder."""
+def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = True,
+                    load_transformer: bool = True) -> dict:
+    """Everything NucleusPipeline.__init__ takes, read from a pipeline folder (the transformer None when not
+    `load_transformer`: the trainer takes only the encoders of a released folder)."""
     from nucleus_image.model import NucleusTransformer
 
     path = Path(path)
     index = read_index(path)
-    components = {"transformer": NucleusTransformer.from_pretrained(path / "transformer", dtype=dtype, device=device)}
+    components = {"transformer": NucleusTransformer.from_pretrained(path / "transformer", dtype=dtype, device=device)
+                  if load_transformer else None}
 
     vae_class = _class(index, "vae")
     if vae_class == "AutoencoderKLQwenImage":

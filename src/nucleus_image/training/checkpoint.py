@@ -8,6 +8,11 @@ Layout of RUN_DIR/checkpoints/step-00001200/:
     rng.safetensors        torch CPU (and CUDA) RNG states and the trainer's torch generator state
     trainer.json           step, counters, numpy/python RNG states, sampler position, loss history
 
+A run of several processes (FSDP2 / expert parallelism) writes `dcp/` instead of the model and optimizer files:
+a `torch.distributed.checkpoint` of {"model", "optim"} from `get_state_dict` (keys are parameter FQNs, the same
+diffusers names, with each rank writing its own shards), which loads into any other layout or into one plain
+process (resharding). Every rank draws the same random streams, so rank 0's RNG and trainer state are the run's.
+
 A checkpoint is written into `.tmp-step-XXXXXXXX-<pid>` and renamed to `step-XXXXXXXX` only when every file
 is on disk (fsynced), so a kill during a save leaves a stray temp folder (removed by the next save) and the
 previous checkpoint untouched; a `step-*` folder therefore always holds a complete checkpoint.
@@ -27,7 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer.json")
+COMMON_FILES = ("config.json", "rng.safetensors", "trainer.json")
+FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json") + COMMON_FILES
+DCP_DIR = "dcp"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -42,9 +49,19 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in FILES):
+        if m and p.is_dir() and _complete(p):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def _complete(path: Path) -> bool:
+    return all((path / f).is_file() for f in FILES) or (
+        is_distributed(path) and all((path / f).is_file() for f in COMMON_FILES))
+
+
+def is_distributed(path: str | Path) -> bool:
+    """Whether a checkpoint folder holds a torch.distributed.checkpoint (written by several processes)."""
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -99,10 +116,17 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, mode
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, tmp / "model.safetensors")
-    (tmp / "config.json").write_text(json.dumps(model_config, indent=1) + "\n")
     opt_tensors, opt_meta = _optimizer_to_flat(optimizers)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta) + "\n")
+    _write_run_state(tmp, step, model_config, generator, np_rng, trainer_state)
+    _publish(run_dir, tmp, final, keep_last)
+    return final
+
+
+def _write_run_state(tmp: Path, step: int, model_config: dict, generator: torch.Generator, np_rng: np.random.Generator,
+                     trainer_state: dict) -> None:
+    (tmp / "config.json").write_text(json.dumps(model_config, indent=1) + "\n")
     rng = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -116,28 +140,68 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, mode
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     })
     (tmp / "trainer.json").write_text(json.dumps(trainer, default=_json_default) + "\n")
+
+
+def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Make a fully written temp folder the checkpoint `final` (one rename), then keep the newest `keep_last`."""
     _fsync_dir(tmp)
+    if (tmp / DCP_DIR).is_dir():
+        _fsync_dir(tmp / DCP_DIR)
     if final.exists():  # a rerun of the same step (e.g. after a resume) replaces it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
-
+    _fsync_dir(final.parent)
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_distributed(run_dir: str | Path, step: int, model: torch.nn.Module, model_config: dict,
+                     optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
+                     np_rng: np.random.Generator, trainer_state: dict, keep_last: int) -> Path:
+    """`save_checkpoint` for a sharded model, called on every rank: each writes its shards with DCP into the
+    same temp folder; rank 0 adds the RNG/trainer state and renames the folder when every rank is done."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = checkpoint_dir(run_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-dist"
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, list(optimizers.values()))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / DCP_DIR)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_run_state(tmp, step, model_config, generator, np_rng, trainer_state)
+        _publish(run_dir, tmp, final, keep_last)
+    dist.barrier()
     return final
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-                    generator: torch.Generator, np_rng: np.random.Generator) -> dict:
-    """Restore model, optimizers and every RNG from a checkpoint folder; returns trainer.json's content."""
+                    generator: torch.Generator, np_rng: np.random.Generator, distributed: bool = False) -> dict:
+    """Restore model, optimizers and every RNG from a checkpoint folder; returns trainer.json's content.
+    A DCP checkpoint loads into any layout (`distributed`: this process is one of several) or into one plain
+    process; a one-process checkpoint resumes one process."""
     path = Path(path)
-    missing = [f for f in FILES if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
-    device = next(model.parameters()).device
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
-    _optimizer_from_flat(optimizers, load_file(path / "optimizer.safetensors", device=str(device)),
-                         json.loads((path / "optimizer.json").read_text()))
+    if is_distributed(path):
+        _load_dcp(path, model, optimizers)
+    elif distributed:
+        raise ValueError(f"checkpoint {str(path)!r} was written by a single process; resume it with one process "
+                         f"(its next checkpoint is then read by any layout only if written by several), or start anew")
+    else:
+        missing = [f for f in FILES if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
+        device = next(model.parameters()).device
+        model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+        _optimizer_from_flat(optimizers, load_file(path / "optimizer.safetensors", device=str(device)),
+                             json.loads((path / "optimizer.json").read_text()))
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
     generator.set_state(rng["generator"])
@@ -152,6 +216,60 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[s
     p = trainer["rng"]["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
     return trainer
+
+
+def _load_dcp(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+
+    # get_state_dict initialises empty optimizer state (a zero-lr step) so DCP has tensors to load into. That
+    # step also gives state to parameters that never had a gradient (the unused norm_added_q), which the
+    # checkpoint rightly lacks: leave those out, so they have no state after loading, as in the run that saved.
+    opts = list(optimizers.values())
+    model_sd, optim_sd = get_state_dict(model, opts)
+    saved = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+    optim_sd["state"] = {fqn: st for fqn, st in optim_sd["state"].items()
+                         if all(f"optim.state.{fqn}.{key}" in saved for key in st)}
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path / DCP_DIR)
+    # dcp.load wrote the parameters in place (get_state_dict's tensors alias them): setting the model state again
+    # would copy the expert shards into fresh tensors that FSDP no longer gathers from. The optimizer state is
+    # set, not strict for those stateless parameters (every model key was required by dcp.load above).
+    set_optimizer_state_dict(model, opts, state["optim"], options=StateDictOptions(strict=False))
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The transformer's full state dict (diffusers key names) from a checkpoint folder of either kind, on CPU,
+    without a process group: what `nucleus merge` reads."""
+    path = Path(path)
+    if not is_distributed(path):
+        return load_file(path / "model.safetensors")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path / DCP_DIR))
+    meta = reader.read_metadata().state_dict_metadata
+    state = {key.split(".", 1)[1]: torch.empty(m.size, dtype=m.properties.dtype) for key, m in meta.items()
+             if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    loaded = {"model": state}
+    dcp.load(loaded, storage_reader=reader)
+    return loaded["model"]
+
+
+def gather_full_model(model: torch.nn.Module):
+    """A plain copy of a sharded NucleusTransformer on rank 0's CPU (None on the other ranks), built on the meta
+    device and filled from the gathered full state: the rank-0 export path. Collective: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return None
+    from ..model import NucleusTransformer
+
+    with torch.device("meta"):
+        plain = NucleusTransformer(model.config)
+    plain.load_state_dict(full, assign=True)
+    return plain
 
 
 def _json_default(value):

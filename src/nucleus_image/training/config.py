@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..model.config import NucleusConfig
+from ..parallel.config import ParallelConfig
 
 
 @dataclass
@@ -52,8 +53,9 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     model: NucleusConfig = field(default_factory=lambda: NucleusConfig.preset("tiny"))
-    text_encoder: str = "minilm"
-    autoencoder: str = "pixel"
+    text_encoder: str = "minilm"  # "minilm" | "qwen3-vl" (from pipeline_dir) | "pipeline:DIR"
+    autoencoder: str = "pixel"  # "pixel" | "qwen-image" (from pipeline_dir) | "pipeline:DIR"
+    pipeline_dir: str = ""  # a diffusers Nucleus-Image folder the named encoders are read from
     stages: list[StageConfig] = field(default_factory=list)
     seed: int = 0
     # Optimiser (Muon's update RMS is matched to AdamW's, so one learning rate serves both groups).
@@ -74,6 +76,8 @@ class TrainConfig:
     caption_dropout: float = 0.1  # share of samples trained on the empty prompt, for classifier-free guidance
     caption_weights: tuple[float, ...] = ()  # over caption granularities, low to high quality; empty = uniform
     # Systems.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # layout under torchrun / --nproc
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; a stage's batch_size stays the global batch
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "no"
     gradient_checkpointing: bool = False
     device: str = "auto"
@@ -129,6 +133,9 @@ class TrainConfig:
                 errors.append(f"stage {i} wavelet_weight must be >= 0, got {s.wavelet_weight}")
             for ratio in s.aspect_ratios:
                 parse_ratio(ratio)
+        if self.grad_accum_steps < 1 or any(s.batch_size % self.grad_accum_steps for s in self.stages):
+            errors.append(f"grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide every stage's batch_size "
+                          f"{[s.batch_size for s in self.stages]}")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             errors.append(f"mixed_precision {self.mixed_precision!r}; accepted: auto, bf16, no")
         if self.merge_weights not in ("inverse-sqrt", "uniform"):
@@ -202,6 +209,8 @@ class TrainConfig:
                 kwargs[name] = [_build(StageConfig, s) for s in value]
             elif name == "timesteps":
                 kwargs[name] = _build(TimestepConfig, value)
+            elif name == "parallel":
+                kwargs[name] = _build(ParallelConfig, value)
             else:
                 kwargs[name] = _coerce(value, hints[name], name)
         cfg = cls(**kwargs)
@@ -288,11 +297,14 @@ def _build(cls, data: dict):
 
 # ---- presets ---------------------------------------------------------------------------------------------------
 def released() -> TrainConfig:
-    """The report's recipe at full scale (64 H100s): 256 -> 512 -> 1024 px with the CF schedule of section 2."""
+    """The report's recipe at full scale (64 H100s): 256 -> 512 -> 1024 px with the CF schedule of section 2.
+    Needs the released encoders: `--set pipeline_dir=DIR` (a Nucleus-Image pipeline folder); the model is built
+    on the meta device and only each rank's shards are materialised (`parallel.init=meta`)."""
     model = NucleusConfig.preset("released")
     late = (0.0,) * 3 + (4.0,) * 2 + (2.0,) * 27
     return TrainConfig(
         model=model, text_encoder="qwen3-vl", autoencoder="qwen-image", lr=1e-4, warmup_steps=1000,
+        parallel=ParallelConfig(init="meta"), gradient_checkpointing=True,
         checkpoint_every=1000, keep_last=16, merge_last=16, log_every=50, sample_every=2000,
         stages=[
             StageConfig("256px", 100_000, 256, 4096, ALL_ASPECTS, (0.0,) * 3 + (8.0,) * 29),

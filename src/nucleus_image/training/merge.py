@@ -69,10 +69,8 @@ def merge_state_dicts(state_dicts: list[dict[str, torch.Tensor]], coefficients: 
 def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> Path:
     """Merge the newest `last` complete checkpoints of a run into a pipeline folder at `out` (diffusers layout:
     transformer/, vae/, text_encoder/, scheduler/) that `NucleusPipeline.from_pretrained(out)` loads."""
-    from safetensors.torch import load_file
-
     from ..model import NucleusConfig, NucleusTransformer
-    from .checkpoint import list_checkpoints
+    from .checkpoint import list_checkpoints, load_model_state
     from .config import TrainConfig
     from .sampling import make_pipeline
     from .trainer import build_encoders
@@ -91,7 +89,7 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
     cfg = TrainConfig.from_json(config_file)
     print(f"merging {len(chosen)} checkpoints ({weights}): " +
           ", ".join(f"step {step} x {c:.3f}" for (step, _), c in zip(chosen, coefficients)))
-    merged = merge_state_dicts([load_file(path / "model.safetensors") for _, path in chosen], coefficients)
+    merged = merge_state_dicts([load_model_state(path) for _, path in chosen], coefficients)
     model_cfg = NucleusConfig.from_json(chosen[-1][1] / "config.json")
     model = NucleusTransformer(model_cfg)
     model.load_state_dict(merged)

@@ -11,6 +11,8 @@ AdamW groups can share one learning rate and schedule (Moonlight; `torch.optim.M
 a (E, rows, cols) tensor is E independent matrices, each orthogonalised on its own (one batched NS iteration),
 with rows/cols of one expert in the scale. Orthogonalising the stack as one (E*rows, cols) matrix would couple
 experts that never see each other's tokens.
+
+Under FSDP2 / expert parallelism parameters are DTensors: see `_whole_matrices` for what is gathered.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic, slope-maximising at 0 (Keller Jordan's Muon)
 
@@ -84,11 +88,37 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - mu)
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
-                by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append((p, update))
+                update = _whole_matrices(update)
+                by_shape.setdefault((tuple(update.shape), p.dtype, p.device), []).append((p, update))
             for (shape, _, _), members in by_shape.items():
                 ortho = orthogonalize(torch.stack([u for _, u in members]), group["ns_steps"], group["eps"], self.ns_dtype)
                 for (p, _), o in zip(members, ortho):
+                    target = p.to_local() if isinstance(p, DTensor) else p
                     if wd:
-                        p.mul_(1 - lr * wd)
-                    p.add_(o.to(p.dtype), alpha=-lr * update_scale(shape))
+                        target.mul_(1 - lr * wd)
+                    target.add_(_local_slice(o, p).to(p.dtype), alpha=-lr * update_scale(p.shape))
         return loss
+
+
+def _experts_whole(p: DTensor) -> bool:
+    """A sharded (E, rows, cols) stack split only along E: every rank holds whole expert matrices."""
+    # _StridedShard: FSDP's split of an already EP-sharded dim 0 (not a Shard subclass).
+    return p.dim() == 3 and all(pl.is_replicate() or (isinstance(pl, (Shard, _StridedShard)) and pl.dim == 0)
+                                for pl in p.placements)
+
+
+def _whole_matrices(update: torch.Tensor) -> torch.Tensor:
+    """What Newton-Schulz runs on for one parameter. Plain tensors and expert stacks sharded by expert are
+    orthogonalised where they are (each expert is its own matrix, so the local experts' result is exact and needs
+    no communication); a matrix FSDP split by rows is gathered whole: one all-gather per matrix, rather than the
+    collectives DTensor would insert implicitly into every matmul of the iteration."""
+    if not isinstance(update, DTensor):
+        return update
+    return update.to_local() if _experts_whole(update) else update.full_tensor()
+
+
+def _local_slice(ortho: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an orthogonalised update, in the layout of `p`'s local shard."""
+    if not isinstance(p, DTensor) or _experts_whole(p):
+        return ortho
+    return distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local()

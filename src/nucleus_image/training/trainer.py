@@ -21,11 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ..data.manifest import latest_version_dir, read_manifest
 from ..model import NucleusTransformer
 from ..model.moe import MoELayer
+from ..parallel.config import ParallelConfig, check_layout
+from ..parallel.mesh import init_parallel, launched_world
 from ..pipeline.pipeline import pack_latents
 from . import checkpoint as ckpt
 from .buckets import ImageCache, assign_buckets, draw_batch, make_buckets, readable_image
@@ -52,14 +55,20 @@ class TrainResult:
     images_per_second: float
 
 
+# Encoders a preset may name, taken from the pipeline folder `pipeline_dir`: (component, class in model_index.json).
+PIPELINE_ENCODERS = {"qwen3-vl": ("text_encoder", "Qwen3VLForConditionalGeneration"),
+                     "qwen-image": ("vae", "AutoencoderKLQwenImage")}
+
+
 def build_encoders(cfg: TrainConfig, device: torch.device):
-    """The frozen text encoder and the autoencoder the config names, checked against the model's widths."""
+    """The frozen text encoder and the autoencoder the config names, checked against the model's widths (before
+    the model is built: a mismatch must not cost building a large model first)."""
     if cfg.text_encoder == "minilm":
         from ..encoders.minilm import MiniLMTextEncoder
 
         text_encoder = MiniLMTextEncoder()
     else:
-        text_encoder = _from_pipeline_folder(cfg.text_encoder, "text_encoder", device)
+        text_encoder = _from_pipeline_folder(cfg, cfg.text_encoder, "text_encoder", device)
     if cfg.autoencoder == "pixel":
         from ..encoders.pixel import PixelAutoencoder
 
@@ -67,7 +76,7 @@ def build_encoders(cfg: TrainConfig, device: torch.device):
         factor = round(math.sqrt(cfg.model.latent_channels / 3))
         autoencoder = PixelAutoencoder(factor=max(factor, 1))
     else:
-        autoencoder = _from_pipeline_folder(cfg.autoencoder, "vae", device)
+        autoencoder = _from_pipeline_folder(cfg, cfg.autoencoder, "vae", device)
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
     m = cfg.model
@@ -80,13 +89,29 @@ def build_encoders(cfg: TrainConfig, device: torch.device):
     return text_encoder, autoencoder
 
 
-def _from_pipeline_folder(spec: str, component: str, device):
-    if not spec.startswith("pipeline:"):
-        raise ValueError(f"unknown {component} {spec!r}; accepted: 'minilm' / 'pixel' (built in) or "
-                         f"'pipeline:DIR' (take it from a pipeline folder)")
-    from ..pipeline.folder import load_components
+def _from_pipeline_folder(cfg: TrainConfig, spec: str, component: str, device):
+    from ..pipeline.folder import load_components, read_index
 
-    return load_components(spec.split(":", 1)[1], torch.float32, device)[component]
+    named = {name for name, (comp, _) in PIPELINE_ENCODERS.items() if comp == component}
+    if spec.startswith("pipeline:"):
+        folder = spec.split(":", 1)[1]
+    elif spec in named:
+        if not cfg.pipeline_dir:
+            raise ValueError(f"{component} {spec!r} is read from a pipeline folder: pass --set pipeline_dir=DIR (a "
+                             f"diffusers Nucleus-Image folder with model_index.json)")
+        folder = cfg.pipeline_dir
+        found = (read_index(Path(folder)).get(component) or [None, None])[1]
+        if found != PIPELINE_ENCODERS[spec][1]:
+            raise ValueError(f"{component} {spec!r} needs a {PIPELINE_ENCODERS[spec][1]} in pipeline_dir "
+                             f"{folder!r}, which holds {found!r}")
+    else:
+        builtin = "minilm" if component == "text_encoder" else "pixel"
+        raise ValueError(f"unknown {component} {spec!r}; accepted: {builtin!r} (built in), "
+                         f"{', '.join(repr(n) for n in sorted(named))} (from pipeline_dir) or 'pipeline:DIR'")
+    # Frozen and only run once per caption/image: bf16 on GPU keeps a 8B-parameter text encoder affordable.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return load_components(folder, dtype, device, load_text_encoder=component == "text_encoder",
+                           load_transformer=False)[component]
 
 
 class CaptionCache:
@@ -137,9 +162,20 @@ class Trainer:
         self.total_steps = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.total_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
-        self._check_run_dir(resume)
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                                    "cpu" if cfg.device == "auto" else cfg.device)
+        # The layout is checked before any work; one process without torchrun keeps the plain path (dims None).
+        # A run may change its layout on resume (checkpoints reshard); one process ignores `parallel`.
+        world = launched_world()
+        layout = cfg.parallel.resolve(world) if world > 1 else ParallelConfig(1, 1, 1)
+        check_layout(layout, cfg.model.num_experts, {s.name: s.batch_size for s in cfg.stages}, cfg.grad_accum_steps)
+        self.dims = init_parallel(cfg.parallel, self.device) if world > 1 else None
+        self.is_main = self.dims is None or self.dims.is_main
+        if self.dims:
+            self.device = self.dims.device
+            self.progress = progress and self.is_main
+        self._check_run_dir(resume)
+        self._barrier()  # every rank has seen the folder as it was before rank 0 writes into it
         if self.device.type == "cpu" and cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
         self.autocast = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and self.device.type == "cuda")
@@ -152,13 +188,37 @@ class Trainer:
 
         self.data_dir = Path(data_dir)
         self._load_data()
-        self.model = NucleusTransformer(cfg.model).to(self.device)
-        if cfg.gradient_checkpointing:
+        self._check_data_record(resume)
+        # Encoders first, so a run they cannot serve fails before the (possibly huge) model exists; on a forked
+        # RNG, so the model's seeded init is the same whether or not building them draws random numbers.
+        with torch.random.fork_rng(devices=[]):
+            self.text_encoder, self.autoencoder = build_encoders(cfg, self.device)
+        # parallel.init "full": the seeded full init of one process on every rank, then sharded (N processes start
+        # from the same weights as one). "meta": no rank ever holds the whole model; each initialises its shards.
+        meta_init = self.dims is not None and cfg.parallel.init == "meta"
+        if meta_init:
+            with torch.device("meta"):
+                self.model = NucleusTransformer(cfg.model)
+        else:
+            self.model = NucleusTransformer(cfg.model).to(self.device)  # initialised on the CPU generator
+        if self.dims:
+            from ..parallel.parallelize import parallelize
+
+            parallelize(self.model, self.dims, activation_checkpointing=cfg.gradient_checkpointing,
+                        compile=cfg.parallel.compile, bf16=self.autocast)
+            if meta_init:
+                self.model.to_empty(device=self.device)
+                self.model.reset_parameters()
+        elif cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        # Collected after sharding: FSDP2 replaces the Parameters.
         self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
-        self.text_encoder, self.autoencoder = build_encoders(cfg, self.device)
         drawable = [c for caps in self.row_captions for c, w in zip(caps, self._caption_weights(len(caps))) if w > 0]
-        self.captions = CaptionCache(self.text_encoder, drawable, self.run_dir / "text_states.safetensors", progress)
+        if not self.is_main:
+            self._barrier()  # rank 0 encodes and stores the captions; the others then read its file
+        self.captions = CaptionCache(self.text_encoder, drawable, self.run_dir / "text_states.safetensors", self.progress)
+        if self.dims and self.is_main:
+            self._barrier()
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.muon, self.adamw, self.groups = build_optimizers(
             self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps, cfg.muon_momentum,
@@ -166,16 +226,19 @@ class Trainer:
         self.optimizers = {"muon": self.muon, "adamw": self.adamw}
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
-        self.cfg.save_json(self.run_dir / "train_config.json")
+        if self.is_main:
+            self.cfg.save_json(self.run_dir / "train_config.json")
+            (self.run_dir / "data.json").write_text(json.dumps(self.data_record, indent=1) + "\n")
         self.step, self.losses, self.nonfinite, self.nonfinite_in_a_row = 0, [], 0, 0
         self.stage_index = -1
         if resume:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is not None:
-                state = ckpt.load_checkpoint(latest, self.model, self.optimizers, self.generator, self.np_rng)
+                state = ckpt.load_checkpoint(latest, self.model, self.optimizers, self.generator, self.np_rng,
+                                             distributed=self.dims is not None)
                 self.step, self.losses = state["step"], state["losses"]
                 self.nonfinite, self.nonfinite_in_a_row = state["nonfinite"], state["nonfinite_in_a_row"]
-                print(f"resumed from {latest} at step {self.step}")
+                self._print(f"resumed from {latest} at step {self.step}")
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool) -> None:
@@ -185,10 +248,33 @@ class Trainer:
                 raise ValueError(f"run folder {str(self.run_dir)!r} already holds a run; pass --resume to continue it "
                                  f"or choose a new --out")
             saved = json.loads(config_file.read_text())
-            diff = sorted(k for k in saved if saved[k] != self.cfg.to_dict().get(k))
+            # The layout may change on resume: checkpoints reshard.
+            diff = sorted(k for k in saved if k != "parallel" and saved[k] != self.cfg.to_dict().get(k))
             if diff:
                 raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _check_data_record(self, resume: bool) -> None:
+        """The data a run trains on (folder, manifest version, rows), recorded in data.json; a resume on other
+        data is refused instead of silently drawing different rows."""
+        version = latest_version_dir(self.data_dir)
+        self.data_record = {"data": str(self.data_dir.resolve()), "manifest_version": version.name,
+                            "rows": len(self.row_captions)}
+        record = self.run_dir / "data.json"
+        if resume and record.exists():
+            saved = json.loads(record.read_text())
+            if saved != self.data_record:
+                raise ValueError(f"--resume with different data: the run trained on {saved} but --data gives "
+                                 f"{self.data_record}; pass the run's data folder or start a new --out")
+
+    def _barrier(self) -> None:
+        if self.dims:
+            torch.distributed.barrier()
+
+    def _print(self, text: str) -> None:
+        if self.is_main:
+            print(text)
 
     def _load_data(self) -> None:
         table = read_manifest(self.data_dir)
@@ -227,54 +313,95 @@ class Trainer:
         self.stage_index = index
         sizes = ", ".join(f"{b.ratio} {b.width}x{b.height}" for b in self.aspect_buckets)
         shares = ", ".join(f"B{b}:{s:.2f}" for b, s in share_by_bucket(self.weights, self.buckets).items())
-        print(f"stage {stage.name}: {stage.steps} steps, batch {stage.batch_size}, buckets [{sizes}], "
+        self._print(f"stage {stage.name}: {stage.steps} steps, batch {stage.batch_size}, buckets [{sizes}], "
               f"capacity factors {list(self.model.config.capacity_factors)}, sampling shares [{shares}]")
 
     # ---- one step ------------------------------------------------------------------------------------------
+    def _local_rows(self, batch_size: int) -> np.ndarray:
+        """Which rows of the global batch this process trains on: its contiguous share of each micro-batch.
+        Every rank draws the same global batch (same bucket, so the same sequence length for the all-to-all)."""
+        world, rank = (self.dims.world, self.dims.rank) if self.dims else (1, 0)
+        micro = batch_size // self.cfg.grad_accum_steps
+        per = micro // world
+        return np.concatenate([np.arange(m * micro + rank * per, m * micro + (rank + 1) * per)
+                               for m in range(self.cfg.grad_accum_steps)])
+
     def _batch(self, batch_size: int):
+        """Latents and captions of this process's rows of the step's global batch (all of it in one process)."""
         bucket_idx, rows = draw_batch(self.np_rng, self.bucket_of_row, self.weights, len(self.aspect_buckets), batch_size)
         bucket = self.aspect_buckets[bucket_idx]
         captions = [pick_caption(self.np_rng, self.row_captions[r], self.cfg.caption_weights, self.cfg.caption_dropout)
                     for r in rows]
-        images = self.images.batch(rows, bucket).to(self.device)
+        local = self._local_rows(batch_size)
+        images = self.images.batch(rows[local], bucket).to(self.device)
         with torch.no_grad():
             latents = self.autoencoder.encode(images)
-        return latents, captions
+        return latents, [captions[i] for i in local]
 
     def _train_step(self, batch_size: int, wavelet_weight: float = 0.0) -> tuple[float, float, dict | None, bool]:
         """(loss, grad norm, routing stats or None, whether the update was applied)."""
-        cfg, patch = self.cfg, self.cfg.model.patch_size
+        cfg, patch, A = self.cfg, self.cfg.model.patch_size, self.cfg.grad_accum_steps
         latents, captions = self._batch(batch_size)
-        B, _, h, w = latents.shape
+        _, _, h, w = latents.shape
         x0 = pack_latents(latents, patch)
         S = x0.shape[1]
-        text, text_mask = self.captions.batch(captions)
-        noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
-        sigma = sample_sigmas(B, S, cfg.timesteps, self.generator)
-        x_t = noisy_latents(x0, noise, sigma)
+        # Noise and sigmas are drawn for the whole global batch, so every layout consumes the same random stream.
+        local = torch.from_numpy(self._local_rows(batch_size)).to(self.device)
+        noise = torch.randn((batch_size, *x0.shape[1:]), generator=self.generator, device=self.device, dtype=x0.dtype)[local]
+        sigma = sample_sigmas(batch_size, S, cfg.timesteps, self.generator)[local]
+        B = x0.shape[0] // A
 
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(hidden_states=x_t, img_shapes=[(1, h // patch, w // patch)] * B, encoder_hidden_states=text,
-                             encoder_hidden_states_mask=text_mask, timestep=sigma, return_routing=True)
-        loss = flow_loss(out.sample, x0, noise)
-        if cfg.z_loss_weight:
-            loss = loss + cfg.z_loss_weight * router_z_loss(out.router_logits)
-        if cfg.orthogonality_weight and self.router_gates:
-            loss = loss + cfg.orthogonality_weight * router_orthogonality_loss(self.router_gates)
-        if wavelet_weight:
-            loss = loss + wavelet_weight * wavelet_loss(out.sample, x0, noise, h, w, patch, cfg.wavelet_levels)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            return loss_value, float("nan"), None, False
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        values = []
+        for m in range(A):
+            part = slice(m * B, (m + 1) * B)
+            text, text_mask = self.captions.batch(captions[part])
+            x_t = noisy_latents(x0[part], noise[part], sigma[part])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model(hidden_states=x_t, img_shapes=[(1, h // patch, w // patch)] * B, encoder_hidden_states=text,
+                                 encoder_hidden_states_mask=text_mask, timestep=sigma[part], return_routing=True)
+            loss = flow_loss(out.sample, x0[part], noise[part])
+            if cfg.z_loss_weight:
+                loss = loss + cfg.z_loss_weight * router_z_loss(out.router_logits)
+            if cfg.orthogonality_weight and self.router_gates and m == 0:
+                # A term of the weights, not of the samples: counted once per step (x A, then / A below).
+                loss = loss + (cfg.orthogonality_weight * A) * router_orthogonality_loss(self._gates())
+            if wavelet_weight:
+                loss = loss + wavelet_weight * wavelet_loss(out.sample, x0[part], noise[part], h, w, patch,
+                                                            cfg.wavelet_levels)
+            values.append(self._mean_over_ranks(float(loss.detach())))
+            if not math.isfinite(values[-1]):
+                return values[-1], float("nan"), None, False
+            (loss / A).backward()
+        loss_value = values[0] if A == 1 else sum(values) / A
+        if self.dims:
+            from ..parallel.reduce import clip_grad_norm_
+
+            grad_norm = clip_grad_norm_(list(self.model.parameters()), cfg.grad_clip, self.dims)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         if not math.isfinite(grad_norm):
             return loss_value, grad_norm, None, False
         set_lr((self.muon, self.adamw), wsm_lr(self.step, cfg.lr, cfg.warmup_steps))
         self.muon.step()
         self.adamw.step()
         stats = routing_stats(out.router_logits, out.expert_indices, S) if self._due(cfg.log_every) else None
+        if stats is not None and self.dims:
+            from ..parallel.reduce import mean_routing_stats
+
+            stats = mean_routing_stats(stats, self.dims)
         return loss_value, grad_norm, stats, True
+
+    def _gates(self) -> list[torch.Tensor]:
+        """The router weights whole: a sharded gate is gathered (differentiably; its gradient returns as the
+        local shard's, added once, since every rank computes the same term)."""
+        return [g.full_tensor() if isinstance(g, DTensor) else g for g in self.router_gates]
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if not self.dims:
+            return value
+        from ..parallel.reduce import mean_over_ranks
+
+        return mean_over_ranks([value], self.dims)[0]
 
     def _due(self, every: int) -> bool:
         return every > 0 and (self.step + 1) % every == 0
@@ -282,8 +409,8 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg = self.cfg
-        print(describe_groups(self.groups))
-        logger = RunLogger(self.run_dir)
+        self._print(describe_groups(self.groups))
+        logger = RunLogger(self.run_dir) if self.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step",
                    dynamic_ncols=True)
         images_seen, t0 = 0, time.perf_counter()
@@ -299,7 +426,7 @@ class Trainer:
                 images_seen += stage.batch_size
                 ips = images_seen / max(time.perf_counter() - t0, 1e-9)
                 lr = wsm_lr(self.step, cfg.lr, cfg.warmup_steps)
-                if self._due(cfg.log_every):
+                if self._due(cfg.log_every) and logger:
                     logger.scalars(self.step + 1, loss, lr, grad_norm, ips, self.nonfinite, stats)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", stage=stage.name)
                 bar.update(1)
@@ -310,10 +437,13 @@ class Trainer:
                     self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
         finally:
             bar.close()
-            logger.close()
+            if logger:
+                logger.close()
+        ips = images_seen / max(time.perf_counter() - t0, 1e-9)
+        if not logger:
+            return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
         logger.loss_curve(self.losses, self.run_dir / "loss_curve.png")
         (self.run_dir / "losses.json").write_text(json.dumps(self.losses) + "\n")
-        ips = images_seen / max(time.perf_counter() - t0, 1e-9)
         print(f"done: {self.step} steps, final loss {self.losses[-1]:.4f}, {ips:.1f} images/s, "
               f"{self.nonfinite} non-finite steps skipped; run folder {self.run_dir}")
         return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
@@ -339,19 +469,28 @@ class Trainer:
     def _save(self) -> None:
         state = {"losses": self.losses, "nonfinite": self.nonfinite, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                  "sampler": {"kind": "numpy-pcg64", "batches_drawn": self.step}}
-        ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.model.config.to_dict(), self.optimizers,
-                             self.generator, self.np_rng, state, self.cfg.keep_last)
+        save = ckpt.save_distributed if self.dims else ckpt.save_checkpoint
+        save(self.run_dir, self.step, self.model, self.model.config.to_dict(), self.optimizers, self.generator,
+             self.np_rng, state, self.cfg.keep_last)
 
     # ---- samples -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_grid(self, path: Path) -> Path:
         """The fixed sample prompts at fixed seeds from the current weights, at the current stage's resolution."""
         stage = self.cfg.stages[max(self.stage_index, 0)]
-        was_training = self.model.training
-        self.model.eval()
+        if self.dims:
+            # Sharded: rank 0 samples alone from a gathered full copy (the same rank-0 export `merge` reads).
+            model = ckpt.gather_full_model(self.model)
+            if model is None:
+                return path
+            model = model.to(self.device)
+        else:
+            model = self.model
+        was_training = model.training
+        model.eval()
         try:
-            pipe = make_pipeline(self.model, self.text_encoder, self.autoencoder, self.cfg.timesteps, stage.resolution)
+            pipe = make_pipeline(model, self.text_encoder, self.autoencoder, self.cfg.timesteps, stage.resolution)
             return sample_grid(pipe, list(self.cfg.sample_prompts), self.cfg.sample_seed, self.cfg.sample_steps,
                                self.cfg.sample_guidance, path)
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
