@@ -10,6 +10,7 @@ expert gradients, a wrong data slice or a lost optimizer state on resume shows u
 Select with `pytest -m distributed`; each multi-process run takes 20-60 s on a 2-core machine."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -54,11 +55,11 @@ def _train(data, out, *args, config=None):
     return done
 
 
-def _assert_matches(run: Path, straight: Path):
-    final, ref = list_checkpoints(run)[-1][1], list_checkpoints(straight)[-1][1]
-    assert final.name == ref.name == f"step-{STEPS:08d}"
+def _assert_matches(run: Path, straight: Path, step: int = STEPS):
+    final, ref = list_checkpoints(run)[-1][1], dict(list_checkpoints(straight))[step]
+    assert final.name == ref.name == f"step-{step:08d}"
     losses, ref_losses = (json.loads((p / "trainer.json").read_text())["losses"] for p in (final, ref))
-    assert len(losses) == len(ref_losses) == STEPS
+    assert len(losses) == len(ref_losses) == step
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=0)
     a, b = load_model_state(final), load_model_state(ref)
     assert set(a) == set(b)
@@ -123,6 +124,42 @@ def test_fsdp_x_ep_at_4_processes_resharded_to_2_then_1(setup):
     b = load_model_state_dir(reference)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5)
+
+
+def test_hsdp_x_ep_at_4_processes(setup):
+    """dp_replicate=2 x dp_shard=2 with ep=2: two replicas, each FSDP-sharded over 2 processes that hold 2
+    experts each; 3 steps equal the one-process run's."""
+    root, data, config, straight = setup
+    out = root / "hsdp"
+    _train(data, out, "--nproc", "4", "--set", "parallel.dp_replicate=2", "--set", "parallel.ep=2", "--max-steps", "3",
+           config=config)
+    _assert_matches(out, straight, step=3)
+
+
+def test_gradient_accumulation_matches_the_full_batch(setup):
+    """grad_accum_steps=2 in one process: two half-batch micro-steps per optimizer step, the same update."""
+    root, data, config, straight = setup
+    out = root / "accum"
+    _train(data, out, "--set", "grad_accum_steps=2", "--max-steps", "3", config=config)
+    _assert_matches(out, straight, step=3)
+
+
+def test_meta_init_materialises_distinct_shards(setup):
+    """parallel.init=meta: built on the meta device, each rank initialises only its shards. The numbers differ
+    from one process's init by design; what must hold is the init's distribution and that no shard repeats
+    another (on CPU each rank draws its shards itself)."""
+    root, data, config, straight = setup
+    out = root / "meta"
+    _train(data, out, "--nproc", "2", "--set", "parallel.init=meta", "--set", "parallel.ep=2", "--max-steps", "1",
+           config=config)
+    (step, path), = list_checkpoints(out)
+    state = load_model_state(path)
+    experts = state["transformer_blocks.1.img_mlp.experts.gate_up_proj"]  # experts 0-1 on rank 0, 2-3 on rank 1
+    assert abs(float(experts.std()) * experts.shape[1] ** 0.5 - 1.0) < 0.05
+    assert not torch.allclose(experts[:2], experts[2:], atol=0.05)
+    q = state["transformer_blocks.0.attn.to_q.weight"]  # rows split over the 2 ranks
+    assert not torch.allclose(q[: q.shape[0] // 2], q[q.shape[0] // 2:], atol=0.05)
+    assert math.isfinite(json.loads((path / "trainer.json").read_text())["losses"][0])
 
 
 def load_model_state_dir(pipeline_dir: Path) -> dict:

@@ -208,6 +208,11 @@ class Trainer:
                         compile=cfg.parallel.compile, bf16=self.autocast)
             if meta_init:
                 self.model.to_empty(device=self.device)
+                if self.device.type != "cuda":
+                    # DTensor tracks random offsets per shard only on CUDA; elsewhere each rank fills its local
+                    # shards from the global generator, so seed it per shard position (replicas hold the same
+                    # shards and draw the same numbers), or every shard would repeat the first one's values.
+                    torch.manual_seed(cfg.seed + 1 + self.dims.dp_shard_mesh.get_local_rank())
                 self.model.reset_parameters()
         elif cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
