@@ -33,6 +33,7 @@ from ..pipeline.pipeline import pack_latents
 from . import checkpoint as ckpt
 from .buckets import ImageCache, assign_buckets, draw_batch, make_buckets, readable_image
 from .config import TrainConfig
+from .encoders import build_encoders
 from .curriculum import caption_probabilities, pick_caption, row_weights, share_by_bucket
 from .monitor import RunLogger, routing_stats
 from .loss import flow_loss, noisy_latents, router_orthogonality_loss, router_z_loss, wavelet_loss
@@ -53,65 +54,6 @@ class TrainResult:
     losses: list[float]
     nonfinite_skipped: int
     images_per_second: float
-
-
-# Encoders a preset may name, taken from the pipeline folder `pipeline_dir`: (component, class in model_index.json).
-PIPELINE_ENCODERS = {"qwen3-vl": ("text_encoder", "Qwen3VLForConditionalGeneration"),
-                     "qwen-image": ("vae", "AutoencoderKLQwenImage")}
-
-
-def build_encoders(cfg: TrainConfig, device: torch.device):
-    """The frozen text encoder and the autoencoder the config names, checked against the model's widths (before
-    the model is built: a mismatch must not cost building a large model first)."""
-    if cfg.text_encoder == "minilm":
-        from ..encoders.minilm import MiniLMTextEncoder
-
-        text_encoder = MiniLMTextEncoder()
-    else:
-        text_encoder = _from_pipeline_folder(cfg, cfg.text_encoder, "text_encoder", device)
-    if cfg.autoencoder == "pixel":
-        from ..encoders.pixel import PixelAutoencoder
-
-        # Space-to-depth of RGB: the factor follows from the model's latent channels (3 * factor^2).
-        factor = round(math.sqrt(cfg.model.latent_channels / 3))
-        autoencoder = PixelAutoencoder(factor=max(factor, 1))
-    else:
-        autoencoder = _from_pipeline_folder(cfg, cfg.autoencoder, "vae", device)
-    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
-    m = cfg.model
-    if text_encoder.dim != m.joint_attention_dim:
-        raise ValueError(f"text encoder {cfg.text_encoder!r} gives {text_encoder.dim}-wide states but the model's "
-                         f"joint_attention_dim is {m.joint_attention_dim}")
-    if autoencoder.latent_channels * m.patch_size**2 != m.in_channels:
-        raise ValueError(f"autoencoder {cfg.autoencoder!r} has {autoencoder.latent_channels} latent channels; the model "
-                         f"needs in_channels/patch_size^2 = {m.in_channels // m.patch_size**2}")
-    return text_encoder, autoencoder
-
-
-def _from_pipeline_folder(cfg: TrainConfig, spec: str, component: str, device):
-    from ..pipeline.folder import load_components, read_index
-
-    named = {name for name, (comp, _) in PIPELINE_ENCODERS.items() if comp == component}
-    if spec.startswith("pipeline:"):
-        folder = spec.split(":", 1)[1]
-    elif spec in named:
-        if not cfg.pipeline_dir:
-            raise ValueError(f"{component} {spec!r} is read from a pipeline folder: pass --set pipeline_dir=DIR (a "
-                             f"diffusers Nucleus-Image folder with model_index.json)")
-        folder = cfg.pipeline_dir
-        found = (read_index(Path(folder)).get(component) or [None, None])[1]
-        if found != PIPELINE_ENCODERS[spec][1]:
-            raise ValueError(f"{component} {spec!r} needs a {PIPELINE_ENCODERS[spec][1]} in pipeline_dir "
-                             f"{folder!r}, which holds {found!r}")
-    else:
-        builtin = "minilm" if component == "text_encoder" else "pixel"
-        raise ValueError(f"unknown {component} {spec!r}; accepted: {builtin!r} (built in), "
-                         f"{', '.join(repr(n) for n in sorted(named))} (from pipeline_dir) or 'pipeline:DIR'")
-    # Frozen and only run once per caption/image: bf16 on GPU keeps a 8B-parameter text encoder affordable.
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return load_components(folder, dtype, device, load_text_encoder=component == "text_encoder",
-                           load_transformer=False)[component]
 
 
 class CaptionCache:
@@ -164,8 +106,8 @@ class Trainer:
             raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                                    "cpu" if cfg.device == "auto" else cfg.device)
-        # The layout is checked before any work; one process without torchrun keeps the plain path (dims None).
-        # A run may change its layout on resume (checkpoints reshard); one process ignores `parallel`.
+        # The layout is checked before any work. One process without torchrun keeps the plain path (dims None) and
+        # ignores `parallel`; a run may change its layout on resume (checkpoints reshard).
         world = launched_world()
         layout = cfg.parallel.resolve(world) if world > 1 else ParallelConfig(1, 1, 1)
         check_layout(layout, cfg.model.num_experts, {s.name: s.batch_size for s in cfg.stages}, cfg.grad_accum_steps)
@@ -319,7 +261,7 @@ class Trainer:
         sizes = ", ".join(f"{b.ratio} {b.width}x{b.height}" for b in self.aspect_buckets)
         shares = ", ".join(f"B{b}:{s:.2f}" for b, s in share_by_bucket(self.weights, self.buckets).items())
         self._print(f"stage {stage.name}: {stage.steps} steps, batch {stage.batch_size}, buckets [{sizes}], "
-              f"capacity factors {list(self.model.config.capacity_factors)}, sampling shares [{shares}]")
+                    f"capacity factors {list(self.model.config.capacity_factors)}, sampling shares [{shares}]")
 
     # ---- one step ------------------------------------------------------------------------------------------
     def _local_rows(self, batch_size: int) -> np.ndarray:

@@ -1,0 +1,70 @@
+"""The frozen encoders a training run uses: built in (MiniLM text, pixel space-to-depth) or read from a
+diffusers pipeline folder (the released Qwen3-VL text encoder and Qwen-Image VAE), checked against the model's
+widths before the model is built."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+# Encoders a preset may name, taken from the pipeline folder `pipeline_dir`: (component, class in model_index.json).
+PIPELINE_ENCODERS = {"qwen3-vl": ("text_encoder", "Qwen3VLForConditionalGeneration"),
+                     "qwen-image": ("vae", "AutoencoderKLQwenImage")}
+
+
+def build_encoders(cfg: TrainConfig, device: torch.device):
+    """The frozen text encoder and the autoencoder the config names, checked against the model's widths (before
+    the model is built: a mismatch must not cost building a large model first)."""
+    if cfg.text_encoder == "minilm":
+        from ..encoders.minilm import MiniLMTextEncoder
+
+        text_encoder = MiniLMTextEncoder()
+    else:
+        text_encoder = _from_pipeline_folder(cfg, cfg.text_encoder, "text_encoder", device)
+    if cfg.autoencoder == "pixel":
+        from ..encoders.pixel import PixelAutoencoder
+
+        # Space-to-depth of RGB: the factor follows from the model's latent channels (3 * factor^2).
+        factor = round(math.sqrt(cfg.model.latent_channels / 3))
+        autoencoder = PixelAutoencoder(factor=max(factor, 1))
+    else:
+        autoencoder = _from_pipeline_folder(cfg, cfg.autoencoder, "vae", device)
+    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
+    m = cfg.model
+    if text_encoder.dim != m.joint_attention_dim:
+        raise ValueError(f"text encoder {cfg.text_encoder!r} gives {text_encoder.dim}-wide states but the model's "
+                         f"joint_attention_dim is {m.joint_attention_dim}")
+    if autoencoder.latent_channels * m.patch_size**2 != m.in_channels:
+        raise ValueError(f"autoencoder {cfg.autoencoder!r} has {autoencoder.latent_channels} latent channels; the model "
+                         f"needs in_channels/patch_size^2 = {m.in_channels // m.patch_size**2}")
+    return text_encoder, autoencoder
+
+
+def _from_pipeline_folder(cfg: TrainConfig, spec: str, component: str, device):
+    from ..pipeline.folder import load_components, read_index
+
+    named = {name for name, (comp, _) in PIPELINE_ENCODERS.items() if comp == component}
+    if spec.startswith("pipeline:"):
+        folder = spec.split(":", 1)[1]
+    elif spec in named:
+        if not cfg.pipeline_dir:
+            raise ValueError(f"{component} {spec!r} is read from a pipeline folder: pass --set pipeline_dir=DIR (a "
+                             f"diffusers Nucleus-Image folder with model_index.json)")
+        folder = cfg.pipeline_dir
+        found = (read_index(Path(folder)).get(component) or [None, None])[1]
+        if found != PIPELINE_ENCODERS[spec][1]:
+            raise ValueError(f"{component} {spec!r} needs a {PIPELINE_ENCODERS[spec][1]} in pipeline_dir "
+                             f"{folder!r}, which holds {found!r}")
+    else:
+        builtin = "minilm" if component == "text_encoder" else "pixel"
+        raise ValueError(f"unknown {component} {spec!r}; accepted: {builtin!r} (built in), "
+                         f"{', '.join(repr(n) for n in sorted(named))} (from pipeline_dir) or 'pipeline:DIR'")
+    # Frozen and only run once per caption/image: bf16 on GPU keeps a 8B-parameter text encoder affordable.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return load_components(folder, dtype, device, load_text_encoder=component == "text_encoder",
+                           load_transformer=False)[component]
