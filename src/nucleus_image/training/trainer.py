@@ -430,7 +430,7 @@ class Trainer:
             model = ckpt.gather_full_model(self.model)
             if model is None:
                 return path
-            model = model.to(self.device)
+            model = model.to(self.device, torch.bfloat16 if self.autocast else torch.float32)
         else:
             model = self.model
         was_training = model.training
