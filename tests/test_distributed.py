@@ -126,6 +126,19 @@ def test_fsdp_x_ep_at_4_processes_resharded_to_2_then_1(setup):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5)
 
 
+def test_one_process_checkpoint_resumes_at_2_processes_with_ep(setup):
+    """A run started in one process (safetensors checkpoints) continues under --nproc 2 with ep=2 from its step-3
+    checkpoint: the full state is handed to the sharded model and optimizers."""
+    root, data, config, straight = setup
+    out = shutil.copytree(straight, root / "scale-out")
+    for step, path in list_checkpoints(out):
+        if step > 3:
+            shutil.rmtree(path)
+    done = _train(data, out, "--nproc", "2", "--set", "parallel.ep=2")
+    assert "at step 3" in done.stdout
+    _assert_matches(out, straight)
+
+
 def test_hsdp_x_ep_at_4_processes(setup):
     """dp_replicate=2 x dp_shard=2 with ep=2: two replicas, each FSDP-sharded over 2 processes that hold 2
     experts each; 3 steps equal the one-process run's."""

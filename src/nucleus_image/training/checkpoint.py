@@ -187,13 +187,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[s
                     generator: torch.Generator, np_rng: np.random.Generator, distributed: bool = False) -> dict:
     """Restore model, optimizers and every RNG from a checkpoint folder; returns trainer.json's content.
     A DCP checkpoint loads into any layout (`distributed`: this process is one of several) or into one plain
-    process; a one-process checkpoint resumes one process."""
+    process; a one-process checkpoint loads into one process or, through its full state, into any layout."""
     path = Path(path)
     if is_distributed(path):
         _load_dcp(path, model, optimizers)
     elif distributed:
-        raise ValueError(f"checkpoint {str(path)!r} was written by a single process; resume it with one process "
-                         f"(its next checkpoint is then read by any layout only if written by several), or start anew")
+        _load_single_into_sharded(path, model, optimizers)
     else:
         missing = [f for f in FILES if not (path / f).is_file()]
         if missing:
@@ -236,6 +235,32 @@ def _load_dcp(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.op
     # would copy the expert shards into fresh tensors that FSDP no longer gathers from. The optimizer state is
     # set, not strict for those stateless parameters (every model key was required by dcp.load above).
     set_optimizer_state_dict(model, opts, state["optim"], options=StateDictOptions(strict=False))
+
+
+def _load_single_into_sharded(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """A one-process checkpoint into a sharded model: the full state, named by FQN, handed to `set_*_state_dict`,
+    which keeps each rank's part. The flat optimizer files index parameters by their order in the optimizer."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, load_file(path / "model.safetensors"), options=full)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, meta = load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
+    state: dict[str, dict] = {}
+    groups = []
+    for opt_name, opt in optimizers.items():
+        order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+        for key, value in tensors.items():
+            name, idx, skey = key.split(".", 2)
+            if name == opt_name:
+                state.setdefault(order[int(idx)], {})[skey] = value
+        for idx, scalars in meta[opt_name]["scalar_state"].items():
+            state.setdefault(order[int(idx)], {}).update(scalars)
+        for g in meta[opt_name]["param_groups"]:
+            groups.append(dict(g, params=[order[i] for i in g["params"]], **({"betas": tuple(g["betas"])} if "betas" in g else {})))
+    set_optimizer_state_dict(model, list(optimizers.values()), {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
