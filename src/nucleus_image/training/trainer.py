@@ -3,10 +3,11 @@ Warmup-Stable-Merge, atomic checkpoints with exact resume, TensorBoard scalars, 
 
     nucleus train --preset tiny --data data/synth --out runs/tiny [--max-steps N] [--resume] [--set lr=3e-3]
 
-Exact resume: everything random is drawn from two generators created here (torch for noise and sigmas, numpy
-for batches and captions), whose states are checkpointed with the global ones; text embeddings are computed
-one caption at a time so a caption's states never depend on when (or beside what) it was first encoded. A run
-killed and resumed therefore reproduces the straight run's losses and weights bit for bit on CPU.
+Exact resume: step k's batch is a pure function of (seed, k) (`data_loader.BatchPlan`), noise and sigmas come
+from a torch generator checkpointed with the global RNG states, and text states are encoded one caption at a
+time into a cache shared across runs (`data.text_states`), so a caption's states never depend on when (or
+beside what) it was first encoded. A run killed and resumed therefore reproduces the straight run's losses and
+weights bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..data.manifest import latest_version_dir, read_manifest
+from ..data.text_states import CaptionStates, TextStateStore, encoder_id
 from ..model import NucleusTransformer
 from ..model.moe import MoELayer
 from ..pipeline.pipeline import pack_latents
 from . import checkpoint as ckpt
-from .buckets import ImageCache, assign_buckets, draw_batch, make_buckets, readable_image
 from .config import TrainConfig
-from .curriculum import caption_probabilities, pick_caption, row_weights, share_by_bucket
+from .curriculum import share_by_bucket
+from .data_loader import BatchPlan, rank_loader, rank_slice, read_rows
 from .monitor import RunLogger, routing_stats
 from .loss import flow_loss, noisy_latents, router_orthogonality_loss, router_z_loss, wavelet_loss
 from .optim import build_optimizers, describe_groups
@@ -89,51 +89,14 @@ def _from_pipeline_folder(spec: str, component: str, device):
     return load_components(spec.split(":", 1)[1], torch.float32, device)[component]
 
 
-class CaptionCache:
-    """Frozen text-encoder states for every caption the run can draw (and the empty prompt), computed once at
-    the start in fixed chunks of the sorted caption list and stored in the run folder, so the states of a
-    caption never depend on when it is first drawn or on a restart: exact resume needs that. Batches are
-    right-padded to a multiple of 8 tokens with a mask, as the pipeline pads."""
-
-    CHUNK = 64
-
-    def __init__(self, text_encoder, captions: list[str], cache_file: Path, progress: bool = True):
-        self.text_encoder = text_encoder
-        self.index = {c: i for i, c in enumerate(sorted(set(captions) | {""}))}
-        listing = cache_file.with_suffix(".json")
-        if cache_file.exists() and listing.exists() and json.loads(listing.read_text()) == list(self.index):
-            stored = load_file(cache_file, device=str(text_encoder.device))
-            self.states = [stored[str(i)] for i in range(len(self.index))]
-            return
-        self.states = []
-        ordered = list(self.index)
-        for start in tqdm(range(0, len(ordered), self.CHUNK), desc="encoding captions", unit="chunk",
-                          disable=not progress):
-            with torch.no_grad():
-                states, mask = text_encoder.encode_unique(ordered[start:start + self.CHUNK])
-            self.states += [states[i, : int(mask[i].sum())].float().clone() for i in range(states.shape[0])]
-        tmp = cache_file.with_suffix(".tmp")
-        save_file({str(i): s.contiguous().cpu() for i, s in enumerate(self.states)}, tmp)
-        listing.write_text(json.dumps(ordered) + "\n")
-        tmp.replace(cache_file)
-
-    def batch(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rows = [self.states[self.index[c]] for c in captions]
-        lengths = [r.shape[0] for r in rows]
-        L = -(-max(lengths) // 8) * 8
-        out = torch.zeros(len(rows), L, rows[0].shape[1], device=rows[0].device)
-        mask = torch.zeros(len(rows), L, dtype=torch.bool, device=out.device)
-        for i, r in enumerate(rows):
-            out[i, : lengths[i]] = r
-            mask[i, : lengths[i]] = True
-        return out, (None if bool(mask.all()) else mask)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, max_steps: int | None = None,
-                 resume: bool = False, progress: bool = True):
+                 resume: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1):
         cfg.validate()
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.rank, self.world_size = rank, world_size
+        for stage in cfg.stages:
+            rank_slice(stage.batch_size, rank, world_size)  # refuses a batch that does not divide, before any work
         self.total_steps = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.total_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
@@ -157,8 +120,11 @@ class Trainer:
             self.model.enable_gradient_checkpointing()
         self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
         self.text_encoder, self.autoencoder = build_encoders(cfg, self.device)
-        drawable = [c for caps in self.row_captions for c, w in zip(caps, self._caption_weights(len(caps))) if w > 0]
-        self.captions = CaptionCache(self.text_encoder, drawable, self.run_dir / "text_states.safetensors", progress)
+        self.plan = BatchPlan(cfg, self.rows, self.autoencoder.scale_factor * cfg.model.patch_size)
+        store = TextStateStore(encoder_id(cfg.text_encoder))
+        store.encode_missing(self.text_encoder, self.plan.drawable_captions(), progress)
+        self.captions = CaptionStates(store, self.device)
+        self._batches = None
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.muon, self.adamw, self.groups = build_optimizers(
             self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps, cfg.muon_momentum,
@@ -191,55 +157,33 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _load_data(self) -> None:
-        table = read_manifest(self.data_dir)
-        if table.num_rows == 0:
-            raise ValueError(f"the manifest in {str(self.data_dir)!r} has no rows")
-        root = latest_version_dir(self.data_dir).parent
-        paths = [Path(p) if Path(p).is_absolute() else root / p for p in table.column("image_path").to_pylist()]
-        self.images = ImageCache(paths)
-        self.widths = table.column("width").to_numpy()
-        self.heights = table.column("height").to_numpy()
-        self.tiers = table.column("tier").to_numpy().astype(np.int64)
-        self.buckets = table.column("bucket").to_numpy().astype(np.int64)
-        self.row_captions = table.column("captions").to_pylist()
-        empty = [i for i, c in enumerate(self.row_captions) if not c]
-        if empty:
-            raise ValueError(f"{len(empty)} manifest rows have no captions (first: row {empty[0]})")
-        # Unreadable images are found up front (a header check) and never drawn, so sampling stays a function
-        # of the seed whatever a run happens to touch first.
-        self.readable = np.array([readable_image(p) for p in paths])
-        if not self.readable.all():
-            bad = np.flatnonzero(~self.readable)
-            print(f"skipping {len(bad)} unreadable images (first: {paths[bad[0]]})")
-            if len(bad) == len(paths):
-                raise ValueError(f"no readable image in {str(self.data_dir)!r}")
-
-    def _caption_weights(self, n: int) -> tuple[float, ...]:
-        return caption_probabilities(self.cfg.caption_weights, n)
+        self.rows = read_rows(self.data_dir)
 
     def _enter_stage(self, index: int) -> None:
         stage = self.cfg.stages[index]
-        granularity = self.autoencoder.scale_factor * self.cfg.model.patch_size
-        self.aspect_buckets = make_buckets(stage.resolution, stage.aspect_ratios, granularity)
-        self.bucket_of_row = assign_buckets(self.widths, self.heights, self.aspect_buckets)
-        self.weights = row_weights(self.tiers, self.buckets, stage) * self.readable
+        data = self.plan.stage(index)
+        self.aspect_buckets, self.weights = data.aspect_buckets, data.weights
         self.model.set_capacity_factors(stage.capacity_factors or self.cfg.model.capacity_factors)
         self.stage_index = index
         sizes = ", ".join(f"{b.ratio} {b.width}x{b.height}" for b in self.aspect_buckets)
-        shares = ", ".join(f"B{b}:{s:.2f}" for b, s in share_by_bucket(self.weights, self.buckets).items())
+        shares = ", ".join(f"B{b}:{s:.2f}" for b, s in share_by_bucket(self.weights, self.rows.buckets).items())
         print(f"stage {stage.name}: {stage.steps} steps, batch {stage.batch_size}, buckets [{sizes}], "
               f"capacity factors {list(self.model.config.capacity_factors)}, sampling shares [{shares}]")
 
     # ---- one step ------------------------------------------------------------------------------------------
     def _batch(self, batch_size: int):
-        bucket_idx, rows = draw_batch(self.np_rng, self.bucket_of_row, self.weights, len(self.aspect_buckets), batch_size)
-        bucket = self.aspect_buckets[bucket_idx]
-        captions = [pick_caption(self.np_rng, self.row_captions[r], self.cfg.caption_weights, self.cfg.caption_dropout)
-                    for r in rows]
-        images = self.images.batch(rows, bucket).to(self.device)
+        """This rank's share of the step's global batch of `batch_size`, decoded ahead by the data workers."""
+        if self._batches is None:  # started lazily, at the step a run starts or resumes from
+            self._batches = iter(rank_loader(self.plan, self.rank, self.world_size, self.step, self.total_steps,
+                                             self.cfg.data_workers))
+        item = next(self._batches)
+        if item["step"] != self.step or len(item["captions"]) * self.world_size != batch_size:
+            raise RuntimeError(f"data loader out of step: got step {item['step']} with {len(item['captions'])} rows "
+                               f"at step {self.step} (batch {batch_size} over {self.world_size} processes)")
+        images = item["images"].to(self.device).float() / 127.5 - 1.0
         with torch.no_grad():
             latents = self.autoencoder.encode(images)
-        return latents, captions
+        return latents, item["captions"]
 
     def _train_step(self, batch_size: int, wavelet_weight: float = 0.0) -> tuple[float, float, dict | None, bool]:
         """(loss, grad norm, routing stats or None, whether the update was applied)."""
@@ -338,7 +282,8 @@ class Trainer:
 
     def _save(self) -> None:
         state = {"losses": self.losses, "nonfinite": self.nonfinite, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                 "sampler": {"kind": "numpy-pcg64", "batches_drawn": self.step}}
+                 "sampler": {"kind": "batch-plan", "seed": self.cfg.seed, "next_step": self.step,
+                             "rank": self.rank, "world_size": self.world_size}}
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.model.config.to_dict(), self.optimizers,
                              self.generator, self.np_rng, state, self.cfg.keep_last)
 
