@@ -55,3 +55,25 @@ def test_drawable_captions_follow_the_caption_weights(plan):
     # micro_config weighs the first two granularities only
     assert all(caps[0] in drawable and caps[1] in drawable for caps in plan.rows.captions)
     assert not any(caps[3] in drawable for caps in plan.rows.captions if caps[3] not in caps[:2])
+
+
+def test_trainer_takes_its_rank_slice_and_checkpoints_the_position(tmp_path, plan):
+    import json
+
+    from nucleus_image.training.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(micro_config(checkpoint_every=2), plan.rows.paths[0].parent.parent, tmp_path / "run",
+                          max_steps=2, progress=False, rank=1, world_size=2)
+        trainer._enter_stage(0)
+        latents, captions = trainer._batch(4)
+        assert captions == plan.batch(0).captions[2:4] and latents.shape[0] == 2
+        trainer.step = 2  # the loader runs ahead of nothing: a fresh trainer resumes at its own step
+        trainer._save()
+        state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer.json").read_text())
+        assert state["sampler"] == {"kind": "batch-plan", "seed": 0, "next_step": 2, "rank": 1, "world_size": 2}
+        with pytest.raises(ValueError, match="batch_size 2 does not divide over 4 processes"):
+            Trainer(micro_config(), plan.rows.paths[0].parent.parent, tmp_path / "other", rank=0, world_size=4)
+    finally:
+        torch.set_num_threads(threads)
