@@ -11,6 +11,7 @@ import torch
 from training_helpers import micro_config, run_cli
 
 from nucleus_image.data.synthetic import SynthConfig, generate_dataset
+from nucleus_image.data import text_states
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
 
 
@@ -49,16 +50,18 @@ def _add(root, start):
         store.add({f"caption {i}": torch.full((3, 4), float(i))})
 
 
-def test_concurrent_writers_leave_a_complete_index(tmp_path):
+def test_concurrent_writers_leave_a_complete_index(tmp_path, monkeypatch):
     procs = [multiprocessing.get_context("fork").Process(target=_add, args=(tmp_path, s)) for s in (0, 10)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
         assert p.exitcode == 0
+    monkeypatch.setattr(text_states, "OPEN_SHARDS", 2)  # file handles stay bounded however many shards are read
     store = TextStateStore("shared", root=tmp_path)
     for i in range(30):
         assert torch.equal(store.get(f"caption {i}"), torch.full((3, 4), float(i)))
+    assert len(store._handles) == 2
     lines = (store.folder / "index.jsonl").read_text().splitlines()
     assert len(lines) == 40 and all(json.loads(line)["shard"].startswith("shard-") for line in lines)
     assert not [p for p in os.listdir(store.folder) if p.startswith(".tmp")]

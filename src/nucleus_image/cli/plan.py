@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 GIB = 2**30
-# The Qwen3-VL text encoder in bf16 (16.5 GB) and the Qwen-Image VAE, for the released preset's generation plan.
+# The Qwen3-VL text encoder in bf16 (16.5 GB), for the released preset's generation plan.
 TEXT_ENCODER_GB = {"released": 16.5}
 
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 SHARD_CAPTIONS = 256  # captions per shard: few files, and an interrupted encoding loses at most this many
+OPEN_SHARDS = 64  # memory-mapped shards kept open (least recently used closed first): bounded file handles
 _SMALL_FILE = 4 << 20
 _SAMPLES, _SAMPLE_BYTES = 16, 64 << 10
 
@@ -91,7 +93,7 @@ class TextStateStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index_file = self.folder / "index.jsonl"
         self._shard_of: dict[str, str] = {}
-        self._handles: dict[str, object] = {}
+        self._handles: OrderedDict[str, object] = OrderedDict()
         self._read_from = 0
         self.refresh()
 
@@ -122,6 +124,9 @@ class TextStateStore:
         shard = self._shard_of[key]
         if shard not in self._handles:
             self._handles[shard] = safe_open(self.folder / shard, framework="pt")
+            if len(self._handles) > OPEN_SHARDS:
+                self._handles.popitem(last=False)
+        self._handles.move_to_end(shard)
         return self._handles[shard].get_tensor(key)
 
     def add(self, states: dict[str, torch.Tensor]) -> None:

@@ -18,7 +18,6 @@ DataLoader worker processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -87,13 +86,15 @@ class PlannedBatch:
 class BatchPlan:
     def __init__(self, cfg: TrainConfig, rows: ManifestRows, granularity: int):
         self.cfg, self.rows, self.granularity = cfg, rows, granularity
+        self._stages: dict[int, StageData] = {}
 
-    @lru_cache(maxsize=None)
     def stage(self, index: int) -> StageData:
-        stage = self.cfg.stages[index]
-        buckets = make_buckets(stage.resolution, stage.aspect_ratios, self.granularity)
-        return StageData(buckets, assign_buckets(self.rows.widths, self.rows.heights, buckets),
-                         row_weights(self.rows.tiers, self.rows.buckets, stage) * self.rows.readable)
+        if index not in self._stages:
+            stage = self.cfg.stages[index]
+            buckets = make_buckets(stage.resolution, stage.aspect_ratios, self.granularity)
+            self._stages[index] = StageData(buckets, assign_buckets(self.rows.widths, self.rows.heights, buckets),
+                                            row_weights(self.rows.tiers, self.rows.buckets, stage) * self.rows.readable)
+        return self._stages[index]
 
     def batch(self, step: int) -> PlannedBatch:
         """The global batch of `step`."""
