@@ -75,7 +75,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     assert len(result.losses) == 4 and all(np.isfinite(result.losses))
-    assert trainer.weights[~trainer.readable].sum() == 0
+    assert trainer.weights[~trainer.rows.readable].sum() == 0
 
 
 def test_config_overrides_round_trip_and_refusals(tmp_path):

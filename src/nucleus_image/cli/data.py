@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-DATA_COMMANDS: tuple[str, ...] = ("curate", "stats", "synth")
+DATA_COMMANDS: tuple[str, ...] = ("curate", "stats", "synth", "encode_captions")
 
 
 def register(subparsers) -> None:

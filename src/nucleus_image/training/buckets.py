@@ -64,26 +64,6 @@ def draw_batch(rng: np.random.Generator, bucket_of_row: np.ndarray, row_weights:
     return bucket, chosen
 
 
-class ImageCache:
-    """Images fitted to bucket sizes, as uint8 (3, H, W) tensors, loaded once per (image, size) and kept:
-    the synthetic and small curated sets this trainer runs on fit in memory many times over."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
-        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
-
-    def get(self, row: int, width: int, height: int) -> torch.Tensor:
-        key = (row, width, height)
-        if key not in self._cache:
-            self._cache[key] = fit_image(self.paths[row], width, height)
-        return self._cache[key]
-
-    def batch(self, rows: np.ndarray, bucket: AspectBucket) -> torch.Tensor:
-        """(B, 3, H, W) float32 in [-1, 1], the autoencoder's input range."""
-        images = torch.stack([self.get(int(r), bucket.width, bucket.height) for r in rows])
-        return images.float() / 127.5 - 1.0
-
-
 def readable_image(path: Path) -> bool:
     """Whether PIL can identify the file and its header is intact (no full decode)."""
     try:

@@ -84,6 +84,8 @@ class TrainConfig:
     # CPU intra-op threads (0 = torch's default). Small models train faster on one thread: their matmuls are too
     # small to split, and on a busy machine two-thread barriers stall whenever either core is taken.
     cpu_threads: int = 0
+    # Processes decoding images ahead of the training thread (0 = decode in the training process; same batches).
+    data_workers: int = 1
     max_nonfinite_in_a_row: int = 5
     # Checkpoints, logging and samples.
     checkpoint_every: int = 500

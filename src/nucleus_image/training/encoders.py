@@ -24,7 +24,7 @@ def build_encoders(cfg: TrainConfig, device: torch.device):
 
         text_encoder = MiniLMTextEncoder()
     else:
-        text_encoder = _from_pipeline_folder(cfg, cfg.text_encoder, "text_encoder", device)
+        text_encoder = from_pipeline_folder(cfg.text_encoder, "text_encoder", device, cfg.pipeline_dir)
     if cfg.autoencoder == "pixel":
         from ..encoders.pixel import PixelAutoencoder
 
@@ -32,7 +32,7 @@ def build_encoders(cfg: TrainConfig, device: torch.device):
         factor = round(math.sqrt(cfg.model.latent_channels / 3))
         autoencoder = PixelAutoencoder(factor=max(factor, 1))
     else:
-        autoencoder = _from_pipeline_folder(cfg, cfg.autoencoder, "vae", device)
+        autoencoder = from_pipeline_folder(cfg.autoencoder, "vae", device, cfg.pipeline_dir)
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
     m = cfg.model
@@ -45,17 +45,26 @@ def build_encoders(cfg: TrainConfig, device: torch.device):
     return text_encoder, autoencoder
 
 
-def _from_pipeline_folder(cfg: TrainConfig, spec: str, component: str, device):
+def text_encoder_spec(cfg: TrainConfig) -> str:
+    """The text encoder as the text-state cache names it: 'minilm' or 'pipeline:DIR'."""
+    if cfg.text_encoder in PIPELINE_ENCODERS and cfg.pipeline_dir:
+        return f"pipeline:{cfg.pipeline_dir}"
+    return cfg.text_encoder
+
+
+def from_pipeline_folder(spec: str, component: str, device, pipeline_dir: str = ""):
+    """`component` of a pipeline folder named by `spec`: 'pipeline:DIR', or a known encoder name read from
+    `pipeline_dir` (checked to hold that class)."""
     from ..pipeline.folder import load_components, read_index
 
     named = {name for name, (comp, _) in PIPELINE_ENCODERS.items() if comp == component}
     if spec.startswith("pipeline:"):
         folder = spec.split(":", 1)[1]
     elif spec in named:
-        if not cfg.pipeline_dir:
+        if not pipeline_dir:
             raise ValueError(f"{component} {spec!r} is read from a pipeline folder: pass --set pipeline_dir=DIR (a "
                              f"diffusers Nucleus-Image folder with model_index.json)")
-        folder = cfg.pipeline_dir
+        folder = pipeline_dir
         found = (read_index(Path(folder)).get(component) or [None, None])[1]
         if found != PIPELINE_ENCODERS[spec][1]:
             raise ValueError(f"{component} {spec!r} needs a {PIPELINE_ENCODERS[spec][1]} in pipeline_dir "

@@ -3,10 +3,11 @@ Warmup-Stable-Merge, atomic checkpoints with exact resume, TensorBoard scalars, 
 
     nucleus train --preset tiny --data data/synth --out runs/tiny [--max-steps N] [--resume] [--set lr=3e-3]
 
-Exact resume: everything random is drawn from two generators created here (torch for noise and sigmas, numpy
-for batches and captions), whose states are checkpointed with the global ones; text embeddings are computed
-one caption at a time so a caption's states never depend on when (or beside what) it was first encoded. A run
-killed and resumed therefore reproduces the straight run's losses and weights bit for bit on CPU.
+Exact resume: step k's batch is a pure function of (seed, k) (`data_loader.BatchPlan`), noise and sigmas come
+from a torch generator checkpointed with the global RNG states, and text states are encoded one caption at a
+time into a cache shared across runs (`data.text_states`), so a caption's states never depend on when (or
+beside what) it was first encoded. A run killed and resumed therefore reproduces the straight run's losses and
+weights bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -20,21 +21,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from ..data.manifest import latest_version_dir, read_manifest
+from ..data.manifest import latest_version_dir
+from ..data.text_states import CaptionStates, TextStateStore, encoder_id
 from ..model import NucleusTransformer
 from ..model.moe import MoELayer
 from ..parallel.config import ParallelConfig, check_layout
 from ..parallel.mesh import init_parallel, launched_world
 from ..pipeline.pipeline import pack_latents
 from . import checkpoint as ckpt
-from .buckets import ImageCache, assign_buckets, draw_batch, make_buckets, readable_image
 from .config import TrainConfig
-from .encoders import build_encoders
-from .curriculum import caption_probabilities, pick_caption, row_weights, share_by_bucket
+from .encoders import build_encoders, text_encoder_spec
+from .curriculum import share_by_bucket
+from .data_loader import BatchPlan, rank_loader, rank_rows, read_rows
 from .monitor import RunLogger, routing_stats
 from .loss import flow_loss, noisy_latents, router_orthogonality_loss, router_z_loss, wavelet_loss
 from .optim import build_optimizers, describe_groups
@@ -56,46 +57,6 @@ class TrainResult:
     images_per_second: float
 
 
-class CaptionCache:
-    """Frozen text-encoder states for every caption the run can draw (and the empty prompt), computed once at
-    the start in fixed chunks of the sorted caption list and stored in the run folder, so the states of a
-    caption never depend on when it is first drawn or on a restart: exact resume needs that. Batches are
-    right-padded to a multiple of 8 tokens with a mask, as the pipeline pads."""
-
-    CHUNK = 64
-
-    def __init__(self, text_encoder, captions: list[str], cache_file: Path, progress: bool = True):
-        self.text_encoder = text_encoder
-        self.index = {c: i for i, c in enumerate(sorted(set(captions) | {""}))}
-        listing = cache_file.with_suffix(".json")
-        if cache_file.exists() and listing.exists() and json.loads(listing.read_text()) == list(self.index):
-            stored = load_file(cache_file, device=str(text_encoder.device))
-            self.states = [stored[str(i)] for i in range(len(self.index))]
-            return
-        self.states = []
-        ordered = list(self.index)
-        for start in tqdm(range(0, len(ordered), self.CHUNK), desc="encoding captions", unit="chunk",
-                          disable=not progress):
-            with torch.no_grad():
-                states, mask = text_encoder.encode_unique(ordered[start:start + self.CHUNK])
-            self.states += [states[i, : int(mask[i].sum())].float().clone() for i in range(states.shape[0])]
-        tmp = cache_file.with_suffix(".tmp")
-        save_file({str(i): s.contiguous().cpu() for i, s in enumerate(self.states)}, tmp)
-        listing.write_text(json.dumps(ordered) + "\n")
-        tmp.replace(cache_file)
-
-    def batch(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rows = [self.states[self.index[c]] for c in captions]
-        lengths = [r.shape[0] for r in rows]
-        L = -(-max(lengths) // 8) * 8
-        out = torch.zeros(len(rows), L, rows[0].shape[1], device=rows[0].device)
-        mask = torch.zeros(len(rows), L, dtype=torch.bool, device=out.device)
-        for i, r in enumerate(rows):
-            out[i, : lengths[i]] = r
-            mask[i, : lengths[i]] = True
-        return out, (None if bool(mask.all()) else mask)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, max_steps: int | None = None,
                  resume: bool = False, progress: bool = True):
@@ -113,6 +74,7 @@ class Trainer:
         check_layout(layout, cfg.model.num_experts, {s.name: s.batch_size for s in cfg.stages}, cfg.grad_accum_steps)
         self.dims = init_parallel(cfg.parallel, self.device) if world > 1 else None
         self.is_main = self.dims is None or self.dims.is_main
+        self.rank, self.world_size = (self.dims.rank, self.dims.world) if self.dims else (0, 1)
         if self.dims:
             self.device = self.dims.device
             self.progress = progress and self.is_main
@@ -160,12 +122,15 @@ class Trainer:
             self.model.enable_gradient_checkpointing()
         # Collected after sharding: FSDP2 replaces the Parameters.
         self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
-        drawable = [c for caps in self.row_captions for c, w in zip(caps, self._caption_weights(len(caps))) if w > 0]
+        self.plan = BatchPlan(cfg, self.rows, self.autoencoder.scale_factor * cfg.model.patch_size)
+        store = TextStateStore(encoder_id(text_encoder_spec(cfg)))
         if not self.is_main:
-            self._barrier()  # rank 0 encodes and stores the captions; the others then read its file
-        self.captions = CaptionCache(self.text_encoder, drawable, self.run_dir / "text_states.safetensors", self.progress)
+            self._barrier()  # rank 0 encodes and stores the missing captions; the others then find them all stored
+        store.encode_missing(self.text_encoder, self.plan.drawable_captions(), self.progress)
         if self.dims and self.is_main:
             self._barrier()
+        self.captions = CaptionStates(store, self.device)
+        self._batches = None
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.muon, self.adamw, self.groups = build_optimizers(
             self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps, cfg.muon_momentum,
@@ -207,7 +172,7 @@ class Trainer:
         data is refused instead of silently drawing different rows."""
         version = latest_version_dir(self.data_dir)
         self.data_record = {"data": str(self.data_dir.resolve()), "manifest_version": version.name,
-                            "rows": len(self.row_captions)}
+                            "rows": len(self.rows.paths)}
         record = self.run_dir / "data.json"
         if resume and record.exists():
             saved = json.loads(record.read_text())
@@ -224,42 +189,16 @@ class Trainer:
             print(text)
 
     def _load_data(self) -> None:
-        table = read_manifest(self.data_dir)
-        if table.num_rows == 0:
-            raise ValueError(f"the manifest in {str(self.data_dir)!r} has no rows")
-        root = latest_version_dir(self.data_dir).parent
-        paths = [Path(p) if Path(p).is_absolute() else root / p for p in table.column("image_path").to_pylist()]
-        self.images = ImageCache(paths)
-        self.widths = table.column("width").to_numpy()
-        self.heights = table.column("height").to_numpy()
-        self.tiers = table.column("tier").to_numpy().astype(np.int64)
-        self.buckets = table.column("bucket").to_numpy().astype(np.int64)
-        self.row_captions = table.column("captions").to_pylist()
-        empty = [i for i, c in enumerate(self.row_captions) if not c]
-        if empty:
-            raise ValueError(f"{len(empty)} manifest rows have no captions (first: row {empty[0]})")
-        # Unreadable images are found up front (a header check) and never drawn, so sampling stays a function
-        # of the seed whatever a run happens to touch first.
-        self.readable = np.array([readable_image(p) for p in paths])
-        if not self.readable.all():
-            bad = np.flatnonzero(~self.readable)
-            print(f"skipping {len(bad)} unreadable images (first: {paths[bad[0]]})")
-            if len(bad) == len(paths):
-                raise ValueError(f"no readable image in {str(self.data_dir)!r}")
-
-    def _caption_weights(self, n: int) -> tuple[float, ...]:
-        return caption_probabilities(self.cfg.caption_weights, n)
+        self.rows = read_rows(self.data_dir)
 
     def _enter_stage(self, index: int) -> None:
         stage = self.cfg.stages[index]
-        granularity = self.autoencoder.scale_factor * self.cfg.model.patch_size
-        self.aspect_buckets = make_buckets(stage.resolution, stage.aspect_ratios, granularity)
-        self.bucket_of_row = assign_buckets(self.widths, self.heights, self.aspect_buckets)
-        self.weights = row_weights(self.tiers, self.buckets, stage) * self.readable
+        data = self.plan.stage(index)
+        self.aspect_buckets, self.weights = data.aspect_buckets, data.weights
         self.model.set_capacity_factors(stage.capacity_factors or self.cfg.model.capacity_factors)
         self.stage_index = index
         sizes = ", ".join(f"{b.ratio} {b.width}x{b.height}" for b in self.aspect_buckets)
-        shares = ", ".join(f"B{b}:{s:.2f}" for b, s in share_by_bucket(self.weights, self.buckets).items())
+        shares = ", ".join(f"B{b}:{s:.2f}" for b, s in share_by_bucket(self.weights, self.rows.buckets).items())
         self._print(f"stage {stage.name}: {stage.steps} steps, batch {stage.batch_size}, buckets [{sizes}], "
                     f"capacity factors {list(self.model.config.capacity_factors)}, sampling shares [{shares}]")
 
@@ -267,23 +206,22 @@ class Trainer:
     def _local_rows(self, batch_size: int) -> np.ndarray:
         """Which rows of the global batch this process trains on: its contiguous share of each micro-batch.
         Every rank draws the same global batch (same bucket, so the same sequence length for the all-to-all)."""
-        world, rank = (self.dims.world, self.dims.rank) if self.dims else (1, 0)
-        micro = batch_size // self.cfg.grad_accum_steps
-        per = micro // world
-        return np.concatenate([np.arange(m * micro + rank * per, m * micro + (rank + 1) * per)
-                               for m in range(self.cfg.grad_accum_steps)])
+        return rank_rows(batch_size, self.rank, self.world_size, self.cfg.grad_accum_steps)
 
     def _batch(self, batch_size: int):
-        """Latents and captions of this process's rows of the step's global batch (all of it in one process)."""
-        bucket_idx, rows = draw_batch(self.np_rng, self.bucket_of_row, self.weights, len(self.aspect_buckets), batch_size)
-        bucket = self.aspect_buckets[bucket_idx]
-        captions = [pick_caption(self.np_rng, self.row_captions[r], self.cfg.caption_weights, self.cfg.caption_dropout)
-                    for r in rows]
-        local = self._local_rows(batch_size)
-        images = self.images.batch(rows[local], bucket).to(self.device)
+        """Latents and captions of this process's rows of the step's global batch (all of it in one process),
+        decoded ahead by the data workers."""
+        if self._batches is None:  # started lazily, at the step a run starts or resumes from
+            self._batches = iter(rank_loader(self.plan, self.rank, self.world_size, self.step, self.total_steps,
+                                             self.cfg.data_workers, self.cfg.grad_accum_steps))
+        item = next(self._batches)
+        if item["step"] != self.step or len(item["captions"]) * self.world_size != batch_size:
+            raise RuntimeError(f"data loader out of step: got step {item['step']} with {len(item['captions'])} rows "
+                               f"at step {self.step} (batch {batch_size} over {self.world_size} processes)")
+        images = item["images"].to(self.device).float() / 127.5 - 1.0
         with torch.no_grad():
             latents = self.autoencoder.encode(images)
-        return latents, [captions[i] for i in local]
+        return latents, item["captions"]
 
     def _train_step(self, batch_size: int, wavelet_weight: float = 0.0) -> tuple[float, float, dict | None, bool]:
         """(loss, grad norm, routing stats or None, whether the update was applied)."""
@@ -415,7 +353,8 @@ class Trainer:
 
     def _save(self) -> None:
         state = {"losses": self.losses, "nonfinite": self.nonfinite, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                 "sampler": {"kind": "numpy-pcg64", "batches_drawn": self.step}}
+                 "sampler": {"kind": "batch-plan", "seed": self.cfg.seed, "next_step": self.step,
+                             "rank": self.rank, "world_size": self.world_size}}
         save = ckpt.save_distributed if self.dims else ckpt.save_checkpoint
         save(self.run_dir, self.step, self.model, self.model.config.to_dict(), self.optimizers, self.generator,
              self.np_rng, state, self.cfg.keep_last)

@@ -1,0 +1,160 @@
+"""Training-step throughput: images/s and model FLOP utilisation for 1 vs N processes at the same global batch.
+
+    python benchmarks/train_step.py                                   # CPU: tiny preset, 1 vs 2 processes (gloo)
+    python benchmarks/train_step.py --device cuda --preset small --batch 16 --size 256 --procs 1
+
+One step is the trainer's: flow-matching loss on noised latents through the transformer, backward, gradient
+clipping, Muon + AdamW (`training.optim.build_optimizers`). Data is random latents of the step's shape, so the
+figure is the step itself, not decoding. N > 1 processes are started with torchrun (gloo on CPU, nccl on GPU);
+each takes B/N samples and gradients are averaged by DistributedDataParallel, so N processes do the same work
+per step as one. Threads: one process gets all `--threads`, N processes share them equally.
+
+FLOPs are counted from shapes (`transformer_forward.flops_per_forward`, x3 for forward + backward). The peak is
+stated: on CPU an fp32 matmul of 2048^3 measured in the same run with all threads (the machine's practical peak),
+on CUDA `--peak-tflops` (default 989: H200 dense bf16). Prints one row per process count and the ratio to 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from transformer_forward import flops_per_forward  # noqa: E402
+
+from nucleus_image.model import NucleusConfig, NucleusTransformer  # noqa: E402
+from nucleus_image.pipeline.pipeline import pack_latents  # noqa: E402
+from nucleus_image.training.loss import flow_loss, noisy_latents  # noqa: E402
+from nucleus_image.training.optim import build_optimizers  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--batch", type=int, default=16, help="global batch (default 16)")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--text-tokens", type=int, default=16, help="text tokens per sample (default 16)")
+    p.add_argument("--steps", type=int, default=12, help="timed steps (default 12) after 3 warm-up steps")
+    p.add_argument("--procs", default="1,2", help="process counts to compare (default 1,2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by the processes")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--peak-tflops", type=float, default=None, help="stated peak (CUDA default 989, H200 bf16)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def latent_shape(cfg: NucleusConfig, size: int, device: str) -> tuple[int, int]:
+    """(latent channels, latent side): the pixel autoencoder's space-to-depth on CPU presets whose latent is RGB
+    patches, the Qwen-Image VAE's factor 8 otherwise."""
+    channels = cfg.in_channels // cfg.patch_size**2
+    factor = round((channels / 3) ** 0.5) if channels % 3 == 0 else 8
+    return channels, size // factor
+
+
+def worker(args) -> dict:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    torch.set_num_threads(max(1, args.threads // world) if device.type == "cpu" else 1)
+    if world > 1:
+        torch.distributed.init_process_group("gloo" if device.type == "cpu" else "nccl")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg = NucleusConfig.preset(args.preset)
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} does not divide over {world} processes")
+    local = args.batch // world
+    torch.manual_seed(0)
+    model = NucleusTransformer(cfg).to(device)
+    muon, adamw, _ = build_optimizers(model, 1e-3, 0.0, (0.9, 0.95), 1e-8, 0.95, True, 5,
+                                      torch.bfloat16 if device.type == "cuda" else torch.float32)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    channels, side = latent_shape(cfg, args.size, args.device)
+    g = torch.Generator(device).manual_seed(rank)
+    latents = torch.randn(local, channels, side, side, generator=g, device=device)
+    text = torch.randn(local, args.text_tokens, cfg.joint_attention_dim, generator=g, device=device)
+    x0 = pack_latents(latents, cfg.patch_size)
+    grid = side // cfg.patch_size
+
+    def step():
+        for opt in (muon, adamw):
+            opt.zero_grad(set_to_none=True)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        sigma = torch.rand(local, generator=g, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = net(hidden_states=noisy_latents(x0, noise, sigma), img_shapes=[(1, grid, grid)] * local,
+                      encoder_hidden_states=text, timestep=sigma)
+        flow_loss(out.sample, x0, noise).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        muon.step()
+        adamw.step()
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if world > 1:
+        torch.distributed.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    flops = 3 * flops_per_forward(cfg, args.batch, grid * grid, args.text_tokens) * args.steps
+    return {"procs": world, "images_per_s": args.batch * args.steps / seconds, "tflops": flops / seconds / 1e12}
+
+
+def cpu_peak_tflops(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e12
+
+
+def launch(args, procs: int) -> dict:
+    if procs == 1:
+        return worker(args)
+    argv = [a for a in sys.argv[1:] if a != "--worker"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+           str(Path(__file__).resolve()), *argv, "--worker"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{procs}-process run failed:\n{done.stderr[-3000:]}")
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        result = worker(args)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(json.dumps(result))
+        return
+    peak = args.peak_tflops or (989.0 if args.device == "cuda" else cpu_peak_tflops(args.threads))
+    print(f"{args.preset} preset, global batch {args.batch} at {args.size}px, {args.steps} steps, {args.device}, "
+          f"{args.threads} threads; peak {peak:.3f} TFLOP/s ({'stated' if args.peak_tflops or args.device == 'cuda' else 'fp32 2048^3 matmul, measured now'})")
+    rows = [launch(args, int(n)) for n in args.procs.split(",")]
+    base = rows[0]["images_per_s"]
+    print("| processes | images/s | TFLOP/s | MFU | vs first |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['procs']} | {r['images_per_s']:.1f} | {r['tflops']:.4f} | {100 * r['tflops'] / peak:.1f}% | "
+              f"{r['images_per_s'] / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
