@@ -32,7 +32,7 @@ from .buckets import ImageCache, assign_buckets, draw_batch, make_buckets, reada
 from .config import TrainConfig
 from .curriculum import caption_probabilities, pick_caption, row_weights, share_by_bucket
 from .monitor import RunLogger, routing_stats
-from .loss import flow_loss, noisy_latents, router_orthogonality_loss, router_z_loss, wavelet_loss
+from .loss import decorrelate_router_rows_, flow_loss, noisy_latents, router_z_loss, wavelet_loss
 from .optim import build_optimizers, describe_groups
 from .sampling import make_pipeline, sample_grid
 from .schedule import set_lr, wsm_lr
@@ -133,7 +133,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, max_steps: int | None = None,
                  resume: bool = False, progress: bool = True):
         cfg.validate()
-        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.started = time.perf_counter()  # the time guard's budget counts start-up (caption encoding) too
+        self.cfg, self.run_dir, self.progress, self.max_steps = cfg, Path(run_dir), progress, max_steps
         self.total_steps = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.total_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
@@ -162,19 +163,21 @@ class Trainer:
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.muon, self.adamw, self.groups = build_optimizers(
             self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps, cfg.muon_momentum,
-            cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype)
-        self.optimizers = {"muon": self.muon, "adamw": self.adamw}
+            cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype, use_muon=cfg.optimizer == "muon")
+        self.optimizers = {k: o for k, o in (("muon", self.muon), ("adamw", self.adamw)) if o is not None}
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
         self.cfg.save_json(self.run_dir / "train_config.json")
         self.step, self.losses, self.nonfinite, self.nonfinite_in_a_row = 0, [], 0, 0
         self.stage_index = -1
+        self.resumed = False
         if resume:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is not None:
                 state = ckpt.load_checkpoint(latest, self.model, self.optimizers, self.generator, self.np_rng)
                 self.step, self.losses = state["step"], state["losses"]
                 self.nonfinite, self.nonfinite_in_a_row = state["nonfinite"], state["nonfinite_in_a_row"]
+                self.resumed = True
                 print(f"resumed from {latest} at step {self.step}")
 
     # ---- setup ---------------------------------------------------------------------------------------------
@@ -259,8 +262,6 @@ class Trainer:
         loss = flow_loss(out.sample, x0, noise)
         if cfg.z_loss_weight:
             loss = loss + cfg.z_loss_weight * router_z_loss(out.router_logits)
-        if cfg.orthogonality_weight and self.router_gates:
-            loss = loss + cfg.orthogonality_weight * router_orthogonality_loss(self.router_gates)
         if wavelet_weight:
             loss = loss + wavelet_weight * wavelet_loss(out.sample, x0, noise, h, w, patch, cfg.wavelet_levels)
         loss_value = float(loss.detach())
@@ -270,9 +271,11 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         if not math.isfinite(grad_norm):
             return loss_value, grad_norm, None, False
-        set_lr((self.muon, self.adamw), wsm_lr(self.step, cfg.lr, cfg.warmup_steps))
-        self.muon.step()
-        self.adamw.step()
+        set_lr(tuple(self.optimizers.values()), wsm_lr(self.step, cfg.lr, cfg.warmup_steps))
+        for opt in self.optimizers.values():
+            opt.step()
+        if cfg.orthogonality_step and self.router_gates:
+            decorrelate_router_rows_(self.router_gates, cfg.orthogonality_step)
         stats = routing_stats(out.router_logits, out.expert_indices, S) if self._due(cfg.log_every) else None
         return loss_value, grad_norm, stats, True
 
@@ -292,6 +295,7 @@ class Trainer:
                 index, stage = cfg.stage_at(self.step)
                 if index != self.stage_index:
                     self._enter_stage(index)
+                    stage_start = self.step
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
                 loss, grad_norm, stats, applied = self._train_step(stage.batch_size, stage.wavelet_weight)
@@ -304,6 +308,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", stage=stage.name)
                 bar.update(1)
                 self.step += 1
+                if cfg.time_budget_s and not self.resumed:
+                    if self.step == stage_start + self.GUARD_SKIP:
+                        timed_from = (self.step, time.perf_counter())
+                    elif self.step > stage_start + self.GUARD_SKIP:
+                        self._fit_to_budget(self.step - timed_from[0], time.perf_counter() - timed_from[1])
+                        bar.total = self.total_steps
                 if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
                     self._save()
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == self.total_steps:
@@ -317,6 +327,36 @@ class Trainer:
         print(f"done: {self.step} steps, final loss {self.losses[-1]:.4f}, {ips:.1f} images/s, "
               f"{self.nonfinite} non-finite steps skipped; run folder {self.run_dir}")
         return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
+
+    GUARD_SKIP = 3  # a stage's first steps (allocations, first batches) are not timed
+
+    def _fit_to_budget(self, timed_steps: int, timed_seconds: float) -> None:
+        """The time guard: after 20 timed steps of each stage, and every 100 steps after that, rescale the steps
+        left (this stage's and every later stage's, by one factor) so the run ends within `time_budget_s` of
+        its start. Later stages' step times are this stage's scaled by pixels per batch. The rescaled stages
+        are printed and written to train_config.json, so `nucleus merge` sees the stages as trained."""
+        if timed_steps != 20 and timed_steps % 100:
+            return
+        cfg = self.cfg
+        index, stage = cfg.stage_at(self.step)
+        done = self.step - sum(s.steps for s in cfg.stages[:index])
+        if done == 0:  # the stage just ended: the next one is timed on its own
+            return
+        per_step = timed_seconds / timed_steps
+        pixels = stage.resolution**2 * stage.batch_size
+        planned = (stage.steps - done) * per_step + sum(
+            s.steps * per_step * s.resolution**2 * s.batch_size / pixels for s in cfg.stages[index + 1:])
+        left = 0.98 * cfg.time_budget_s - (time.perf_counter() - self.started)  # 2% for the final save and grid
+        factor = min(max(left, 0.0) / max(planned, 1e-9), 4.0)
+        before = [s.steps for s in cfg.stages]
+        stage.steps = done + max(1, round(factor * (stage.steps - done)))
+        for s in cfg.stages[index + 1:]:
+            s.steps = max(1, round(factor * s.steps))
+        self.total_steps = cfg.total_steps if self.max_steps is None else min(cfg.total_steps, self.max_steps)
+        plan = ", ".join(f"{s.name} {b}->{s.steps}" for s, b in zip(cfg.stages, before))
+        print(f"time guard: {per_step:.3f} s/step in {stage.name} (last {timed_steps} steps); "
+              f"{time.perf_counter() - self.started:.0f} of {cfg.time_budget_s:.0f} s used; steps {plan}")
+        cfg.save_json(self.run_dir / "train_config.json")
 
     def _account(self, loss: float, applied: bool) -> None:
         """Record the loss; a step whose loss or gradient was not finite was skipped: count it, and stop after
