@@ -328,7 +328,10 @@ def tiny() -> TrainConfig:
     0.06 vs 0.05 at 3e-3, and moving 200 steps from the 32 px to the 24 px stage gave 0.03 (the 32 px stage
     earns its cost). Hence: batch 64 (Muon's Newton-Schulz cost is per step: a third of a batch-32 step on CPU),
     as many steps as the budget holds, lr 6e-3, all cores (cpu_threads=0: 2 threads train 1.4x faster than one
-    on an idle 2-core machine). 2 px tokens learnt less per second than 4 px tokens, 16 px tokens far less."""
+    on an idle 2-core machine). 2 px tokens learnt less per second than 4 px tokens, 16 px tokens far less.
+
+    `make demo` runs it under a wall-clock budget (`time_budget_s`, set by the Makefile): the steps below are
+    the plan for an idle machine, which the time guard scales to the machine it finds."""
     model = NucleusConfig.preset("tiny")
     aspects = ("1:1", "4:3", "3:4")
     return TrainConfig(
