@@ -30,6 +30,7 @@ demo: $(STAMP)
 	@rm -rf $(DEMO); start=$$(date +%s); \
 	$(NUCLEUS) data synth --out $(DEMO)/data --num 4000 --seed 0 --size 64 --aspects 1:1,4:3,3:4 && \
 	budget=$$(( $(DEMO_BUDGET) - $(DEMO_EVAL_RESERVE) - ($$(date +%s) - start) )) && \
+	budget=$$(( budget > 60 ? budget : 60 )) && \
 	echo "demo: $$(( $$(date +%s) - start )) s used; training gets $$budget s (the trainer fits its steps to it)" && \
 	$(NUCLEUS) train --preset tiny --data $(DEMO)/data --out $(DEMO)/run --set time_budget_s=$$budget && \
 	$(NUCLEUS) merge $(DEMO)/run --out $(DEMO)/merged && \

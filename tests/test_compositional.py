@@ -39,6 +39,16 @@ def test_pure_noise_scores_about_zero(heldout):
     assert report["overall"] <= 0.02 and report["images"] == 2 * len(records)
     blank = [[Image.new("RGB", (128, 128), (240, 240, 240))] for _ in records]
     assert score(records, blank)["overall"] == 0.0
+    # What an untrained 32 px model paints: token-sized (4 px) blobs of colour on a pale ground. Each blob would
+    # pass as a small square or circle if the detector accepted objects far below the domain's smallest.
+    blobs = []
+    for _ in records:
+        grid = np.full((8, 8, 3), 235.0) + rng.normal(0, 6, (8, 8, 3))
+        spots = rng.random((8, 8)) < 0.3
+        grid[spots] = rng.uniform(0, 255, (int(spots.sum()), 3))
+        blobs.append([Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8)).resize((32, 32), Image.NEAREST)
+                      for _ in range(2)])
+    assert score(records, blobs)["overall"] <= 0.03
 
 
 def test_detector_recovers_every_object_exactly():

@@ -38,7 +38,10 @@ class DetectorConfig:
     noise_factor: float = 4.0  # ... and this many robust standard deviations of the border's own noise
     full_contrast_quantile: float = 0.8  # a component's full contrast: this quantile of its distances
     core_coverage: float = 0.75  # pixels at least this covered give the object's colour (edges mix background)
-    min_area: float = 0.004  # component area / short side^2 (the smallest generated star is ~0.014)
+    # Components smaller than the domain's smallest object are not objects: at 32 px an untrained model paints
+    # token-sized (4 px) blobs that would otherwise pass as small squares and circles.
+    min_area: float = 0.012  # component area / short side^2 (the smallest generated star is ~0.02)
+    min_side: float = 0.17  # shorter box side / short side (the smallest generated box is 0.24)
     speck_area: float = 0.001  # raw fragments below this are noise and never merged
     min_thickness: float = 0.018  # inradius / short side: blur halos and thin lines are thinner
     merge_radius: float = 0.015  # closing radius / short side joining fragments of one object
@@ -183,7 +186,7 @@ def _detect(rgb: np.ndarray, config: DetectorConfig) -> list[Detection]:
             continue
         ys, xs = np.nonzero(region)
         rh, rw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-        if max(rh, rw) > config.max_aspect * min(rh, rw):
+        if max(rh, rw) > config.max_aspect * min(rh, rw) or min(rh, rw) < config.min_side * short:
             continue
         if ndimage.distance_transform_edt(np.pad(region, 1)).max() < max(1.0, config.min_thickness * short):
             continue

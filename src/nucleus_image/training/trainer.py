@@ -331,11 +331,12 @@ class Trainer:
     GUARD_SKIP = 3  # a stage's first steps (allocations, first batches) are not timed
 
     def _fit_to_budget(self, timed_steps: int, timed_seconds: float) -> None:
-        """The time guard: after 20 timed steps of each stage, and every 100 steps after that, rescale the steps
-        left (this stage's and every later stage's, by one factor) so the run ends within `time_budget_s` of
-        its start. Later stages' step times are this stage's scaled by pixels per batch. The rescaled stages
+        """The time guard: after 5 and 20 timed steps of each stage, and every 100 steps after that, rescale the
+        steps left (this stage's and every later stage's, by one factor) so the run ends within `time_budget_s`
+        of its start. Later stages' step times are guessed as this stage's scaled by pixels per batch (small
+        models cost less than that, so each stage is re-timed after its first 5 steps). The rescaled stages
         are printed and written to train_config.json, so `nucleus merge` sees the stages as trained."""
-        if timed_steps != 20 and timed_steps % 100:
+        if timed_steps not in (5, 20) and timed_steps % 100:
             return
         cfg = self.cfg
         index, stage = cfg.stage_at(self.step)
