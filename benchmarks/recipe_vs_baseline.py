@@ -57,10 +57,12 @@ def encode_captions_once(data: Path, out: Path) -> Path:
     return probe
 
 
-def train_all(data: Path, out: Path, budget: float, adamw_lr: float, threads: int) -> dict[str, float]:
+def train_all(data: Path, out: Path, budget: float, adamw_lr: float, threads: int, chosen: list[str]) -> dict[str, float]:
     probe = encode_captions_once(data, out)
     procs = {}
     for arm, sets in arms(adamw_lr).items():
+        if arm not in chosen:
+            continue
         run = out / arm / "run"
         if (run / "losses.json").exists():
             continue
@@ -137,10 +139,15 @@ def main() -> None:
     p.add_argument("--adamw-lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per arm (default 1)")
     p.add_argument("--samples", type=int, default=2, help="images per held-out prompt (default 2)")
+    p.add_argument("--arms", default=",".join(arms(0.0)), help="comma-separated subset of the arms (default all)")
     args = p.parse_args()
     out, data = Path(args.out), Path(args.data)
-    train_all(data, out, args.budget, args.adamw_lr, args.threads)
-    results = {arm: evaluate(out, arm, data, args.samples) for arm in arms(args.adamw_lr)}
+    chosen = args.arms.split(",")
+    unknown = sorted(set(chosen) - set(arms(0.0)))
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; accepted: {', '.join(arms(0.0))}")
+    train_all(data, out, args.budget, args.adamw_lr, args.threads, chosen)
+    results = {arm: evaluate(out, arm, data, args.samples) for arm in chosen}
     from nucleus_image.eval.ablation import loss_overlay
 
     loss_overlay({arm: r.pop("losses") for arm, r in results.items()}, out / "loss_curves.png")
