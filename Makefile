@@ -19,12 +19,20 @@ test: $(STAMP)
 # The embedded default: synthesize the shapes domain, train the tiny MoE on CPU (tiny preset), merge its last
 # checkpoints (WSM), sample the held-out prompts and print the compositional score per task. Writes $(DEMO)/
 # (replaced on each run): data/, run/ (samples/*.png, loss_curve.png, tensorboard/), merged/, eval/.
+# Time guard: the whole demo must fit DEMO_BUDGET seconds after setup (15 min minus ~100 s of setup). Training
+# gets what is left after the data and a reserve for merging and scoring; the trainer times its first steps,
+# fits its step count to that and prints the plan, so a slower or busier machine trains fewer steps, not longer.
 DEMO ?= runs/demo
+DEMO_BUDGET ?= 780
+DEMO_EVAL_RESERVE ?= 150
 NUCLEUS := $(VENV)/bin/nucleus
 demo: $(STAMP)
 	@rm -rf $(DEMO); start=$$(date +%s); \
 	$(NUCLEUS) data synth --out $(DEMO)/data --num 4000 --seed 0 --size 64 --aspects 1:1,4:3,3:4 && \
-	$(NUCLEUS) train --preset tiny --data $(DEMO)/data --out $(DEMO)/run && \
+	budget=$$(( $(DEMO_BUDGET) - $(DEMO_EVAL_RESERVE) - ($$(date +%s) - start) )) && \
+	budget=$$(( budget > 60 ? budget : 60 )) && \
+	echo "demo: $$(( $$(date +%s) - start )) s used; training gets $$budget s (the trainer fits its steps to it)" && \
+	$(NUCLEUS) train --preset tiny --data $(DEMO)/data --out $(DEMO)/run --set time_budget_s=$$budget && \
 	$(NUCLEUS) merge $(DEMO)/run --out $(DEMO)/merged && \
 	$(NUCLEUS) eval compositional --model $(DEMO)/merged --prompts $(DEMO)/data/heldout_metadata.jsonl \
 		--out $(DEMO)/eval --samples 4 --steps 16 --batch-prompts 12 && \

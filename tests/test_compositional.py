@@ -39,6 +39,16 @@ def test_pure_noise_scores_about_zero(heldout):
     assert report["overall"] <= 0.02 and report["images"] == 2 * len(records)
     blank = [[Image.new("RGB", (128, 128), (240, 240, 240))] for _ in records]
     assert score(records, blank)["overall"] == 0.0
+    # What an untrained 32 px model paints: token-sized (4 px) blobs of colour on a pale ground. Each blob would
+    # pass as a small square or circle if the detector accepted objects far below the domain's smallest.
+    blobs = []
+    for _ in records:
+        grid = np.full((8, 8, 3), 235.0) + rng.normal(0, 6, (8, 8, 3))
+        spots = rng.random((8, 8)) < 0.3
+        grid[spots] = rng.uniform(0, 255, (int(spots.sum()), 3))
+        blobs.append([Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8)).resize((32, 32), Image.NEAREST)
+                      for _ in range(2)])
+    assert score(records, blobs)["overall"] <= 0.03
 
 
 def test_detector_recovers_every_object_exactly():
@@ -49,6 +59,55 @@ def test_detector_recovers_every_object_exactly():
         for obj in scene.objects:  # boxes within 1.5 px of the truth (sharp tips lose their last part-pixel)
             assert any(d.shape == obj.shape and np.abs(np.subtract(d.bbox, obj.bbox)).max() <= 1.5 for d in dets)
         assert all(0.75 <= d.score <= 1.0 for d in dets)  # soft IoU; small stars match least well
+
+
+def _one_object(shape, rgb, size=32, background=(236, 226, 202), blur=0.0, noise=0.0, seed=0):
+    """One object at 45% of the side, anti-aliased like the generator, then blurred and noised."""
+    from PIL import ImageDraw
+
+    from nucleus_image.data.synthetic import draw_shape
+
+    ss = 4
+    canvas = Image.new("RGB", (size * ss, size * ss), background)
+    half = 0.225 * size * ss
+    c = size * ss / 2
+    draw_shape(ImageDraw.Draw(canvas), shape, (c - half, c - half * 0.9, c + half, c + half * 1.1), rgb)
+    image = canvas.reduce(ss)
+    if blur:
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    arr = np.asarray(image, dtype=np.float32) + np.random.default_rng(seed).normal(0, noise, (size, size, 3))
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def _fade(rgb, amount, background=(236, 226, 202)):
+    return tuple(round(b + amount * (c - b)) for c, b in zip(rgb, background))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_detection_is_colour_blind_and_colour_is_a_forced_choice(size):
+    """GenEval's split: objects are found whatever their colour (faded, grey, off-palette, noisy, blurred),
+    so colour-free tasks pass them; the colour task then fails only when the hue is wrong."""
+    from nucleus_image.data.synthetic import COLORS, SHAPES
+
+    def verdict(tag, shape, image, color=None):
+        entry = {"class": shape, "count": 1, **({"color": color} if color else {})}
+        return evaluate({"tag": tag, "include": [entry]}, detect(image))
+
+    for k, shape in enumerate(SHAPES):
+        red, blue = COLORS["red"], COLORS["blue"]
+        variants = {
+            "faded to half contrast": _one_object(shape, _fade(red, 0.5), size),
+            "grey (off the palette)": _one_object(shape, (120, 120, 120), size),
+            "off-palette red": _one_object(shape, (235, 70, 55), size),
+            "noisy": _one_object(shape, red, size, noise=12.0, seed=k),
+            "slightly blurred": _one_object(shape, red, size, blur=size / 48),
+        }
+        for name, image in variants.items():
+            assert verdict("single_object", shape, image) == (True, []), (shape, name, detect(image))
+            if name != "grey (off the palette)":
+                assert verdict("colors", shape, image, "red")[0], (shape, name, detect(image))
+        ok, reasons = verdict("colors", shape, _one_object(shape, _fade(blue, 0.6), size), "red")
+        assert not ok and reasons == [f"expected red {shape}>=1, found ['blue']"]
 
 
 def _det(shape, color, cx, cy, size=20.0, score=0.9):

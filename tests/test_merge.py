@@ -1,6 +1,7 @@
 """Warmup-Stable-Merge: the merge coefficients, the decay they imply, exactness on identical checkpoints, and
 `nucleus merge` on a real run writing a pipeline folder that loads."""
 
+import json
 import math
 
 import pytest
@@ -74,7 +75,17 @@ def test_nucleus_merge_writes_a_loadable_pipeline(tmp_path):
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
     image = pipe(["a red circle"], num_inference_steps=2, guidance_scale=2.0, progress=False,
                  generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (24, 24)  # the last stage's resolution is the merged model's native size
+    # Stopped at step 12, inside the 16 px stage: that stage's resolution is the native size, not the last one's.
+    assert image.size == (16, 16) and json.loads((tmp_path / "merged" / "merge.json").read_text())["resolution"] == 16
+
+    threads = torch.get_num_threads()
+    try:  # on into the 24 px stage (steps 20..29): a window over steps 15, 20, 24 crosses the boundary
+        Trainer(micro_config(), data, run, max_steps=24, resume=True, progress=False).train()
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.warns(UserWarning, match=r"crosses a stage boundary \(16px -> 24px\)"):
+        assert main(["merge", str(run), "--last", "3", "--out", str(tmp_path / "late")]) == 0
+    assert json.loads((tmp_path / "late" / "merge.json").read_text())["resolution"] == 24
     with pytest.raises(SystemExit):  # argparse refuses an unknown weighting
         main(["merge", str(run), "--weights", "ema", "--out", str(tmp_path / "x")])
     assert main(["merge", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2

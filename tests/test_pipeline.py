@@ -260,3 +260,15 @@ def test_mismatched_components_are_refused(parts):
         NucleusPipeline(parts["transformer"], QwenImageAutoencoder(parts["vae"]), MiniLMTextEncoder())
     with pytest.raises(ValueError, match="12 latent channels"):
         NucleusPipeline(parts["transformer"], PixelAutoencoder(factor=2))
+
+
+def test_minilm_text_encoder_stays_fp32_when_the_pipeline_loads_in_bf16(tmp_path):
+    """Training cached MiniLM's fp32 states: a bf16 load (the GPU default) keeps the encoder in fp32, so prompts
+    encode to the states the model was trained on, and only the transformer runs in bf16."""
+    pipe = tiny_own_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    bf16 = NucleusPipeline.from_pretrained(tmp_path / "model", dtype=torch.bfloat16, device="cpu")
+    assert bf16.transformer.dtype == torch.bfloat16 and bf16.text_encoder.dtype == torch.float32
+    states, _ = bf16.text_encoder.encode(["a red circle"])
+    expected, _ = pipe.text_encoder.encode(["a red circle"])
+    torch.testing.assert_close(states, expected)

@@ -60,8 +60,12 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 TEXTURES = ("plain", "grain", "stripes", "gradient", "checker")
 RELATIONS = ("left of", "right of", "above", "below")
-# Object size classes as fractions of the image's short side (the side of the object's square box).
-SIZE_CLASSES: dict[str, tuple[float, float]] = {"small": (0.18, 0.24), "medium": (0.24, 0.30), "large": (0.30, 0.36)}
+# Object size classes as fractions of the image's short side (the side of the object's square box), for scenes
+# of two objects; scaled by COUNT_SCALE for other counts. Objects are large on purpose: at the demo's 32 px and
+# 4 px tokens a lone object spans 3.5-5.5 tokens and the smallest of four still ~2, so shapes differ across
+# whole tokens (and survive the detector at the resolution the demo samples at).
+SIZE_CLASSES: dict[str, tuple[float, float]] = {"small": (0.30, 0.34), "medium": (0.34, 0.38), "large": (0.38, 0.42)}
+COUNT_SCALE = {1: 1.3, 2: 1.0, 3: 0.85, 4: 0.8}
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16), "3:2": (3, 2), "2:3": (2, 3)
 }
@@ -238,12 +242,14 @@ def _choice(rng: np.random.Generator, seq):
 
 
 def _place(rng, shapes_colors, width, height, relation=None) -> tuple[SceneObject, ...]:
-    """Random non-touching placement (boxes at least 8% of the short side apart and away from the border);
+    """Random non-touching placement (boxes at least 8% of the short side apart and 4% from the border; sizes by
+    class, scaled by the object count);
     with `relation` (rel, subject, reference) the pair must stand in exactly that GenEval relation."""
     short = min(width, height)
     margin, gap = 0.04 * short, 0.08 * short
     classes = [_choice(rng, tuple(SIZE_CLASSES)) for _ in shapes_colors]
-    sizes = [float(rng.uniform(*SIZE_CLASSES[c])) * short for c in classes]
+    scale = COUNT_SCALE[min(len(shapes_colors), max(COUNT_SCALE))]
+    sizes = [float(rng.uniform(*SIZE_CLASSES[c])) * short * scale for c in classes]
     for attempt in range(2000):
         if attempt and attempt % 200 == 0:  # crowded: shrink and keep trying, deterministically
             sizes = [s * 0.9 for s in sizes]

@@ -27,7 +27,8 @@ from PIL import Image, ImageDraw
 from .routing import DEFAULT_SIGMAS
 
 ARMS = ("decoupled", "coupled")
-ARM_COLORS = {"decoupled": (30, 80, 200), "coupled": (200, 60, 30)}
+ARM_COLORS = {"decoupled": (30, 80, 200), "coupled": (200, 60, 30), "moe_muon_wsm": (30, 80, 200),
+              "moe_muon_no_ortho": (120, 170, 230), "moe_adamw": (200, 60, 30), "dense_adamw": (40, 150, 60)}
 
 
 @dataclass

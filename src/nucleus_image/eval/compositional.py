@@ -224,25 +224,64 @@ def generate_samples(pipeline, records: list[dict], folder: str | Path, samples:
     return folder
 
 
-def annotate(image, detections: list[dict], correct: bool, cell: int = 160) -> Image.Image:
-    """A thumbnail with detection boxes and labels, framed green when correct and red when not."""
+LEGEND = ("Each tile: the first sample of one held-out prompt, upscaled. Frame green = correct, red = wrong. "
+          "Magenta boxes: what the detector found (colour, shape). Under the tile: the task, the prompt, and why "
+          "the image failed (GenEval's rule that did not hold).")
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def annotate(image, detections: list[dict], correct: bool, cell: int = 160, prompt: str = "",
+             reasons: list[str] | None = None, tag: str = "") -> Image.Image:
+    """A tile: the image upscaled (nearest) with detection boxes and labels, framed green when correct and red
+    when not, and under it the task, the prompt and the reasons it failed."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=11)
     image = image if isinstance(image, Image.Image) else Image.open(image)
     image = image.convert("RGB")
     scale = cell / max(image.size)
     thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
-    canvas = Image.new("RGB", (cell + 8, cell + 8), (40, 160, 60) if correct else (200, 40, 40))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text = _wrap(probe, f"[{tag}] {prompt}" if tag else prompt, font, cell)
+    verdict = "correct" if correct else "; ".join(reasons or ["wrong"])
+    failed = _wrap(probe, verdict, font, cell)
+    line_h = 13
+    canvas = Image.new("RGB", (cell + 8, cell + 12 + line_h * (len(text) + len(failed))), "white")
+    frame = (40, 160, 60) if correct else (200, 40, 40)
+    canvas.paste(Image.new("RGB", (cell + 8, cell + 8), frame), (0, 0))
     canvas.paste(thumb, (4, 4))
     draw = ImageDraw.Draw(canvas)
     for det in detections:
         x0, y0, x1, y1 = (4 + v * scale for v in det["bbox"])
         draw.rectangle((x0, y0, x1, y1), outline=(255, 0, 255))
-        draw.text((x0 + 1, y0 + 1), f"{det['color'][:3]} {det['shape']}", fill=(0, 0, 0))
+        draw.text((x0 + 2, y0 + 1), f"{det['color']} {det['shape']}", fill=(0, 0, 0), font=font)
+    y = cell + 10
+    for line in text:
+        draw.text((4, y), line, fill=(0, 0, 0), font=font)
+        y += line_h
+    for line in failed:
+        draw.text((4, y), line, fill=frame, font=font)
+        y += line_h
     return canvas
 
 
 def write_report(report: dict, out: str | Path, images_per_prompt: list[list] | None = None,
                  max_cells: int = 48) -> Path:
-    """report.json, plus detections.png (first sample of each prompt, annotated) when images are given."""
+    """report.json, plus detections.png (first sample of each prompt, annotated, under a legend) when images are
+    given; prompts are taken round-robin over the tasks so every task shows."""
+    from PIL import ImageFont
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"
@@ -250,15 +289,29 @@ def write_report(report: dict, out: str | Path, images_per_prompt: list[list] | 
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(path)
     if images_per_prompt:
-        cells = []
+        by_task: dict[str, list] = {}
         for entry, images in zip(report["per_prompt"], images_per_prompt):
-            if entry["correct"] and images and len(cells) < max_cells:
-                cells.append(annotate(images[0], entry["detections"][0], entry["correct"][0]))
+            if entry["correct"] and images:
+                by_task.setdefault(entry["tag"], []).append((entry, images[0]))
+        picked = [row for group in zip(*by_task.values()) for row in group][:max_cells] if by_task else []
+        picked += [r for g in by_task.values() for r in g if r not in picked][:max_cells - len(picked)]
+        cells = [annotate(img, e["detections"][0], e["correct"][0], prompt=e["prompt"], reasons=e["reasons"][0],
+                          tag=e["tag"]) for e, img in picked]
         if cells:
             cols = 8
-            grid = Image.new("RGB", (cols * cells[0].width, -(-len(cells) // cols) * cells[0].height), "white")
+            cw, ch = cells[0].width, max(c.height for c in cells)
+            font = ImageFont.load_default(size=12)
+            probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+            summary = f"overall {report['overall']:.3f}: " + ", ".join(
+                f"{t} {v['accuracy']:.2f}" for t, v in report["tasks"].items())
+            legend = _wrap(probe, summary, font, cols * cw - 8) + _wrap(probe, LEGEND, font, cols * cw - 8)
+            top = 8 + 15 * len(legend)
+            grid = Image.new("RGB", (cols * cw, top + -(-len(cells) // cols) * ch), "white")
+            draw = ImageDraw.Draw(grid)
+            for i, line in enumerate(legend):
+                draw.text((4, 4 + 15 * i), line, fill=(0, 0, 0), font=font)
             for k, c in enumerate(cells):
-                grid.paste(c, ((k % cols) * c.width, (k // cols) * c.height))
+                grid.paste(c, ((k % cols) * cw, top + (k // cols) * ch))
             grid.save(out / "detections.png")
     return path
 

@@ -1,17 +1,21 @@
-"""An exact detector for the synthetic shapes domain (`nucleus_image.data.synthetic`): the compositional
-scorer's stand-in for GenEval's Mask2Former + CLIP colour classifier.
+"""A detector for the synthetic shapes domain (`nucleus_image.data.synthetic`), built the way GenEval separates
+detection from colour: the compositional scorer's stand-in for GenEval's Mask2Former + CLIP colour classifier.
 
-1. Background: the median of a 2-pixel border frame (scenes keep objects off the border).
-2. Colour: each pixel is explained as a mix of the background b and one palette colour c, p ~ b + a (c - b).
-   A pixel belongs to c when its coverage a >= 0.5 and its distance from that line is the smallest among the
-   palette and within tolerance. Blurred edges, which are such mixes, therefore go to their own colour (never to
-   a tint-like neighbour) and the 50% contour of a blurred shape is its true outline.
-3. Objects: per colour, connected components; specks dropped before a small closing joins fragments of one
-   object (so noise cannot be closed into blobs); then components too small or too thin (blur halos, lines)
-   are dropped.
-4. Shape: soft IoU of the component's coverage with each shape's template, drawn by the generator's own code
-   into the component's box (and slightly larger boxes, at a few blurs, since blur shortens points); the best
-   shape counts if it clears `min_match`, and that IoU is the detection's confidence.
+1. Background: the median of a 2-pixel border frame (scenes keep objects off the border), and its noise level
+   (the border's robust spread of distances from that median).
+2. Segmentation, blind to hue and saturation: a pixel is foreground when its RGB distance from the background
+   clears `min_contrast` (and several times the noise). Specks are dropped, a small closing joins fragments of
+   one object, then connected components. Faded, grey, off-palette, noisy or blurred objects are all found.
+3. Per component, a coverage map: the pixel's distance from the background over the component's own full
+   contrast (a high percentile inside it), clipped to [0, 1]. Its 0.5 contour is the true outline of a blurred
+   shape whatever the object's contrast; components too small or too thin (halos, lines) are dropped.
+4. Shape on that colour-free coverage: soft IoU with each shape's template, drawn by the generator's own code
+   into the component's box (slightly larger boxes, a few blurs, since blur shortens points); the best shape
+   counts if it clears `min_match`, and that IoU is the detection's confidence.
+5. Colour afterwards, as a forced choice over the palette (GenEval's CLIP step picks the likeliest of its colour
+   names for the crop): the mean of the component's core pixels is explained as background + a (colour -
+   background); the palette colour whose line passes nearest wins. So a faded red (pink-looking) object is red,
+   not orange, and only a wrong hue changes the answer.
 """
 
 from __future__ import annotations
@@ -30,16 +34,21 @@ from nucleus_image.data.synthetic import COLORS, SHAPES, draw_shape
 class DetectorConfig:
     """Tolerances; lengths and areas are relative to the image's short side so one setting serves 32-1024 px."""
 
-    min_coverage: float = 0.5  # share of the way from background to the colour a pixel must reach
-    max_residual: float = 80.0  # RGB distance from the background-to-colour line
-    min_area: float = 0.004  # component area / short side^2 (the smallest generated star is ~0.014)
+    min_contrast: float = 45.0  # RGB distance from the background a foreground pixel needs (textures reach ~25)
+    noise_factor: float = 4.0  # ... and this many robust standard deviations of the border's own noise
+    full_contrast_quantile: float = 0.8  # a component's full contrast: this quantile of its distances
+    core_coverage: float = 0.75  # pixels at least this covered give the object's colour (edges mix background)
+    # Components smaller than the domain's smallest object are not objects: at 32 px an untrained model paints
+    # token-sized (4 px) blobs that would otherwise pass as small squares and circles.
+    min_area: float = 0.012  # component area / short side^2 (the smallest generated star is ~0.02)
+    min_side: float = 0.17  # shorter box side / short side (the smallest generated box is 0.24)
     speck_area: float = 0.001  # raw fragments below this are noise and never merged
     min_thickness: float = 0.018  # inradius / short side: blur halos and thin lines are thinner
     merge_radius: float = 0.015  # closing radius / short side joining fragments of one object
-    min_match: float = 0.7  # soft template IoU needed to call a component a shape
+    min_match: float = 0.6  # soft template IoU needed to call a component a shape
     max_aspect: float = 2.0  # generated shapes have square boxes; far longer components are not shapes
     max_side: int = 256  # larger images are downscaled to this short side first: same answer, far less work
-    blur_sigmas: tuple[float, ...] = (0.0, 0.008, 0.016)  # template blurs tried, / short side
+    blur_sigmas: tuple[float, ...] = (0.0, 0.008, 0.016, 0.03)  # template blurs tried, / short side
 
 
 @dataclass(frozen=True)
@@ -72,26 +81,29 @@ def as_rgb_array(image) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def estimate_background(rgb_HWC: np.ndarray) -> np.ndarray:
-    border = np.concatenate([rgb_HWC[:2].reshape(-1, 3), rgb_HWC[-2:].reshape(-1, 3),
-                             rgb_HWC[:, :2].reshape(-1, 3), rgb_HWC[:, -2:].reshape(-1, 3)])
-    return np.median(border, axis=0)
+def _border(rgb_HWC: np.ndarray) -> np.ndarray:
+    return np.concatenate([rgb_HWC[:2].reshape(-1, 3), rgb_HWC[-2:].reshape(-1, 3),
+                           rgb_HWC[:, :2].reshape(-1, 3), rgb_HWC[:, -2:].reshape(-1, 3)])
 
 
-def color_labels(rgb_HWC: np.ndarray, background: np.ndarray,
-                 config: DetectorConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Palette index per pixel (-1 for background or unexplained pixels) and each pixel's coverage per colour."""
-    v_HWC = rgb_HWC - background
+def estimate_background(rgb_HWC: np.ndarray) -> tuple[np.ndarray, float]:
+    """The background colour (median of the border frame) and the border's noise: 1.4826 x the median absolute
+    deviation of its distances from that colour (a standard deviation, robust to an object touching the frame)."""
+    border = _border(rgb_HWC)
+    background = np.median(border, axis=0)
+    dist = np.linalg.norm(border - background, axis=-1)
+    return background, float(1.4826 * np.median(np.abs(dist - np.median(dist))))
+
+
+def classify_color(mean_rgb: np.ndarray, background: np.ndarray) -> str:
+    """Forced choice over the palette: the colour c whose mixing line background + a (c - background), a in
+    [0.2, 1.2], passes nearest to the object's mean colour. Fading (a < 1) therefore never changes the answer,
+    and an off-palette colour gets its nearest palette hue."""
+    v = mean_rgb - background
     d_KC = _PALETTE_KC - background
-    dd_K = np.maximum((d_KC * d_KC).sum(-1), 1.0)
-    vd_HWK = v_HWC @ d_KC.T
-    coverage_HWK = vd_HWK / dd_K
-    # Distance from the line b + a (c - b): |v|^2 - (v.d)^2 / |d|^2, without materialising projections.
-    resid2_HWK = np.maximum((v_HWC * v_HWC).sum(-1, keepdims=True) - vd_HWK * coverage_HWK, 0.0)
-    resid2_HWK[coverage_HWK < config.min_coverage] = np.inf
-    best_HW = resid2_HWK.argmin(-1)
-    best_resid2 = np.take_along_axis(resid2_HWK, best_HW[..., None], -1)[..., 0]
-    return np.where(best_resid2 <= config.max_residual**2, best_HW, -1), coverage_HWK
+    a_K = np.clip((d_KC @ v) / np.maximum((d_KC * d_KC).sum(-1), 1.0), 0.2, 1.2)
+    resid_K = np.linalg.norm(v[None] - a_K[:, None] * d_KC, axis=-1)
+    return _COLOR_NAMES[int(resid_K.argmin())]
 
 
 @lru_cache(maxsize=8192)
@@ -141,46 +153,49 @@ def detect(image, config: DetectorConfig = DetectorConfig()) -> list[Detection]:
 
 def _detect(rgb: np.ndarray, config: DetectorConfig) -> list[Detection]:
     short = min(rgb.shape[:2])
-    labels, coverage_HWK = color_labels(rgb, estimate_background(rgb), config)
-    coverage_HWK = np.clip(coverage_HWK, 0.0, 1.0)
+    background, noise = estimate_background(rgb)
+    dist_HW = np.linalg.norm(rgb - background, axis=-1)
+    mask = dist_HW >= max(config.min_contrast, config.noise_factor * noise)
     sigmas = tuple(round(f * short, 2) for f in config.blur_sigmas)
     eight = np.ones((3, 3), dtype=bool)
-    radius = max(1, int(round(config.merge_radius * short)))
-    disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius + 0.5
-    detections = []
-    for k, name in enumerate(_COLOR_NAMES):
-        mask = labels == k
-        if not mask.any():
-            continue
-        comp, n = ndimage.label(mask, structure=eight)
-        sizes = ndimage.sum_labels(mask, comp, index=np.arange(1, n + 1))
-        keep = np.flatnonzero(sizes >= config.speck_area * short * short) + 1
-        mask = np.isin(comp, keep)
-        if not mask.any():
-            continue
+    comp, n = ndimage.label(mask, structure=eight)
+    if n == 0:
+        return []
+    sizes = ndimage.sum_labels(mask, comp, index=np.arange(1, n + 1))
+    mask = np.isin(comp, np.flatnonzero(sizes >= config.speck_area * short * short) + 1)
+    radius = int(round(config.merge_radius * short))
+    if radius:  # below ~35 px a closing would join neighbours sooner than fragments
+        disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius + 0.5
         # Pad before closing so objects at the border are not eroded by the implicit outside.
-        padded = np.pad(mask, radius)
-        mask = ndimage.binary_closing(padded, structure=disk)[radius:-radius, radius:-radius] | mask
-        comp, n = ndimage.label(mask, structure=eight)
-        for idx, sl in enumerate(ndimage.find_objects(comp), start=1):
-            region = comp[sl] == idx
-            area = int(region.sum())
-            h, w = region.shape
-            if area < config.min_area * short * short or max(h, w) > config.max_aspect * min(h, w):
-                continue
-            inradius = ndimage.distance_transform_edt(np.pad(region, 1)).max()
-            if inradius < max(1.0, config.min_thickness * short):
-                continue
-            bbox = (float(sl[1].start), float(sl[0].start), float(sl[1].stop), float(sl[0].stop))
-            # A window around the component holding only this component's coverage of this colour.
-            pad = max(2, int(0.3 * max(h, w)))
-            wy = slice(max(0, sl[0].start - pad), sl[0].stop + pad)
-            wx = slice(max(0, sl[1].start - pad), sl[1].stop + pad)
-            others = (comp[wy, wx] != idx) & (comp[wy, wx] > 0)
-            window = np.where(others, 0.0, coverage_HWK[wy, wx, k])
-            local = (bbox[0] - wx.start, bbox[1] - wy.start, bbox[2] - wx.start, bbox[3] - wy.start)
-            shape, iou = classify_shape(window, local, sigmas)
-            if iou < config.min_match:
-                continue
-            detections.append(Detection(shape, name, bbox, area, iou))
+        mask = ndimage.binary_closing(np.pad(mask, radius), structure=disk)[radius:-radius, radius:-radius] | mask
+    comp, n = ndimage.label(mask, structure=eight)
+    detections = []
+    for idx, sl in enumerate(ndimage.find_objects(comp), start=1):
+        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        pad = max(2, int(0.3 * max(h, w)))
+        wy = slice(max(0, sl[0].start - pad), sl[0].stop + pad)
+        wx = slice(max(0, sl[1].start - pad), sl[1].stop + pad)
+        own = comp[wy, wx] == idx
+        full = float(np.quantile(dist_HW[wy, wx][own], config.full_contrast_quantile))
+        # Colour-free coverage of this component alone (other components' pixels and far pixels are zeroed).
+        near = ndimage.binary_dilation(own, iterations=max(1, radius))
+        coverage = np.where(near & ~((comp[wy, wx] > 0) & ~own), np.clip(dist_HW[wy, wx] / full, 0.0, 1.0), 0.0)
+        region = own & (coverage >= 0.5)
+        area = int(region.sum())
+        if area < config.min_area * short * short:
+            continue
+        ys, xs = np.nonzero(region)
+        rh, rw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        if max(rh, rw) > config.max_aspect * min(rh, rw) or min(rh, rw) < config.min_side * short:
+            continue
+        if ndimage.distance_transform_edt(np.pad(region, 1)).max() < max(1.0, config.min_thickness * short):
+            continue
+        local = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        shape, iou = classify_shape(coverage.astype(np.float32), local, sigmas)
+        if iou < config.min_match:
+            continue
+        core = own & (coverage >= config.core_coverage)
+        color = classify_color(rgb[wy, wx][core if core.any() else region].mean(0), background)
+        bbox = (local[0] + wx.start, local[1] + wy.start, local[2] + wx.start, local[3] + wy.start)
+        detections.append(Detection(shape, color, bbox, area, iou))
     return sorted(detections, key=lambda d: -d.score)

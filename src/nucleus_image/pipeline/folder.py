@@ -107,7 +107,10 @@ def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = 
         elif text_class == "MiniLMTextEncoder":
             from nucleus_image.encoders.minilm import MiniLMTextEncoder
 
-            components["text_encoder"] = MiniLMTextEncoder.from_pretrained(path / "text_encoder").to(device, dtype)
+            # fp32 whatever `dtype`: training cached this encoder's fp32 states, and in bf16 its states drift from
+            # them (MiniLM is 22M parameters, so fp32 costs nothing). The states are cast to the transformer's
+            # dtype after encoding.
+            components["text_encoder"] = MiniLMTextEncoder.from_pretrained(path / "text_encoder").to(device, torch.float32)
         else:
             raise ValueError(f"unknown text_encoder class {text_class!r} in {path / INDEX_NAME}; accepted: "
                              f"{', '.join(TEXT_ENCODER_CLASSES)}")

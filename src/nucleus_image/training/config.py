@@ -58,7 +58,9 @@ class TrainConfig:
     pipeline_dir: str = ""  # a diffusers Nucleus-Image folder the named encoders are read from
     stages: list[StageConfig] = field(default_factory=list)
     seed: int = 0
-    # Optimiser (Muon's update RMS is matched to AdamW's, so one learning rate serves both groups).
+    # Optimiser (Muon's update RMS is matched to AdamW's, so one learning rate serves both groups). "muon": Muon
+    # for the hidden matrices and AdamW for the rest (the recipe); "adamw": AdamW for everything (a baseline).
+    optimizer: str = "muon"
     lr: float = 1e-4
     warmup_steps: int = 1000
     weight_decay: float = 0.0
@@ -71,7 +73,7 @@ class TrainConfig:
     # Objective.
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     z_loss_weight: float = 5e-7
-    orthogonality_weight: float = 1e-7  # router rows pushed apart (loss.router_orthogonality_loss)
+    orthogonality_step: float = 0.01  # router rows pushed apart after each step (loss.decorrelate_router_rows_)
     wavelet_levels: int = 2  # Haar levels of the stages' wavelet loss
     caption_dropout: float = 0.1  # share of samples trained on the empty prompt, for classifier-free guidance
     caption_weights: tuple[float, ...] = ()  # over caption granularities, low to high quality; empty = uniform
@@ -87,6 +89,10 @@ class TrainConfig:
     # Processes decoding images ahead of the training thread (0 = decode in the training process; same batches).
     data_workers: int = 1
     max_nonfinite_in_a_row: int = 5
+    # Wall-clock budget of `nucleus train` in seconds (0 = none): the trainer times its first steps and rescales
+    # the remaining steps of every stage to fit, re-planning as it goes; the plan is printed and the rescaled
+    # stages are written to train_config.json (resume with --config that file).
+    time_budget_s: float = 0.0
     # Checkpoints, logging and samples.
     checkpoint_every: int = 500
     keep_last: int = 16
@@ -144,8 +150,12 @@ class TrainConfig:
             errors.append(f"merge_weights {self.merge_weights!r}; accepted: inverse-sqrt, uniform")
         if not 0.0 <= self.timesteps.uniform_share <= 1.0 or not 0.0 <= self.caption_dropout < 1.0:
             errors.append("timesteps.uniform_share must be in [0, 1] and caption_dropout in [0, 1)")
-        if self.z_loss_weight < 0 or self.orthogonality_weight < 0 or self.wavelet_levels < 1:
-            errors.append("z_loss_weight and orthogonality_weight must be >= 0 and wavelet_levels >= 1")
+        if self.z_loss_weight < 0 or not 0 <= self.orthogonality_step < 0.5 or self.wavelet_levels < 1:
+            errors.append("z_loss_weight >= 0, orthogonality_step in [0, 0.5) and wavelet_levels >= 1 are required")
+        if self.optimizer not in ("muon", "adamw"):
+            errors.append(f"optimizer {self.optimizer!r}; accepted: muon, adamw")
+        if self.time_budget_s < 0:
+            errors.append(f"time_budget_s must be >= 0 (0 = no budget), got {self.time_budget_s}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.checkpoint_every < 1 or self.keep_last < 1:
             errors.append("lr > 0, warmup_steps >= 0, checkpoint_every >= 1 and keep_last >= 1 are required")
         if errors:
@@ -332,7 +342,10 @@ def tiny() -> TrainConfig:
     0.06 vs 0.05 at 3e-3, and moving 200 steps from the 32 px to the 24 px stage gave 0.03 (the 32 px stage
     earns its cost). Hence: batch 64 (Muon's Newton-Schulz cost is per step: a third of a batch-32 step on CPU),
     as many steps as the budget holds, lr 6e-3, all cores (cpu_threads=0: 2 threads train 1.4x faster than one
-    on an idle 2-core machine). 2 px tokens learnt less per second than 4 px tokens, 16 px tokens far less."""
+    on an idle 2-core machine). 2 px tokens learnt less per second than 4 px tokens, 16 px tokens far less.
+
+    `make demo` runs it under a wall-clock budget (`time_budget_s`, set by the Makefile): the steps below are
+    the plan for an idle machine, which the time guard scales to the machine it finds."""
     model = NucleusConfig.preset("tiny")
     aspects = ("1:1", "4:3", "3:4")
     return TrainConfig(

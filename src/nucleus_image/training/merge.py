@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,10 +95,19 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
     model = NucleusTransformer(model_cfg)
     model.load_state_dict(merged)
     text_encoder, autoencoder = build_encoders(cfg, torch.device("cpu"))
-    # Native size: the last stage's resolution, the one the merged weights were last trained at.
-    pipe = make_pipeline(model, text_encoder, autoencoder, cfg.timesteps, cfg.stages[-1].resolution)
+    # Native size: the resolution of the stage the newest merged checkpoint was trained in (a run stopped early,
+    # or merged mid-run, has not reached the last configured stage). Checkpoint "step s" holds the weights
+    # after optimizer step s - 1.
+    stages = [cfg.stage_at(step - 1)[1] for step, _ in chosen]
+    if len({s.name for s in stages}) > 1:
+        warnings.warn(f"the merge window (steps {chosen[0][0]}..{chosen[-1][0]}) crosses a stage boundary "
+                      f"({' -> '.join(dict.fromkeys(s.name for s in stages))}): it averages weights trained at "
+                      f"different resolutions; merge fewer checkpoints (--last) to stay inside the last stage",
+                      stacklevel=2)
+    pipe = make_pipeline(model, text_encoder, autoencoder, cfg.timesteps, stages[-1].resolution)
     pipe.save_pretrained(out)
     (Path(out) / "merge.json").write_text(json.dumps({
         "run": str(run_dir), "weights": weights, "steps": [s for s, _ in chosen], "coefficients": coefficients,
-        "decay_weights": decay_weights(coefficients)}, indent=1) + "\n")
+        "decay_weights": decay_weights(coefficients), "stages": [s.name for s in stages],
+        "resolution": stages[-1].resolution}, indent=1) + "\n")
     return Path(out)

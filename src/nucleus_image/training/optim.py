@@ -88,11 +88,15 @@ def _role(name: str, p: nn.Parameter, opt: str) -> str:
 
 
 def build_optimizers(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                     momentum: float, nesterov: bool, ns_steps: int, ns_dtype: torch.dtype) -> tuple[Muon, torch.optim.AdamW, dict]:
+                     momentum: float, nesterov: bool, ns_steps: int, ns_dtype: torch.dtype,
+                     use_muon: bool = True) -> tuple[Muon | None, torch.optim.AdamW, dict]:
     """The Muon and AdamW optimisers over the split; both take the same lr (Muon's update is RMS-matched).
-    Weight decay applies to matrices only: decaying norm gains and biases only pulls them toward zero."""
+    Weight decay applies to matrices only: decaying norm gains and biases only pulls them toward zero. Without
+    Muon (`use_muon=False`, the AdamW baseline) AdamW takes every parameter and Muon is None."""
     groups = split_params(model)
-    muon = Muon([p for _, p in groups["muon"]], lr=lr, weight_decay=weight_decay, momentum=momentum,
+    if not use_muon:
+        groups = {"muon": [], "adamw": groups["adamw"] + groups["muon"]}
+    muon = None if not groups["muon"] else Muon([p for _, p in groups["muon"]], lr=lr, weight_decay=weight_decay, momentum=momentum,
                 nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype)
     decay = [p for _, p in groups["adamw"] if p.dim() >= 2]
     no_decay = [p for _, p in groups["adamw"] if p.dim() < 2]

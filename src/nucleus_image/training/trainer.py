@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 from ..data.manifest import latest_version_dir
@@ -37,7 +37,7 @@ from .encoders import build_encoders, text_encoder_spec
 from .curriculum import share_by_bucket
 from .data_loader import BatchPlan, rank_loader, rank_rows, read_rows
 from .monitor import RunLogger, routing_stats
-from .loss import flow_loss, noisy_latents, router_orthogonality_loss, router_z_loss, wavelet_loss
+from .loss import decorrelate_router_rows_, flow_loss, noisy_latents, router_z_loss, wavelet_loss
 from .optim import build_optimizers, describe_groups
 from .sampling import make_pipeline, sample_grid
 from .schedule import set_lr, wsm_lr
@@ -61,7 +61,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, max_steps: int | None = None,
                  resume: bool = False, progress: bool = True):
         cfg.validate()
-        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.started = time.perf_counter()  # the time guard's budget counts start-up (caption encoding) too
+        self.cfg, self.run_dir, self.progress, self.max_steps = cfg, Path(run_dir), progress, max_steps
         self.total_steps = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.total_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
@@ -72,6 +73,10 @@ class Trainer:
         world = launched_world()
         layout = cfg.parallel.resolve(world) if world > 1 else ParallelConfig(1, 1, 1)
         check_layout(layout, cfg.model.num_experts, {s.name: s.batch_size for s in cfg.stages}, cfg.grad_accum_steps)
+        if world > 1 and cfg.time_budget_s:
+            # Each rank would time its own steps and could plan a different number of them.
+            raise ValueError(f"time_budget_s={cfg.time_budget_s} is for one process; with {world} processes set "
+                             f"the stages' steps instead (time_budget_s=0)")
         self.dims = init_parallel(cfg.parallel, self.device) if world > 1 else None
         self.is_main = self.dims is None or self.dims.is_main
         self.rank, self.world_size = (self.dims.rank, self.dims.world) if self.dims else (0, 1)
@@ -134,8 +139,8 @@ class Trainer:
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.muon, self.adamw, self.groups = build_optimizers(
             self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps, cfg.muon_momentum,
-            cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype)
-        self.optimizers = {"muon": self.muon, "adamw": self.adamw}
+            cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype, use_muon=cfg.optimizer == "muon")
+        self.optimizers = {k: o for k, o in (("muon", self.muon), ("adamw", self.adamw)) if o is not None}
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
         if self.is_main:
@@ -143,6 +148,7 @@ class Trainer:
             (self.run_dir / "data.json").write_text(json.dumps(self.data_record, indent=1) + "\n")
         self.step, self.losses, self.nonfinite, self.nonfinite_in_a_row = 0, [], 0, 0
         self.stage_index = -1
+        self.resumed = False
         if resume:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is not None:
@@ -150,6 +156,7 @@ class Trainer:
                                              distributed=self.dims is not None)
                 self.step, self.losses = state["step"], state["losses"]
                 self.nonfinite, self.nonfinite_in_a_row = state["nonfinite"], state["nonfinite_in_a_row"]
+                self.resumed = True
                 self._print(f"resumed from {latest} at step {self.step}")
 
     # ---- setup ---------------------------------------------------------------------------------------------
@@ -247,9 +254,6 @@ class Trainer:
             loss = flow_loss(out.sample, x0[part], noise[part])
             if cfg.z_loss_weight:
                 loss = loss + cfg.z_loss_weight * router_z_loss(out.router_logits)
-            if cfg.orthogonality_weight and self.router_gates and m == 0:
-                # A term of the weights, not of the samples: counted once per step (x A, then / A below).
-                loss = loss + (cfg.orthogonality_weight * A) * router_orthogonality_loss(self._gates())
             if wavelet_weight:
                 loss = loss + wavelet_weight * wavelet_loss(out.sample, x0[part], noise[part], h, w, patch,
                                                             cfg.wavelet_levels)
@@ -266,9 +270,11 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         if not math.isfinite(grad_norm):
             return loss_value, grad_norm, None, False
-        set_lr((self.muon, self.adamw), wsm_lr(self.step, cfg.lr, cfg.warmup_steps))
-        self.muon.step()
-        self.adamw.step()
+        set_lr(tuple(self.optimizers.values()), wsm_lr(self.step, cfg.lr, cfg.warmup_steps))
+        for opt in self.optimizers.values():
+            opt.step()
+        if cfg.orthogonality_step and self.router_gates:
+            self._decorrelate_routers(cfg.orthogonality_step)
         stats = routing_stats(out.router_logits, out.expert_indices, S) if self._due(cfg.log_every) else None
         if stats is not None and self.dims:
             from ..parallel.reduce import mean_routing_stats
@@ -276,10 +282,17 @@ class Trainer:
             stats = mean_routing_stats(stats, self.dims)
         return loss_value, grad_norm, stats, True
 
-    def _gates(self) -> list[torch.Tensor]:
-        """The router weights whole: a sharded gate is gathered (differentiably; its gradient returns as the
-        local shard's, added once, since every rank computes the same term)."""
-        return [g.full_tensor() if isinstance(g, DTensor) else g for g in self.router_gates]
+    @torch.no_grad()
+    def _decorrelate_routers(self, step: float) -> None:
+        """The orthogonality step on whole router matrices: a sharded gate is gathered, updated identically on
+        every rank, and each rank keeps its own shard of the result (no second communication)."""
+        for g in self.router_gates:
+            if isinstance(g, DTensor):
+                full = g.full_tensor()
+                decorrelate_router_rows_([full], step)
+                g.copy_(distribute_tensor(full, g.device_mesh, g.placements, src_data_rank=None))
+            else:
+                decorrelate_router_rows_([g], step)
 
     def _mean_over_ranks(self, value: float) -> float:
         if not self.dims:
@@ -304,6 +317,7 @@ class Trainer:
                 index, stage = cfg.stage_at(self.step)
                 if index != self.stage_index:
                     self._enter_stage(index)
+                    stage_start = self.step
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
                 loss, grad_norm, stats, applied = self._train_step(stage.batch_size, stage.wavelet_weight)
@@ -316,6 +330,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", stage=stage.name)
                 bar.update(1)
                 self.step += 1
+                if cfg.time_budget_s and not self.resumed:
+                    if self.step == stage_start + self.GUARD_SKIP:
+                        timed_from = (self.step, time.perf_counter())
+                    elif self.step > stage_start + self.GUARD_SKIP:
+                        self._fit_to_budget(self.step - timed_from[0], time.perf_counter() - timed_from[1])
+                        bar.total = self.total_steps
                 if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
                     self._save()
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == self.total_steps:
@@ -332,6 +352,38 @@ class Trainer:
         print(f"done: {self.step} steps, final loss {self.losses[-1]:.4f}, {ips:.1f} images/s, "
               f"{self.nonfinite} non-finite steps skipped; run folder {self.run_dir}")
         return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
+
+    GUARD_SKIP = 3  # a stage's first steps (allocations, first batches) are not timed
+
+    def _fit_to_budget(self, timed_steps: int, timed_seconds: float) -> None:
+        """The time guard: after 5 and 20 timed steps of each stage, and every 100 steps after that, rescale the
+        steps left (this stage's and every later stage's, by one factor) so the run ends within `time_budget_s`
+        of its start. Later stages' step times are guessed as this stage's scaled by pixels per batch (small
+        models cost less than that, so each stage is re-timed after its first 5 steps). The rescaled stages
+        are printed and written to train_config.json, so `nucleus merge` sees the stages as trained."""
+        if timed_steps not in (5, 20) and timed_steps % 100:
+            return
+        cfg = self.cfg
+        index, stage = cfg.stage_at(self.step)
+        done = self.step - sum(s.steps for s in cfg.stages[:index])
+        if done == 0:  # the stage just ended: the next one is timed on its own
+            return
+        per_step = timed_seconds / timed_steps
+        pixels = stage.resolution**2 * stage.batch_size
+        planned = (stage.steps - done) * per_step + sum(
+            s.steps * per_step * s.resolution**2 * s.batch_size / pixels for s in cfg.stages[index + 1:])
+        left = 0.98 * cfg.time_budget_s - (time.perf_counter() - self.started)  # 2% for the final save and grid
+        factor = min(max(left, 0.0) / max(planned, 1e-9), 4.0)
+        before = [s.steps for s in cfg.stages]
+        stage.steps = done + max(1, round(factor * (stage.steps - done)))
+        for s in cfg.stages[index + 1:]:
+            s.steps = max(1, round(factor * s.steps))
+        self.total_steps = cfg.total_steps if self.max_steps is None else min(cfg.total_steps, self.max_steps)
+        self._batches = None  # the loader's workers planned batches with the old stage lengths: restart it here
+        plan = ", ".join(f"{s.name} {b}->{s.steps}" for s, b in zip(cfg.stages, before))
+        print(f"time guard: {per_step:.3f} s/step in {stage.name} (last {timed_steps} steps); "
+              f"{time.perf_counter() - self.started:.0f} of {cfg.time_budget_s:.0f} s used; steps {plan}")
+        cfg.save_json(self.run_dir / "train_config.json")
 
     def _account(self, loss: float, applied: bool) -> None:
         """Record the loss; a step whose loss or gradient was not finite was skipped: count it, and stop after
