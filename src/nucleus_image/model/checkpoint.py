@@ -82,6 +82,17 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", s
     return model.eval()
 
 
+def apply_umask(folder: Path) -> None:
+    """Give a freshly written folder the modes the user's umask asks for. safetensors writes its files 0600
+    (through a private temporary file), which would hide shared weights from the rest of a team."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def save_pretrained(model, path, max_shard_size: int | str = "10GB") -> None:
     """Write config.json and safetensors shards (<= max_shard_size each) atomically into `path`."""
     path = Path(path)
@@ -112,6 +123,7 @@ def save_pretrained(model, path, max_shard_size: int | str = "10GB") -> None:
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    apply_umask(tmp)
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         path.rename(old)

@@ -33,6 +33,26 @@ VAE_CLASSES = ("AutoencoderKLQwenImage", "PixelAutoencoder")
 TEXT_ENCODER_CLASSES = ("Qwen3VLForConditionalGeneration", "MiniLMTextEncoder")
 
 
+def resolve_pretrained(name) -> Path:
+    """A local pipeline folder as given, or a Hugging Face Hub model id ("owner/name", optionally "@revision")
+    fetched through huggingface_hub's own cache: downloaded once, then read from the cache (HF_HUB_OFFLINE=1 reads
+    only the cache; HF_HUB_CACHE / HF_HOME say where it is)."""
+    path = Path(name)
+    if path.exists() or not isinstance(name, str) or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    repo_id, _, revision = name.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None))
+    except HFValidationError:
+        return path
+    except Exception as err:  # offline without a cached copy, unknown repository, no network: all the user's to fix
+        raise ValueError(f"{name!r} is neither a local folder nor a Hugging Face Hub model id that could be fetched "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+
+
 def read_index(path: Path) -> dict:
     index_file = path / INDEX_NAME
     if not path.is_dir() or not index_file.exists():
@@ -73,7 +93,7 @@ def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = 
     """Everything NucleusPipeline.__init__ takes, read from a pipeline folder."""
     from nucleus_image.model import NucleusTransformer
 
-    path = Path(path)
+    path = resolve_pretrained(path)
     index = read_index(path)
     components = {"transformer": NucleusTransformer.from_pretrained(path / "transformer", dtype=dtype, device=device)}
 
@@ -130,6 +150,7 @@ def save_components(path, transformer, vae, text_encoder, schedule: FlowSchedule
     import diffusers
 
     import nucleus_image
+    from nucleus_image.model.checkpoint import apply_umask
 
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -158,6 +179,7 @@ def save_components(path, transformer, vae, text_encoder, schedule: FlowSchedule
     scheduler_config = {**schedule.to_config(), "_diffusers_version": diffusers.__version__}
     (tmp / "scheduler" / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config, indent=2) + "\n")
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    apply_umask(tmp)
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         os.replace(path, old)  # the previous folder survives until the new one is in place
