@@ -23,7 +23,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text or not action.option_strings:
+        unset = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 

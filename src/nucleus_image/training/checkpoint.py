@@ -127,6 +127,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, mode
     return final
 
 
+INTERRUPTED = "interrupted.json"
+
+
+def mark_interrupted(path: Path) -> None:
+    """Flag a checkpoint saved off the cadence on an interrupt: it resumes the run but is not merged, so a resumed
+    run merges the same checkpoints as an uninterrupted one."""
+    (path / INTERRUPTED).write_text(json.dumps({"note": "saved on an interrupt; resumes the run, skipped by merge"})
+                                    + "\n")
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
                     generator: torch.Generator, np_rng: np.random.Generator) -> dict:
     """Restore model, optimizers and every RNG from a checkpoint folder; returns trainer.json's content."""

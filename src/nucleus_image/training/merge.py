@@ -72,7 +72,7 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
     from safetensors.torch import load_file
 
     from ..model import NucleusConfig, NucleusTransformer
-    from .checkpoint import list_checkpoints
+    from .checkpoint import INTERRUPTED, list_checkpoints
     from .config import TrainConfig
     from .sampling import make_pipeline
     from .trainer import build_encoders
@@ -86,7 +86,13 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
         raise ValueError(f"run {str(run_dir)!r} has no complete checkpoint to merge")
     if last < 1:
         raise ValueError(f"--last must be >= 1, got {last}")
+    # A checkpoint saved on an interrupt resumes a run but is not merged (unless the run ends there), so an
+    # interrupted and resumed run merges the same checkpoints as an uninterrupted one.
+    found = [(step, path) for step, path in found[:-1] if not (path / INTERRUPTED).exists()] + found[-1:]
     chosen = found[-last:]
+    if len(chosen) < last:
+        print(f"asked for the last {last} checkpoints; {str(run_dir)!r} holds {len(chosen)} (steps "
+              f"{', '.join(str(s) for s, _ in chosen)}): merging those")
     coefficients = merge_coefficients(len(chosen), weights)
     cfg = TrainConfig.from_json(config_file)
     print(f"merging {len(chosen)} checkpoints ({weights}): " +

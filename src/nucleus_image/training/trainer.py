@@ -130,6 +130,9 @@ class CaptionCache:
 
 
 class Trainer:
+    # Set from a signal handler (`nucleus train` on Ctrl-C / SIGTERM): the loop saves and returns between steps.
+    stop_requested = False
+
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, max_steps: int | None = None,
                  resume: bool = False, progress: bool = True):
         cfg.validate()
@@ -289,6 +292,12 @@ class Trainer:
         images_seen, t0 = 0, time.perf_counter()
         try:
             while self.step < self.total_steps:
+                if self.stop_requested:
+                    latest = ckpt.latest_checkpoint(self.run_dir)
+                    if latest is None or latest.name != f"step-{self.step:08d}":
+                        self._save()
+                        ckpt.mark_interrupted(ckpt.latest_checkpoint(self.run_dir))
+                    return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, 0.0)
                 index, stage = cfg.stage_at(self.step)
                 if index != self.stage_index:
                     self._enter_stage(index)
