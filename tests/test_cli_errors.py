@@ -46,6 +46,7 @@ BAD = [
     ("train --data {root}/empty --out {root}/fresh --max-steps 0", "nucleus train", "--max-steps"),
     ("train --data {root}/empty --out {root}/fresh --preset huge", "nucleus train", "--preset 'huge'"),
     ("train --data {root}/empty --out {root}/fresh", "nucleus train", "holds no manifest"),
+    ("data synth --out {root}/synth --num 0", "nucleus data synth", "--num"),
     ("data curate {root}/empty --out {root}/curated --quiet", "nucleus data curate", "no images in"),
     ("model info --preset huge", "nucleus model info", "--preset 'huge'"),
     ("model init --out {root}/init --dtype fp32", "nucleus model init", "--dtype"),
@@ -58,6 +59,8 @@ BAD = [
     ("eval fid --model {root}/model --reference {root}/empty --out {root}/f --device cuda", "nucleus eval fid",
      "--device cuda"),
     ("inspect-routing --model {root}/model --out {root}/r --sigmas 2", "nucleus inspect-routing", "--sigmas '2'"),
+    ("inspect-routing --model {root}/model --out {root}/a_file", "nucleus inspect-routing", "--out"),
+    ("eval compositional --model {root}/model --out {root}/a_file", "nucleus eval compositional", "--out"),
     ("merge {root}/empty --out {root}/m", "nucleus merge", "not a training run folder"),
     ("bench geneval --model {root}/model --out {root}/g --steps 0", "nucleus bench geneval", "--steps"),
 ]
@@ -96,5 +99,22 @@ def test_version_bare_command_and_help(env):
         text = nucleus.run(*command, "--help").stdout
         assert "examples:\n  nucleus " + " ".join(command) in text, command
         assert "(default: " in text, command
+    info = nucleus.run("model", "info", "--preset", "tiny").stdout
+    assert re.search(r"parameters: \d+\.\dM total, \d+\.\dM active per token", info), info[-300:]
     generate = nucleus.run("generate", "--help").stdout
     assert "(default: 50)" in generate and "--seed SEED" in generate and "(default: 0)" in generate
+
+
+def test_inspect_routing_on_plain_prompts_reports_timestep_and_token_metrics(env):
+    import json
+
+    root, nucleus = env
+    result = nucleus.run("inspect-routing", "--model", str(root / "model"), "--out", str(root / "routing"),
+                         "--prompt", "a red circle", "--prompt", "two blue squares", "--steps", "2",
+                         "--sigmas", "0.2,0.8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the shape, colour and region columns need scenes" in result.stdout
+    assert "var_t / var_tok / var_int:" in result.stdout  # the columns are explained under the table
+    summary = json.loads((root / "routing" / "routing.json").read_text())["summary"]
+    assert set(summary["nmi"]) == {"timestep"} and 0.0 <= summary["variance_share"]["token"] <= 1.0
+    assert summary["jaccard"] > 0.0

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import signal
 import sys
+import textwrap
 
 import nucleus_image
 
@@ -39,6 +40,8 @@ def _examples(parser: argparse.ArgumentParser, docs: list[str]) -> str | None:
 def _finish(parser: argparse.ArgumentParser, docs: list[str]) -> None:
     """Every parser of the tree: the shared formatter, and the examples for its own command."""
     parser.formatter_class = HelpFormatter
+    if parser.description and "\n" not in parser.description:
+        parser.description = textwrap.fill(parser.description, 100)
     if parser.epilog is None:
         parser.epilog = _examples(parser, docs)
     for action in parser._actions:

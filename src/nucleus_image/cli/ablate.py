@@ -1,6 +1,7 @@
 """`nucleus ablate ...`: controlled comparisons that train several arms of one recipe.
 
-    nucleus ablate routing --data data/synth --out runs/ablate [--preset tiny] [--max-steps N] [--set key=value]
+    nucleus ablate routing --data data/synth --out runs/ablate
+    nucleus ablate routing --data data/synth --out runs/ablate-short --max-steps 300 --no-fid --sequential
 
 `routing`: the decoupled-routing ablation (`nucleus_image.eval.ablation`): the preset trained twice, identical
 except model.router_input (decoupled vs coupled), same seed, data and steps; then final loss, compositional score

@@ -6,6 +6,7 @@ Every check here runs before a model is loaded and raises ValueError naming the 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -106,3 +107,13 @@ def check_out_folder(path: str, flag: str = "--out") -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {path!r} is a file; give a folder (it is created if missing)")
     return out
+
+
+@contextmanager
+def resumable(folder, what: str = "samples"):
+    """Ctrl-C inside says where the work so far is and that the same command continues it (exit 130, no trace)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the {what} written so far are in {folder}; rerun the same command to continue") \
+            from None

@@ -40,11 +40,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from nucleus_image.cli.arguments import check_device, check_guidance, check_positive
+    from nucleus_image.cli.arguments import check_device, check_guidance, check_out_folder, check_positive, resumable
 
     check_positive(args, "per_task", "samples", "steps", "batch_size")
     check_guidance(args.guidance)
     check_device(args.device)
+    check_out_folder(args.out)
 
     from nucleus_image.eval.geneval_bench import (generate_benchmark, is_synthetic_domain, read_prompts,
                                                   scorable_here)
@@ -72,8 +73,9 @@ def run(args) -> int:
 
     pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
     settings = {"model": str(Path(args.model).resolve()), "prompts": source, "aspect": args.aspect}
-    result = generate_benchmark(pipeline, records, args.out, settings, args.samples, args.seed, args.steps,
-                                args.guidance, args.batch_size, args.aspect)
+    with resumable(args.out, "images"):
+        result = generate_benchmark(pipeline, records, args.out, settings, args.samples, args.seed, args.steps,
+                                    args.guidance, args.batch_size, args.aspect)
     print(f"{result['written']} images written, {result['skipped_existing']} already there; {result['total']} in "
           f"{args.out} (GenEval layout)")
     if score:

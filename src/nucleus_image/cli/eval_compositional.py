@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nucleus_image.cli.arguments import EVAL_STEPS, check_device, check_guidance, check_positive, read_prompt_file
+from nucleus_image.cli.arguments import (EVAL_STEPS, check_device, check_guidance, check_out_folder, check_positive,
+                                         read_prompt_file, resumable)
 from nucleus_image.eval.compositional import (format_summary, generate_samples, read_geneval_folder,
                                               score_folder, validate_records, write_report)
 
@@ -59,6 +60,7 @@ def run(args) -> int:
     check_positive(args, "per_task", "samples", "steps", "batch_size")
     check_guidance(args.guidance)
     check_device(args.device)
+    check_out_folder(args.out)
     if args.images and not Path(args.images).is_dir():
         raise ValueError(f"--images {args.images!r} is not a folder")
     if args.model:
@@ -67,8 +69,9 @@ def run(args) -> int:
 
         records = load_records(args.prompts) if args.prompts else heldout_metadata(0, args.per_task)
         pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
-        images_dir = generate_samples(pipeline, records, out / "images", args.samples, args.seed, args.steps,
-                                      args.guidance, args.aspect, prompts_per_forward(args.batch_size, args.samples))
+        with resumable(out / "images", "images"):
+            images_dir = generate_samples(pipeline, records, out / "images", args.samples, args.seed, args.steps,
+                                          args.guidance, args.aspect, prompts_per_forward(args.batch_size, args.samples))
     else:
         images_dir = Path(args.images)
     report = score_folder(images_dir)

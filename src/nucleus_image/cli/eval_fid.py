@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nucleus_image.cli.arguments import EVAL_STEPS, check_device, check_guidance, check_positive
+from nucleus_image.cli.arguments import EVAL_STEPS, check_device, check_guidance, check_positive, resumable
 
 
 def register(subparsers) -> None:
@@ -62,8 +62,9 @@ def run(args) -> int:
 
         records = load_records(args.prompts) if args.prompts else heldout_metadata(0, args.per_task)
         pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
-        images = generate_samples(pipeline, records, Path(args.out) / "images", args.samples, args.seed, args.steps,
-                                  args.guidance, "1:1", prompts_per_forward(args.batch_size, args.samples))
+        with resumable(Path(args.out) / "images", "images"):
+            images = generate_samples(pipeline, records, Path(args.out) / "images", args.samples, args.seed, args.steps,
+                                      args.guidance, "1:1", prompts_per_forward(args.batch_size, args.samples))
     else:
         images = Path(args.images)
     extractor = InceptionFeatures(args.device, args.batch_size)

@@ -46,9 +46,29 @@ def _weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{str(folder)!r} holds no {WEIGHTS_NAME} or {INDEX_NAME} (found: {found})")
 
 
+def resolve_pretrained(name) -> Path:
+    """A local folder as given, or a Hugging Face Hub model id ("owner/name", optionally "@revision")
+    fetched through huggingface_hub's own cache: downloaded once, then read from the cache (HF_HUB_OFFLINE=1 reads
+    only the cache; HF_HUB_CACHE / HF_HOME say where it is)."""
+    path = Path(name)
+    if path.exists() or not isinstance(name, str) or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    repo_id, _, revision = name.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None))
+    except HFValidationError:
+        return path
+    except Exception as err:  # offline without a cached copy, unknown repository, no network: all the user's to fix
+        raise ValueError(f"{name!r} is neither a local folder nor a Hugging Face Hub model id that could be fetched "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+
+
 def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None):
     """Build `cls` from a diffusers transformer folder. dtype None keeps the stored dtype."""
-    folder = Path(path) / subfolder if subfolder else Path(path)
+    folder = resolve_pretrained(path) / subfolder if subfolder else resolve_pretrained(path)
     if not (folder / CONFIG_NAME).exists() and (folder / "transformer" / CONFIG_NAME).exists():
         folder = folder / "transformer"  # a pipeline folder: take its transformer
     if not (folder / CONFIG_NAME).exists():

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from nucleus_image.diffusion.flow import FlowSchedule
+from nucleus_image.model.checkpoint import apply_umask, resolve_pretrained
 
 INDEX_NAME = "model_index.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -31,26 +32,6 @@ DIFFUSERS_SAMPLE_LATENTS = 128
 
 VAE_CLASSES = ("AutoencoderKLQwenImage", "PixelAutoencoder")
 TEXT_ENCODER_CLASSES = ("Qwen3VLForConditionalGeneration", "MiniLMTextEncoder")
-
-
-def resolve_pretrained(name) -> Path:
-    """A local pipeline folder as given, or a Hugging Face Hub model id ("owner/name", optionally "@revision")
-    fetched through huggingface_hub's own cache: downloaded once, then read from the cache (HF_HUB_OFFLINE=1 reads
-    only the cache; HF_HUB_CACHE / HF_HOME say where it is)."""
-    path = Path(name)
-    if path.exists() or not isinstance(name, str) or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    repo_id, _, revision = name.partition("@")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None))
-    except HFValidationError:
-        return path
-    except Exception as err:  # offline without a cached copy, unknown repository, no network: all the user's to fix
-        raise ValueError(f"{name!r} is neither a local folder nor a Hugging Face Hub model id that could be fetched "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from None
 
 
 def read_index(path: Path) -> dict:
@@ -69,7 +50,7 @@ def read_index(path: Path) -> dict:
 def read_geometry(path) -> tuple[int, int]:
     """(native sample size, pixel granularity) from a pipeline folder's configs alone, so sizes can be checked
     before any weights load."""
-    path = Path(path)
+    path = resolve_pretrained(path)
     index = read_index(path)
     patch = json.loads((path / "transformer" / "config.json").read_text()).get("patch_size", 2)
     vae_config = json.loads((path / "vae" / "config.json").read_text())
@@ -150,7 +131,6 @@ def save_components(path, transformer, vae, text_encoder, schedule: FlowSchedule
     import diffusers
 
     import nucleus_image
-    from nucleus_image.model.checkpoint import apply_umask
 
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"

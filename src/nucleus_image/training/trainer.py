@@ -316,7 +316,8 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
                     self._save()
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == self.total_steps:
-                    self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
+                    grid = self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
+                    logger.sample_grid(self.step, grid)
         finally:
             bar.close()
             logger.close()
