@@ -77,6 +77,10 @@ def test_train_fresh_runs_agree_and_interrupt_resumes_exactly(tmp_path):
     assert json.loads((stopped / "losses.json").read_text()) == json.loads((tmp_path / "first" / "losses.json").read_text())
     again = final_weights(stopped)
     assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in first)
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = stopped / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"
+    assert os.stat(weights).st_mode & 0o777 == 0o666 & ~umask  # safetensors alone writes 0600
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from nucleus_image.model.checkpoint import apply_umask
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer.json")
 
@@ -116,6 +118,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, mode
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     })
     (tmp / "trainer.json").write_text(json.dumps(trainer, default=_json_default) + "\n")
+    apply_umask(tmp)
     _fsync_dir(tmp)
     if final.exists():  # a rerun of the same step (e.g. after a resume) replaces it
         shutil.rmtree(final)
