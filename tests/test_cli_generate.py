@@ -67,7 +67,7 @@ def test_generate_writes_images_and_sidecars_that_reproduce_them(model_dir, tmp_
     ([], "no prompts"),
     (["--prompt", "x", "--width", "30", "--height", "32"], "width 30 is not a positive multiple of 4"),
     (["--prompt", "x", "--aspect", "1:1", "--width", "32"], "not both"),
-    (["--prompt", "x", "--steps", "0"], "--steps must be >= 1"),
+    (["--prompt", "x", "--steps", "0"], "--steps 0 must be >= 1"),
     (["--prompt", "x", "--width", "32"], "pass both --width and --height"),
     (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
 ])

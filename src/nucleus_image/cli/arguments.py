@@ -92,7 +92,7 @@ def check_positive(args, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 1")
 
 
 def check_guidance(value: float, flag: str = "--guidance") -> None:
