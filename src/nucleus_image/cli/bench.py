@@ -1,7 +1,7 @@
 """`nucleus bench ...`: benchmark runners.
 
     nucleus bench geneval --model runs/tiny/merged --out geneval/
-    nucleus bench geneval --model owner/nucleus-image --out geneval/ --device cuda --limit 20
+    nucleus bench geneval --model NucleusAI/NucleusMoE-Image --out geneval/ --device cuda --limit 20
 
 `geneval` (`nucleus_image.eval.geneval_bench`): the 553 GenEval prompts, 4 images each by default, in the layout
 GenEval's official scorer reads (score them there with its detector), seeds recorded, resumable. A synthetic-domain

@@ -2,7 +2,7 @@
 
     nucleus generate --model runs/tiny/merged --prompt "a red cube left of a blue sphere" --num-images 4 --out samples/
     nucleus generate --model runs/tiny/merged --prompts prompts.txt --aspect 16:9 --steps 30 --out samples/
-    nucleus generate --model owner/nucleus-image --prompt "a lighthouse at dusk" --device cuda --out samples/
+    nucleus generate --model NucleusAI/NucleusMoE-Image --prompt "a lighthouse at dusk" --device cuda --out samples/
 
 Image k (counting over prompts, then images per prompt) is drawn with seed `--seed + k` on a CPU generator, so
 every image is reproducible on its own: its sidecar and its PNG text metadata hold the exact settings and a
