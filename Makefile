@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(NUCLEUS) train --preset tiny --data $(DEMO)/data --out $(DEMO)/run --set time_budget_s=$$budget && \
 	$(NUCLEUS) merge $(DEMO)/run --out $(DEMO)/merged && \
 	$(NUCLEUS) eval compositional --model $(DEMO)/merged --prompts $(DEMO)/data/heldout_metadata.jsonl \
-		--out $(DEMO)/eval --samples 4 --steps 16 --batch-prompts 12 && \
+		--out $(DEMO)/eval --samples 4 --steps 16 --batch-size 48 && \
 	echo "demo: $$(( $$(date +%s) - start )) s from data to scores (setup excluded); results in $(DEMO)/"
 
 clean:

@@ -28,7 +28,7 @@ def test_generate_writes_images_and_sidecars_that_reproduce_them(model_dir, tmp_
     out = tmp_path / "out"
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(json.dumps({"prompt": "a blue sphere", "tag": "x"}) + "\n")
-    argv = ["generate", "--model", str(model_dir), "--prompt", "a red cube", "--prompts-file", str(prompts_file),
+    argv = ["generate", "--model", str(model_dir), "--prompt", "a red cube", "--prompts", str(prompts_file),
             "--num-images", "2", "--steps", "3", "--guidance", "3.0", "--seed", "10", "--aspect", "16:9",
             "--negative", "noise", "--batch-size", "2", "--out", str(out)]
     assert main(argv) == 0
@@ -67,9 +67,9 @@ def test_generate_writes_images_and_sidecars_that_reproduce_them(model_dir, tmp_
     ([], "no prompts"),
     (["--prompt", "x", "--width", "30", "--height", "32"], "width 30 is not a positive multiple of 4"),
     (["--prompt", "x", "--aspect", "1:1", "--width", "32"], "not both"),
-    (["--prompt", "x", "--steps", "0"], "--steps must be >= 1"),
+    (["--prompt", "x", "--steps", "0"], "--steps 0 must be >= 1"),
     (["--prompt", "x", "--width", "32"], "pass both --width and --height"),
-    (["--prompts-file", "/nonexistent/prompts.txt"], "does not exist"),
+    (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
 ])
 def test_bad_arguments_exit_2_with_a_message(model_dir, tmp_path, capsys, monkeypatch, extra, message):
     from nucleus_image.pipeline import NucleusPipeline

@@ -1,34 +1,99 @@
-"""The `nucleus` command. Each subcommand lives in its own module here and exposes `register(subparsers)`.
+"""The `nucleus` command. Each subcommand lives in its own module here and exposes `register(subparsers)`; the
+indented `nucleus ...` lines of a module's docstring become the examples at the end of that subcommand's --help.
 
     nucleus --help
+    nucleus generate --help
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import textwrap
+
+import nucleus_image
 
 # Modules under nucleus_image.cli, each adding one top-level subcommand.
 COMMANDS = ("model", "data", "eval", "generate", "train", "merge", "inspect_routing", "ablate", "bench", "plan")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and shows every default that is not already spelled out in the help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _examples(parser: argparse.ArgumentParser, docs: list[str]) -> str | None:
+    lines = [line.strip() for doc in docs for line in doc.splitlines()]
+    picked = [line for line in lines if line.startswith(parser.prog + " ")]
+    return "examples:\n" + "\n".join(f"  {line}" for line in dict.fromkeys(picked)) if picked else None
+
+
+def _finish(parser: argparse.ArgumentParser, docs: list[str]) -> None:
+    """Every parser of the tree: the shared formatter, and the examples for its own command."""
+    parser.formatter_class = HelpFormatter
+    if parser.description and "\n" not in parser.description:
+        parser.description = textwrap.fill(parser.description, 100)
+    if parser.epilog is None:
+        parser.epilog = _examples(parser, docs)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _finish(sub, docs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nucleus", description="Nucleus-Image: sparse-MoE text-to-image diffusion")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"nucleus_image.cli.{name}").register(subparsers)
+    parser.add_argument("--version", action="version", version=f"nucleus-image {nucleus_image.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = [importlib.import_module(f"nucleus_image.cli.{name}") for name in COMMANDS]
+    for module in modules:
+        module.register(subparsers)
+    docs = [m.__doc__ or "" for m in sys.modules.values()
+            if m is not None and getattr(m, "__name__", "").startswith("nucleus_image.cli.")]
+    _finish(parser, docs)
     return parser
 
 
+def command_name(args) -> str:
+    """The subcommand as typed, e.g. `nucleus eval fid`, for error messages."""
+    words = [args.command.replace("_", "-")]
+    for key in ("data_command", "eval_command", "model_command", "ablate_command", "bench_command"):
+        if getattr(args, key, None):
+            words.append(getattr(args, key))
+    return "nucleus " + " ".join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    args.argv = argv
+    name = command_name(args)
+    # SIGTERM (a job scheduler, `kill`) stops a command the way Ctrl-C does: no traceback, nothing half-written.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except KeyboardInterrupt as stop:
+        print(f"{name}: interrupted" + (f": {stop}" if str(stop) else ""), file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
         # Bad input is reported in one line that names the value; tracebacks are for bugs.
-        print(f"nucleus {args.command}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

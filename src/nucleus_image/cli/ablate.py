@@ -1,6 +1,7 @@
 """`nucleus ablate ...`: controlled comparisons that train several arms of one recipe.
 
-    nucleus ablate routing --data data/synth --out runs/ablate [--preset tiny] [--max-steps N] [--set key=value]
+    nucleus ablate routing --data data/synth --out runs/ablate
+    nucleus ablate routing --data data/synth --out runs/ablate-short --max-steps 300 --no-fid --sequential
 
 `routing`: the decoupled-routing ablation (`nucleus_image.eval.ablation`): the preset trained twice, identical
 except model.router_input (decoupled vs coupled), same seed, data and steps; then final loss, compositional score
@@ -9,6 +10,7 @@ per task, FID and the routing metrics side by side in OUT/ablation.md and OUT/ab
 
 from __future__ import annotations
 
+from nucleus_image.cli.arguments import EVAL_STEPS
 from nucleus_image.eval.routing import DEFAULT_SIGMAS
 
 
@@ -28,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--sequential", action="store_true", help="train the arms one after the other (default: in parallel)")
     p.add_argument("--per-task", type=int, default=24, help="held-out prompts per task to sample and score")
     p.add_argument("--samples", type=int, default=4, help="images per held-out prompt")
-    p.add_argument("--steps", type=int, default=16, help="denoising steps when sampling")
+    p.add_argument("--steps", type=int, default=EVAL_STEPS, help="denoising steps when sampling")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale when sampling")
     p.add_argument("--routing-per-task", type=int, default=4, help="prompts per task for the routing metrics")
     p.add_argument("--sigmas", default=",".join(str(s) for s in DEFAULT_SIGMAS), help="noise levels for the routing metrics")

@@ -1,6 +1,7 @@
 """`nucleus bench ...`: benchmark runners.
 
-    nucleus bench geneval --model DIR --out DIR [--prompts FILE] [--samples 4] [--steps 50] [--limit N]
+    nucleus bench geneval --model runs/tiny/merged --out geneval/
+    nucleus bench geneval --model NucleusAI/NucleusMoE-Image --out geneval/ --device cuda --limit 20
 
 `geneval` (`nucleus_image.eval.geneval_bench`): the 553 GenEval prompts, 4 images each by default, in the layout
 GenEval's official scorer reads (score them there with its detector), seeds recorded, resumable. A synthetic-domain
@@ -9,6 +10,8 @@ model gets the synthetic held-out prompts by default and is scored here with the
 """
 
 from __future__ import annotations
+
+from nucleus_image.cli.arguments import GENERATE_STEPS
 
 
 def register(subparsers) -> None:
@@ -24,10 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0 of prompt 0 (default 0)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--steps", type=int, default=GENERATE_STEPS, help="denoising steps")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
     p.add_argument("--aspect", default="1:1", help="aspect preset at the model's native size (default 1:1)")
-    p.add_argument("--batch-images", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--score", choices=("auto", "compositional", "none"), default="auto",
                    help="auto: score with the compositional scorer when the prompts are synthetic shapes")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -36,6 +39,13 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from pathlib import Path
+
+    from nucleus_image.cli.arguments import check_device, check_guidance, check_out_folder, check_positive, resumable
+
+    check_positive(args, "per_task", "samples", "steps", "batch_size")
+    check_guidance(args.guidance)
+    check_device(args.device)
+    check_out_folder(args.out)
 
     from nucleus_image.eval.geneval_bench import (generate_benchmark, is_synthetic_domain, read_prompts,
                                                   scorable_here)
@@ -63,8 +73,9 @@ def run(args) -> int:
 
     pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
     settings = {"model": str(Path(args.model).resolve()), "prompts": source, "aspect": args.aspect}
-    result = generate_benchmark(pipeline, records, args.out, settings, args.samples, args.seed, args.steps,
-                                args.guidance, args.batch_images, args.aspect)
+    with resumable(args.out, "images"):
+        result = generate_benchmark(pipeline, records, args.out, settings, args.samples, args.seed, args.steps,
+                                    args.guidance, args.batch_size, args.aspect)
     print(f"{result['written']} images written, {result['skipped_existing']} already there; {result['total']} in "
           f"{args.out} (GenEval layout)")
     if score:

@@ -1,5 +1,6 @@
 """`nucleus data curate INPUT... --out DIR`: curate images with captions into a new manifest version.
 
+    nucleus data curate photos/ --out dataset/
     nucleus data curate photos/ shards/000.tar table.parquet --out dataset/ --engine local --config curate.toml
 """
 

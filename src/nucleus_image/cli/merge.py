@@ -1,5 +1,6 @@
 """`nucleus merge`: the Merge of Warmup-Stable-Merge: average a run's last checkpoints into a pipeline folder.
 
+    nucleus merge runs/tiny --out runs/tiny/merged
     nucleus merge runs/tiny --last 6 --weights inverse-sqrt --out runs/tiny/merged
 
 Coefficients c_j (oldest first, summing to 1): uniform 1/N, or inverse-sqrt c_j ~ 1/sqrt(N - j) (the newest

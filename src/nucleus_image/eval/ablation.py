@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..training.checkpoint import latest_checkpoint
 from .routing import DEFAULT_SIGMAS
 
 ARMS = ("decoupled", "coupled")
@@ -64,7 +65,7 @@ def train_command(cfg: AblationConfig, arm: str, data: Path, run_dir: Path) -> l
         args += ["--set", item]
     if cfg.max_steps is not None:
         args += ["--max-steps", str(cfg.max_steps)]
-    if (run_dir / "train_config.json").exists():
+    if latest_checkpoint(run_dir) is not None:  # `nucleus train` refuses --resume without a checkpoint
         args.append("--resume")
     return _cli(*args)
 

@@ -18,6 +18,7 @@ record, one line) and `<dir>/<index:05d>/samples/<k:04d>.png`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,8 @@ def generate_samples(pipeline, records: list[dict], folder: str | Path, samples:
     folder = Path(folder)
     for start in tqdm(range(0, len(records), batch_prompts), desc="sampling prompts", disable=not progress):
         chunk = records[start:start + batch_prompts]
+        if all(_sampled(folder / f"{start + i:05d}", rec, samples) for i, rec in enumerate(chunk)):
+            continue  # written by an earlier, interrupted run of the same job: a rerun continues
         gens = [torch.Generator("cpu").manual_seed(seed + (start + i) * samples + k)
                 for i in range(len(chunk)) for k in range(samples)]
         images = pipeline([r["prompt"] for r in chunk], num_images_per_prompt=samples, generator=gens,
@@ -220,8 +223,19 @@ def generate_samples(pipeline, records: list[dict], folder: str | Path, samples:
             sample_dir.mkdir(parents=True, exist_ok=True)
             (sample_dir.parent / "metadata.jsonl").write_text(json.dumps(rec) + "\n")
             for k, image in enumerate(imgs):
-                image.save(sample_dir / f"{k:04d}.png")
+                image.save(sample_dir / f".{k:04d}.png.tmp", format="PNG")
+                os.replace(sample_dir / f".{k:04d}.png.tmp", sample_dir / f"{k:04d}.png")
     return folder
+
+
+def _sampled(prompt_dir: Path, record: dict, samples: int) -> bool:
+    """Whether this prompt's images are all on disk; refuses a folder that holds another prompt there."""
+    metadata = prompt_dir / "metadata.jsonl"
+    if not metadata.exists():
+        return False
+    if json.loads(metadata.read_text()) != record:
+        raise ValueError(f"{str(prompt_dir)!r} holds samples of another prompt; choose a new output folder")
+    return all((prompt_dir / "samples" / f"{k:04d}.png").exists() for k in range(samples))
 
 
 LEGEND = ("Each tile: the first sample of one held-out prompt, upscaled. Frame green = correct, red = wrong. "

@@ -187,10 +187,39 @@ def synthetic_scene_batch(pipeline, records: list[dict], seed: int = 0) -> Scene
     return SceneBatch(images, prompts, pack_latents(latents, patch), text, mask, grid, labels, names)
 
 
+@torch.no_grad()
+def sampled_batch(pipeline, prompts: list[str], seed: int = 0, steps: int = 20) -> SceneBatch:
+    """Plain prompts have no ground-truth scene: the model's own samples (prompt i drawn with seed + i at the
+    native square size) stand in as the clean images. Without scenes there are no shape or colour labels, so only
+    the timestep and token metrics apply."""
+    from nucleus_image.pipeline.pipeline import pack_latents
+
+    if pipeline.text_encoder is None:
+        raise ValueError("routing inspection needs the pipeline's text encoder to encode the prompts")
+    size = pipeline.sample_size
+    images = pipeline(prompts, height=size, width=size, num_inference_steps=steps, progress=False,
+                      generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]).images
+    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2)
+    latents = pipeline.vae.encode((pixels / 127.5 - 1.0).to(pipeline.device, pipeline.vae.dtype)).float()
+    patch = pipeline.transformer.config.patch_size
+    grid = (latents.shape[2] // patch, latents.shape[3] // patch)
+    text, mask = pipeline.text_encoder.encode(prompts)
+    return SceneBatch(images, prompts, pack_latents(latents, patch), text, mask, grid, {}, {})
+
+
+def has_scenes(records: list[dict]) -> bool:
+    """Whether every record carries GenEval metadata (a tag and objects) that a synthetic scene can be drawn from."""
+    return all("tag" in r and "include" in r for r in records)
+
+
 def inspect_pipeline(pipeline, records: list[dict], sigmas=DEFAULT_SIGMAS, seed: int = 0,
-                     batch_size: int = 16) -> tuple[RoutingRecord, SceneBatch]:
-    """Routing of a pipeline's transformer over ground-truth renderings of `records` at every sigma, labelled."""
-    batch = synthetic_scene_batch(pipeline, records, seed)
+                     batch_size: int = 16, steps: int = 20) -> tuple[RoutingRecord, SceneBatch]:
+    """Routing of a pipeline's transformer at every sigma over ground-truth renderings of `records` (labelled by
+    shape, colour and region), or, for plain prompts, over the model's own samples (`steps` denoising steps)."""
+    if has_scenes(records):
+        batch = synthetic_scene_batch(pipeline, records, seed)
+    else:
+        batch = sampled_batch(pipeline, [r["prompt"] for r in records], seed, steps)
     record = collect_routing(pipeline.transformer, batch.x0_NSC, batch.text_NLD, batch.text_mask_NL, batch.grid,
                              sigmas, seed, batch_size)
     record.labels, record.label_names = batch.labels, batch.label_names
@@ -376,7 +405,22 @@ def format_metrics(metrics: dict) -> str:
         lines.append(f"{name:<7}{v['timestep']:>7.3f}{v['token']:>8.3f}{v['interaction']:>8.3f}{j:>7.3f}{c:>7.3f}"
                      f"{nmi['timestep']:>7.3f}{nmi.get('shape', float('nan')):>8.3f}"
                      f"{nmi.get('color', float('nan')):>8.3f}{nmi.get('region', float('nan')):>8.3f}{none:>7.3f}")
-    return "\n".join(lines)
+    if "shape" not in s["nmi"]:
+        lines.append("(plain prompts: the shape, colour and region columns need scenes, i.e. GenEval metadata over "
+                     "the synthetic shapes)")
+    return "\n".join(lines + ["", *COLUMNS])
+
+
+# The legend printed under the table (the module docstring has the full definitions).
+COLUMNS = (
+    "var_t / var_tok / var_int: share of the router-logit variance explained by the timestep, by the token, and by",
+    "  their interaction (var_t near 1: routing reads the noise level; var_tok near 1: routing reads content)",
+    "jacc: mean overlap of the tokens an expert picks in one image at two noise levels; chance: the same for",
+    "  random picks (jacc well above chance: experts keep their tokens as the noise changes)",
+    "nmi_t / nmi_shp / nmi_col / nmi_reg: how much a token's preferred expert tells about the timestep, and the",
+    "  shape, colour and 3x3 region under the token (0 = nothing, 1 = determines it)",
+    "none: share of image tokens no expert picked (only the shared expert saw them)",
+)
 
 
 def write_report(record: RoutingRecord, batch: SceneBatch | None, out, extra: dict | None = None) -> dict:

@@ -46,9 +46,29 @@ def _weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{str(folder)!r} holds no {WEIGHTS_NAME} or {INDEX_NAME} (found: {found})")
 
 
+def resolve_pretrained(name) -> Path:
+    """A local folder as given, or a Hugging Face Hub model id ("owner/name", optionally "@revision")
+    fetched through huggingface_hub's own cache: downloaded once, then read from the cache (HF_HUB_OFFLINE=1 reads
+    only the cache; HF_HUB_CACHE / HF_HOME say where it is)."""
+    path = Path(name)
+    if path.exists() or not isinstance(name, str) or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    repo_id, _, revision = name.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None))
+    except HFValidationError:
+        return path
+    except Exception as err:  # offline without a cached copy, unknown repository, no network: all the user's to fix
+        raise ValueError(f"{name!r} is neither a local folder nor a Hugging Face Hub model id that could be fetched "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+
+
 def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None):
     """Build `cls` from a diffusers transformer folder. dtype None keeps the stored dtype."""
-    folder = Path(path) / subfolder if subfolder else Path(path)
+    folder = resolve_pretrained(path) / subfolder if subfolder else resolve_pretrained(path)
     if not (folder / CONFIG_NAME).exists() and (folder / "transformer" / CONFIG_NAME).exists():
         folder = folder / "transformer"  # a pipeline folder: take its transformer
     if not (folder / CONFIG_NAME).exists():
@@ -82,6 +102,17 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", s
     return model.eval()
 
 
+def apply_umask(folder: Path) -> None:
+    """Give a freshly written folder the modes the user's umask asks for. safetensors writes its files 0600
+    (through a private temporary file), which would hide shared weights from the rest of a team."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def save_pretrained(model, path, max_shard_size: int | str = "10GB") -> None:
     """Write config.json and safetensors shards (<= max_shard_size each) atomically into `path`."""
     path = Path(path)
@@ -112,6 +143,7 @@ def save_pretrained(model, path, max_shard_size: int | str = "10GB") -> None:
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    apply_umask(tmp)
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         path.rename(old)

@@ -79,10 +79,13 @@ class MoELayer(nn.Module):
         gating = gating_BEC.transpose(0, 1).reshape(-1)
         # Renormalise each token's picked affinities over the experts that picked it.
         token_sums = torch.zeros(B * S, device=gating.device, dtype=gating.dtype).scatter_add_(0, flat_idx, gating)
-        gating = gating / (token_sums[flat_idx] + 1e-12) * self.route_scale
+        gating = gating / (token_sums.index_select(0, flat_idx) + 1e-12) * self.route_scale
 
         x_flat = x_mod_BSD.reshape(B * S, D)
-        routed = self.experts(x_flat[flat_idx].view(E, B * C, D)).reshape(E * B * C, D)
+        # index_select, not x_flat[flat_idx]: the same values, but its backward is index_add, which sums in a
+        # fixed order on CPU, while advanced indexing's backward (index_put with accumulate) does not with
+        # several threads, so training would not be reproducible run to run.
+        routed = self.experts(x_flat.index_select(0, flat_idx).view(E, B * C, D)).reshape(E * B * C, D)
         routed = (routed.float() * gating.unsqueeze(-1)).to(x_mod_BSD.dtype)
         out = self.shared_expert(x_mod_BSD).reshape(B * S, D)
         out = out.scatter_add(0, flat_idx.unsqueeze(-1).expand(-1, D), routed)

@@ -11,6 +11,7 @@ experts with static shapes, routing outputs on request, per-stage capacity facto
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -295,10 +296,21 @@ class NucleusTransformer(nn.Module):
 
 def _grid(img_shapes) -> tuple[int, int, int]:
     """One (frames, height, width) for the batch: static shapes need every sample on the same grid."""
-    shapes = [img_shapes] if isinstance(img_shapes, tuple) and len(img_shapes) == 3 and isinstance(img_shapes[0], int) else list(img_shapes)
-    shapes = [tuple(int(v) for v in s) for s in shapes]
-    if not shapes or any(len(s) != 3 for s in shapes):
-        raise ValueError(f"img_shapes {img_shapes!r} must be (frames, height, width) or a list of them, in patches")
+    expected = f"img_shapes {img_shapes!r} must be (frames, height, width) or a list of them, positive ints in patches"
+    if isinstance(img_shapes, (tuple, list)) and len(img_shapes) == 3 and all(isinstance(v, int) for v in img_shapes):
+        img_shapes_list = [img_shapes]
+    elif isinstance(img_shapes, (tuple, list)):
+        img_shapes_list = list(img_shapes)
+    else:
+        raise ValueError(expected)
+    if not img_shapes_list or any(not isinstance(s, (tuple, list)) or len(s) != 3 for s in img_shapes_list):
+        raise ValueError(expected)
+    try:
+        shapes = [tuple(operator.index(v) for v in s) for s in img_shapes_list]
+    except TypeError:
+        raise ValueError(expected) from None
+    if any(v < 1 for s in shapes for v in s):
+        raise ValueError(expected)
     if any(s != shapes[0] for s in shapes):
         raise ValueError(f"img_shapes {img_shapes!r} mixes grids; a batch must share one (frames, height, width)")
     return shapes[0]

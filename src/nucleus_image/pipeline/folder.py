@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from nucleus_image.diffusion.flow import FlowSchedule
+from nucleus_image.model.checkpoint import apply_umask, resolve_pretrained
 
 INDEX_NAME = "model_index.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -49,7 +50,7 @@ def read_index(path: Path) -> dict:
 def read_geometry(path) -> tuple[int, int]:
     """(native sample size, pixel granularity) from a pipeline folder's configs alone, so sizes can be checked
     before any weights load."""
-    path = Path(path)
+    path = resolve_pretrained(path)
     index = read_index(path)
     patch = json.loads((path / "transformer" / "config.json").read_text()).get("patch_size", 2)
     vae_config = json.loads((path / "vae" / "config.json").read_text())
@@ -75,7 +76,7 @@ def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = 
     `load_transformer`: the trainer takes only the encoders of a released folder)."""
     from nucleus_image.model import NucleusTransformer
 
-    path = Path(path)
+    path = resolve_pretrained(path)
     index = read_index(path)
     components = {"transformer": NucleusTransformer.from_pretrained(path / "transformer", dtype=dtype, device=device)
                   if load_transformer else None}
@@ -164,6 +165,7 @@ def save_components(path, transformer, vae, text_encoder, schedule: FlowSchedule
     scheduler_config = {**schedule.to_config(), "_diffusers_version": diffusers.__version__}
     (tmp / "scheduler" / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config, indent=2) + "\n")
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    apply_umask(tmp)
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         os.replace(path, old)  # the previous folder survives until the new one is in place

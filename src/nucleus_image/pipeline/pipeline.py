@@ -91,7 +91,8 @@ class NucleusPipeline:
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None,
                         load_text_encoder: bool = True) -> "NucleusPipeline":
-        """Load a diffusers NucleusMoEImagePipeline folder or one saved by `save_pretrained` (our training).
+        """Load a diffusers NucleusMoEImagePipeline folder or one saved by `save_pretrained` (our training), from a
+        local folder or a Hugging Face Hub model id ("owner/name[@revision]", through huggingface_hub's cache).
 
         Defaults: the GPU when there is one, in bfloat16; otherwise the CPU in float32."""
         device = torch.device(device) if device is not None else default_device()

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from nucleus_image.model.checkpoint import apply_umask
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 COMMON_FILES = ("config.json", "rng.safetensors", "trainer.json")
 FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json") + COMMON_FILES
@@ -144,6 +146,7 @@ def _write_run_state(tmp: Path, step: int, model_config: dict, generator: torch.
 
 def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> None:
     """Make a fully written temp folder the checkpoint `final` (one rename), then keep the newest `keep_last`."""
+    apply_umask(tmp)
     _fsync_dir(tmp)
     if (tmp / DCP_DIR).is_dir():
         _fsync_dir(tmp / DCP_DIR)
@@ -181,6 +184,16 @@ def save_distributed(run_dir: str | Path, step: int, model: torch.nn.Module, mod
         _publish(run_dir, tmp, final, keep_last)
     dist.barrier()
     return final
+
+
+INTERRUPTED = "interrupted.json"
+
+
+def mark_interrupted(path: Path) -> None:
+    """Flag a checkpoint saved off the cadence on an interrupt: it resumes the run but is not merged, so a resumed
+    run merges the same checkpoints as an uninterrupted one."""
+    (path / INTERRUPTED).write_text(json.dumps({"note": "saved on an interrupt; resumes the run, skipped by merge"})
+                                    + "\n")
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],

@@ -71,7 +71,7 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
     """Merge the newest `last` complete checkpoints of a run into a pipeline folder at `out` (diffusers layout:
     transformer/, vae/, text_encoder/, scheduler/) that `NucleusPipeline.from_pretrained(out)` loads."""
     from ..model import NucleusConfig, NucleusTransformer
-    from .checkpoint import list_checkpoints, load_model_state
+    from .checkpoint import INTERRUPTED, list_checkpoints, load_model_state
     from .config import TrainConfig
     from .sampling import make_pipeline
     from .trainer import build_encoders
@@ -85,7 +85,13 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
         raise ValueError(f"run {str(run_dir)!r} has no complete checkpoint to merge")
     if last < 1:
         raise ValueError(f"--last must be >= 1, got {last}")
+    # A checkpoint saved on an interrupt resumes a run but is not merged (unless the run ends there), so an
+    # interrupted and resumed run merges the same checkpoints as an uninterrupted one.
+    found = [(step, path) for step, path in found[:-1] if not (path / INTERRUPTED).exists()] + found[-1:]
     chosen = found[-last:]
+    if len(chosen) < last:
+        print(f"asked for the last {last} checkpoints; {str(run_dir)!r} holds {len(chosen)} (steps "
+              f"{', '.join(str(s) for s, _ in chosen)}): merging those")
     coefficients = merge_coefficients(len(chosen), weights)
     cfg = TrainConfig.from_json(config_file)
     print(f"merging {len(chosen)} checkpoints ({weights}): " +

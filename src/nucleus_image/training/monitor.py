@@ -1,5 +1,6 @@
 """What a run shows while and after it trains: TensorBoard scalars (loss, lr, grad norm, images/s, per-layer
-expert load and the share of tokens no expert picked) and the loss-curve PNG.
+expert load and the share of tokens no expert picked), the sample grids as TensorBoard images (tab IMAGES,
+tag `samples`, one per sampling step) and the loss-curve PNG.
 
     tensorboard --logdir runs/tiny/tensorboard
 """
@@ -53,6 +54,12 @@ class RunLogger:
             w.add_scalar(f"routing/layer{layer:02d}/load_max_over_mean", float(s["load"].max() * len(s["load"])), step)
             for e, share in enumerate(s["load"]):
                 w.add_scalar(f"routing/layer{layer:02d}/expert{e:02d}_load", float(share), step)
+
+    def sample_grid(self, step: int, path: Path) -> None:
+        """The grid PNG the trainer just wrote, also as a TensorBoard image with a step slider."""
+        with Image.open(path) as grid:
+            self.writer.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -58,6 +58,9 @@ class TrainResult:
 
 
 class Trainer:
+    # Set from a signal handler (`nucleus train` on Ctrl-C / SIGTERM): the loop saves and returns between steps.
+    stop_requested = False
+
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, max_steps: int | None = None,
                  resume: bool = False, progress: bool = True):
         cfg.validate()
@@ -294,6 +297,16 @@ class Trainer:
             else:
                 decorrelate_router_rows_([g], step)
 
+    def _stop_agreed(self) -> bool:
+        """Whether to stop at this step boundary: an interrupt seen by any process stops all of them here, so they
+        save the same step together (one tiny all-reduce per step; one process just reads its flag)."""
+        if not self.dims:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.stop_requested = bool(flag.item())
+        return self.stop_requested
+
     def _mean_over_ranks(self, value: float) -> float:
         if not self.dims:
             return value
@@ -314,6 +327,13 @@ class Trainer:
         images_seen, t0 = 0, time.perf_counter()
         try:
             while self.step < self.total_steps:
+                if self._stop_agreed():
+                    latest = ckpt.latest_checkpoint(self.run_dir)
+                    if latest is None or latest.name != f"step-{self.step:08d}":
+                        self._save()
+                        if self.is_main:
+                            ckpt.mark_interrupted(ckpt.latest_checkpoint(self.run_dir))
+                    return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, 0.0)
                 index, stage = cfg.stage_at(self.step)
                 if index != self.stage_index:
                     self._enter_stage(index)
@@ -339,7 +359,8 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
                     self._save()
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == self.total_steps:
-                    self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
+                    grid = self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
+                    logger.sample_grid(self.step, grid)
         finally:
             bar.close()
             if logger:

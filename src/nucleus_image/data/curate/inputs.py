@@ -170,6 +170,10 @@ def enumerate_inputs(inputs: list[str | Path]) -> pa.Table:
         if r["source"] not in seen:
             seen.add(r["source"])
             unique.append(r)
+    if not unique:
+        raise ValueError(f"no images in {[str(p) for p in inputs]}: looked for image files "
+                         f"({', '.join(sorted(IMAGE_EXTS))}) in folders (recursively), WebDataset shards "
+                         f"({', '.join(TAR_SUFFIXES)}) and .parquet tables with an 'image_path' or 'path' column")
     for i, r in enumerate(unique):
         r["item_index"] = i
     return pa.Table.from_pylist(unique, schema=ITEMS_SCHEMA)

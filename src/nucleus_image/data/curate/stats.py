@@ -48,7 +48,7 @@ def format_report(c: dict) -> str:
     lines += [f"{f['stage']:<12} {f['rejected']:>8}   {f['remaining']:>9}" for f in c["funnel"]]
     lines += ["", "reason               count"]
     lines += [f"{r:<20} {n:>6} {pct(n)}" for r, n in c["reasons"].items()] or ["(none)"]
-    lines += ["", "tier  count", *[f"{t:<5} {n:>5}" for t, n in c["tiers"].items()]]
+    lines += ["", "tier  count   (A1 lowest .. A5 best)", *[f"{t:<5} {n:>5}" for t, n in c["tiers"].items()]]
     lines += ["", "bucket count", *[f"{b:<6} {n:>5}" for b, n in c["buckets"].items()]]
     return "\n".join(lines)
 
@@ -71,11 +71,24 @@ def bar_chart(title: str, labels: list[str], values: list[float], path: Path, wi
     return path
 
 
-def _histogram(values: np.ndarray, bins: int, fmt: str) -> tuple[list[str], list[float]]:
+def _histogram(values: np.ndarray, bins: int) -> tuple[list[str], list[float]]:
+    """Counts over at most `bins` equal bins, each labelled by its range with just enough decimals that no two
+    labels read the same (one label per value when there are few distinct values)."""
     if not len(values):
         return [], []
+    distinct = np.unique(values)
+    if len(distinct) <= bins:
+        return [f"{v:g}" for v in distinct], [int((values == v).sum()) for v in distinct]
     counts, edges = np.histogram(values, bins=bins)
-    return [fmt.format(e) for e in edges[:-1]], counts.tolist()
+    for decimals in range(0, 7):
+        labels = [f"{a:.{decimals}f}-{b:.{decimals}f}" for a, b in zip(edges[:-1], edges[1:])]
+        if len(set(labels)) == len(labels):
+            break
+    return labels, counts.tolist()
+
+
+def _tier_label(tier: str) -> str:
+    return {"A1": "A1 (lowest)", f"A{NUM_TIERS}": f"A{NUM_TIERS} (best)"}.get(tier, tier)
 
 
 def write_charts(root: str | Path, out_dir: str | Path) -> list[Path]:
@@ -85,12 +98,13 @@ def write_charts(root: str | Path, out_dir: str | Path) -> list[Path]:
     side = np.sqrt(np.asarray(manifest.column("width"), np.float64) * np.asarray(manifest.column("height"), np.float64))
     n_caps = np.array([len(c) for c in manifest.column("captions").to_pylist()])
     charts = [
-        ("quality_score.png", "quality score (kept images)", *_histogram(score, 20, "{:.2f}")),
-        ("image_size.png", "sqrt(width*height) px (kept images)", *_histogram(side, 20, "{:.0f}")),
+        ("quality_score.png", "quality score (kept images)", *_histogram(score, 20)),
+        ("image_size.png", "sqrt(width*height) px (kept images)", *_histogram(side, 20)),
         ("captions_per_image.png", "captions per image",
          [str(k) for k in range(1, int(n_caps.max(initial=1)) + 1)],
          [int((n_caps == k).sum()) for k in range(1, int(n_caps.max(initial=1)) + 1)]),
-        ("tiers.png", "quality tiers", list(counts["tiers"]), list(counts["tiers"].values())),
+        ("tiers.png", "quality tiers (A1 lowest, A5 best)", [_tier_label(t) for t in counts["tiers"]],
+         list(counts["tiers"].values())),
         ("buckets.png", "episodic buckets", list(counts["buckets"]), list(counts["buckets"].values())),
         ("reject_reasons.png", "rejections by reason", list(counts["reasons"]), list(counts["reasons"].values())),
     ]
