@@ -69,13 +69,18 @@ def _class(index: dict, name: str) -> str | None:
     return entry[1] if entry and entry[1] is not None else None
 
 
-def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = True) -> dict:
+def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = True,
+                    quantize: str | None = None) -> dict:
     """Everything NucleusPipeline.__init__ takes, read from a pipeline folder."""
     from nucleus_image.model import NucleusTransformer
+    from nucleus_image.quantization.checkpoint import stored_quantization
 
     path = Path(path)
     index = read_index(path)
-    components = {"transformer": NucleusTransformer.from_pretrained(path / "transformer", dtype=dtype, device=device)}
+    # A saved quantized transformer computes in the dtype its unquantized layers were saved in.
+    transformer_dtype = None if stored_quantization(path / "transformer") else dtype
+    components = {"transformer": NucleusTransformer.from_pretrained(path / "transformer", dtype=transformer_dtype,
+                                                                    device=device, quantize=quantize)}
 
     vae_class = _class(index, "vae")
     if vae_class == "AutoencoderKLQwenImage":

@@ -90,13 +90,15 @@ class NucleusPipeline:
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None,
-                        load_text_encoder: bool = True) -> "NucleusPipeline":
+                        load_text_encoder: bool = True, quantize: str | None = None) -> "NucleusPipeline":
         """Load a diffusers NucleusMoEImagePipeline folder or one saved by `save_pretrained` (our training).
 
-        Defaults: the GPU when there is one, in bfloat16; otherwise the CPU in float32."""
+        Defaults: the GPU when there is one, in bfloat16; otherwise the CPU in float32. `quantize` ("int8" |
+        "fp8") gives the transformer 8-bit weights, quantized tensor by tensor while loading; a folder saved
+        quantized loads quantized, in the dtype it was saved in."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        return cls(**load_components(path, dtype, device, load_text_encoder))
+        return cls(**load_components(path, dtype, device, load_text_encoder, quantize=quantize))
 
     def save_pretrained(self, path) -> None:
         save_components(path, self.transformer, self.vae, self.text_encoder, self.schedule, self.sample_size)
