@@ -79,6 +79,7 @@ class NucleusPipeline:
             raise ValueError(f"text encoder states are {text_encoder.dim} wide but the transformer's "
                              f"joint_attention_dim is {cfg.joint_attention_dim}")
         self.transformer = transformer
+        self.lora = None  # the peft model of an adapter attached by load_lora
         self.vae = vae
         self.text_encoder = text_encoder
         self.schedule = schedule or FlowSchedule()
@@ -102,6 +103,27 @@ class NucleusPipeline:
 
     def save_pretrained(self, path) -> None:
         save_components(path, self.transformer, self.vae, self.text_encoder, self.schedule, self.sample_size)
+
+    def load_lora(self, path, scale: float = 1.0) -> "NucleusPipeline":
+        """Attach a LoRA adapter (peft's format, as `nucleus finetune` writes it) to the transformer, its update
+        multiplied by `scale`."""
+        from nucleus_image.lora import load_lora
+
+        if self.lora is not None:
+            raise ValueError("a LoRA adapter is already loaded; merge_lora() it first or load a fresh pipeline")
+        self.lora = load_lora(self.transformer, path, scale)
+        return self
+
+    def merge_lora(self) -> "NucleusPipeline":
+        """Fold the loaded adapter into the transformer's weights, so generation costs what the base model does."""
+        if self.lora is None:
+            raise ValueError("no LoRA adapter is loaded: call load_lora(path) first")
+        if self.transformer.quantization is not None:
+            raise ValueError(f"cannot merge a LoRA adapter into {self.transformer.quantization} weights; load the "
+                             f"pipeline without quantize=, merge, then quantize")
+        self.transformer = self.lora.merge_and_unload()
+        self.lora = None
+        return self
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "NucleusPipeline":
         for module in (self.transformer, self.vae, self.text_encoder):
