@@ -2,6 +2,7 @@
 reload exactly and merge, and `nucleus finetune` (plain and QLoRA) resumes bit for bit."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -85,18 +86,27 @@ def test_saved_adapter_reloads_identically_and_merges(tmp_path):
 def pipeline_and_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     tiny_own_pipeline().save_pretrained(root / "model")
-    return root / "model", micro_dataset(root / "data")
+    data = micro_dataset(root / "data")
+    # One short run encodes the captions; the tests' runs start from its caption cache.
+    assert finetune(root / "model", data, root / "captions", "--max-steps", "1") == 0
+    return root / "model", data, root / "captions"
 
 
-def finetune(model, data, out, *extra):
+def finetune(model, data, out, *extra, captions_from=None):
+    """`nucleus finetune` in-process; `captions_from` seeds the run's caption cache from an earlier run on the same
+    data (the cache is keyed by the caption list, so this only skips re-encoding)."""
+    if captions_from is not None:
+        out.mkdir(parents=True)
+        for name in ("text_states.safetensors", "text_states.json"):
+            shutil.copy(captions_from / name, out / name)
     return main(["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--lora-rank", "4",
                  "--batch-size", "2", "--steps", "4", "--checkpoint-every", "2", "--lr", "1e-2", "--no-progress", *extra])
 
 
 def test_finetune_resume_is_exact_and_adapter_loads_in_the_pipeline(pipeline_and_data, tmp_path):
-    model, data = pipeline_and_data
-    assert finetune(model, data, tmp_path / "straight") == 0
-    assert finetune(model, data, tmp_path / "split", "--max-steps", "2") == 0
+    model, data, cache = pipeline_and_data
+    assert finetune(model, data, tmp_path / "straight", captions_from=cache) == 0
+    assert finetune(model, data, tmp_path / "split", "--max-steps", "2", captions_from=cache) == 0
     assert main(["finetune", "--out", str(tmp_path / "split"), "--resume", "--no-progress"]) == 0
     straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     split = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")
@@ -117,8 +127,8 @@ def test_finetune_resume_is_exact_and_adapter_loads_in_the_pipeline(pipeline_and
 
 
 def test_qlora_finetune_on_int8_base(pipeline_and_data, tmp_path):
-    model, data = pipeline_and_data
-    assert finetune(model, data, tmp_path / "q", "--quantize", "int8", "--max-steps", "2") == 0
+    model, data, cache = pipeline_and_data
+    assert finetune(model, data, tmp_path / "q", "--quantize", "int8", "--max-steps", "2", captions_from=cache) == 0
     state = load_file(tmp_path / "q" / "adapter" / "adapter_model.safetensors")
     assert state and not any("experts." in k for k in state)  # 8-bit experts stay frozen
     pipe = NucleusPipeline.from_pretrained(model, device="cpu", quantize="int8").load_lora(tmp_path / "q" / "adapter")
