@@ -165,6 +165,8 @@ def _load_streaming(cls, folder: Path, method: str, dtype, device):
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, method: str) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
+    # A tensor read on the CPU may share the memory-mapped file; a copy lets each shard's mapping close once read.
+    tensor = tensor.clone() if tensor.device.type == "cpu" else tensor
     if isinstance(module, QuantizedSwiGLUExperts):
         module.set_weight(attr, tensor)
     elif attr in module._buffers:
