@@ -104,3 +104,23 @@ def test_graphed_step_replays_the_eager_step_on_gpu():
         eager = step(latents, t, s0, s1)
         graphed = GraphedStep(step, latents, t, s0, s1)(latents, t, s0, s1)
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_block_offload_keeps_blocks_in_storage_and_the_output():
+    from nucleus_image.pipeline.offload import offload_blocks
+
+    pipe = tiny_own_pipeline()
+    kwargs = dict(prompt="a red cube", num_inference_steps=2, height=32, width=32, output_type="latent", progress=False)
+    expected = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    handles = offload_blocks(pipe.transformer, device)
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    assert len(handles) == 2 * sum(1 for b in pipe.transformer.transformer_blocks for m in b.modules()
+                                   if any(True for _ in m.parameters(recurse=False)))
+    got = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images.cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert all(p.device.type == "cpu" for p in pipe.transformer.transformer_blocks.parameters())
+    assert pipe.transformer.proj_out.weight.device.type == device
+    for handle in handles:
+        handle.remove()
