@@ -38,7 +38,8 @@ def quantize_columns(w_EIO: torch.Tensor, method: str) -> tuple[torch.Tensor, to
     if method == "int8":
         codes = torch.round(w / scale_E1O).clamp_(-128, 127).to(torch.int8)
     else:
-        codes = (w / scale_E1O).to(torch.float8_e4m3fn).view(torch.uint8)
+        # Clamped: the quotient can round just past the e4m3 maximum, and the cast need not saturate.
+        codes = (w / scale_E1O).clamp_(-_QMAX["fp8"], _QMAX["fp8"]).to(torch.float8_e4m3fn).view(torch.uint8)
     return codes, scale_E1O
 
 

@@ -30,7 +30,8 @@ def quantize_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 codes and float32 scales (M, 1) of a 2-D activation."""
     amax = x_MK.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12)
     scale = amax / E4M3_MAX
-    return (x_MK.float() / scale).to(E4M3), scale
+    # Clamped: x / (amax / 448) can round just past 448, and saturation of the e4m3fn cast is not guaranteed.
+    return (x_MK.float() / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 def scaled_matmul(x_MK: torch.Tensor, w_codes_NK: torch.Tensor, w_scale_1N: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ def _weight_codes(w_KN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w_KN.float()
     amax = w.abs().amax(dim=0, keepdim=True).clamp_(min=1e-12)
     scale = amax / E4M3_MAX
-    return (w / scale).to(E4M3).t().contiguous(), scale
+    return (w / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3).t().contiguous(), scale
 
 
 class Float8Linear(nn.Module):
