@@ -130,9 +130,39 @@ def test_qlora_finetune_on_int8_base(pipeline_and_data, tmp_path):
     model, data, cache = pipeline_and_data
     assert finetune(model, data, tmp_path / "q", "--quantize", "int8", "--max-steps", "2", captions_from=cache) == 0
     state = load_file(tmp_path / "q" / "adapter" / "adapter_model.safetensors")
-    assert state and not any("experts." in k for k in state)  # 8-bit experts stay frozen
+    expert_keys = sorted(k for k in state if ".experts." in k)
+    assert any(k.endswith("experts.lora_A.gate_up_proj") for k in expert_keys)
+    assert any(state[k].abs().sum() > 0 for k in expert_keys if "lora_B" in k)  # the 8-bit experts' adapters trained
+    kwargs = dict(prompt="a red circle", num_inference_steps=2, output_type="latent", progress=False)
+    base = NucleusPipeline.from_pretrained(model, device="cpu", quantize="int8")(
+        **kwargs, generator=torch.Generator().manual_seed(0)).images
     pipe = NucleusPipeline.from_pretrained(model, device="cpu", quantize="int8").load_lora(tmp_path / "q" / "adapter")
-    latents = pipe(prompt="a red circle", num_inference_steps=2, output_type="latent", progress=False).images
-    assert torch.isfinite(latents).all()
+    latents = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(latents).all() and not torch.equal(latents, base)
     with pytest.raises(ValueError, match="cannot merge a LoRA adapter into int8"):
         pipe.merge_lora()
+
+
+def test_lora_on_quantized_experts_adds_per_expert_factors_inside_the_matmul():
+    from nucleus_image.quantization import dequantize_columns
+
+    model, inp = model_and_inputs()
+    model.quantize("int8")
+    with torch.no_grad():
+        base = model(**inp).sample
+    adapted = trained_adapter(model)
+    layer = adapted.base_model.model.transformer_blocks[1].img_mlp.experts
+    assert type(layer).__name__ == "QuantizedExpertsLora"
+    q = layer.get_base_layer()
+    x = torch.randn(4, 5, q.gate_up_proj.shape[1])
+    with torch.no_grad():
+        w1 = dequantize_columns(q.gate_up_proj, q.gate_up_proj_scale, "int8", torch.float32)
+        w2 = dequantize_columns(q.down_proj, q.down_proj_scale, "int8", torch.float32)
+        a1, b1 = layer.lora_A["default"]["gate_up_proj"], layer.lora_B["default"]["gate_up_proj"]
+        a2, b2 = layer.lora_A["default"]["down_proj"], layer.lora_B["default"]["down_proj"]
+        gate, up = x.bmm(w1 + a1.bmm(b1)).chunk(2, -1)
+        expected = (torch.nn.functional.silu(gate) * up).bmm(w2 + a2.bmm(b2))
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(adapted(**inp).sample, base)
+        set_lora_scale(adapted, 0.0)
+        assert torch.equal(adapted(**inp).sample, base)

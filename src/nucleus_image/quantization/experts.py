@@ -85,6 +85,11 @@ class QuantizedSwiGLUExperts(nn.Module):
         setattr(self, name, codes)
         setattr(self, f"{name}_scale", scale)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The gate_up codes: where tools that place adapters (peft) read a layer's device from."""
+        return self.gate_up_proj
+
     def _matmul(self, x_ETI: torch.Tensor, name: str) -> torch.Tensor:
         w = _codes_as_float(getattr(self, name), self.method, x_ETI.dtype)
         return torch.bmm(x_ETI, w) * getattr(self, f"{name}_scale").to(x_ETI.dtype)
