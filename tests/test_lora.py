@@ -166,3 +166,14 @@ def test_lora_on_quantized_experts_adds_per_expert_factors_inside_the_matmul():
         assert not torch.allclose(adapted(**inp).sample, base)
         set_lora_scale(adapted, 0.0)
         assert torch.equal(adapted(**inp).sample, base)
+
+
+def test_finetune_refuses_bad_input_in_one_line(pipeline_and_data, tmp_path, capsys):
+    model, data, _ = pipeline_and_data
+    assert main(["finetune", "--out", str(tmp_path / "a")]) == 2
+    assert "--model and --data are required" in capsys.readouterr().err
+    assert finetune(model, data, tmp_path / "b", "--lora-rank", "0") == 2
+    assert "lora_rank=0 must be a positive integer" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(tmp_path / "missing"), "--data", str(data), "--out", str(tmp_path / "c")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
