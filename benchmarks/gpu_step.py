@@ -103,8 +103,10 @@ def qlora_step(args, device) -> None:
 
     cfg = NucleusConfig.preset(args.preset)
     h = w = args.size // 16
-    with torch.device(device):
+    with torch.device("meta"):
         model = NucleusTransformer(cfg).to(torch.bfloat16)
+    model = model.to_empty(device=device)  # bf16 from the start: an fp32 build of the release would take 68 GB
+    model.reset_parameters()
     model.quantize("int8")
     model.enable_gradient_checkpointing()
     peft_model = add_lora(model, rank=16)
