@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after "
                                                                        "encoding each batch's prompts")
+    p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                   help="8-bit transformer weights (quantized while loading; the text encoder and VAE are unchanged)")
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
     p.set_defaults(func=run)
 
@@ -87,6 +89,8 @@ def reproduce_command(args, prompt: str, seed: int, width: int, height: int) -> 
         parts += ["--negative", args.negative]
     if args.device is not None:
         parts += ["--device", args.device]
+    if args.quantize is not None:
+        parts += ["--quantize", args.quantize]
     return shlex.join(parts + ["--out", "OUT"])
 
 
@@ -160,7 +164,7 @@ def run(args) -> int:
     from nucleus_image.pipeline import NucleusPipeline
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device)
+    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
     sigmas = pipe.schedule.sigmas(args.steps, (height // pipe.granularity) * (width // pipe.granularity))
     settings = {
         "model": job["model"],
@@ -176,6 +180,7 @@ def run(args) -> int:
         "batch_size": args.batch_size,
         "device": str(pipe.device),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+        "quantize": pipe.transformer.quantization,
         "nucleus_image_version": nucleus_image.__version__,
         "torch_version": torch.__version__,
     }

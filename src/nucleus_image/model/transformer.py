@@ -130,6 +130,7 @@ class NucleusBlock(nn.Module):
 
 class NucleusTransformer(nn.Module):
     is_cache_enabled = False  # diffusers' pipeline asks; our text K/V reuse is explicit (`text_kv=`), not a hook.
+    quantization: str | None = None  # "int8" | "fp8" once quantized (see nucleus_image.quantization)
 
     def __init__(self, config: NucleusConfig):
         super().__init__()
@@ -169,15 +170,32 @@ class NucleusTransformer(nn.Module):
         self.proj_out.weight.zero_()
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None):
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None,
+                        quantize: str | None = None):
+        """`quantize` ("int8" | "fp8") quantizes tensor by tensor while loading; a saved quantized folder loads
+        as it was saved."""
+        from nucleus_image.quantization.checkpoint import load_quantized, stored_quantization
+
         from .checkpoint import load_pretrained
 
+        if quantize is not None or stored_quantization(path, subfolder) is not None:
+            return load_quantized(cls, path, quantize, dtype=dtype, device=device, subfolder=subfolder)
         return load_pretrained(cls, path, dtype=dtype, device=device, subfolder=subfolder)
 
     def save_pretrained(self, path, max_shard_size: int | str = "10GB") -> None:
         from .checkpoint import save_pretrained
 
+        if self.quantization is not None:
+            from nucleus_image.quantization.checkpoint import save_quantized
+
+            return save_quantized(self, path, max_shard_size=max_shard_size)
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def quantize(self, method: str) -> "NucleusTransformer":
+        """8-bit weights ("int8" | "fp8") in place, applied from outside by nucleus_image.quantization."""
+        from nucleus_image.quantization import quantize_transformer
+
+        return quantize_transformer(self, method)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -71,14 +71,18 @@ def _class(index: dict, name: str) -> str | None:
 
 
 def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = True,
-                    load_transformer: bool = True) -> dict:
+                    load_transformer: bool = True, quantize: str | None = None) -> dict:
     """Everything NucleusPipeline.__init__ takes, read from a pipeline folder (the transformer None when not
     `load_transformer`: the trainer takes only the encoders of a released folder)."""
     from nucleus_image.model import NucleusTransformer
+    from nucleus_image.quantization.checkpoint import stored_quantization
 
     path = resolve_pretrained(path)
     index = read_index(path)
-    components = {"transformer": NucleusTransformer.from_pretrained(path / "transformer", dtype=dtype, device=device)
+    # A saved quantized transformer computes in the dtype its unquantized layers were saved in.
+    transformer_dtype = None if stored_quantization(path / "transformer") else dtype
+    components = {"transformer": NucleusTransformer.from_pretrained(path / "transformer", dtype=transformer_dtype,
+                                                                    device=device, quantize=quantize)
                   if load_transformer else None}
 
     vae_class = _class(index, "vae")

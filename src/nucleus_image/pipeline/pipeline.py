@@ -79,6 +79,7 @@ class NucleusPipeline:
             raise ValueError(f"text encoder states are {text_encoder.dim} wide but the transformer's "
                              f"joint_attention_dim is {cfg.joint_attention_dim}")
         self.transformer = transformer
+        self.lora = None  # the peft model of an adapter attached by load_lora
         self.vae = vae
         self.text_encoder = text_encoder
         self.schedule = schedule or FlowSchedule()
@@ -90,17 +91,40 @@ class NucleusPipeline:
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None,
-                        load_text_encoder: bool = True) -> "NucleusPipeline":
+                        load_text_encoder: bool = True, quantize: str | None = None) -> "NucleusPipeline":
         """Load a diffusers NucleusMoEImagePipeline folder or one saved by `save_pretrained` (our training), from a
         local folder or a Hugging Face Hub model id ("owner/name[@revision]", through huggingface_hub's cache).
 
-        Defaults: the GPU when there is one, in bfloat16; otherwise the CPU in float32."""
+        Defaults: the GPU when there is one, in bfloat16; otherwise the CPU in float32. `quantize` ("int8" |
+        "fp8") gives the transformer 8-bit weights, quantized tensor by tensor while loading; a folder saved
+        quantized loads quantized, in the dtype it was saved in."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        return cls(**load_components(path, dtype, device, load_text_encoder))
+        return cls(**load_components(path, dtype, device, load_text_encoder, quantize=quantize))
 
     def save_pretrained(self, path) -> None:
         save_components(path, self.transformer, self.vae, self.text_encoder, self.schedule, self.sample_size)
+
+    def load_lora(self, path, scale: float = 1.0) -> "NucleusPipeline":
+        """Attach a LoRA adapter (peft's format, as `nucleus finetune` writes it) to the transformer, its update
+        multiplied by `scale`."""
+        from nucleus_image.lora import load_lora
+
+        if self.lora is not None:
+            raise ValueError("a LoRA adapter is already loaded; merge_lora() it first or load a fresh pipeline")
+        self.lora = load_lora(self.transformer, path, scale)
+        return self
+
+    def merge_lora(self) -> "NucleusPipeline":
+        """Fold the loaded adapter into the transformer's weights, so generation costs what the base model does."""
+        if self.lora is None:
+            raise ValueError("no LoRA adapter is loaded: call load_lora(path) first")
+        if self.transformer.quantization is not None:
+            raise ValueError(f"cannot merge a LoRA adapter into {self.transformer.quantization} weights; load the "
+                             f"pipeline without quantize=, merge, then quantize")
+        self.transformer = self.lora.merge_and_unload()
+        self.lora = None
+        return self
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "NucleusPipeline":
         for module in (self.transformer, self.vae, self.text_encoder):

@@ -1,0 +1,221 @@
+"""LoRA fine-tuning of a saved pipeline on a manifest dataset: frozen (optionally 8-bit) base, peft adapters, the
+training package's pieces (caption cache, aspect buckets, logit-normal timesteps, flow loss, Muon + AdamW under
+the WSM schedule, atomic checkpoints with exact resume). Only the loop is here, and it is short on purpose.
+
+    nucleus finetune --model runs/demo/merged --data data/new_concept --out runs/lora --lora-rank 16 [--quantize int8]
+
+Writes RUN/finetune_config.json, RUN/checkpoints/step-*/ (adapter weights, optimizer and RNG states: a killed run
+`--resume`s to the same adapter bit for bit on CPU), RUN/losses.json and RUN/adapter/ (peft format), which
+`NucleusPipeline.load_lora` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from nucleus_image.data.manifest import latest_version_dir, read_manifest
+from nucleus_image.pipeline import NucleusPipeline
+from nucleus_image.pipeline.pipeline import pack_latents
+from nucleus_image.training import checkpoint as ckpt
+from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
+from nucleus_image.training.buckets import assign_buckets, draw_batch, fit_image, make_buckets, readable_image
+from nucleus_image.training.config import TimestepConfig
+from nucleus_image.training.curriculum import caption_probabilities, pick_caption
+from nucleus_image.training.loss import flow_loss, noisy_latents
+from nucleus_image.training.optim import build_optimizers
+from nucleus_image.training.schedule import set_lr, wsm_lr
+from nucleus_image.training.timesteps import sample_sigmas
+
+from .adapters import add_lora
+
+CONFIG_NAME = "finetune_config.json"
+
+
+@dataclass
+class FinetuneConfig:
+    model: str  # the pipeline folder whose transformer is adapted
+    data: str  # the dataset folder holding manifest-vNNNN/
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # None: the rank (update scaling 1)
+    quantize: str | None = None  # "int8" | "fp8": QLoRA on 8-bit base weights
+    steps: int = 300
+    batch_size: int = 8
+    resolution: int = 0  # 0: the pipeline's native size
+    aspect_ratios: tuple[str, ...] = ("1:1",)
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    grad_clip: float = 1.0
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    caption_dropout: float = 0.1
+    caption_weights: tuple[float, ...] = ()
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    cpu_threads: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        errors = []
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append(f"{name}={value!r} must be a positive integer")
+        if self.quantize not in (None, "int8", "fp8"):
+            errors.append(f"quantize={self.quantize!r}; accepted: int8, fp8 or none")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            errors.append(f"lr={self.lr!r} must be a positive number")
+        if not 0 <= self.caption_dropout < 1:
+            errors.append(f"caption_dropout={self.caption_dropout!r} must be in [0, 1)")
+        if errors:
+            raise ValueError("finetune config: " + "; ".join(errors))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FinetuneConfig":
+        data = dict(data)
+        data["timesteps"] = TimestepConfig(**data.get("timesteps", {}))
+        for key in ("aspect_ratios", "caption_weights", "adam_betas"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+class Finetuner:
+    def __init__(self, cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, progress: bool = True):
+        cfg.validate()
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self._check_run_dir(resume)
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if cfg.device == "auto" else cfg.device)
+        if self.device.type == "cpu" and cfg.cpu_threads > 0:
+            torch.set_num_threads(cfg.cpu_threads)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.np_rng = np.random.default_rng(cfg.seed)
+
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.pipe = NucleusPipeline.from_pretrained(cfg.model, dtype=dtype, device=self.device, quantize=cfg.quantize)
+        if self.pipe.text_encoder is None:
+            raise ValueError(f"pipeline {cfg.model!r} has no text encoder; fine-tuning encodes the captions with it")
+        self.pipe.text_encoder.requires_grad_(False)
+        self._load_data()
+        self.model = add_lora(self.pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
+        self.model.train()
+        self.adapters = nn.ParameterDict({n.replace(".", "/"): p for n, p in self.model.named_parameters()
+                                          if p.requires_grad})
+        ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.muon, self.adamw, _ = build_optimizers(self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps,
+                                                    cfg.muon_momentum, cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype)
+        self.optimizers = {"muon": self.muon, "adamw": self.adamw}
+        weights = [caption_probabilities(cfg.caption_weights, len(c)) for c in self.row_captions]
+        drawable = [c for caps, w in zip(self.row_captions, weights) for c, p in zip(caps, w) if p > 0]
+        # The text-state cache shared with training runs, keyed by the pipeline's text encoder files.
+        store = TextStateStore(encoder_id(f"pipeline:{cfg.model}"))
+        store.encode_missing(self.pipe.text_encoder, set(drawable) | {""}, progress)
+        self.captions = CaptionStates(store, self.device)
+
+        (self.run_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.step, self.losses = 0, []
+        if resume and (latest := ckpt.latest_checkpoint(self.run_dir)) is not None:
+            state = ckpt.load_checkpoint(latest, self.adapters, self.optimizers, self.generator, self.np_rng)
+            self.step, self.losses = state["step"], state["losses"]
+            print(f"resumed from {latest} at step {self.step}")
+
+    def _check_run_dir(self, resume: bool) -> None:
+        config_file = self.run_dir / CONFIG_NAME
+        if config_file.exists():
+            if not resume:
+                raise ValueError(f"run folder {str(self.run_dir)!r} already holds a fine-tuning run; pass --resume "
+                                 f"to continue it or choose a new --out")
+            saved = json.loads(config_file.read_text())
+            diff = sorted(k for k in saved if saved[k] != self.cfg.to_dict().get(k))
+            if diff:
+                raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _load_data(self) -> None:
+        data = Path(self.cfg.data)
+        table = read_manifest(data)
+        if table.num_rows == 0:
+            raise ValueError(f"the manifest in {str(data)!r} has no rows")
+        root = latest_version_dir(data).parent
+        paths = [Path(p) if Path(p).is_absolute() else root / p for p in table.column("image_path").to_pylist()]
+        self.paths = paths
+        self.row_captions = table.column("captions").to_pylist()
+        readable = np.array([readable_image(p) for p in paths], dtype=np.float64)
+        if not readable.any():
+            raise ValueError(f"no readable image in {str(data)!r}")
+        resolution = self.cfg.resolution or self.pipe.sample_size
+        self.buckets = make_buckets(resolution, self.cfg.aspect_ratios, self.pipe.granularity)
+        self.bucket_of_row = assign_buckets(table.column("width").to_numpy(), table.column("height").to_numpy(),
+                                            self.buckets)
+        self.row_weights = readable * np.array([bool(c) for c in self.row_captions])
+
+    def _train_step(self) -> float:
+        cfg, patch = self.cfg, self.pipe.transformer.config.patch_size
+        bucket, rows = draw_batch(self.np_rng, self.bucket_of_row, self.row_weights, len(self.buckets), cfg.batch_size)
+        captions = [pick_caption(self.np_rng, self.row_captions[r], cfg.caption_weights, cfg.caption_dropout)
+                    for r in rows]
+        with torch.no_grad():
+            size = self.buckets[bucket]
+            images = torch.stack([fit_image(self.paths[r], size.width, size.height) for r in rows])
+            latents = self.pipe.vae.encode(images.to(self.device).float() / 127.5 - 1.0)
+        B, _, h, w = latents.shape
+        x0 = pack_latents(latents, patch).float()
+        text, text_mask = self.captions.batch(captions)
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
+        sigma = sample_sigmas(B, x0.shape[1], cfg.timesteps, self.generator)
+        dtype = self.pipe.transformer.dtype
+        pred = self.model(hidden_states=noisy_latents(x0, noise, sigma).to(dtype),
+                          img_shapes=[(1, h // patch, w // patch)] * B, encoder_hidden_states=text.to(dtype),
+                          encoder_hidden_states_mask=text_mask, timestep=sigma.to(dtype)).sample
+        loss = flow_loss(pred.float(), x0, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.adapters.values()), cfg.grad_clip)
+        set_lr((self.muon, self.adamw), wsm_lr(self.step, cfg.lr, cfg.warmup_steps))
+        self.muon.step()
+        self.adamw.step()
+        return float(loss.detach())
+
+    def train(self, max_steps: int | None = None) -> list[float]:
+        """Train to cfg.steps (or stop after `max_steps` in total), then write RUN/adapter/."""
+        cfg = self.cfg
+        end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+        with tqdm(total=end, initial=self.step, disable=not self.progress, desc="finetune", unit="step") as bar:
+            while self.step < end:
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                loss = self._train_step()
+                if not math.isfinite(loss):
+                    raise ValueError(f"non-finite loss {loss} at step {self.step}; lower lr (now {cfg.lr})")
+                self.losses.append(loss)
+                self.step += 1
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                    ckpt.save_checkpoint(self.run_dir, self.step, self.adapters, {"lora": cfg.to_dict()},
+                                         self.optimizers, self.generator, self.np_rng, {"losses": self.losses},
+                                         cfg.keep_last)
+        (self.run_dir / "losses.json").write_text(json.dumps(self.losses) + "\n")
+        self.model.save_pretrained(str(self.run_dir / "adapter"))
+        return self.losses
