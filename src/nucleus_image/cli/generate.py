@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from nucleus_image.cli import step_cache_args
 from nucleus_image.pipeline.presets import ASPECT_RATIOS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -39,6 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after "
                                                                        "encoding each batch's prompts")
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
+    step_cache_args.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -88,6 +90,7 @@ def reproduce_command(args, prompt: str, seed: int, width: int, height: int) -> 
         parts += ["--negative", args.negative]
     if args.device is not None:
         parts += ["--device", args.device]
+    parts += step_cache_args.command_args(step_cache_args.from_args(args))
     return shlex.join(parts + ["--out", "OUT"])
 
 
@@ -100,6 +103,7 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     height, width = check_args(args)
+    cache = step_cache_args.from_args(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device)
     sigmas = pipe.schedule.sigmas(args.steps, (height // pipe.granularity) * (width // pipe.granularity))
@@ -127,7 +131,7 @@ def run(args) -> int:
     with tqdm(total=len(jobs), desc="images", unit="img") as bar:
         for start in range(0, len(jobs), args.batch_size):
             batch = jobs[start:start + args.batch_size]
-            images = pipe(
+            output = pipe(
                 prompt=[prompt for prompt, _ in batch],
                 negative_prompt=args.negative,
                 guidance_scale=args.guidance,
@@ -137,12 +141,14 @@ def run(args) -> int:
                 generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],
                 offload_text_encoder=args.offload_text_encoder,
                 progress=False,
-            ).images
-            for k, ((prompt, seed), image) in enumerate(zip(batch, images), start):
+                cache=cache,
+            )
+            reports = output.step_cache or [None] * len(batch)
+            for k, ((prompt, seed), image, report) in enumerate(zip(batch, output.images, reports), start):
                 stem = out / f"{k:05d}"
                 image.save(stem.with_suffix(".png"))
                 sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
-                           "command": reproduce_command(args, prompt, seed, width, height)}
+                           "step_cache": report, "command": reproduce_command(args, prompt, seed, width, height)}
                 stem.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
             bar.update(len(batch))
     print(f"wrote {len(jobs)} images to {out}", file=sys.stderr)
