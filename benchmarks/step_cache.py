@@ -133,14 +133,14 @@ def released(args) -> None:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = NucleusConfig.preset("released")
+    cfg = NucleusConfig.preset(args.preset)
     _, transformer = build_models(cfg, device, dtype)
     pipe = NucleusPipeline(transformer, QwenImageAutoencoder(stand_in_vae(cfg.latent_channels, device, dtype)))
-    size, steps = 1024, 50
+    size, steps = args.size, args.released_steps
     latents = torch.randn(1, (size // 16) ** 2, cfg.in_channels, generator=torch.Generator().manual_seed(2))
     common = dict(guidance_scale=4.0, height=size, width=size, num_inference_steps=steps, output_type="latent",
                   progress=False, **text_inputs(cfg, 1, 128, device, dtype))
-    print(f"# released preset, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {dtype}, "
+    print(f"# {args.preset} preset, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {dtype}, "
           f"{size}x{size}, {steps} steps, CFG 4, batch 1, latent output, random weights, torch {torch.__version__}")
     print(f"| policy | s/image | speedup | full steps (cond/uncond) |\n|---|---|---|---|")
     base = None
@@ -174,6 +174,10 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="2 prompts per task, 2 samples, 5 policies")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--released", action="store_true", help="time the released preset at 1024 px, 50 steps")
+    ap.add_argument("--preset", default="released", choices=["tiny", "small", "released"],
+                    help="with --released: the preset to time (a smaller one checks the command on a CPU)")
+    ap.add_argument("--size", type=int, default=1024, help="with --released: image side in pixels")
+    ap.add_argument("--released-steps", type=int, default=50, help="with --released: denoising steps")
     args = ap.parse_args(argv)
     if args.released:
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
