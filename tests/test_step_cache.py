@@ -156,3 +156,17 @@ def test_sidecars_report_full_steps_and_reproduce_cached_images(model_dir, tmp_p
 def test_bad_cache_flags_exit_2(model_dir, tmp_path, capsys, extra, message):
     assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--out", str(tmp_path / "o"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_block_stack_seam_is_inference_only(pipe):
+    model = pipe.transformer
+    x = torch.randn(1, 16, model.config.in_channels)
+    txt = torch.randn(1, 3, model.config.joint_attention_dim)
+    kwargs = dict(hidden_states=x, img_shapes=[(1, 4, 4)], encoder_hidden_states=txt, timestep=torch.tensor([0.5]))
+    stack = FBCacheConfig().build(1, 1, model.config.num_layers).block_stack(0)
+    with torch.no_grad(), pytest.raises(ValueError, match="inference only"):
+        model(**kwargs, block_stack=stack, return_routing=True)
+    with pytest.raises(ValueError, match="inference only"):
+        model(**kwargs, block_stack=stack)  # autograd on
+    with torch.no_grad():  # one step, forced full: the seam computes exactly the plain loop
+        assert torch.equal(model(**kwargs, block_stack=stack).sample, model(**kwargs).sample)
