@@ -100,7 +100,8 @@ def quality(args) -> None:
             rows.append({"policy": label(cache), "config": None if cache is None else cache.to_dict(), "work": work,
                          "forwards_per_image": work * args.steps, "seconds": sampler.seconds,
                          "seconds_per_image": sampler.seconds / (len(records) * samples),
-                         "score": report["overall"], "psnr": psnr, "tasks": {t: v["accuracy"] for t, v in report["tasks"].items()}})
+                         "score": report["overall"], "psnr": psnr,
+                         "tasks": {t: v["accuracy"] for t, v in report["tasks"].items()}})
             print(f"  {rows[-1]['policy']}: work {work:.3f}, score {report['overall']:.3f}, "
                   f"{sampler.seconds:.1f} s", file=sys.stderr, flush=True)
     print_table(rows, args.steps)
@@ -129,8 +130,8 @@ def print_table(rows: list[dict], steps: int) -> None:
     for r in rows:
         scores = " | ".join(f"{r['tasks'].get(t, 0.0):.3f}" for t in tasks)
         print(f"| {r['policy']} | {r['forwards_per_image']:.2f} / {steps} | {1 / r['work']:.2f}x | "
-              f"{r['seconds_per_image']:.3f} | {base['seconds'] / r['seconds']:.2f}x | {r['psnr']:.1f} dB | {r['score']:.3f} | "
-              f"{base['score'] - r['score']:+.3f} | {scores} |")
+              f"{r['seconds_per_image']:.3f} | {base['seconds'] / r['seconds']:.2f}x | {r['psnr']:.1f} dB | "
+              f"{r['score']:.3f} | {base['score'] - r['score']:+.3f} | {scores} |")
     ok = [r for r in rows[1:] if 1 / r["work"] >= MIN_SAVING and base["score"] - r["score"] <= MAX_SCORE_LOSS]
     if ok:
         best = max(ok, key=lambda r: (1 / r["work"], r["score"]))
