@@ -319,13 +319,14 @@ class NucleusPipeline:
         # our numbers bitwise comparable with it.
         steps = self.schedule.num_train_timesteps
         t_N = (sigma_N1[:-1] * steps / steps).to(self.transformer.dtype)
+        # Without a cache the transformer is called exactly as before (no block_stack keyword at all).
         step_cache = None if cache is None else cache.build(len(t_N), rows, self.transformer.config.num_layers)
         for i in tqdm(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
             x_BSC = latents.to(self.transformer.dtype)
             x_RSC = torch.cat([x_BSC, x_BSC]) if cfg else x_BSC
+            seam = {} if step_cache is None else {"block_stack": step_cache.block_stack(i)}
             pred_RSC = self.transformer(hidden_states=x_RSC, img_shapes=img_shapes, timestep=t_N[i].expand(rows),
-                                        text_kv=text_kv, return_dict=True,
-                                        block_stack=None if step_cache is None else step_cache.block_stack(i)).sample
+                                        text_kv=text_kv, return_dict=True, **seam).sample
             latents = euler_step(latents, guided(pred_RSC.float(), guidance_scale), sigma_N1[i], sigma_N1[i + 1])
 
         images = latents if output_type == "latent" else self.decode(latents, height, width, output_type)
