@@ -22,6 +22,7 @@ from pathlib import Path
 
 from nucleus_image.cli.arguments import (DTYPES, GENERATE_STEPS, add_prompt_args, check_device, check_guidance,
                                          check_out_folder, check_positive, prompt_records)
+from nucleus_image.cli import step_cache_args
 from nucleus_image.pipeline.presets import ASPECT_RATIOS
 
 # One job writes at most this many images: names are 5-digit (00000.png ...), and a larger job is better split
@@ -55,6 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
                    help="8-bit transformer weights (quantized while loading; the text encoder and VAE are unchanged)")
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
+    step_cache_args.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -91,6 +93,7 @@ def reproduce_command(args, prompt: str, seed: int, width: int, height: int) -> 
         parts += ["--device", args.device]
     if args.quantize is not None:
         parts += ["--quantize", args.quantize]
+    parts += step_cache_args.command_args(step_cache_args.from_args(args))
     return shlex.join(parts + ["--out", "OUT"])
 
 
@@ -144,12 +147,14 @@ def png_bytes(image, sidecar: dict) -> bytes:
 def run(args) -> int:
     prompts = [record["prompt"] for record in prompt_records(args)]
     height, width = check_args(args, prompts)
+    cache = step_cache_args.from_args(args)
     out = Path(args.out)
     total = len(prompts) * args.num_images
     job = {"model": model_name(args.model), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
            "prompts": len(prompts), "num_images": args.num_images, "seed": args.seed, "negative_prompt": args.negative,
            "width": width, "height": height, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
-           "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype}
+           "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype, "quantize": args.quantize,
+           "cache": cache.to_dict() if cache else None}
     done = claim_folder(out, job)
     if len(done) >= total:
         print(f"nothing to do: all {total} images are already in {out}", file=sys.stderr)
@@ -193,7 +198,7 @@ def run(args) -> int:
                 numbers = range(start, min(start + args.batch_size, total))
                 if all(k in done for k in numbers):
                     continue
-                images = pipe(
+                output = pipe(
                     prompt=[prompts[k // args.num_images] for k in numbers],
                     negative_prompt=args.negative,
                     guidance_scale=args.guidance,
@@ -203,13 +208,15 @@ def run(args) -> int:
                     generator=[torch.Generator("cpu").manual_seed(args.seed + k) for k in numbers],
                     offload_text_encoder=args.offload_text_encoder,
                     progress=False,
-                ).images
-                for k, image in zip(numbers, images):
+                    cache=cache,
+                )
+                reports = output.step_cache or [None] * len(numbers)
+                for k, image, report in zip(numbers, output.images, reports):
                     if k in done:
                         continue
                     prompt, seed, stem = prompts[k // args.num_images], args.seed + k, out / f"{k:05d}"
                     sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
-                               "command": reproduce_command(args, prompt, seed, width, height)}
+                               "step_cache": report, "command": reproduce_command(args, prompt, seed, width, height)}
                     write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))
                     write_atomic(stem.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
                     done.add(k)

@@ -253,8 +253,14 @@ class NucleusTransformer(nn.Module):
         return_dict: bool = True,
         text_kv: TextKV | None = None,
         return_routing: bool = False,
+        block_stack=None,
     ):
+        """`block_stack`, for inference-time step caches (nucleus_image.pipeline.step_cache): a callable that
+        replaces the loop over blocks, called as `block_stack(blocks, x_BSD, temb_BD, img_rot, text_kv, mask)` and
+        returning the stack's output; each block is called as `block(x, temb, img_rot, k, v, mask)`."""
         cfg = self.config
+        if block_stack is not None and (return_routing or torch.is_grad_enabled()):
+            raise ValueError("block_stack (a step cache) is for inference only: not with return_routing or autograd")
         if attention_kwargs and set(attention_kwargs) - {"scale"} or (attention_kwargs or {}).get("scale", 1.0) != 1.0:
             raise ValueError(f"attention_kwargs {attention_kwargs} not supported; accepted: None or {{'scale': 1.0}}")
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
@@ -296,14 +302,17 @@ class NucleusTransformer(nn.Module):
             mask = torch.cat([image_part, text_kv.mask_BL], dim=1)[:, None, None, :]
 
         logits, indices = [], []
-        for blk, k, v in zip(self.transformer_blocks, text_kv.keys, text_kv.values):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, routing = checkpoint(blk, x, temb, img_rot, k, v, mask, use_reentrant=False)
-            else:
-                x, routing = blk(x, temb, img_rot, k, v, mask)
-            if routing is not None and return_routing:
-                logits.append(routing.logits_BSE)
-                indices.append(routing.indices_BEC)
+        if block_stack is not None:
+            x = block_stack(self.transformer_blocks, x, temb, img_rot, text_kv, mask)
+        else:
+            for blk, k, v in zip(self.transformer_blocks, text_kv.keys, text_kv.values):
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x, routing = checkpoint(blk, x, temb, img_rot, k, v, mask, use_reentrant=False)
+                else:
+                    x, routing = blk(x, temb, img_rot, k, v, mask)
+                if routing is not None and return_routing:
+                    logits.append(routing.logits_BSE)
+                    indices.append(routing.indices_BEC)
 
         sample = self.proj_out(self.norm_out(x, temb))
         routing_out = (tuple(logits), tuple(indices)) if return_routing else (None, None)

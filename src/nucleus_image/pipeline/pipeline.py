@@ -26,6 +26,7 @@ from nucleus_image.encoders.autoencoder import Autoencoder
 from nucleus_image.encoders.text import TextEncoder, check_prompts
 from nucleus_image.pipeline.folder import DIFFUSERS_SAMPLE_LATENTS, load_components, save_components
 from nucleus_image.pipeline.presets import preset_size, resolve_size
+from nucleus_image.pipeline.step_cache import resolve_cache
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -33,9 +34,11 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 @dataclass
 class NucleusPipelineOutput:
     """`images`: PIL images, a (B, H, W, 3) float array in [0, 1], a (B, 3, H, W) tensor in [0, 1], or packed
-    latents (B, tokens, channels) for output_type "latent", like diffusers' pipeline output."""
+    latents (B, tokens, channels) for output_type "latent", like diffusers' pipeline output. `step_cache`: with a
+    step cache, per image its config and how many steps ran in full (see `step_cache.py`)."""
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
+    step_cache: list[dict] | None = None
 
 
 def default_device() -> torch.device:
@@ -308,11 +311,13 @@ class NucleusPipeline:
         aspect_ratio: str | None = None,
         offload_text_encoder: bool = False,
         progress: bool = True,
+        cache=None,
     ):
         """Generate images. Keywords follow diffusers' NucleusMoEImagePipeline; in addition `aspect_ratio`
         picks a preset size (1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3), `offload_text_encoder` runs the text encoder
         on the pipeline's device and moves it back to the CPU once prompts are encoded (freeing its accelerator
-        memory for the denoising loop), and `progress` toggles the step progress bar.
+        memory for the denoising loop), `progress` toggles the step progress bar, and `cache` reuses work across
+        steps: "fbcache", "taylorseer" or a config from `nucleus_image.pipeline.step_cache` (None: every step in full).
 
         Unlike the reference, guidance runs conditional and unconditional rows in one forward, a single
         negative string applies to every prompt, and bad input raises ValueError before any model work."""
@@ -320,6 +325,7 @@ class NucleusPipeline:
             prompt, negative_prompt, guidance_scale, num_inference_steps, sigmas, num_images_per_prompt, generator,
             prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask, output_type)
         height, width = self.resolve_size(height, width, aspect_ratio)
+        cache = resolve_cache(cache)
         sigma_list = validate_sigmas(sigmas) if sigmas is not None else None
         cfg, n, total = uses_cfg(guidance_scale), num_images_per_prompt, batch * num_images_per_prompt
         grid_h, grid_w = height // self.vae.scale_factor, width // self.vae.scale_factor
@@ -338,12 +344,16 @@ class NucleusPipeline:
         # our numbers bitwise comparable with it.
         steps = self.schedule.num_train_timesteps
         t_N = (sigma_N1[:-1] * steps / steps).to(self.transformer.dtype)
+        # Without a cache the transformer is called exactly as before (no block_stack keyword at all).
+        step_cache = None if cache is None else cache.build(len(t_N), rows, self.transformer.config.num_layers)
         for i in tqdm(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
             x_BSC = latents.to(self.transformer.dtype)
             x_RSC = torch.cat([x_BSC, x_BSC]) if cfg else x_BSC
+            seam = {} if step_cache is None else {"block_stack": step_cache.block_stack(i)}
             pred_RSC = self.transformer(hidden_states=x_RSC, img_shapes=img_shapes, timestep=t_N[i].expand(rows),
-                                        text_kv=text_kv, return_dict=True).sample
+                                        text_kv=text_kv, return_dict=True, **seam).sample
             latents = euler_step(latents, guided(pred_RSC.float(), guidance_scale), sigma_N1[i], sigma_N1[i + 1])
 
         images = latents if output_type == "latent" else self.decode(latents, height, width, output_type)
-        return NucleusPipelineOutput(images=images) if return_dict else (images,)
+        reports = None if step_cache is None else step_cache.image_reports(total)
+        return NucleusPipelineOutput(images=images, step_cache=reports) if return_dict else (images,)

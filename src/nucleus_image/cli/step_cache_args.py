@@ -1,0 +1,42 @@
+"""The `--cache` flags of `nucleus generate`: pick a step cache policy and override its fields.
+
+    nucleus generate --model M --prompt "a red cube" --out OUT --cache fbcache --cache-threshold 0.1
+    nucleus generate --model M --prompt "a red cube" --out OUT --cache taylorseer --cache-order 2 --cache-interval 3
+"""
+
+from __future__ import annotations
+
+from nucleus_image.pipeline.step_cache import CACHE_POLICIES, StepCacheConfig, cache_config
+
+# flag suffix -> config field; each policy accepts only its own fields (see nucleus_image.pipeline.step_cache).
+FIELDS = {"threshold": float, "order": int, "interval": int, "warmup": int}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--cache", choices=CACHE_POLICIES, default=None,
+                        help="reuse transformer work across steps (default: every step in full)")
+    parser.add_argument("--cache-threshold", type=float, default=None,
+                        help="fbcache: relative change of the first block's residual below which a step is skipped")
+    parser.add_argument("--cache-order", type=int, default=None, help="taylorseer: order of the forecast")
+    parser.add_argument("--cache-interval", type=int, default=None, help="taylorseer: full step every N steps")
+    parser.add_argument("--cache-warmup", type=int, default=None, help="first steps always computed in full")
+
+
+def from_args(args) -> StepCacheConfig | None:
+    """The config the flags ask for; bad values and flags that do not belong to the chosen policy (or to none)
+    are refused with the config's own message."""
+    given = {name: getattr(args, f"cache_{name}") for name in FIELDS if getattr(args, f"cache_{name}") is not None}
+    if args.cache is None:
+        if given:
+            raise ValueError(f"--cache-{next(iter(given))} needs --cache ({' or '.join(CACHE_POLICIES)})")
+        return None
+    return cache_config(args.cache, **given)
+
+
+def command_args(config: StepCacheConfig | None) -> list[str]:
+    """Flags that rebuild `config` exactly (every field spelled out, so a later default change cannot alter it)."""
+    if config is None:
+        return []
+    fields = config.to_dict()
+    return ["--cache", fields.pop("policy")] + [part for name, value in fields.items()
+                                               for part in (f"--cache-{name}", repr(value))]
