@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Modules under nucleus_image.cli, each adding one top-level subcommand.
-COMMANDS = ("model", "data", "eval", "generate", "train", "merge", "inspect_routing", "ablate", "bench")
+COMMANDS = ("model", "data", "eval", "generate", "train", "merge", "inspect_routing", "ablate", "bench", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
