@@ -63,6 +63,21 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_get_their_images(pipe
     assert metrics["images_served"] == 3
 
 
+def test_batch_wait_lets_a_request_arriving_just_after_join_the_batch(pipe):
+    async def scenario(batch_wait):
+        s = BatchScheduler(pipe, max_batch=4, max_queue=8, batch_wait=batch_wait)
+        worker = asyncio.create_task(s.run())
+        first = s.submit(request(seed=1))
+        await asyncio.sleep(0.05)
+        second = s.submit(request(seed=2))
+        await asyncio.wait_for(asyncio.gather(first.finished.wait(), second.finished.wait()), 120)
+        await s.close(worker)
+        return first.batch_sizes + second.batch_sizes
+
+    assert asyncio.run(scenario(0.0)) == [1, 1]
+    assert asyncio.run(scenario(1.0)) == [2, 2]
+
+
 def test_close_fails_queued_requests_with_503(pipe):
     async def scenario():
         s = BatchScheduler(pipe, max_batch=1, max_queue=8)

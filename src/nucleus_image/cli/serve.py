@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-batch", type=int, default=8, help="images per pipeline call (1 turns batching off)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, help="milliseconds a batch that is not full waits "
+                                                                    "for more requests (default 0)")
     p.add_argument("--max-queue", type=int, default=32, help="queued images before requests get 429")
     p.add_argument("--max-images", type=int, default=4, help="most images (n) one request may ask for")
     p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask for")
@@ -45,6 +47,8 @@ def check_args(args) -> None:
     for name in ("max_batch", "max_queue", "max_images", "max_steps", "max_prompt_chars", "default_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_wait_ms < 0:
+        raise ValueError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     if args.default_steps > args.max_steps:
         raise ValueError(f"--default-steps {args.default_steps} exceeds --max-steps {args.max_steps}")
     if args.max_images > args.max_queue:
@@ -79,8 +83,8 @@ def run(args) -> int:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device)
     config = ServeConfig(
-        model_path=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype,
-        device=args.device,
+        model_path=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
+        batch_wait=args.batch_wait_ms / 1000, dtype=args.dtype, device=args.device,
         limits=Limits(max_prompt_chars=args.max_prompt_chars, max_images=args.max_images, max_steps=args.max_steps,
                       max_side=args.max_side),
         defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),

@@ -36,6 +36,7 @@ class ServeConfig:
     model_path: str
     max_batch: int = 8
     max_queue: int = 32
+    batch_wait: float = 0.0  # seconds a batch that is not full waits for more requests
     limits: Limits = field(default_factory=Limits)
     defaults: Defaults = field(default_factory=Defaults)
     dtype: str = "auto"  # as given to `nucleus serve`, repeated in each image's command
@@ -76,7 +77,7 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler = BatchScheduler(pipe, config.max_batch, config.max_queue)
+        scheduler = BatchScheduler(pipe, config.max_batch, config.max_queue, config.batch_wait)
         state["scheduler"], state["worker"] = scheduler, asyncio.create_task(scheduler.run())
         yield
         # uvicorn has stopped accepting connections and waited for open requests (up to its graceful timeout).

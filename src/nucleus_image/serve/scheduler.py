@@ -112,10 +112,14 @@ def png_bytes(image) -> bytes:
 
 
 class BatchScheduler:
-    def __init__(self, pipe, max_batch: int = 8, max_queue: int = 32):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1")
+    def __init__(self, pipe, max_batch: int = 8, max_queue: int = 32, batch_wait: float = 0.0):
+        if max_batch < 1 or max_queue < 1 or batch_wait < 0:
+            raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and batch_wait "
+                             f"({batch_wait}) >= 0")
         self.pipe, self.max_batch, self.max_queue = pipe, max_batch, max_queue
+        # Seconds a batch that is not full waits for more requests: clients that just got their images are
+        # usually a round trip away from sending the next one.
+        self.batch_wait = batch_wait
         self.metrics = Metrics()
         self._pending: deque[_Row] = deque()
         self._running: list[_Row] = []
@@ -184,6 +188,8 @@ class BatchScheduler:
     async def run(self) -> None:
         """The worker loop: run batches until close() and the queue is empty."""
         while True:
+            if self.batch_wait and 0 < len(self._pending) < self.max_batch and not self._closing:
+                await asyncio.sleep(self.batch_wait)
             batch = self._take_batch()
             if batch:
                 await self._run_batch(batch)
