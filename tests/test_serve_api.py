@@ -125,7 +125,7 @@ REFUSALS = [
     (b"\xff\xfe", None, "not valid JSON"),
     (b'["a red cube"]', None, "must be a JSON object"),
     ({"prompt": "a", "colour": "red"}, "colour", "unknown field 'colour'"),
-    ({"n": 1}, "prompt", "'prompt' must be a string"),
+    ({"n": 1}, "prompt", "'prompt' is required"),
     ({"prompt": 5}, "prompt", "'prompt' must be a string, got 5"),
     ({"prompt": "   "}, "prompt", "'prompt' is empty"),
     ({"prompt": "a" * 101}, "prompt", "101 characters; at most 100"),

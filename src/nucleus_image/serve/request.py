@@ -102,7 +102,9 @@ def _int(body: dict, name: str, default, low: int, high: int) -> int:
 
 def _text(body: dict, name: str, limit: int, required: bool) -> str | None:
     value = body.get(name)
-    if value is None and not required:
+    if value is None:
+        if required:
+            raise RequestError(name, f"'{name}' is required: describe the image to generate")
         return None
     if not isinstance(value, str):
         raise RequestError(name, f"'{name}' must be a string, got {_show(value)}")
