@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -38,14 +39,13 @@ def call(base: str, path: str, body=None, method: str | None = None, timeout: fl
 @contextmanager
 def running_server(model_dir, *args: str, startup_timeout: float = 120):
     """Start `nucleus serve --model model_dir ARGS`, wait until /health answers, yield (base URL, process);
-    SIGTERM and wait on exit. Its log goes to a file beside nothing else: read it from `process.log_path`."""
+    SIGTERM and wait on exit. The server's output goes to a temporary log, quoted when it fails to start."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    log_path = f"{model_dir}.serve-{port}.log"
-    log = open(log_path, "w")
+    log = tempfile.NamedTemporaryFile("w", prefix=f"nucleus-serve-{port}-", suffix=".log", delete=False)
+    log_path = log.name
     process = subprocess.Popen(cli("serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
                                    "--log-level", "warning", *args), stdout=log, stderr=subprocess.STDOUT, env=env)
-    process.log_path = log_path
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
@@ -70,3 +70,4 @@ def running_server(model_dir, *args: str, startup_timeout: float = 120):
                 process.kill()
                 process.wait()
         log.close()
+        os.unlink(log_path)

@@ -43,6 +43,14 @@ def generate(base, **body):
     return answer
 
 
+def until(condition, timeout=120):
+    """Poll `condition` (every 10 ms) until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        time.sleep(0.01)
+
+
 def wait_job(base, job_id, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -58,8 +66,7 @@ def start_blocker(base, steps=60):
     """A running job that keeps the worker busy while the test queues others behind it."""
     status, _, job = call(base, "/v1/images/jobs", {"prompt": "busy", "steps": steps, "seed": 0})
     assert status == 202, job
-    while call(base, f"/v1/images/jobs/{job['id']}")[2]["status"] == "queued":
-        time.sleep(0.01)
+    until(lambda: call(base, f"/v1/images/jobs/{job['id']}")[2]["status"] != "queued")
     return job["id"]
 
 
@@ -209,8 +216,7 @@ def test_batching_off_and_graceful_shutdown(model_dir):
         thread = threading.Thread(target=lambda: result.update(answer=call(base, "/v1/images/generations",
                                                                              {"prompt": "last", "steps": 60})))
         thread.start()
-        while call(base, "/metrics")[2]["running_images"] == 0:
-            time.sleep(0.01)
+        until(lambda: call(base, "/metrics")[2]["running_images"] > 0)
         process.send_signal(signal.SIGTERM)
         thread.join(timeout=120)
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)

@@ -50,10 +50,16 @@ def test_page_generates_images_with_progress_settings_and_history(page):
     page.select_option("#aspect", "4:3")
     page.select_option("#n", "2")
     page.fill("#seed", "42")
+    # Record every state and fill level the progress bar goes through, however fast the generation is.
+    page.evaluate("""() => { window.progressSeen = [];
+        new MutationObserver(() => { const p = document.getElementById('progress');
+            window.progressSeen.push([p.dataset.state, Number(p.getAttribute('aria-valuenow'))]); })
+        .observe(document.getElementById('progress'), {attributes: true}); }""")
     page.click("#generate")
-    page.wait_for_selector('#progress[data-state="running"]')
     page.wait_for_selector('#progress[data-state="done"]')
-    assert page.get_attribute("#progress", "aria-valuenow") == "100"
+    seen = page.evaluate("window.progressSeen")
+    assert ["running", 0] in seen and seen[-1] == ["done", 100], seen
+    assert [value for _, value in seen] == sorted(value for _, value in seen)  # the bar only moves forward
     assert page.locator("#error").is_hidden()
 
     cards = page.locator(".result")
