@@ -230,6 +230,7 @@ def test_cli_refuses_bad_arguments_in_one_line(model_dir, tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--model", str(model_dir), "--max-batch", "0"]) == 2
     assert main(["serve", "--model", str(model_dir), "--max-side", "30"]) == 2
+    assert main(["serve", "--model", str(model_dir), "--default-guidance", "-1"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and "is not a pipeline folder" in err[0] and "--max-batch must be >= 1, got 0" in err[1]
+    assert len(err) == 4 and "--default-guidance must be in [0, 20.0], got -1.0" in err[3] and "is not a pipeline folder" in err[0] and "--max-batch must be >= 1, got 0" in err[1]
     assert "--max-side 30 must be a positive multiple of 4" in err[2]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 
 from nucleus_image.cli.generate import DTYPES
+from nucleus_image.serve.request import Limits
 
 
 def register(subparsers) -> None:
@@ -47,6 +48,8 @@ def check_args(args) -> None:
     for name in ("max_batch", "max_queue", "max_images", "max_steps", "max_prompt_chars", "default_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.default_guidance <= Limits.max_guidance:
+        raise ValueError(f"--default-guidance must be in [0, {Limits.max_guidance}], got {args.default_guidance}")
     if args.batch_wait_ms < 0:
         raise ValueError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     if args.default_steps > args.max_steps:
@@ -71,7 +74,7 @@ def run(args) -> int:
         import uvicorn
 
         from nucleus_image.serve.app import ServeConfig, create_app
-        from nucleus_image.serve.request import Defaults, Limits
+        from nucleus_image.serve.request import Defaults
     except ImportError as err:
         raise ValueError(f"nucleus serve needs FastAPI and uvicorn ({err.name} is missing): "
                          f"pip install 'nucleus-image[serve]'") from None
