@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--default-guidance", type=float, default=4.0, help="guidance when a request names none")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                   help="8-bit transformer weights, as `nucleus generate --quantize` (quantized while loading)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
@@ -84,10 +86,12 @@ def run(args) -> int:
 
     check_args(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device)
+    # Passed only when asked for, so plain serving does not depend on the quantized-loading keyword.
+    quantize = {"quantize": args.quantize} if args.quantize else {}
+    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, **quantize)
     config = ServeConfig(
         model_path=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
-        batch_wait=args.batch_wait_ms / 1000, dtype=args.dtype, device=args.device,
+        batch_wait=args.batch_wait_ms / 1000, dtype=args.dtype, device=args.device, quantize=args.quantize,
         limits=Limits(max_prompt_chars=args.max_prompt_chars, max_images=args.max_images, max_steps=args.max_steps,
                       max_side=args.max_side),
         defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),

@@ -41,6 +41,7 @@ class ServeConfig:
     defaults: Defaults = field(default_factory=Defaults)
     dtype: str = "auto"  # as given to `nucleus serve`, repeated in each image's command
     device: str | None = None
+    quantize: str | None = None  # as given to `nucleus serve`, repeated in each image's command
     keep_images: int = 512  # PNGs kept for response_format "url"
     keep_jobs: int = 256  # finished jobs kept for polling
 
@@ -69,7 +70,8 @@ class _Bounded(OrderedDict):
 
 def create_app(pipe, config: ServeConfig) -> FastAPI:
     geometry = Geometry(pipe.sample_size, pipe.granularity)
-    command_args = argparse.Namespace(model=config.model_path, dtype=config.dtype, device=config.device)
+    command_args = argparse.Namespace(model=config.model_path, dtype=config.dtype, device=config.device,
+                                      quantize=config.quantize)
     files: _Bounded = _Bounded(config.keep_images)
     jobs: _Bounded = _Bounded(config.keep_jobs)
     results: _Bounded = _Bounded(config.keep_jobs)  # a finished job's response body, built once
