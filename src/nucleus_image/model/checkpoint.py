@@ -116,17 +116,8 @@ def apply_umask(folder: Path) -> None:
 def save_pretrained(model, path, max_shard_size: int | str = "10GB") -> None:
     """Write config.json and safetensors shards (<= max_shard_size each) atomically into `path`."""
     path = Path(path)
-    limit = _parse_size(max_shard_size)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    shards, current, size = [], {}, 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    shards.append(current)
+    shards = split_shards(state, _parse_size(max_shard_size))
 
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -141,8 +132,32 @@ def save_pretrained(model, path, max_shard_size: int | str = "10GB") -> None:
             name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(tmp / name), metadata=metadata)
             weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
+        total = sum(tensor_bytes(t) for t in state.values())
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    publish_folder(tmp, path)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def split_shards(state: dict, limit: int, nbytes=tensor_bytes) -> list[dict]:
+    """The state dict cut, in key order, into shards of at most `limit` bytes (a larger tensor alone)."""
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        n = nbytes(tensor)
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += n
+    shards.append(current)
+    return shards
+
+
+def publish_folder(tmp: Path, path: Path) -> None:
+    """Make the fully written folder `tmp` the folder `path` (replacing an old one by renames: a reader sees the
+    old folder or the new one, never a mix), with the modes the user's umask asks for."""
     apply_umask(tmp)
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"

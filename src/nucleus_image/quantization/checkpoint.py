@@ -22,7 +22,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nucleus_image.model.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _parse_size, _weight_files
+from nucleus_image.model.checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _parse_size, _weight_files,
+                                            publish_folder, split_shards)
 from nucleus_image.model.config import NucleusConfig
 
 from .apply import keeps_precision, quantize_linear, quantized_skeleton
@@ -61,17 +62,9 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 def save_quantized(model: nn.Module, path, max_shard_size: int | str = "10GB") -> None:
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    path, limit = Path(path), _parse_size(max_shard_size)
+    path = Path(path)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    shards, current, size = [], {}, 0
-    for key, tensor in state.items():
-        nbytes = _tensor_bytes(tensor)
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    shards.append(current)
+    shards = split_shards(state, _parse_size(max_shard_size), _tensor_bytes)
 
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -89,11 +82,7 @@ def save_quantized(model: nn.Module, path, max_shard_size: int | str = "10GB") -
     if len(shards) > 1:
         total = sum(_tensor_bytes(t) for t in state.values())
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_folder(tmp, path)
 
 
 def load_quantized(cls, path, quantize: str | None = None, dtype: torch.dtype | None = None, device="cpu",
