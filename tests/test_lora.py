@@ -2,7 +2,6 @@
 reload exactly and merge, and `nucleus finetune` (plain and QLoRA) resumes bit for bit."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -87,26 +86,21 @@ def pipeline_and_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     tiny_own_pipeline().save_pretrained(root / "model")
     data = micro_dataset(root / "data")
-    # One short run encodes the captions; the tests' runs start from its caption cache.
+    # One short run encodes the captions into the session's text-state cache; the tests' runs then read them.
     assert finetune(root / "model", data, root / "captions", "--max-steps", "1") == 0
-    return root / "model", data, root / "captions"
+    return root / "model", data
 
 
-def finetune(model, data, out, *extra, captions_from=None):
-    """`nucleus finetune` in-process; `captions_from` seeds the run's caption cache from an earlier run on the same
-    data (the cache is keyed by the caption list, so this only skips re-encoding)."""
-    if captions_from is not None:
-        out.mkdir(parents=True)
-        for name in ("text_states.safetensors", "text_states.json"):
-            shutil.copy(captions_from / name, out / name)
+def finetune(model, data, out, *extra):
+    """`nucleus finetune` in-process."""
     return main(["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--lora-rank", "4",
                  "--batch-size", "2", "--steps", "4", "--checkpoint-every", "2", "--lr", "1e-2", "--no-progress", *extra])
 
 
 def test_finetune_resume_is_exact_and_adapter_loads_in_the_pipeline(pipeline_and_data, tmp_path):
-    model, data, cache = pipeline_and_data
-    assert finetune(model, data, tmp_path / "straight", captions_from=cache) == 0
-    assert finetune(model, data, tmp_path / "split", "--max-steps", "2", captions_from=cache) == 0
+    model, data = pipeline_and_data
+    assert finetune(model, data, tmp_path / "straight") == 0
+    assert finetune(model, data, tmp_path / "split", "--max-steps", "2") == 0
     assert main(["finetune", "--out", str(tmp_path / "split"), "--resume", "--no-progress"]) == 0
     straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     split = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")
@@ -127,8 +121,8 @@ def test_finetune_resume_is_exact_and_adapter_loads_in_the_pipeline(pipeline_and
 
 
 def test_qlora_finetune_on_int8_base(pipeline_and_data, tmp_path):
-    model, data, cache = pipeline_and_data
-    assert finetune(model, data, tmp_path / "q", "--quantize", "int8", "--max-steps", "2", captions_from=cache) == 0
+    model, data = pipeline_and_data
+    assert finetune(model, data, tmp_path / "q", "--quantize", "int8", "--max-steps", "2") == 0
     state = load_file(tmp_path / "q" / "adapter" / "adapter_model.safetensors")
     expert_keys = sorted(k for k in state if ".experts." in k)
     assert any(k.endswith("experts.lora_A.gate_up_proj") for k in expert_keys)
@@ -169,7 +163,7 @@ def test_lora_on_quantized_experts_adds_per_expert_factors_inside_the_matmul():
 
 
 def test_finetune_refuses_bad_input_in_one_line(pipeline_and_data, tmp_path, capsys):
-    model, data, _ = pipeline_and_data
+    model, data = pipeline_and_data
     assert main(["finetune", "--out", str(tmp_path / "a")]) == 2
     assert "--model and --data are required" in capsys.readouterr().err
     assert finetune(model, data, tmp_path / "b", "--lora-rank", "0") == 2

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from nucleus_image.cli import step_cache_args
 from nucleus_image.cli.generate import reproduce_command
 from nucleus_image.serve.request import Defaults, GenerationRequest, Geometry, Limits, RequestError, parse_request
 from nucleus_image.serve.scheduler import BatchScheduler, Job, QueueFull, ShuttingDown
@@ -70,8 +71,10 @@ class _Bounded(OrderedDict):
 
 def create_app(pipe, config: ServeConfig) -> FastAPI:
     geometry = Geometry(pipe.sample_size, pipe.granularity)
+    # The served images' settings as `nucleus generate` flags (the server runs no step cache).
     command_args = argparse.Namespace(model=config.model_path, dtype=config.dtype, device=config.device,
-                                      quantize=config.quantize)
+                                      quantize=config.quantize, cache=None,
+                                      **{f"cache_{name}": None for name in step_cache_args.FIELDS})
     files: _Bounded = _Bounded(config.keep_images)
     jobs: _Bounded = _Bounded(config.keep_jobs)
     results: _Bounded = _Bounded(config.keep_jobs)  # a finished job's response body, built once

@@ -360,7 +360,8 @@ class Trainer:
                     self._save()
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == self.total_steps:
                     grid = self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
-                    logger.sample_grid(self.step, grid)
+                    if logger:  # rank 0 of several, or the only process
+                        logger.sample_grid(self.step, grid)
         finally:
             bar.close()
             if logger:
