@@ -16,10 +16,14 @@ PIPELINE_ENCODERS = {"qwen3-vl": ("text_encoder", "Qwen3VLForConditionalGenerati
                      "qwen-image": ("vae", "AutoencoderKLQwenImage")}
 
 
-def build_encoders(cfg: TrainConfig, device: torch.device):
+def build_encoders(cfg: TrainConfig, device: torch.device, load_text_encoder: bool = True):
     """The frozen text encoder and the autoencoder the config names, checked against the model's widths (before
-    the model is built: a mismatch must not cost building a large model first)."""
-    if cfg.text_encoder == "minilm":
+    the model is built: a mismatch must not cost building a large model first). Without `load_text_encoder` the
+    text encoder is None: training reads its states from the text-state cache, so only the process that fills
+    the cache and draws the sample grids (rank 0) holds it."""
+    if not load_text_encoder:
+        text_encoder = None
+    elif cfg.text_encoder == "minilm":
         from ..encoders.minilm import MiniLMTextEncoder
 
         text_encoder = MiniLMTextEncoder()
@@ -33,9 +37,11 @@ def build_encoders(cfg: TrainConfig, device: torch.device):
         autoencoder = PixelAutoencoder(factor=max(factor, 1))
     else:
         autoencoder = from_pipeline_folder(cfg.autoencoder, "vae", device, cfg.pipeline_dir)
-    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
     m = cfg.model
+    if text_encoder is None:
+        return None, autoencoder
+    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
     if text_encoder.dim != m.joint_attention_dim:
         raise ValueError(f"text encoder {cfg.text_encoder!r} gives {text_encoder.dim}-wide states but the model's "
                          f"joint_attention_dim is {m.joint_attention_dim}")

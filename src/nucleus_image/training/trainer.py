@@ -104,7 +104,7 @@ class Trainer:
         # Encoders first, so a run they cannot serve fails before the (possibly huge) model exists; on a forked
         # RNG, so the model's seeded init is the same whether or not building them draws random numbers.
         with torch.random.fork_rng(devices=[]):
-            self.text_encoder, self.autoencoder = build_encoders(cfg, self.device)
+            self.text_encoder, self.autoencoder = build_encoders(cfg, self.device, load_text_encoder=self.is_main)
         # parallel.init "full": the seeded full init of one process on every rank, then sharded (N processes start
         # from the same weights as one). "meta": no rank ever holds the whole model; each initialises its shards.
         meta_init = self.dims is not None and cfg.parallel.init == "meta"
@@ -132,11 +132,11 @@ class Trainer:
         self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
         self.plan = BatchPlan(cfg, self.rows, self.autoencoder.scale_factor * cfg.model.patch_size)
         store = TextStateStore(encoder_id(text_encoder_spec(cfg)))
-        if not self.is_main:
-            self._barrier()  # rank 0 encodes and stores the missing captions; the others then find them all stored
-        store.encode_missing(self.text_encoder, self.plan.drawable_captions(), self.progress)
-        if self.dims and self.is_main:
-            self._barrier()
+        # Rank 0 alone holds the text encoder: it encodes and stores the missing captions (none after `nucleus data
+        # encode-captions`) while the others wait, then they read every state from the cache.
+        if self.is_main:
+            store.encode_missing(self.text_encoder, self.plan.drawable_captions(), self.progress)
+        self._barrier()
         self.captions = CaptionStates(store, self.device)
         self._batches = None
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
