@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nucleus_image.pipeline import NucleusPipeline  # noqa: E402
 from nucleus_image.pipeline.step_cache import FBCacheConfig, TaylorSeerConfig  # noqa: E402
 
-# The first block's residual changes by 0.1-0.3 of itself per step at 16 steps on a briefly trained `tiny` model
-# (README), hence the thresholds. Quick mode keeps both defaults (fbcache 0.25, taylorseer order 2 interval 3).
+# The first block's residual changes by 0.1-0.3 of itself per step at 16 steps on the `make demo` model (README),
+# hence the thresholds. Quick mode keeps both defaults (fbcache 0.15, taylorseer order 1 interval 3).
 POLICIES = [None] + [FBCacheConfig(threshold=t) for t in (0.15, 0.25, 0.35, 0.5)] + [
     TaylorSeerConfig(order=o, interval=n) for o, n in ((1, 2), (2, 2), (1, 3), (2, 3))]
 QUICK_POLICIES = [None, FBCacheConfig(), FBCacheConfig(threshold=0.5), TaylorSeerConfig(order=1, interval=2),

@@ -5,9 +5,11 @@
 
 One step is the trainer's: flow-matching loss on noised latents through the transformer, backward, gradient
 clipping, Muon + AdamW (`training.optim.build_optimizers`). Data is random latents of the step's shape, so the
-figure is the step itself, not decoding. N > 1 processes are started with torchrun (gloo on CPU, nccl on GPU);
-each takes B/N samples and gradients are averaged by DistributedDataParallel, so N processes do the same work
-per step as one. Threads: one process gets all `--threads`, N processes share them equally.
+figure is the step itself, not decoding. N > 1 processes are started with torchrun (gloo on CPU, nccl on GPU)
+and run the training path of `nucleus train --nproc N`: `parallel.parallelize` (FSDP2 over the N processes, and
+with `--ep` expert parallelism over them too), Muon gathering each sharded matrix, the meshes' gradient
+clipping. Each takes B/N samples, so N processes do the same work per step as one. Threads: one process gets all
+`--threads`, N processes share them equally.
 
 FLOPs are counted from shapes (`transformer_forward.flops_per_forward`, x3 for forward + backward). The peak is
 stated: on CPU an fp32 matmul of 2048^3 measured in the same run with all threads (the machine's practical peak),
@@ -30,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from transformer_forward import flops_per_forward  # noqa: E402
 
 from nucleus_image.model import NucleusConfig, NucleusTransformer  # noqa: E402
+from nucleus_image.parallel.config import ParallelConfig  # noqa: E402
+from nucleus_image.parallel.mesh import init_parallel  # noqa: E402
+from nucleus_image.parallel.parallelize import parallelize  # noqa: E402
+from nucleus_image.parallel.reduce import clip_grad_norm_  # noqa: E402
 from nucleus_image.pipeline.pipeline import pack_latents  # noqa: E402
 from nucleus_image.training.loss import flow_loss, noisy_latents  # noqa: E402
 from nucleus_image.training.optim import build_optimizers  # noqa: E402
@@ -43,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--text-tokens", type=int, default=16, help="text tokens per sample (default 16)")
     p.add_argument("--steps", type=int, default=12, help="timed steps (default 12) after 3 warm-up steps")
     p.add_argument("--procs", default="1,2", help="process counts to compare (default 1,2)")
+    p.add_argument("--ep", action="store_true", help="with N > 1: expert parallelism over the N processes too")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by the processes")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--peak-tflops", type=float, default=None, help="stated peak (CUDA default 989, H200 bf16)")
@@ -62,9 +69,10 @@ def worker(args) -> dict:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     torch.set_num_threads(max(1, args.threads // world) if device.type == "cpu" else 1)
-    if world > 1:
-        torch.distributed.init_process_group("gloo" if device.type == "cpu" else "nccl")
-    if device.type == "cuda":
+    dims = init_parallel(ParallelConfig(dp_shard=world, ep=world if args.ep else 1), device) if world > 1 else None
+    if dims:
+        device = dims.device
+    elif device.type == "cuda":
         torch.cuda.set_device(device)
     cfg = NucleusConfig.preset(args.preset)
     if args.batch % world:
@@ -72,11 +80,10 @@ def worker(args) -> dict:
     local = args.batch // world
     torch.manual_seed(0)
     model = NucleusTransformer(cfg).to(device)
+    if dims:
+        parallelize(model, dims, activation_checkpointing=False, compile=False, bf16=device.type == "cuda")
     muon, adamw, _ = build_optimizers(model, 1e-3, 0.0, (0.9, 0.95), 1e-8, 0.95, True, 5,
                                       torch.bfloat16 if device.type == "cuda" else torch.float32)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     channels, side = latent_shape(cfg, args.size, args.device)
     g = torch.Generator(device).manual_seed(rank)
     latents = torch.randn(local, channels, side, side, generator=g, device=device)
@@ -90,10 +97,13 @@ def worker(args) -> dict:
         noise = torch.randn(x0.shape, generator=g, device=device)
         sigma = torch.rand(local, generator=g, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = net(hidden_states=noisy_latents(x0, noise, sigma), img_shapes=[(1, grid, grid)] * local,
+            out = model(hidden_states=noisy_latents(x0, noise, sigma), img_shapes=[(1, grid, grid)] * local,
                       encoder_hidden_states=text, timestep=sigma)
         flow_loss(out.sample, x0, noise).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if dims:
+            clip_grad_norm_(list(model.parameters()), 1.0, dims)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         muon.step()
         adamw.step()
 
@@ -145,7 +155,7 @@ def main(argv=None) -> None:
             print(json.dumps(result))
         return
     peak = args.peak_tflops or (989.0 if args.device == "cuda" else cpu_peak_tflops(args.threads))
-    print(f"{args.preset} preset, global batch {args.batch} at {args.size}px, {args.steps} steps, {args.device}, "
+    print(f"{args.preset} preset{' (FSDP2 + EP when N > 1)' if args.ep else ' (FSDP2 when N > 1)'}, global batch {args.batch} at {args.size}px, {args.steps} steps, {args.device}, "
           f"{args.threads} threads; peak {peak:.3f} TFLOP/s ({'stated' if args.peak_tflops or args.device == 'cuda' else 'fp32 2048^3 matmul, measured now'})")
     rows = [launch(args, int(n)) for n in args.procs.split(",")]
     base = rows[0]["images_per_s"]

@@ -1,7 +1,7 @@
 """The `--cache` flags of `nucleus generate`: pick a step cache policy and override its fields.
 
     nucleus generate --model M --prompt "a red cube" --out OUT --cache fbcache --cache-threshold 0.1
-    nucleus generate --model M --prompt "a red cube" --out OUT --cache taylorseer --cache-order 2 --cache-interval 3
+    nucleus generate --model M --prompt "a red cube" --out OUT --cache taylorseer --cache-order 1 --cache-interval 3
 """
 
 from __future__ import annotations
