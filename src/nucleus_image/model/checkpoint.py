@@ -79,6 +79,16 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", s
     expected = {k: v.shape for k, v in model.state_dict().items()}
 
     state, unexpected, mismatched = {}, [], []
+    for key, tensor in checked_tensors(folder, expected, unexpected, mismatched):
+        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    refuse_misfit(folder, config, expected, set(state), unexpected, mismatched)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def checked_tensors(folder: Path, expected: dict, unexpected: list[str], mismatched: list[str]):
+    """(name, tensor) for each stored tensor the model expects with its shape, read one at a time from the
+    memory-mapped shards; names the model lacks and wrong shapes are collected instead, for one error."""
     for file in _weight_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -89,17 +99,19 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", s
                 if shape != tuple(expected[key]):
                     mismatched.append(f"{key}: checkpoint {shape} vs model {tuple(expected[key])}")
                     continue
-                tensor = f.get_tensor(key)
-                state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in mismatched})
+                yield key, f.get_tensor(key)
+
+
+def refuse_misfit(folder: Path, config, expected: dict, loaded: set[str], unexpected: list[str],
+                  mismatched: list[str]) -> None:
+    """One error listing every missing, unexpected and mis-shaped tensor, if there are any."""
+    missing = sorted(set(expected) - loaded - {m.split(":")[0] for m in mismatched})
     if missing or unexpected or mismatched:
         parts = []
         for label, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("mis-shaped", mismatched)):
             if items:
                 parts.append(f"{len(items)} {label}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise ValueError(f"checkpoint {str(folder)!r} does not fit {config}: " + "; ".join(parts))
-    model.load_state_dict(state, assign=True)
-    return model.eval()
 
 
 def apply_umask(folder: Path) -> None:

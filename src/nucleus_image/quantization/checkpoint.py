@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nucleus_image.model.checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _parse_size, _weight_files,
-                                            publish_folder, split_shards)
+                                            checked_tensors, publish_folder, refuse_misfit, split_shards)
 from nucleus_image.model.config import NucleusConfig
 
 from .apply import keeps_precision, quantize_linear, quantized_skeleton
@@ -129,25 +129,10 @@ def _load_streaming(cls, folder: Path, method: str, dtype, device):
     with torch.device("meta"):
         quantized_skeleton(model, method)
     loaded, unexpected, mismatched = set(), [], []
-    for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key not in expected:
-                    unexpected.append(key)
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != expected[key]:
-                    mismatched.append(f"{key}: checkpoint {shape} vs model {expected[key]}")
-                    continue
-                tensor = f.get_tensor(key)
-                _place(model, key, tensor.to(device=device, dtype=dtype or tensor.dtype), method)
-                loaded.add(key)
-    missing = sorted(set(expected) - loaded - {m.split(":")[0] for m in mismatched})
-    if missing or unexpected or mismatched:
-        parts = [f"{len(items)} {label}: " + ", ".join(items[:20])
-                 for label, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("mis-shaped", mismatched))
-                 if items]
-        raise ValueError(f"checkpoint {str(folder)!r} does not fit {config}: " + "; ".join(parts))
+    for key, tensor in checked_tensors(folder, expected, unexpected, mismatched):
+        _place(model, key, tensor.to(device=device, dtype=dtype or tensor.dtype), method)
+        loaded.add(key)
+    refuse_misfit(folder, config, expected, loaded, unexpected, mismatched)
     return _finish(model, method)
 
 
