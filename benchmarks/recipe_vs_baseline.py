@@ -46,19 +46,14 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from nucleus_image.cli import main; sys.exit(main())", *args]
 
 
-def encode_captions_once(data: Path, out: Path) -> Path:
-    """The caption cache every arm would otherwise compute for itself (same data, same caption weights): one
-    1-step run writes it, and each arm's run folder starts with a copy, so the budgets time training alone."""
-    probe = out / "_captions"
-    if not (probe / "text_states.safetensors").exists():
-        shutil.rmtree(probe, ignore_errors=True)
-        subprocess.run(cli("train", "--preset", "tiny", "--data", str(data), "--out", str(probe), "--max-steps", "1",
-                           "--no-progress", "--set", "sample_every=0"), check=True, stdout=subprocess.DEVNULL)
-    return probe
+def encode_captions_once(data: Path) -> None:
+    """Every caption's text states in the shared text-state cache before the arms start (`nucleus data
+    encode-captions`), so no arm's budget pays for encoding them."""
+    subprocess.run(cli("data", "encode-captions", str(data), "--no-progress"), check=True, stdout=subprocess.DEVNULL)
 
 
 def train_all(data: Path, out: Path, budget: float, adamw_lr: float, threads: int, chosen: list[str]) -> dict[str, float]:
-    probe = encode_captions_once(data, out)
+    encode_captions_once(data)
     procs = {}
     for arm, sets in arms(adamw_lr).items():
         if arm not in chosen:
@@ -68,8 +63,6 @@ def train_all(data: Path, out: Path, budget: float, adamw_lr: float, threads: in
             continue
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
-        for name in ("text_states.safetensors", "text_states.json"):
-            shutil.copy(probe / name, run / name)
         args = ["train", "--preset", "tiny", "--data", str(data), "--out", str(run), "--no-progress",
                 "--set", f"cpu_threads={threads}", "--set", f"time_budget_s={budget}"]
         for item in sets:
