@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--batch-prompts", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--tolerance", type=float, default=0.02)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         pipe = NucleusPipeline.from_pretrained(args.model, device="cpu",
                                                quantize=None if variant == "full" else variant)
         folder = generate_samples(pipe, records, Path(args.out) / variant / "images", args.samples, 0, args.steps,
-                                  4.0, "1:1", args.batch_prompts, progress=False)
+                                  4.0, "1:1", args.batch_size, progress=False)
         reports[variant] = score_folder(folder, progress=False)
         write_report(reports[variant], Path(args.out) / variant)
         print(f"{variant}: overall {reports[variant]['overall']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)

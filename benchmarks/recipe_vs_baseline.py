@@ -91,7 +91,7 @@ def evaluate(out: Path, arm: str, data: Path, samples: int) -> dict:
         for args in (["merge", str(arm_dir / "run"), "--out", str(arm_dir / "merged")],
                      ["eval", "compositional", "--model", str(arm_dir / "merged"), "--prompts",
                       str(data / "heldout_metadata.jsonl"), "--out", str(arm_dir / "eval"), "--samples", str(samples),
-                      "--steps", "16", "--batch-prompts", "12"]):
+                      "--steps", "16", "--batch-size", "12"]):
             subprocess.run(cli(*args), check=True, stdout=subprocess.DEVNULL)
     report = json.loads((arm_dir / "eval" / "report.json").read_text())
     losses = json.loads((arm_dir / "run" / "losses.json").read_text())

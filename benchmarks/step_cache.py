@@ -8,7 +8,7 @@ Every policy samples the same held-out prompts (all six GenEval tasks) with the 
 `make demo`'s evaluation (4 samples, 16 steps, CFG 4), and is scored with the exact shape detector. Work is the
 share of the uncached sampler's block executions (fbcache always runs the first block, so a skipped step still
 costs 1/num_layers of a forward); "forwards/image" is that share times the steps. Wall time is timed apart from
-the quality run: one batch of `--batch-prompts` prompts (one image each, text encoding and decoding included),
+the quality run: one batch of `--batch-size` prompts (one image each, text encoding and decoding included),
 every policy called once to warm up and then `--rounds` times, alternating, median per policy. The default
 pick is the largest saving with a score loss <= 0.02 and a saving >= 1.8x, else the best score per unit of work.
 PSNR against the uncached sampler's image of the same prompt and seed measures how far a cache moves the images,
@@ -105,7 +105,7 @@ def quality(args) -> None:
         for k, cache in enumerate(policies):
             sampler = CachedSampler(pipe, cache)
             folder = generate_samples(sampler, records, Path(tmp) / str(k), samples, args.seed, args.steps,
-                                      args.guidance, batch_prompts=args.batch_prompts, progress=False)
+                                      args.guidance, batch_prompts=args.batch_size, progress=False)
             report = score_folder(folder, progress=False)
             psnr = mean_psnr(Path(tmp) / "0", folder)
             work = (sum(r["block_work"] for r in sampler.reports) / len(sampler.reports)) if sampler.reports else 1.0
@@ -115,7 +115,7 @@ def quality(args) -> None:
                          "tasks": {t: v["accuracy"] for t, v in report["tasks"].items()}})
             print(f"  {rows[-1]['policy']}: work {work:.3f}, score {report['overall']:.3f}", file=sys.stderr,
                   flush=True)
-    timing_prompts = [r["prompt"] for r in records[:args.batch_prompts]]
+    timing_prompts = [r["prompt"] for r in records[:args.batch_size]]
     for row, seconds in zip(rows, wall_times(pipe, policies, timing_prompts, args)):
         row["seconds_per_image"] = seconds
     print_table(rows, args.steps)
@@ -202,7 +202,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-prompts", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of the wall-time batch per policy")
     ap.add_argument("--device", default=None)
