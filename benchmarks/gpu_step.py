@@ -99,6 +99,7 @@ def step_variants(args, device, dtype) -> tuple[dict, dict, float]:
 def qlora_step(args, device) -> None:
     """One QLoRA training step of the preset at batch 1 (int8 base, rank-16 adapters, gradient checkpointing)."""
     from nucleus_image.lora import add_lora
+    from nucleus_image.training.config import OptimizerConfig
     from nucleus_image.training.optim import build_optimizers
 
     cfg = NucleusConfig.preset(args.preset)
@@ -110,7 +111,7 @@ def qlora_step(args, device) -> None:
     model.quantize("int8")
     model.enable_gradient_checkpointing()
     peft_model = add_lora(model, rank=16)
-    muon, adamw, _ = build_optimizers(peft_model, 1e-4, 0.0, (0.9, 0.95), 1e-8, 0.95, True, 5, torch.bfloat16)
+    muon, adamw, _ = build_optimizers(peft_model, OptimizerConfig(lr=1e-4), torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(1, h * w, cfg.in_channels, device=device, dtype=torch.bfloat16, generator=g)
     txt = torch.randn(1, args.text_len, cfg.joint_attention_dim, device=device, dtype=torch.bfloat16, generator=g)

@@ -35,7 +35,7 @@ NO_MOE = "[0.0, 0.0, 0.0, 0.0]"
 
 
 def arms(adamw_lr: float) -> dict[str, list[str]]:
-    adamw = ["optimizer=adamw", f"lr={adamw_lr}"]
+    adamw = ["optimizer.kind=adamw", f"optimizer.lr={adamw_lr}"]
     dense = ["model.dense_moe_strategy=all_dense", "model.mlp_ratio=6", f"model.capacity_factors={NO_MOE}",
              f"stages.0.capacity_factors={NO_MOE}", f"stages.1.capacity_factors={NO_MOE}"]
     return {"moe_muon_wsm": [], "moe_muon_no_ortho": ["orthogonality_step=0"], "moe_adamw": adamw,

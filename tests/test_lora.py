@@ -8,7 +8,7 @@ import torch
 from generation_fixtures import tiny_own_pipeline
 from model_helpers import inputs, micro_config, randomize
 from safetensors.torch import load_file
-from training_helpers import micro_dataset
+from training_helpers import legacy_layout, micro_dataset
 
 from nucleus_image.cli import main
 from nucleus_image.lora import add_lora, load_lora, set_lora_scale
@@ -101,6 +101,9 @@ def test_finetune_resume_is_exact_and_adapter_loads_in_the_pipeline(pipeline_and
     model, data = pipeline_and_data
     assert finetune(model, data, tmp_path / "straight") == 0
     assert finetune(model, data, tmp_path / "split", "--max-steps", "2") == 0
+    # The split run's config rewritten in the layout before the nested optimizer section: it still resumes.
+    config = tmp_path / "split" / "finetune_config.json"
+    config.write_text(json.dumps(legacy_layout(json.loads(config.read_text()))))
     assert main(["finetune", "--out", str(tmp_path / "split"), "--resume", "--no-progress"]) == 0
     straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     split = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")

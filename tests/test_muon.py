@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nucleus_image.model import NucleusConfig, NucleusTransformer
+from nucleus_image.training.config import OptimizerConfig
 from nucleus_image.training.muon import Muon, orthogonalize
 from nucleus_image.training.optim import build_optimizers, describe_groups, split_params
 
@@ -111,7 +112,7 @@ def test_grouping_follows_the_recipe_on_our_model_and_the_reference():
     ref_where = {n: g for g, members in split_params(ref).items() for n, _ in members}
     assert ref_where == where
 
-    muon, adamw, _ = build_optimizers(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, 0.95, True, 5, torch.float32)
+    muon, adamw, _ = build_optimizers(model, OptimizerConfig(lr=1e-3, weight_decay=0.1), torch.float32)
     assert sum(len(g["params"]) for g in muon.param_groups) == len(groups["muon"])
     assert adamw.param_groups[1]["weight_decay"] == 0.0 and all(p.dim() < 2 for p in adamw.param_groups[1]["params"])
 

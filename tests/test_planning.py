@@ -12,6 +12,7 @@ from nucleus_image.planning import Layout, plan_generation, plan_layout, transfo
 from nucleus_image.planning.activations import training_activations
 from nucleus_image.planning.measure import LiveBytes
 from nucleus_image.planning.shapes import forward_inputs
+from nucleus_image.training.config import OptimizerConfig
 from nucleus_image.training.optim import build_optimizers
 
 GB = 2**30
@@ -20,7 +21,7 @@ GB = 2**30
 def test_states_match_the_real_optimizers_after_a_step():
     torch.manual_seed(0)
     model = NucleusTransformer(MICRO_MODEL)
-    muon, adamw, _ = build_optimizers(model, 1e-3, 0.0, (0.9, 0.95), 1e-8, 0.95, True, 5, torch.float32)
+    muon, adamw, _ = build_optimizers(model, OptimizerConfig(lr=1e-3), torch.float32)
     kw = forward_inputs(MICRO_MODEL, 2, (4, 4), 8, "cpu", torch.float32)
     kw["hidden_states"].normal_()
     model(**kw).sample.square().mean().backward()

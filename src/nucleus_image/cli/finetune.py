@@ -35,7 +35,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from nucleus_image.lora.finetune import CONFIG_NAME, FinetuneConfig, Finetuner
+    from dataclasses import replace
+
+    from nucleus_image.lora.finetune import CONFIG_NAME, FinetuneConfig, Finetuner, default_optimizer
 
     out = Path(args.out)
     if args.resume and (out / CONFIG_NAME).exists():
@@ -48,7 +50,8 @@ def run(args) -> int:
                 raise ValueError(f"{flag} {folder!r} is not a folder")
         cfg = FinetuneConfig(model=str(Path(args.model).resolve()), data=str(Path(args.data).resolve()),
                              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, quantize=args.quantize,
-                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, resolution=args.resolution,
+                             steps=args.steps, batch_size=args.batch_size,
+                             optimizer=replace(default_optimizer(), lr=args.lr), resolution=args.resolution,
                              checkpoint_every=args.checkpoint_every, seed=args.seed)
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")

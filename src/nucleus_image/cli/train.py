@@ -2,7 +2,7 @@
 
     nucleus train --preset tiny --data data/synth --out runs/tiny
     nucleus train --preset tiny --data data/synth --out runs/tiny --resume
-    nucleus train --preset tiny --data data/synth --out runs/short --max-steps 200 --set lr=3e-3
+    nucleus train --preset tiny --data data/synth --out runs/short --max-steps 200 --set optimizer.lr=3e-3
     nucleus train --config runs/old/train_config.json --data data/synth --out runs/new
 
 Writes RUN_DIR/train_config.json (the resolved config), checkpoints/step-*/ (atomic, last N kept),
@@ -42,7 +42,8 @@ def register(subparsers) -> None:
                                                               "(default: the config's stages)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (dotted: lr=3e-3, stages.0.steps=200, model.num_experts=16); repeatable")
+                   help="override a config field (dotted: optimizer.lr=3e-3, stages.0.steps=200, model.num_experts=16; "
+                        "the optimizer's old flat names such as lr=3e-3 still work); repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes to start on this machine (torchrun standalone; gloo on CPU, nccl on GPU)")
