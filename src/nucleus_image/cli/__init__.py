@@ -17,7 +17,7 @@ import textwrap
 import nucleus_image
 
 # Modules under nucleus_image.cli, each adding one top-level subcommand.
-COMMANDS = ("model", "data", "eval", "generate", "train", "finetune", "merge", "inspect_routing", "ablate", "bench", "plan", "serve")
+COMMANDS = ("model", "data", "eval", "generate", "train", "finetune", "distill", "merge", "inspect_routing", "ablate", "bench", "plan", "serve")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from nucleus_image.diffusion.flow import FlowSchedule, euler_step, validate_sigmas
 from nucleus_image.diffusion.guidance import guided, uses_cfg
+from nucleus_image.diffusion.sampler_settings import SamplerSettings
 from nucleus_image.encoders.autoencoder import Autoencoder
 from nucleus_image.encoders.text import TextEncoder, check_prompts
 from nucleus_image.pipeline.folder import DIFFUSERS_SAMPLE_LATENTS, load_components, save_components
@@ -83,6 +84,8 @@ class NucleusPipeline:
                              f"joint_attention_dim is {cfg.joint_attention_dim}")
         self.transformer = transformer
         self.lora = None  # the peft model of an adapter attached by load_lora
+        # Steps, noise levels and guidance a call uses when it names none: the release's, or a loaded adapter's.
+        self.sampler_defaults = SamplerSettings()
         self.vae = vae
         self.text_encoder = text_encoder
         self.schedule = schedule or FlowSchedule()
@@ -109,13 +112,17 @@ class NucleusPipeline:
         save_components(path, self.transformer, self.vae, self.text_encoder, self.schedule, self.sample_size)
 
     def load_lora(self, path, scale: float = 1.0) -> "NucleusPipeline":
-        """Attach a LoRA adapter (peft's format, as `nucleus finetune` writes it) to the transformer, its update
-        multiplied by `scale`."""
-        from nucleus_image.lora import load_lora
+        """Attach a LoRA adapter (peft's format, as `nucleus finetune` and `nucleus distill` write it) to the
+        transformer, its update multiplied by `scale`. An adapter that carries sampler settings (a few-step
+        student: steps, sigmas, guidance) makes them this pipeline's defaults; arguments a call passes still win."""
+        from nucleus_image.lora import load_lora, read_sampler_settings
 
         if self.lora is not None:
             raise ValueError("a LoRA adapter is already loaded; merge_lora() it first or load a fresh pipeline")
+        settings = read_sampler_settings(path)
         self.lora = load_lora(self.transformer, path, scale)
+        if settings is not None:
+            self.sampler_defaults = settings
         return self
 
     def merge_lora(self) -> "NucleusPipeline":
@@ -294,10 +301,10 @@ class NucleusPipeline:
         self,
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         sigmas: Sequence[float] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -312,15 +319,21 @@ class NucleusPipeline:
         offload_text_encoder: bool = False,
         progress: bool = True,
         cache=None,
+        callback_on_step_end=None,
     ):
         """Generate images. Keywords follow diffusers' NucleusMoEImagePipeline; in addition `aspect_ratio`
         picks a preset size (1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3), `offload_text_encoder` runs the text encoder
         on the pipeline's device and moves it back to the CPU once prompts are encoded (freeing its accelerator
         memory for the denoising loop), `progress` toggles the step progress bar, and `cache` reuses work across
         steps: "fbcache", "taylorseer" or a config from `nucleus_image.pipeline.step_cache` (None: every step in full).
+        `guidance_scale`, `num_inference_steps` and `sigmas` left out come from `self.sampler_defaults`: the
+        release's 4.0 and 50 steps, or a loaded adapter's settings. `callback_on_step_end(pipe, i, t, {"latents":
+        latents})` runs after each step, as diffusers calls it; a returned "latents" replaces the latents.
 
         Unlike the reference, guidance runs conditional and unconditional rows in one forward, a single
         negative string applies to every prompt, and bad input raises ValueError before any model work."""
+        guidance_scale, num_inference_steps, sigmas = self.sampler_defaults.resolve(guidance_scale,
+                                                                                     num_inference_steps, sigmas)
         prompts, negatives, batch = self._check_inputs(
             prompt, negative_prompt, guidance_scale, num_inference_steps, sigmas, num_images_per_prompt, generator,
             prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask, output_type)
@@ -353,6 +366,8 @@ class NucleusPipeline:
             pred_RSC = self.transformer(hidden_states=x_RSC, img_shapes=img_shapes, timestep=t_N[i].expand(rows),
                                         text_kv=text_kv, return_dict=True, **seam).sample
             latents = euler_step(latents, guided(pred_RSC.float(), guidance_scale), sigma_N1[i], sigma_N1[i + 1])
+            if callback_on_step_end is not None:
+                latents = (callback_on_step_end(self, i, t_N[i], {"latents": latents}) or {}).get("latents", latents)
 
         images = latents if output_type == "latent" else self.decode(latents, height, width, output_type)
         reports = None if step_cache is None else step_cache.image_reports(total)

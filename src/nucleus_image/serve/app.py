@@ -43,6 +43,8 @@ class ServeConfig:
     dtype: str = "auto"  # as given to `nucleus serve`, repeated in each image's command
     device: str | None = None
     quantize: str | None = None  # as given to `nucleus serve`, repeated in each image's command
+    lora: str | None = None  # the adapter folder loaded into the pipeline, repeated in each image's command
+    lora_scale: float = 1.0
     keep_images: int = 512  # PNGs kept for response_format "url"
     keep_jobs: int = 256  # finished jobs kept for polling
 
@@ -73,7 +75,8 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
     geometry = Geometry(pipe.sample_size, pipe.granularity)
     # The served images' settings as `nucleus generate` flags (the server runs no step cache).
     command_args = argparse.Namespace(model=config.model_path, dtype=config.dtype, device=config.device,
-                                      quantize=config.quantize, cache=None,
+                                      quantize=config.quantize, lora=config.lora, lora_scale=config.lora_scale,
+                                      cache=None,
                                       **{f"cache_{name}": None for name in step_cache_args.FIELDS})
     files: _Bounded = _Bounded(config.keep_images)
     jobs: _Bounded = _Bounded(config.keep_jobs)
@@ -180,6 +183,7 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         return {"object": "list", "data": [{
             "id": config.model_id, "object": "model", "owned_by": "nucleus-image",
             "path": str(Path(config.model_path).resolve()),
+            "lora": None if config.lora is None else str(Path(config.lora).resolve()),
             "sample_size": geometry.sample_size, "granularity": geometry.granularity,
             "aspect_sizes": {a: f"{w}x{h}" for a, (w, h) in geometry.aspect_sizes().items()},
             "max_side": config.limits.max_side or 2 * geometry.sample_size,
