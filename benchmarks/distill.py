@@ -16,6 +16,11 @@ arm, so a busy machine slows them alike. Scores: a bootstrap over prompts (strat
 difference. Writes OUT/report.json, OUT/grid.png (rows: prompts; columns: arms) and OUT/images/ (GenEval layout
 per arm; a rerun continues an interrupted one).
 
+`--cost` predicts the distillation's wall time against the `make demo` training's on the same machine: in one
+process, one thread, interleaved (so load slows all alike), it times the demo recipe's training step (tiny preset,
+batch 64, flow loss, backward, Muon + AdamW) at its two stage resolutions, the distillation's own step, one batch
+of teacher trajectories and one caption's encoding, and adds them up by the two runs' plans.
+
 `--released` times the transformer part (latent output) of the released preset with random weights in bf16 at
 1024x1024: the teacher's 50 steps with CFG 4 against the student's 4 steps without guidance, with its adapter
 merged (the base model's cost) and attached unmerged (peft's extra matmuls). `released_seconds_per_image()` is
@@ -85,6 +90,8 @@ def quality(args) -> None:
     counters = {key: RowCounter(p.transformer) for key, p in pipes.items()}
     plan = arms(args.teacher_steps, args.teacher_guidance, args.student_steps, args.reference_steps)
     out = Path(args.out)
+    claim(out, {"model": str(Path(args.model).resolve()), "adapter": adapter_identity(args.adapter),
+                "prompts": [r["prompt"] for r in records], "samples": args.samples, "seed": args.seed, "arms": plan})
     print(f"# {args.model} + {args.adapter}: {len(records)} prompts x {args.samples} samples, seed {args.seed}, "
           f"{pipes['base'].device}, threads {torch.get_num_threads()}, torch {torch.__version__}", flush=True)
     reports = []
@@ -134,6 +141,22 @@ def quality(args) -> None:
                                                  "prompts": len(records), "samples": args.samples, "seed": args.seed,
                                                  "threads": torch.get_num_threads(), "arms": plan}, indent=1) + "\n")
     print(f"grid: {out / 'grid.png'}  report: {out / 'report.json'}")
+
+
+def adapter_identity(adapter: str) -> dict:
+    import hashlib
+
+    folder = Path(adapter).resolve()
+    return {"path": str(folder), "sha256": hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()}
+
+
+def claim(out: Path, job: dict) -> None:
+    """OUT/images/ is reused by a rerun of the same job only: another model, adapter, prompt set or seed is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    job_file = out / "job.json"
+    if job_file.exists() and json.loads(job_file.read_text()) != json.loads(json.dumps(job)):
+        raise SystemExit(f"{out} holds another benchmark run ({job_file}); choose a new --out")
+    job_file.write_text(json.dumps(job, indent=1) + "\n")
 
 
 def print_table(plan: list[dict], prompts: int, samples: int) -> None:
@@ -234,6 +257,104 @@ def released_seconds_per_image(device: str = "cuda", preset: str = "released", s
     return rows
 
 
+def cost(args) -> None:
+    """Seconds of the distillation against the demo's training, both from per-step times measured interleaved."""
+    import shutil
+    import tempfile
+
+    from generate import time_interleaved
+
+    from nucleus_image.data.manifest import read_manifest
+    from nucleus_image.distill import DistillConfig, Distiller
+    from nucleus_image.distill.trajectories import packed_noise, shard_captions, teacher_states
+    from nucleus_image.model import NucleusTransformer
+    from nucleus_image.pipeline.pipeline import pack_latents
+    from nucleus_image.training.config import TrainConfig
+    from nucleus_image.training.curriculum import caption_probabilities
+    from nucleus_image.training.loss import flow_loss, noisy_latents
+    from nucleus_image.training.optim import build_optimizers
+
+    from nucleus_image.cli.distill import teacher_caption_weights
+
+    torch.set_num_threads(args.threads)
+    fields = json.loads(args.config)
+    fields.setdefault("caption_weights", teacher_caption_weights(Path(args.model)))  # as `nucleus distill` does
+    planned = DistillConfig(model=str(Path(args.model).resolve()), data=str(Path(args.data).resolve()),
+                            cpu_threads=args.threads, **fields)
+    demo = TrainConfig.preset("tiny")
+    tmp = Path(tempfile.mkdtemp(prefix="distill-cost-"))
+    try:
+        # A run of the same config with one batch of trajectories: its step is the step being predicted.
+        distiller = Distiller(DistillConfig(**{**planned.to_dict(), "trajectories": planned.batch_size}),
+                              tmp / "run", progress=False)
+        store = distiller.store
+        model = NucleusTransformer(demo.model)
+        muon, adamw, _ = build_optimizers(model, demo.lr, 0.0, demo.adam_betas, demo.adam_eps, demo.muon_momentum,
+                                          demo.muon_nesterov, demo.muon_ns_steps, torch.float32)
+        g = torch.Generator().manual_seed(0)
+
+        def demo_step(stage):
+            side = stage.resolution // 2  # pixel autoencoder latents: 12 channels per 2 x 2 pixels
+            x0 = pack_latents(torch.randn(stage.batch_size, 12, side, side, generator=g), 2)
+            text = torch.randn(stage.batch_size, 16, demo.model.joint_attention_dim, generator=g)
+
+            def step():
+                muon.zero_grad(set_to_none=True)
+                adamw.zero_grad(set_to_none=True)
+                noise, sigma = torch.randn(x0.shape, generator=g), torch.rand(stage.batch_size, generator=g)
+                out = model(hidden_states=noisy_latents(x0, noise, sigma), encoder_hidden_states=text, timestep=sigma,
+                            img_shapes=[(1, side // 2, side // 2)] * stage.batch_size)
+                flow_loss(out.sample, x0, noise).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), demo.grad_clip)
+                muon.step()
+                adamw.step()
+            return step
+
+        def distill_step():
+            for opt in distiller.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            distiller._train_step()
+
+        captions = (store.captions * planned.teacher_batch_size)[:planned.teacher_batch_size]
+        noise = packed_noise(distiller.pipe, store.plan, 0, len(captions))
+
+        def teacher_batch():
+            distiller.model.eval()
+            teacher_states(distiller.pipe, store.plan, distiller.text, captions, noise, len(captions))
+            distiller.model.train()
+
+        encoder = distiller.pipe.text_encoder
+        fns = {f"demo step {s.name}": demo_step(s) for s in demo.stages}
+        fns.update({"distill step": distill_step, f"teacher batch of {len(captions)}": teacher_batch,
+                    "one caption's encoding": lambda: encoder.encode_unique([captions[0]])})
+        times, _ = time_interleaved(fns, torch.device("cpu"), args.rounds)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = [[c for c in caps if c] for caps in read_manifest(args.data).column("captions").to_pylist()]
+    weights = np.array([float(bool(c)) for c in rows])
+    plan = store.plan.__class__(**{**store.plan.to_dict(), "trajectories": planned.trajectories,
+                                   "student_sigmas": store.plan.student_sigmas,
+                                   "caption_weights": tuple(planned.caption_weights)})
+    distill_captions = len({c for k in range(plan.num_shards) for c in shard_captions(plan, k, rows, weights)})
+    demo_captions = len({c for caps in rows
+                         for c, p in zip(caps, caption_probabilities(demo.caption_weights, len(caps))) if p > 0})
+    caption_s = times["one caption's encoding"]
+    demo_parts = {f"{demo_captions} captions encoded": demo_captions * caption_s}
+    demo_parts.update({f"{s.steps} steps at {s.name}": s.steps * times[f"demo step {s.name}"] for s in demo.stages})
+    parts = {f"{distill_captions} captions encoded": distill_captions * caption_s,
+             f"{planned.trajectories} teacher trajectories":
+                 planned.trajectories / len(captions) * times[f"teacher batch of {len(captions)}"],
+             f"{planned.steps} student steps of {planned.batch_size}": planned.steps * times["distill step"]}
+    print(f"# one process, {torch.get_num_threads()} thread(s), median of {args.rounds} interleaved rounds")
+    for name, t in times.items():
+        print(f"  {name}: {t:.4f} s")
+    for title, items in (("demo training (tiny preset's plan)", demo_parts), ("distillation", parts)):
+        print(f"{title}: {sum(items.values()):.0f} s = " + " + ".join(f"{t:.0f} s ({n})" for n, t in items.items()))
+    ratio = sum(parts.values()) / sum(demo_parts.values())
+    print(f"ratio distillation / demo training: {ratio:.2f}")
+
+
 def released(args) -> None:
     rows = released_seconds_per_image(args.device, args.preset, args.size, args.released_steps, 4, 4.0)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
@@ -264,6 +385,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="runs/distill/bench", help="output folder (images, grid.png, report.json)")
+    ap.add_argument("--cost", action="store_true", help="predict the distillation's time against the demo training's")
+    ap.add_argument("--data", default="runs/demo/data", help="with --cost: the dataset distilled on")
+    ap.add_argument("--config", default="{}", help='with --cost: distill config fields as JSON, e.g. \'{"steps": 400}\'')
     ap.add_argument("--released", action="store_true", help="time the released preset at 1024 px")
     ap.add_argument("--preset", default="released", choices=["tiny", "small", "released"],
                     help="with --released: the preset to time (a smaller one checks the command on a CPU)")
@@ -273,6 +397,8 @@ def main(argv=None) -> None:
     if args.released:
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         released(args)
+    elif args.cost:
+        cost(args)
     else:
         quality(args)
 

@@ -163,7 +163,7 @@ def test_generate_and_serve_with_lora_reproduce_the_students_images(run, tmp_pat
     pixels = lambda path: np.asarray(Image.open(path))  # noqa: E731
     assert np.array_equal(pixels(out / "00001.png"), pixels(tmp_path / "again" / "00000.png"))
 
-    with running_server(model, "--lora", str(adapter), "--max-batch", "1") as (base, _):
+    with running_server(model, "--lora", str(adapter), "--max-batch", "1", startup_timeout=300) as (base, _):
         status, _, models = call(base, "/v1/models")
         assert status == 200 and models["data"][0]["defaults"]["steps"] == 2
         assert models["data"][0]["defaults"]["guidance_scale"] == 1.0

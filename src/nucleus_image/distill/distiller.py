@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,7 @@ from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.schedule import set_lr, wsm_lr
 
 from .objective import ROLLOUTS, trajectory_loss
-from .trajectories import TrajectoryPlan, TrajectoryStore, generate_trajectories
+from .trajectories import TrajectoryPlan, TrajectoryStore, generate_trajectories, shard_captions
 
 CONFIG_NAME = "distill_config.json"
 
@@ -63,10 +65,14 @@ class DistillConfig:
     lora_rank: int = 32
     lora_alpha: float | None = None
     rollout: str = "student"
+    optimizer: str = "muon"  # "muon": Muon for the adapters' matrices, AdamW for the rest (as finetune); "adamw"
     steps: int = 600  # optimizer steps
     batch_size: int = 32  # trajectories per step
     lr: float = 2e-3
     warmup_steps: int = 20
+    # The last `decay_steps` anneal the lr linearly to 0. Training runs merge checkpoints instead (WSM), but an
+    # adapter's factors cannot be averaged: the mean of products B_i A_i is not a product of means.
+    decay_steps: int = 0
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
@@ -93,6 +99,10 @@ class DistillConfig:
                           f"{self.student_steps} (the teacher must pass through the student's noise levels)")
         if self.student_sigmas and len(self.student_sigmas) != self.student_steps:
             errors.append(f"student_sigmas has {len(self.student_sigmas)} levels for student_steps={self.student_steps}")
+        if not 0 <= self.decay_steps <= self.steps:
+            errors.append(f"decay_steps={self.decay_steps!r} must be in [0, steps={self.steps}]")
+        if self.optimizer not in ("muon", "adamw"):
+            errors.append(f"optimizer={self.optimizer!r}; accepted: muon, adamw")
         if self.rollout not in ROLLOUTS:
             errors.append(f"rollout={self.rollout!r}; accepted: {', '.join(ROLLOUTS)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -162,9 +172,10 @@ class Distiller:
         self.adapters = nn.ParameterDict({n.replace(".", "/"): p for n, p in self.model.named_parameters()
                                           if p.requires_grad})
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.muon, self.adamw, _ = build_optimizers(self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps,
-                                                    cfg.muon_momentum, cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype)
-        self.optimizers = {"muon": self.muon, "adamw": self.adamw}
+        muon, self.adamw, _ = build_optimizers(self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps,
+                                               cfg.muon_momentum, cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype,
+                                               use_muon=cfg.optimizer == "muon")
+        self.optimizers = {"adamw": self.adamw} if muon is None else {"muon": muon, "adamw": self.adamw}
         self.step, self.losses = 0, []
         if resume and (latest := ckpt.latest_checkpoint(self.run_dir)) is not None:
             state = ckpt.load_checkpoint(latest, self.adapters, self.optimizers, self.generator, self.np_rng)
@@ -203,8 +214,6 @@ class Distiller:
                               trajectories=cfg.trajectories, shard_size=256, seed=cfg.seed,
                               caption_weights=cfg.caption_weights)
         # Only the captions some trajectory uses are encoded (into the text-state cache shared with training).
-        from .trajectories import shard_captions
-
         used = {c for s in range(plan.num_shards) for c in shard_captions(plan, s, row_captions, weights)}
         store = TextStateStore(encoder_id(f"pipeline:{cfg.model}"))
         encoded = store.encode_missing(self.pipe.text_encoder, used | {""}, self.progress)
@@ -233,10 +242,17 @@ class Distiller:
                                          cfg.rollout)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.adapters.values()), cfg.grad_clip)
-        set_lr((self.muon, self.adamw), wsm_lr(self.step, cfg.lr, cfg.warmup_steps))
-        self.muon.step()
-        self.adamw.step()
+        set_lr(tuple(self.optimizers.values()), self.lr_at(self.step))
+        for opt in self.optimizers.values():
+            opt.step()
         return per_step
+
+    def lr_at(self, step: int) -> float:
+        """Warmup, constant, then (with decay_steps) a linear anneal that reaches 0 after the last step."""
+        cfg = self.cfg
+        lr = wsm_lr(step, cfg.lr, cfg.warmup_steps)
+        left = cfg.steps - step
+        return lr * min(1.0, left / cfg.decay_steps) if cfg.decay_steps else lr
 
     def train(self, max_steps: int | None = None) -> list[float]:
         """Train to cfg.steps (or stop after `max_steps` in total), then write RUN/adapter/."""
@@ -268,9 +284,15 @@ class Distiller:
         return self.losses
 
     def write_adapter(self, folder: Path) -> Path:
-        """peft's adapter files plus the student's sampler settings in its adapter_config.json."""
-        self.model.save_pretrained(str(folder))
-        write_sampler_settings(folder, self.sampler_settings())
+        """peft's adapter files plus the student's sampler settings in its adapter_config.json, written into a
+        temp folder and renamed into place, so `folder` is only ever a complete adapter."""
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp))
+        write_sampler_settings(tmp, self.sampler_settings())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
         return folder
 
     def sampler_settings(self) -> SamplerSettings:
