@@ -271,49 +271,41 @@ def cost(args) -> None:
     from nucleus_image.pipeline.pipeline import pack_latents
     from nucleus_image.training.config import TrainConfig
     from nucleus_image.training.curriculum import caption_probabilities
-    from nucleus_image.training.loss import flow_loss, noisy_latents
+    from nucleus_image.training.loss import FlowBatch, FlowObjective
     from nucleus_image.training.optim import build_optimizers
+    from nucleus_image.training.step import train_step
 
     from nucleus_image.cli.distill import teacher_caption_weights
 
     torch.set_num_threads(args.threads)
     fields = json.loads(args.config)
     fields.setdefault("caption_weights", teacher_caption_weights(Path(args.model)))  # as `nucleus distill` does
-    planned = DistillConfig(model=str(Path(args.model).resolve()), data=str(Path(args.data).resolve()),
-                            cpu_threads=args.threads, **fields)
+    planned = DistillConfig.from_dict({"model": str(Path(args.model).resolve()),
+                                       "data": str(Path(args.data).resolve()), "cpu_threads": args.threads, **fields})
     demo = TrainConfig.preset("tiny")
     tmp = Path(tempfile.mkdtemp(prefix="distill-cost-"))
     try:
         # A run of the same config with one batch of trajectories: its step is the step being predicted.
-        distiller = Distiller(DistillConfig(**{**planned.to_dict(), "trajectories": planned.batch_size}),
+        distiller = Distiller(DistillConfig.from_dict({**planned.to_dict(), "trajectories": planned.batch_size}),
                               tmp / "run", progress=False)
         store = distiller.store
         model = NucleusTransformer(demo.model)
-        muon, adamw, _ = build_optimizers(model, demo.lr, 0.0, demo.adam_betas, demo.adam_eps, demo.muon_momentum,
-                                          demo.muon_nesterov, demo.muon_ns_steps, torch.float32)
+        muon, adamw, _ = build_optimizers(model, demo.optimizer, torch.float32)
         g = torch.Generator().manual_seed(0)
 
-        def demo_step(stage):
+        objective = FlowObjective(demo.model.patch_size, demo.z_loss_weight)
+
+        def demo_step(stage):  # the trainer's step on random latents and text states of the stage's shape
             side = stage.resolution // 2  # pixel autoencoder latents: 12 channels per 2 x 2 pixels
             x0 = pack_latents(torch.randn(stage.batch_size, 12, side, side, generator=g), 2)
             text = torch.randn(stage.batch_size, 16, demo.model.joint_attention_dim, generator=g)
+            batch = FlowBatch(x0, torch.randn(x0.shape, generator=g), torch.rand(stage.batch_size, generator=g), text,
+                              None, (side, side))
+            return lambda: train_step(model, [muon, adamw], [batch], objective, demo.optimizer, 10_000)
 
-            def step():
-                muon.zero_grad(set_to_none=True)
-                adamw.zero_grad(set_to_none=True)
-                noise, sigma = torch.randn(x0.shape, generator=g), torch.rand(stage.batch_size, generator=g)
-                out = model(hidden_states=noisy_latents(x0, noise, sigma), encoder_hidden_states=text, timestep=sigma,
-                            img_shapes=[(1, side // 2, side // 2)] * stage.batch_size)
-                flow_loss(out.sample, x0, noise).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), demo.grad_clip)
-                muon.step()
-                adamw.step()
-            return step
-
-        def distill_step():
-            for opt in distiller.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            distiller._train_step()
+        def distill_step():  # the run's own step, without advancing its state
+            train_step(distiller.model, list(distiller.optimizers.values()), [distiller._micro_batch()],
+                       distiller.objective, planned.optimizer, distiller.step, params=list(distiller.adapters.values()))
 
         captions = (store.captions * planned.teacher_batch_size)[:planned.teacher_batch_size]
         noise = packed_noise(distiller.pipe, store.plan, 0, len(captions))

@@ -121,8 +121,7 @@ def test_distill_resume_is_exact_and_refuses_to_overwrite(run, tmp_path, capsys)
     assert straight.keys() == split.keys() and all(torch.equal(straight[k], split[k]) for k in straight)
     assert any(straight[k].abs().sum() > 0 for k in straight if "lora_B" in k)
     losses = json.loads((folder / "losses.json").read_text())
-    assert losses == json.loads((tmp_path / "split" / "losses.json").read_text())
-    assert [row[0] for row in losses] == [2, 4]  # logged at the checkpoints (log_every 25)
+    assert losses == json.loads((tmp_path / "split" / "losses.json").read_text()) and len(losses) == 4
     assert distill(model, data, folder) == 2  # an existing run is not overwritten
     assert "already holds a distillation run" in capsys.readouterr().err
 

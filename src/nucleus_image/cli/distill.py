@@ -28,16 +28,17 @@ def register(subparsers) -> None:
                    help="the teacher's sampling steps, a multiple of --steps (default 16)")
     p.add_argument("--teacher-guidance", type=float, default=4.0, help="the teacher's guidance scale (default 4.0)")
     p.add_argument("--trajectories", type=int, default=None,
-                   help=f"teacher trajectories generated once (default {_default('trajectories')})")
-    p.add_argument("--lora-rank", type=int, default=None, help=f"adapter rank (default {_default('lora_rank')})")
+                   help="teacher trajectories generated once (default 2048)")
+    p.add_argument("--lora-rank", type=int, default=None, help="adapter rank (default 32)")
     p.add_argument("--train-steps", type=int, default=None,
-                   help=f"optimizer steps (default {_default('steps')})")
+                   help="optimizer steps (default 600)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"trajectories per optimizer step (default {_default('batch_size')})")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {_default('lr')})")
+                   help="trajectories per optimizer step (default 32)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.002)")
     p.add_argument("--resolution", type=int, default=0, help="square side in pixels (default: the model's native)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other field of the distill config (e.g. rollout=teacher, caption_weights=[3,1,0,0]; "
+                   help="any other field of the distill config, dotted for sections (e.g. rollout=teacher, "
+                        "optimizer.kind=adamw, caption_weights=[3,1,0,0]; "
                         "caption weights default to the teacher's training run's, when its merge.json names one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the captions, noise and batches (default 0)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
@@ -45,14 +46,6 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
-
-
-def _default(name: str):
-    from dataclasses import fields
-
-    from nucleus_image.distill.distiller import DistillConfig
-
-    return next(f.default for f in fields(DistillConfig) if f.name == name)
 
 
 def build_config(args):
@@ -68,19 +61,33 @@ def build_config(args):
               "teacher_guidance": args.teacher_guidance, "resolution": args.resolution, "seed": args.seed,
               "cpu_threads": args.threads}
     for flag, key in (("trajectories", "trajectories"), ("lora_rank", "lora_rank"), ("train_steps", "steps"),
-                      ("batch_size", "batch_size"), ("lr", "lr")):
+                      ("batch_size", "batch_size")):
         if getattr(args, flag) is not None:
             fields[key] = getattr(args, flag)
+    if args.lr is not None:
+        fields["optimizer"] = {"lr": args.lr}
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r} is not KEY=VALUE (e.g. rollout=teacher)")
+            raise ValueError(f"--set {item!r} is not KEY=VALUE (e.g. rollout=teacher, optimizer.lr=1e-3)")
         try:
-            fields[key] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            fields[key] = raw
+            value = raw
+        *sections, last = key.split(".")
+        node = fields
+        for part in sections:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key!r}: {part!r} is not a section")
+        node[last] = value
     if "caption_weights" not in fields:
         fields["caption_weights"] = teacher_caption_weights(Path(args.model))
+    if "optimizer" in fields:  # the flags name some optimizer fields; the others keep distillation's defaults
+        from nucleus_image.distill.distiller import default_optimizer
+        from nucleus_image.training.config import to_plain
+
+        fields["optimizer"] = {**to_plain(default_optimizer()), **fields["optimizer"]}
     cfg = DistillConfig.from_dict(fields)
     cfg.validate()
     return cfg

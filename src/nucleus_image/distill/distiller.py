@@ -20,14 +20,12 @@ adapter_config.json, which `NucleusPipeline.load_lora` and `nucleus generate --l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +38,22 @@ from nucleus_image.diffusion.sampler_settings import SamplerSettings
 from nucleus_image.lora.adapters import add_lora, write_sampler_settings
 from nucleus_image.pipeline import NucleusPipeline
 from nucleus_image.training import checkpoint as ckpt
-from nucleus_image.training.curriculum import caption_probabilities
+from nucleus_image.training.build import seed_everything
+from nucleus_image.training.config import OptimizerConfig, changed_fields, from_plain, to_plain
 from nucleus_image.training.optim import build_optimizers
-from nucleus_image.training.schedule import set_lr, wsm_lr
+from nucleus_image.training.state import TrainState
+from nucleus_image.training.step import train_step
 
-from .objective import ROLLOUTS, trajectory_loss
+from .objective import ROLLOUTS, TrajectoryBatch, TrajectoryObjective
 from .trajectories import TrajectoryPlan, TrajectoryStore, generate_trajectories, shard_captions
 
 CONFIG_NAME = "distill_config.json"
+
+
+def default_optimizer() -> OptimizerConfig:
+    """Distillation's optimizer: Muon for the adapters' matrices, AdamW for the rest, as fine-tuning; the adapters
+    start at zero, so a short warmup."""
+    return OptimizerConfig(lr=2e-3, warmup_steps=20)
 
 
 @dataclass
@@ -65,21 +71,9 @@ class DistillConfig:
     lora_rank: int = 32
     lora_alpha: float | None = None
     rollout: str = "student"
-    optimizer: str = "muon"  # "muon": Muon for the adapters' matrices, AdamW for the rest (as finetune); "adamw"
     steps: int = 600  # optimizer steps
     batch_size: int = 32  # trajectories per step
-    lr: float = 2e-3
-    warmup_steps: int = 20
-    # The last `decay_steps` anneal the lr linearly to 0. Training runs merge checkpoints instead (WSM), but an
-    # adapter's factors cannot be averaged: the mean of products B_i A_i is not a product of means.
-    decay_steps: int = 0
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_ns_steps: int = 5
-    grad_clip: float = 1.0
+    optimizer: OptimizerConfig = field(default_factory=default_optimizer)
     seed: int = 0
     checkpoint_every: int = 100
     keep_last: int = 3
@@ -99,18 +93,13 @@ class DistillConfig:
                           f"{self.student_steps} (the teacher must pass through the student's noise levels)")
         if self.student_sigmas and len(self.student_sigmas) != self.student_steps:
             errors.append(f"student_sigmas has {len(self.student_sigmas)} levels for student_steps={self.student_steps}")
-        if not 0 <= self.decay_steps <= self.steps:
-            errors.append(f"decay_steps={self.decay_steps!r} must be in [0, steps={self.steps}]")
-        if self.optimizer not in ("muon", "adamw"):
-            errors.append(f"optimizer={self.optimizer!r}; accepted: muon, adamw")
         if self.rollout not in ROLLOUTS:
             errors.append(f"rollout={self.rollout!r}; accepted: {', '.join(ROLLOUTS)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            errors.append(f"lr={self.lr!r} must be a positive number")
         if not math.isfinite(self.teacher_guidance):
             errors.append(f"teacher_guidance={self.teacher_guidance!r} must be a finite number")
         if self.resolution < 0:
             errors.append(f"resolution={self.resolution!r} must be >= 0 (0: the model's native size)")
+        errors += self.optimizer.errors()
         if errors:
             raise ValueError("distill config: " + "; ".join(errors))
 
@@ -121,18 +110,11 @@ class DistillConfig:
         return tuple(float(s) for s in np.linspace(1.0, 1.0 / self.student_steps, self.student_steps))
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "DistillConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(data) - known:
-            raise ValueError(f"unknown distill config fields {sorted(set(data) - known)}; accepted: {sorted(known)}")
-        data = dict(data)
-        for key in ("student_sigmas", "caption_weights", "adam_betas"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        return from_plain(cls, data, "DistillConfig")
 
 
 class Distiller:
@@ -145,11 +127,8 @@ class Distiller:
                                    "cpu" if cfg.device == "auto" else cfg.device)
         if self.device.type == "cpu" and cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
-        self.np_rng = np.random.default_rng(cfg.seed)
+        seed_everything(cfg.seed)
+        self.state = TrainState()  # every step's batch is a function of (seed, step): no stream to carry
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.pipe = NucleusPipeline.from_pretrained(cfg.model, dtype=dtype, device=self.device)
@@ -163,24 +142,24 @@ class Distiller:
         grid = side // self.pipe.granularity
         self.img_shapes = [(1, grid, grid)] * cfg.batch_size
         # The levels and timesteps exactly as the pipeline computes them for the student's sampler.
-        self.sigma_K1 = self.pipe.schedule.sigmas(cfg.student_steps, grid * grid, list(cfg.sigmas())).to(self.device)
+        sigma_K1 = self.pipe.schedule.sigmas(cfg.student_steps, grid * grid, list(cfg.sigmas())).to(self.device)
         steps = self.pipe.schedule.num_train_timesteps
-        self.t_K = self.sigma_K1[:-1] * steps / steps
+        self.objective = TrajectoryObjective(sigma_K1, sigma_K1[:-1] * steps / steps, cfg.rollout)
 
         self.model = add_lora(self.pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
         self.model.train()
         self.adapters = nn.ParameterDict({n.replace(".", "/"): p for n, p in self.model.named_parameters()
                                           if p.requires_grad})
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        muon, self.adamw, _ = build_optimizers(self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps,
-                                               cfg.muon_momentum, cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype,
-                                               use_muon=cfg.optimizer == "muon")
-        self.optimizers = {"adamw": self.adamw} if muon is None else {"muon": muon, "adamw": self.adamw}
-        self.step, self.losses = 0, []
+        muon, adamw, _ = build_optimizers(self.model, cfg.optimizer, ns_dtype)
+        self.optimizers = {k: o for k, o in (("muon", muon), ("adamw", adamw)) if o is not None}
         if resume and (latest := ckpt.latest_checkpoint(self.run_dir)) is not None:
-            state = ckpt.load_checkpoint(latest, self.adapters, self.optimizers, self.generator, self.np_rng)
-            self.step, self.losses = state["step"], state["losses"]
-            self._log(f"resumed from {latest} at step {self.step}")
+            ckpt.load_checkpoint(latest, self.adapters, self.optimizers, self.state)
+            self._log(f"resumed from {latest} at step {self.state.step}")
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     def _log(self, text: str) -> None:
         if self.progress:
@@ -192,8 +171,8 @@ class Distiller:
             if not resume:
                 raise ValueError(f"run folder {str(self.run_dir)!r} already holds a distillation run; pass --resume "
                                  f"to continue it or choose a new --out")
-            saved = json.loads(config_file.read_text())
-            diff = sorted(k for k in set(saved) | set(self.cfg.to_dict()) if saved.get(k) != self.cfg.to_dict().get(k))
+            saved = DistillConfig.from_dict(json.loads(config_file.read_text())).to_dict()
+            diff = changed_fields(saved, self.cfg.to_dict())
             if diff:
                 raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,55 +212,36 @@ class Distiller:
         rng = np.random.default_rng([self.cfg.seed, 7, step])
         return rng.choice(len(self.store), size=self.cfg.batch_size, replace=len(self.store) < self.cfg.batch_size)
 
-    def _train_step(self) -> torch.Tensor:
-        cfg = self.cfg
-        rows = self._batch_rows(self.step)
-        teacher = self.store.states[torch.from_numpy(rows)].to(self.device)
+    def _micro_batch(self) -> TrajectoryBatch:
+        rows = self._batch_rows(self.state.step)
         text, mask = self.text.batch([self.store.captions[r] for r in rows])
-        loss, per_step = trajectory_loss(self.model, teacher, self.sigma_K1, self.t_K, text, mask, self.img_shapes,
-                                         cfg.rollout)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.adapters.values()), cfg.grad_clip)
-        set_lr(tuple(self.optimizers.values()), self.lr_at(self.step))
-        for opt in self.optimizers.values():
-            opt.step()
-        return per_step
-
-    def lr_at(self, step: int) -> float:
-        """Warmup, constant, then (with decay_steps) a linear anneal that reaches 0 after the last step."""
-        cfg = self.cfg
-        lr = wsm_lr(step, cfg.lr, cfg.warmup_steps)
-        left = cfg.steps - step
-        return lr * min(1.0, left / cfg.decay_steps) if cfg.decay_steps else lr
+        return TrajectoryBatch(self.store.states[torch.from_numpy(rows)].to(self.device), text, mask, self.img_shapes)
 
     def train(self, max_steps: int | None = None) -> list[float]:
-        """Train to cfg.steps (or stop after `max_steps` in total), then write RUN/adapter/."""
-        cfg = self.cfg
+        """Train to cfg.steps (or stop after `max_steps` in total); a finished run writes RUN/adapter/."""
+        cfg, state = self.cfg, self.state
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        start, first = time.perf_counter(), self.step
-        while self.step < end:
-            for opt in self.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            per_step = self._train_step()
-            self.step += 1
-            due = self.step % cfg.log_every == 0 or self.step % cfg.checkpoint_every == 0 or self.step == end
-            if due:
-                values = per_step.tolist()  # the only host sync, every log_every steps
-                loss = float(np.mean(values))
-                if not math.isfinite(loss):
-                    raise ValueError(f"non-finite loss {loss} at step {self.step}; lower lr (now {cfg.lr})")
-                self.losses.append([self.step, loss, values])
-                rate = (self.step - first) / (time.perf_counter() - start)
-                self._log(f"step {self.step}/{end}: loss {loss:.5f} per student step "
-                          f"{' '.join(f'{v:.4f}' for v in values)} ({rate:.2f} steps/s)")
-            if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                ckpt.save_checkpoint(self.run_dir, self.step, self.adapters, {"distill": cfg.to_dict()},
-                                     self.optimizers, self.generator, self.np_rng, {"losses": self.losses},
+        start, first = time.perf_counter(), state.step
+        while state.step < end:
+            out = train_step(self.model, list(self.optimizers.values()), [self._micro_batch()], self.objective,
+                             cfg.optimizer, state.step, params=list(self.adapters.values()))
+            loss = float(out.loss)
+            if not math.isfinite(loss):
+                raise ValueError(f"non-finite loss {loss} at step {state.step}; lower the lr (now "
+                                 f"{cfg.optimizer.lr})")
+            state.record(loss, bool(out.applied))
+            if state.step % cfg.log_every == 0 or state.step == end:
+                rate = (state.step - first) / (time.perf_counter() - start)
+                per_step = " ".join(f"{v:.4f}" for v in out.logged["per_step"].tolist())
+                self._log(f"step {state.step}/{end}: loss {loss:.5f}, per student step {per_step} "
+                          f"({rate:.2f} steps/s)")
+            if state.step % cfg.checkpoint_every == 0 or state.step == end:
+                ckpt.save_checkpoint(self.run_dir, self.adapters, {"distill": cfg.to_dict()}, self.optimizers, state,
                                      cfg.keep_last)
-        (self.run_dir / "losses.json").write_text(json.dumps(self.losses) + "\n")
-        if self.step >= cfg.steps:
+        (self.run_dir / "losses.json").write_text(json.dumps(state.losses) + "\n")
+        if state.step >= cfg.steps:
             self.write_adapter(self.run_dir / "adapter")
-        return self.losses
+        return state.losses
 
     def write_adapter(self, folder: Path) -> Path:
         """peft's adapter files plus the student's sampler settings in its adapter_config.json, written into a

@@ -8,11 +8,16 @@ own previous output, detached (Simple and Fast Distillation, Zhou et al. 2024): 
 will meet when sampling, not only on the teacher's, so its errors do not compound unseen; the gradient of a step
 stops at its input, so every step learns to land on the teacher's trajectory from wherever it stands.
 
-`rollout="teacher"` feeds the teacher's states instead (all K steps in one batched forward: cheaper, exposed to
-the drift the student's own steps cause); kept for the comparison the docs report.
+`rollout="teacher"` feeds the teacher's states instead (all K steps in one batched forward; exposed to the drift
+the student's own steps cause); kept for the comparison the docs report.
+
+`TrajectoryObjective` is this loss in the shape `training.step.train_step` takes: `(model, TrajectoryBatch) ->
+(loss, logged)`, the per-step losses logged as device tensors.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -62,3 +67,25 @@ def trajectory_loss(model, teacher_BKSC: torch.Tensor, sigma_K1: torch.Tensor, t
         y = y_next.detach()
     per_step = torch.stack(losses)
     return per_step.mean(), per_step.detach()
+
+
+@dataclass
+class TrajectoryBatch:
+    teacher_BKSC: torch.Tensor  # the teacher's states at the K + 1 student levels
+    text_BLD: torch.Tensor
+    text_mask_BL: torch.Tensor | None
+    img_shapes: list[tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class TrajectoryObjective:
+    """The loss function of a distillation step; `sigma_K1` / `t_K` as `trajectory_loss` takes them."""
+
+    sigma_K1: torch.Tensor
+    t_K: torch.Tensor
+    rollout: str = "student"
+
+    def __call__(self, model, batch: TrajectoryBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, per_step = trajectory_loss(model, batch.teacher_BKSC, self.sigma_K1, self.t_K, batch.text_BLD,
+                                         batch.text_mask_BL, batch.img_shapes, self.rollout)
+        return loss, {"per_step": per_step}
