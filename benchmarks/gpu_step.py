@@ -98,7 +98,8 @@ def step_variants(args, device, dtype) -> tuple[dict, dict, float]:
 
 def qlora_step(args, device) -> None:
     """One QLoRA training step of the preset at batch 1 (int8 base, rank-16 adapters, gradient checkpointing)."""
-    from nucleus_image.lora import add_lora
+    from nucleus_image.adapters import add_lora
+    from nucleus_image.quantization import quantize_transformer
     from nucleus_image.training.optim import build_optimizers
 
     cfg = NucleusConfig.preset(args.preset)
@@ -107,7 +108,7 @@ def qlora_step(args, device) -> None:
         model = NucleusTransformer(cfg).to(torch.bfloat16)
     model = model.to_empty(device=device)  # bf16 from the start: an fp32 build of the release would take 68 GB
     model.reset_parameters()
-    model.quantize("int8")
+    quantize_transformer(model, "int8")
     model.enable_gradient_checkpointing()
     peft_model = add_lora(model, rank=16)
     muon, adamw, _ = build_optimizers(peft_model, 1e-4, 0.0, (0.9, 0.95), 1e-8, 0.95, True, 5, torch.bfloat16)

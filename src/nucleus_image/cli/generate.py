@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
 from nucleus_image.cli.arguments import (DTYPES, GENERATE_STEPS, add_prompt_args, check_device, check_guidance,
                                          check_out_folder, check_positive, prompt_records)
 from nucleus_image.cli import step_cache_args
+from nucleus_image.pipeline.command import generate_command, model_name
 from nucleus_image.pipeline.presets import ASPECT_RATIOS
 
 # One job writes at most this many images: names are 5-digit (00000.png ...), and a larger job is better split
@@ -81,25 +81,6 @@ def check_args(args, prompts: list[str]) -> tuple[int, int]:
     except ValueError as err:
         raise ValueError(str(err).replace("aspect_ratio", "--aspect").replace("height/width", "--width/--height")) \
             from None
-
-
-def reproduce_command(args, prompt: str, seed: int, width: int, height: int) -> str:
-    parts = ["nucleus", "generate", "--model", model_name(args.model), "--prompt", prompt,
-             "--width", str(width), "--height", str(height), "--steps", str(args.steps), "--guidance",
-             repr(args.guidance), "--seed", str(seed), "--num-images", "1", "--dtype", args.dtype]
-    if args.negative is not None:
-        parts += ["--negative", args.negative]
-    if args.device is not None:
-        parts += ["--device", args.device]
-    if args.quantize is not None:
-        parts += ["--quantize", args.quantize]
-    parts += step_cache_args.command_args(step_cache_args.from_args(args))
-    return shlex.join(parts + ["--out", "OUT"])
-
-
-def model_name(model: str) -> str:
-    """An absolute path for a local folder; a Hub id as given."""
-    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def claim_folder(out: Path, job: dict) -> set[int]:
@@ -215,8 +196,12 @@ def run(args) -> int:
                     if k in done:
                         continue
                     prompt, seed, stem = prompts[k // args.num_images], args.seed + k, out / f"{k:05d}"
+                    command = generate_command(args.model, prompt, seed=seed, width=width, height=height,
+                                               steps=args.steps, guidance=args.guidance, negative=args.negative,
+                                               dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                               cache=cache)
                     sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
-                               "step_cache": report, "command": reproduce_command(args, prompt, seed, width, height)}
+                               "step_cache": report, "command": command}
                     write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))
                     write_atomic(stem.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
                     done.add(k)

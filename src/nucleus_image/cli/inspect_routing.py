@@ -48,7 +48,8 @@ def parse_sigmas(text: str) -> list[float]:
 def run(args) -> int:
     from nucleus_image.data.synthetic import heldout_metadata
     from nucleus_image.eval.compositional import validate_records
-    from nucleus_image.eval.routing import format_metrics, has_scenes, inspect_pipeline, write_report
+    from nucleus_image.eval.routing import format_metrics, has_scenes, inspect_pipeline
+    from nucleus_image.eval.routing_report import write_report
     from nucleus_image.pipeline import NucleusPipeline
 
     sigmas = parse_sigmas(args.sigmas)

@@ -146,7 +146,7 @@ def evaluate_arm(cfg: AblationConfig, arm: str, out: Path, records: list[dict], 
     """Merge, sample + score, measure routing and FID for one trained arm."""
     from nucleus_image.eval.compositional import generate_samples, read_geneval_folder, score_folder, write_report
     from nucleus_image.eval.routing import inspect_pipeline
-    from nucleus_image.eval.routing import write_report as write_routing
+    from nucleus_image.eval.routing_report import write_report as write_routing
     from nucleus_image.pipeline import NucleusPipeline
     from nucleus_image.training.config import TrainConfig
     from nucleus_image.training.merge import merge_run

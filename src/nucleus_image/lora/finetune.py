@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from nucleus_image.data.manifest import latest_version_dir, read_manifest
 from nucleus_image.pipeline import NucleusPipeline
-from nucleus_image.pipeline.pipeline import pack_latents
+from nucleus_image.model.latents import pack_latents
 from nucleus_image.training import checkpoint as ckpt
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
 from nucleus_image.training.buckets import assign_buckets, draw_batch, fit_image, make_buckets, readable_image
@@ -36,7 +36,7 @@ from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.schedule import set_lr, wsm_lr
 from nucleus_image.training.timesteps import sample_sigmas
 
-from .adapters import add_lora
+from nucleus_image.adapters import add_lora
 
 CONFIG_NAME = "finetune_config.json"
 

@@ -23,6 +23,9 @@ from .config import NucleusConfig
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+# Beside config.json in a transformer folder saved with 8-bit weights (nucleus_image.quantization reads and
+# writes that layout; the plain loader only recognises it to refuse it clearly).
+QUANTIZATION_CONFIG = "quantization_config.json"
 
 
 def _parse_size(size: int | str) -> int:
@@ -73,6 +76,9 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", s
         folder = folder / "transformer"  # a pipeline folder: take its transformer
     if not (folder / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{str(folder)!r} is not a transformer folder: no {CONFIG_NAME}")
+    if (folder / QUANTIZATION_CONFIG).exists():
+        raise ValueError(f"{str(folder)!r} holds 8-bit weights ({QUANTIZATION_CONFIG}); load it with "
+                         f"nucleus_image.quantization.load_transformer(path) or NucleusPipeline.from_pretrained")
     config = NucleusConfig.from_json(folder / CONFIG_NAME)
     with torch.device("meta"):
         model = cls(config)

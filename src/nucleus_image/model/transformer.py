@@ -170,32 +170,21 @@ class NucleusTransformer(nn.Module):
         self.proj_out.weight.zero_()
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None,
-                        quantize: str | None = None):
-        """`quantize` ("int8" | "fp8") quantizes tensor by tensor while loading; a saved quantized folder loads
-        as it was saved."""
-        from nucleus_image.quantization.checkpoint import load_quantized, stored_quantization
-
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None):
+        """A diffusers transformer folder (or a pipeline folder's transformer/, or a Hub id). 8-bit folders and
+        quantizing while loading are `nucleus_image.quantization.load_transformer`'s (applied from outside)."""
         from .checkpoint import load_pretrained
 
-        if quantize is not None or stored_quantization(path, subfolder) is not None:
-            return load_quantized(cls, path, quantize, dtype=dtype, device=device, subfolder=subfolder)
         return load_pretrained(cls, path, dtype=dtype, device=device, subfolder=subfolder)
 
     def save_pretrained(self, path, max_shard_size: int | str = "10GB") -> None:
         from .checkpoint import save_pretrained
 
         if self.quantization is not None:
-            from nucleus_image.quantization.checkpoint import save_quantized
-
-            return save_quantized(self, path, max_shard_size=max_shard_size)
+            raise ValueError(f"this transformer holds {self.quantization} weights; save it with "
+                             f"nucleus_image.quantization.save_transformer(model, path) (or the pipeline's "
+                             f"save_pretrained), which writes the quantized layout")
         save_pretrained(self, path, max_shard_size=max_shard_size)
-
-    def quantize(self, method: str) -> "NucleusTransformer":
-        """8-bit weights ("int8" | "fp8") in place, applied from outside by nucleus_image.quantization."""
-        from nucleus_image.quantization import quantize_transformer
-
-        return quantize_transformer(self, method)
 
     @property
     def dtype(self) -> torch.dtype:

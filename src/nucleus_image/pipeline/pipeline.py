@@ -24,6 +24,7 @@ from nucleus_image.diffusion.flow import FlowSchedule, euler_step, validate_sigm
 from nucleus_image.diffusion.guidance import guided, uses_cfg
 from nucleus_image.encoders.autoencoder import Autoencoder
 from nucleus_image.encoders.text import TextEncoder, check_prompts
+from nucleus_image.model.latents import pack_latents, unpack_latents
 from nucleus_image.pipeline.folder import DIFFUSERS_SAMPLE_LATENTS, load_components, save_components
 from nucleus_image.pipeline.presets import preset_size, resolve_size
 from nucleus_image.pipeline.step_cache import resolve_cache
@@ -43,20 +44,6 @@ class NucleusPipelineOutput:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pack_latents(latents_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, C*p*p): each p x p patch of latent pixels becomes one token."""
-    B, C, H, W = latents_BCHW.shape
-    x = latents_BCHW.view(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(B, (H // patch) * (W // patch), C * patch * patch)
-
-
-def unpack_latents(tokens_BSC: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    """Inverse of pack_latents for a latent grid of height x width."""
-    B, _, C = tokens_BSC.shape
-    x = tokens_BSC.view(B, height // patch, width // patch, C // (patch * patch), patch, patch)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, C // (patch * patch), height, width)
 
 
 def _pad_text(states_BLD: torch.Tensor, mask_BL: torch.Tensor | None, length: int):
@@ -111,7 +98,7 @@ class NucleusPipeline:
     def load_lora(self, path, scale: float = 1.0) -> "NucleusPipeline":
         """Attach a LoRA adapter (peft's format, as `nucleus finetune` writes it) to the transformer, its update
         multiplied by `scale`."""
-        from nucleus_image.lora import load_lora
+        from nucleus_image.adapters import load_lora
 
         if self.lora is not None:
             raise ValueError("a LoRA adapter is already loaded; merge_lora() it first or load a fresh pipeline")

@@ -30,7 +30,7 @@ from ..model import NucleusTransformer
 from ..model.moe import MoELayer
 from ..parallel.config import ParallelConfig, check_layout
 from ..parallel.mesh import init_parallel, launched_world
-from ..pipeline.pipeline import pack_latents
+from ..model.latents import pack_latents
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .encoders import build_encoders, text_encoder_spec
