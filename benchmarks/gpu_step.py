@@ -29,7 +29,8 @@ from transformer_forward import build_models, flops_per_forward, timeit  # noqa:
 from nucleus_image.diffusion.flow import euler_step  # noqa: E402
 from nucleus_image.diffusion.guidance import guided  # noqa: E402
 from nucleus_image.model import NucleusConfig, NucleusTransformer  # noqa: E402
-from nucleus_image.pipeline.cuda_graph import GraphedStep, denoise_step  # noqa: E402
+from nucleus_image.pipeline.cuda_graph import WARMUP_STEPS, GraphedStep  # noqa: E402
+from nucleus_image.pipeline.denoise import denoise_step  # noqa: E402
 from nucleus_image.quantization.fp8_compute import enable_fp8_compute  # noqa: E402
 
 GUIDANCE = 4.0
@@ -83,7 +84,11 @@ def step_variants(args, device, dtype) -> tuple[dict, dict, float]:
         if device.type == "cuda":
             for base in [k for k in list(steps) if k.startswith("ours")]:
                 t0 = time.perf_counter()
-                steps[f"{base} + CUDA graph"] = GraphedStep(steps[base], *call)
+                graphed = GraphedStep(steps[base])
+                for _ in range(WARMUP_STEPS + 1):  # the eager warm-up steps, then the capture and a first replay
+                    graphed(*call)
+                torch.cuda.synchronize()
+                steps[f"{base} + CUDA graph"] = graphed
                 print(f"captured {base!r} in {time.perf_counter() - t0:.1f} s")
         expected = steps["ours eager"](*call).clone()
         errors = {k: rel_l2(fn(*call), expected) for k, fn in steps.items()}

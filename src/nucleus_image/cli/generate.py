@@ -3,6 +3,7 @@
     nucleus generate --model runs/tiny/merged --prompt "a red cube left of a blue sphere" --num-images 4 --out samples/
     nucleus generate --model runs/tiny/merged --prompts prompts.txt --aspect 16:9 --steps 30 --out samples/
     nucleus generate --model NucleusAI/NucleusMoE-Image --prompt "a lighthouse at dusk" --device cuda --out samples/
+    nucleus generate --model NucleusAI/NucleusMoE-Image --prompts prompts.txt --cuda-graph --fp8-compute --out samples/
 
 Image k (counting over prompts, then images per prompt) is drawn with seed `--seed + k` on a CPU generator, so
 every image is reproducible on its own: its sidecar and its PNG text metadata hold the exact settings and a
@@ -19,8 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from nucleus_image.cli.arguments import (DTYPES, GENERATE_STEPS, add_prompt_args, check_device, check_guidance,
-                                         check_out_folder, check_positive, prompt_records)
+from nucleus_image.cli.arguments import (DTYPES, GENERATE_STEPS, add_acceleration_args, add_prompt_args,
+                                         check_acceleration, check_device, check_guidance, check_out_folder,
+                                         check_positive, prompt_records)
 from nucleus_image.cli import step_cache_args
 from nucleus_image.pipeline.command import generate_command, model_name
 from nucleus_image.pipeline.presets import ASPECT_RATIOS
@@ -55,6 +57,7 @@ def register(subparsers) -> None:
                                                                        "encoding each batch's prompts")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
                    help="8-bit transformer weights (quantized while loading; the text encoder and VAE are unchanged)")
+    add_acceleration_args(p)
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
     step_cache_args.add_arguments(p)
     p.set_defaults(func=run)
@@ -74,6 +77,7 @@ def check_args(args, prompts: list[str]) -> tuple[int, int]:
     if (args.width is None) != (args.height is None) and args.aspect is None:
         raise ValueError("pass both --width and --height (or --aspect)")
     check_device(args.device)
+    check_acceleration(args)
     check_out_folder(args.out)
     sample_size, granularity = read_geometry(args.model)  # also refuses a folder that is not a pipeline
     try:
@@ -136,6 +140,8 @@ def run(args) -> int:
            "width": width, "height": height, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
            "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype, "quantize": args.quantize,
            "cache": cache.to_dict() if cache else None}
+    # Recorded only when on, so jobs written before these flags existed still continue.
+    job.update({name: True for name in ("fp8_compute", "cuda_graph") if getattr(args, name)})
     done = claim_folder(out, job)
     if len(done) >= total:
         print(f"nothing to do: all {total} images are already in {out}", file=sys.stderr)
@@ -150,7 +156,8 @@ def run(args) -> int:
     from nucleus_image.pipeline import NucleusPipeline
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
+    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
+                                           cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute)
     sigmas = pipe.schedule.sigmas(args.steps, (height // pipe.granularity) * (width // pipe.granularity))
     settings = {
         "model": job["model"],
@@ -167,6 +174,8 @@ def run(args) -> int:
         "device": str(pipe.device),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "quantize": pipe.transformer.quantization,
+        "fp8_compute": pipe.fp8_compute,
+        "cuda_graph": pipe.cuda_graph,
         "nucleus_image_version": nucleus_image.__version__,
         "torch_version": torch.__version__,
     }
@@ -199,7 +208,8 @@ def run(args) -> int:
                     command = generate_command(args.model, prompt, seed=seed, width=width, height=height,
                                                steps=args.steps, guidance=args.guidance, negative=args.negative,
                                                dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                               cache=cache)
+                                               cache=cache, cuda_graph=args.cuda_graph,
+                                               fp8_compute=args.fp8_compute)
                     sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
                                "step_cache": report, "command": command}
                     write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))

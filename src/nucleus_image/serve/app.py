@@ -41,6 +41,8 @@ class ServeConfig:
     dtype: str = "auto"  # as given to `nucleus serve`, repeated in each image's command
     device: str | None = None
     quantize: str | None = None  # as given to `nucleus serve`, repeated in each image's command
+    cuda_graph: bool = False  # likewise
+    fp8_compute: bool = False  # likewise
     keep_images: int = 512  # PNGs kept for response_format "url"
     keep_jobs: int = 256  # finished jobs kept for polling
 
@@ -95,7 +97,8 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
             # The image's settings as `nucleus generate` flags (the server runs no step cache).
             command = generate_command(config.model_path, r.prompt, seed=seed, width=r.width, height=r.height,
                                        steps=r.steps, guidance=r.guidance_scale, negative=r.negative_prompt,
-                                       dtype=config.dtype, device=config.device, quantize=config.quantize)
+                                       dtype=config.dtype, device=config.device, quantize=config.quantize,
+                                       cuda_graph=config.cuda_graph, fp8_compute=config.fp8_compute)
             item = {"seed": seed, "batch_size": job.batch_sizes[k], "command": command}
             if r.response_format == "url":
                 name = f"{job.id}-{k}.png"
