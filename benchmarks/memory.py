@@ -33,9 +33,10 @@ def tensor_bytes(t) -> int:
 
 
 def _status_bytes(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
@@ -49,7 +50,6 @@ def _reset_peak_rss() -> int:
 def measure(preset: str, weights: str, size: int, checkpoint: str) -> dict:
     """Run in a subprocess: weight bytes and peak RSS growth (KiB on Linux) of load + one CFG forward."""
     import torch
-
     import torchao.quantization  # noqa: F401  (imported before the baseline: code is not memory the plan covers)
 
     from nucleus_image.model import NucleusConfig

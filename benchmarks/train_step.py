@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from transformer_forward import flops_per_forward  # noqa: E402
 
 from nucleus_image.model import NucleusConfig, NucleusTransformer  # noqa: E402
+from nucleus_image.model.latents import pack_latents  # noqa: E402
 from nucleus_image.parallel.config import ParallelConfig  # noqa: E402
 from nucleus_image.parallel.mesh import init_parallel  # noqa: E402
 from nucleus_image.parallel.parallelize import parallelize  # noqa: E402
 from nucleus_image.parallel.reduce import clip_grad_norm_  # noqa: E402
-from nucleus_image.model.latents import pack_latents  # noqa: E402
 from nucleus_image.training.loss import flow_loss, noisy_latents  # noqa: E402
 from nucleus_image.training.optim import build_optimizers  # noqa: E402
 

@@ -18,8 +18,14 @@ from nucleus_image.pipeline import NucleusPipeline
 from nucleus_image.pipeline.command import generate_command
 from nucleus_image.pipeline.cuda_graph import GraphedStep, StepGraphs, step_function
 from nucleus_image.pipeline.denoise import denoise_step
-from nucleus_image.quantization.fp8_compute import (E4M3, Float8Experts, Float8Linear, enable_fp8_compute,
-                                                    fp8_support_problem, quantize_rows)
+from nucleus_image.quantization.fp8_compute import (
+    E4M3,
+    Float8Experts,
+    Float8Linear,
+    enable_fp8_compute,
+    fp8_support_problem,
+    quantize_rows,
+)
 
 torch.set_num_threads(1)
 

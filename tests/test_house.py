@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from importlinter.api import read_configuration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,3 +25,26 @@ def test_imports_follow_the_layers_with_no_exceptions(monkeypatch):
     result = run("lint-imports")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+def test_ruff_lint_is_clean():
+    result = run("ruff", "check", "--no-cache", "src", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_public_api_type_checks():
+    """mypy on nucleus_image.model, nucleus_image.pipeline and nucleus_image.training.config (the files and
+    settings are in pyproject.toml; its cache lives in .mypy_cache, so a warm run takes seconds)."""
+    result = run("mypy")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("Success: no issues found")
+
+
+# Enable once the tree has been formatted in one go (`ruff format src tests benchmarks`): from then on the tree
+# stays formatted, and line length is checked where the formatter cannot wrap (E501).
+@pytest.mark.skip(reason="the one-time `ruff format src tests benchmarks` of the tree has not been run yet")
+def test_ruff_format_is_clean():
+    result = run("ruff", "format", "--check", "--no-cache", "src", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run("ruff", "check", "--no-cache", "--extend-select", "E501", "src", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -13,8 +13,14 @@ from nucleus_image.cli import main
 from nucleus_image.model import NucleusConfig, NucleusTransformer
 from nucleus_image.model.moe import SwiGLUExperts
 from nucleus_image.pipeline import NucleusPipeline
-from nucleus_image.quantization import (QuantizedSwiGLUExperts, dequantize_columns, load_transformer, quantize_columns,
-                                        quantize_transformer, save_transformer)
+from nucleus_image.quantization import (
+    QuantizedSwiGLUExperts,
+    dequantize_columns,
+    load_transformer,
+    quantize_columns,
+    quantize_transformer,
+    save_transformer,
+)
 
 torch.set_num_threads(1)
 

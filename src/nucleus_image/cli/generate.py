@@ -20,10 +20,19 @@ import os
 import sys
 from pathlib import Path
 
-from nucleus_image.cli.arguments import (DTYPES, GENERATE_STEPS, add_acceleration_args, add_prompt_args,
-                                         check_acceleration, check_device, check_guidance, check_out_folder,
-                                         check_positive, prompt_records)
 from nucleus_image.cli import step_cache_args
+from nucleus_image.cli.arguments import (
+    DTYPES,
+    GENERATE_STEPS,
+    add_acceleration_args,
+    add_prompt_args,
+    check_acceleration,
+    check_device,
+    check_guidance,
+    check_out_folder,
+    check_positive,
+    prompt_records,
+)
 from nucleus_image.pipeline.command import generate_command, model_name
 from nucleus_image.pipeline.presets import ASPECT_RATIOS
 

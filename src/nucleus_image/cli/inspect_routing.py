@@ -13,8 +13,14 @@ noised to every sigma with one fixed noise draw and run through the transformer 
 
 from __future__ import annotations
 
-from nucleus_image.cli.arguments import (EVAL_STEPS, add_prompt_args, check_device, check_out_folder, check_positive,
-                                         prompt_records)
+from nucleus_image.cli.arguments import (
+    EVAL_STEPS,
+    add_prompt_args,
+    check_device,
+    check_out_folder,
+    check_positive,
+    prompt_records,
+)
 from nucleus_image.eval.routing import DEFAULT_SIGMAS
 
 

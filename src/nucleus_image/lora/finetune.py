@@ -23,11 +23,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from nucleus_image.adapters import add_lora
 from nucleus_image.data.manifest import latest_version_dir, read_manifest
-from nucleus_image.pipeline import NucleusPipeline
-from nucleus_image.model.latents import pack_latents
-from nucleus_image.training import checkpoint as ckpt
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
+from nucleus_image.model.latents import pack_latents
+from nucleus_image.pipeline import NucleusPipeline
+from nucleus_image.training import checkpoint as ckpt
 from nucleus_image.training.buckets import assign_buckets, draw_batch, fit_image, make_buckets, readable_image
 from nucleus_image.training.config import TimestepConfig
 from nucleus_image.training.curriculum import caption_probabilities, pick_caption
@@ -35,8 +36,6 @@ from nucleus_image.training.loss import flow_loss, noisy_latents
 from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.schedule import set_lr, wsm_lr
 from nucleus_image.training.timesteps import sample_sigmas
-
-from nucleus_image.adapters import add_lora
 
 CONFIG_NAME = "finetune_config.json"
 
@@ -89,7 +88,7 @@ class FinetuneConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FinetuneConfig":
+    def from_dict(cls, data: dict) -> FinetuneConfig:
         data = dict(data)
         data["timesteps"] = TimestepConfig(**data.get("timesteps", {}))
         for key in ("aspect_ratios", "caption_weights", "adam_betas"):

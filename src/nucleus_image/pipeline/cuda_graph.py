@@ -26,7 +26,8 @@ Not with a step cache (a cached step's work changes from step to step) and only 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = 
     index = read_index(path)
     # A saved quantized transformer computes in the dtype its unquantized layers were saved in.
     transformer_dtype = None if weights.stored_quantization(path / "transformer") else dtype
-    components = {"transformer": weights.load_transformer(path / "transformer", quantize, dtype=transformer_dtype,
+    components: dict[str, Any] = {"transformer": weights.load_transformer(path / "transformer", quantize, dtype=transformer_dtype,
                                                           device=device) if load_transformer else None}
 
     vae_class = _class(index, "vae")

@@ -15,10 +15,10 @@ runs the experts' and attention projections' matmuls in fp8 on GPUs with fp8 ten
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from numbers import Real
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ class NucleusPipeline:
             self._graphs.clear()
         return self
 
-    def load_lora(self, path, scale: float = 1.0) -> "NucleusPipeline":
+    def load_lora(self, path, scale: float = 1.0) -> NucleusPipeline:
         """Attach a LoRA adapter (peft's format, as `nucleus finetune` writes it) to the transformer, its update
         multiplied by `scale`."""
         from nucleus_image.adapters import load_lora
@@ -153,7 +153,7 @@ class NucleusPipeline:
         self._graphs.clear()
         return self
 
-    def merge_lora(self) -> "NucleusPipeline":
+    def merge_lora(self) -> NucleusPipeline:
         """Fold the loaded adapter into the transformer's weights, so generation costs what the base model does."""
         if self.lora is None:
             raise ValueError("no LoRA adapter is loaded: call load_lora(path) first")
@@ -165,7 +165,7 @@ class NucleusPipeline:
         self._graphs.clear()
         return self
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "NucleusPipeline":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> NucleusPipeline:
         for module in (self.transformer, self.vae, self.text_encoder):
             if module is not None:
                 module.to(device=device, dtype=dtype)
@@ -246,9 +246,10 @@ class NucleusPipeline:
             self._check_embeds("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_mask, batch)
         elif negative_prompt_embeds_mask is not None:
             raise ValueError("negative_prompt_embeds_mask was given without negative_prompt_embeds")
-        if uses_cfg(guidance_scale) and negative_prompt_embeds is None and negatives is None:
+        guiding = uses_cfg(float(guidance_scale))
+        if guiding and negative_prompt_embeds is None and negatives is None:
             negatives = [""] * batch  # the released default: guide away from the empty prompt
-        needs_text = prompts is not None or (uses_cfg(guidance_scale) and negative_prompt_embeds is None)
+        needs_text = prompts is not None or (guiding and negative_prompt_embeds is None)
         if needs_text and self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds when "
                              "guidance_scale > 1) instead of text prompts")
@@ -267,15 +268,18 @@ class NucleusPipeline:
         texts = (prompts or []) + (negatives if cfg and negatives is not None else [])
         encoded = None
         if texts:
+            encoder = self.text_encoder
+            assert encoder is not None  # _check_inputs refuses text to a pipeline without a text encoder
             if offload:
-                self.text_encoder.to(self.device)  # encode where the transformer runs, then hand the memory back
-            encoded = self.text_encoder.encode(texts)
+                encoder.to(self.device)  # encode where the transformer runs, then hand the memory back
+            encoded = encoder.encode(texts)
             if offload:
                 self.offload_text_encoder()
 
         def rows(encoded_rows, embeds, mask):
             if embeds is not None:
                 return embeds, mask
+            assert encoded is not None  # every row without given embeddings had its text encoded above
             states, text_mask = encoded
             return states[encoded_rows], (text_mask[encoded_rows] if text_mask is not None else None)
 

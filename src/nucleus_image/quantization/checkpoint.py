@@ -27,9 +27,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nucleus_image.model import NucleusTransformer
-from nucleus_image.model.checkpoint import (CONFIG_NAME, INDEX_NAME, QUANTIZATION_CONFIG, WEIGHTS_NAME, _parse_size,
-                                            _weight_files, checked_tensors, publish_folder, refuse_misfit,
-                                            split_shards)
+from nucleus_image.model.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    QUANTIZATION_CONFIG,
+    WEIGHTS_NAME,
+    _parse_size,
+    _weight_files,
+    checked_tensors,
+    publish_folder,
+    refuse_misfit,
+    split_shards,
+)
 from nucleus_image.model.config import NucleusConfig
 
 from .apply import keeps_precision, quantize_linear, quantized_skeleton
@@ -132,7 +141,7 @@ def _load_saved(cls, folder: Path, method: str, dtype, device):
     for file in _weight_files(folder):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             metadata = f.metadata()
-            flat = {k: f.get_tensor(k) for k in f.keys()}
+            flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         tensors, leftover = unflatten_tensor_state_dict(flat, metadata)
         if leftover:
             raise ValueError(f"{str(file)!r} has tensors its metadata does not describe: {sorted(leftover)[:10]}")

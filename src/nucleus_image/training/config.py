@@ -162,7 +162,7 @@ class TrainConfig:
             raise ValueError("invalid TrainConfig: " + "; ".join(errors))
 
     # ---- overrides and (de)serialisation -------------------------------------------------------------------
-    def override(self, assignments: list[str]) -> "TrainConfig":
+    def override(self, assignments: list[str]) -> TrainConfig:
         """Apply `key=value` assignments (dotted paths, list indices, `model.<field>`); values parse as JSON,
         falling back to a plain string. Returns a new validated config."""
         data = self.to_dict()
@@ -194,7 +194,7 @@ class TrainConfig:
         return TrainConfig.from_dict(data)
 
     def to_dict(self) -> dict:
-        out = {}
+        out: dict[str, typing.Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "model":
@@ -203,16 +203,18 @@ class TrainConfig:
             elif f.name == "stages":
                 out[f.name] = [_jsonable(dataclasses.asdict(s)) for s in value]
             else:
-                out[f.name] = _jsonable(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+                if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                    value = dataclasses.asdict(value)
+                out[f.name] = _jsonable(value)
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(data) - set(known)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; accepted: {sorted(known)}")
-        kwargs = {}
+        kwargs: dict[str, typing.Any] = {}
         hints = typing.get_type_hints(cls)
         for name, value in data.items():
             if name == "model":
@@ -233,11 +235,11 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "TrainConfig":
+    def from_json(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def preset(cls, name: str) -> "TrainConfig":
+    def preset(cls, name: str) -> TrainConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown training preset {name!r}; accepted: {', '.join(PRESETS)}")
         cfg = PRESETS[name]()

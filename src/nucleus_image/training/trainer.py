@@ -27,17 +27,17 @@ from tqdm import tqdm
 from ..data.manifest import latest_version_dir
 from ..data.text_states import CaptionStates, TextStateStore, encoder_id
 from ..model import NucleusTransformer
+from ..model.latents import pack_latents
 from ..model.moe import MoELayer
 from ..parallel.config import ParallelConfig, check_layout
 from ..parallel.mesh import init_parallel, launched_world
-from ..model.latents import pack_latents
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .encoders import build_encoders, text_encoder_spec
 from .curriculum import share_by_bucket
 from .data_loader import BatchPlan, rank_loader, rank_rows, read_rows
-from .monitor import RunLogger, routing_stats
+from .encoders import build_encoders, text_encoder_spec
 from .loss import decorrelate_router_rows_, flow_loss, noisy_latents, router_z_loss, wavelet_loss
+from .monitor import RunLogger, routing_stats
 from .optim import build_optimizers, describe_groups
 from .sampling import make_pipeline, sample_grid
 from .schedule import set_lr, wsm_lr
