@@ -141,10 +141,10 @@ def test_qlora_finetune_on_int8_base(pipeline_and_data, tmp_path):
 
 
 def test_lora_on_quantized_experts_adds_per_expert_factors_inside_the_matmul():
-    from nucleus_image.quantization import dequantize_columns
+    from nucleus_image.quantization import dequantize_columns, quantize_transformer
 
     model, inp = model_and_inputs()
-    model.quantize("int8")
+    quantize_transformer(model, "int8")
     with torch.no_grad():
         base = model(**inp).sample
     adapted = trained_adapter(model)

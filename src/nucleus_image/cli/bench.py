@@ -47,8 +47,7 @@ def run(args) -> int:
     check_device(args.device)
     check_out_folder(args.out)
 
-    from nucleus_image.eval.geneval_bench import (generate_benchmark, is_synthetic_domain, read_prompts,
-                                                  scorable_here)
+    from nucleus_image.eval.geneval_bench import generate_benchmark, is_synthetic_domain, read_prompts, scorable_here
 
     synthetic = is_synthetic_domain(args.model)
     if args.prompts:

@@ -11,13 +11,25 @@ REPORT/report.json and REPORT/detections.png and prints the per-task table.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from nucleus_image.cli.arguments import (EVAL_STEPS, check_device, check_guidance, check_out_folder, check_positive,
-                                         read_prompt_file, resumable)
-from nucleus_image.eval.compositional import (format_summary, generate_samples, read_geneval_folder,
-                                              score_folder, validate_records, write_report)
+from nucleus_image.cli.arguments import (
+    EVAL_STEPS,
+    check_device,
+    check_guidance,
+    check_out_folder,
+    check_positive,
+    read_prompt_file,
+    resumable,
+)
+from nucleus_image.eval.compositional import (
+    format_summary,
+    generate_samples,
+    read_geneval_folder,
+    score_folder,
+    validate_records,
+    write_report,
+)
 
 
 def register(subparsers) -> None:

@@ -68,7 +68,7 @@ def _train(args, memory: int) -> int:
     print(f"recommended: --set parallel.dp_replicate={best.layout.dp_replicate} parallel.dp_shard={best.layout.dp_shard} "
           f"parallel.ep={best.layout.ep}" + (f" grad_accum_steps={best.grad_accum}" if best.grad_accum > 1 else "")
           + (" gradient_checkpointing=true" if best.checkpointing else "")
-          + f" (fewest accumulation steps, then no checkpointing, then least communication)")
+          + " (fewest accumulation steps, then no checkpointing, then least communication)")
     return 0
 
 

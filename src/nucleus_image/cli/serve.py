@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 
+from nucleus_image.cli.arguments import add_acceleration_args, check_acceleration
 from nucleus_image.cli.generate import DTYPES
 from nucleus_image.serve.request import Limits
 
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
                    help="8-bit transformer weights, as `nucleus generate --quantize` (quantized while loading)")
+    add_acceleration_args(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
@@ -61,6 +63,7 @@ def check_args(args) -> None:
                          f"could never be queued")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    check_acceleration(args)
     sample_size, granularity = read_geometry(args.model)
     if args.max_side is not None and (args.max_side < granularity or args.max_side % granularity):
         raise ValueError(f"--max-side {args.max_side} must be a positive multiple of {granularity} px")
@@ -86,12 +89,12 @@ def run(args) -> int:
 
     check_args(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    # Passed only when asked for, so plain serving does not depend on the quantized-loading keyword.
-    quantize = {"quantize": args.quantize} if args.quantize else {}
-    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, **quantize)
+    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
+                                           cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute)
     config = ServeConfig(
         model_path=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
         batch_wait=args.batch_wait_ms / 1000, dtype=args.dtype, device=args.device, quantize=args.quantize,
+        cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute,
         limits=Limits(max_prompt_chars=args.max_prompt_chars, max_images=args.max_images, max_steps=args.max_steps,
                       max_side=args.max_side),
         defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),

@@ -31,12 +31,3 @@ def from_args(args) -> StepCacheConfig | None:
             raise ValueError(f"--cache-{next(iter(given))} needs --cache ({' or '.join(CACHE_POLICIES)})")
         return None
     return cache_config(args.cache, **given)
-
-
-def command_args(config: StepCacheConfig | None) -> list[str]:
-    """Flags that rebuild `config` exactly (every field spelled out, so a later default change cannot alter it)."""
-    if config is None:
-        return []
-    fields = config.to_dict()
-    return ["--cache", fields.pop("policy")] + [part for name, value in fields.items()
-                                               for part in (f"--cache-{name}", repr(value))]

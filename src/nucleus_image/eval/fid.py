@@ -13,8 +13,8 @@ upward for small sets, so only compare numbers computed with the same image coun
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import time
@@ -24,8 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from nucleus_image.cli import step_cache_args
-from nucleus_image.cli.generate import reproduce_command
+from nucleus_image.pipeline.command import generate_command
 from nucleus_image.serve.request import Defaults, GenerationRequest, Geometry, Limits, RequestError, parse_request
 from nucleus_image.serve.scheduler import BatchScheduler, Job, QueueFull, ShuttingDown
 
@@ -43,6 +41,8 @@ class ServeConfig:
     dtype: str = "auto"  # as given to `nucleus serve`, repeated in each image's command
     device: str | None = None
     quantize: str | None = None  # as given to `nucleus serve`, repeated in each image's command
+    cuda_graph: bool = False  # likewise
+    fp8_compute: bool = False  # likewise
     keep_images: int = 512  # PNGs kept for response_format "url"
     keep_jobs: int = 256  # finished jobs kept for polling
 
@@ -71,10 +71,6 @@ class _Bounded(OrderedDict):
 
 def create_app(pipe, config: ServeConfig) -> FastAPI:
     geometry = Geometry(pipe.sample_size, pipe.granularity)
-    # The served images' settings as `nucleus generate` flags (the server runs no step cache).
-    command_args = argparse.Namespace(model=config.model_path, dtype=config.dtype, device=config.device,
-                                      quantize=config.quantize, cache=None,
-                                      **{f"cache_{name}": None for name in step_cache_args.FIELDS})
     files: _Bounded = _Bounded(config.keep_images)
     jobs: _Bounded = _Bounded(config.keep_jobs)
     results: _Bounded = _Bounded(config.keep_jobs)  # a finished job's response body, built once
@@ -98,11 +94,12 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         r: GenerationRequest = job.request
         data = []
         for k, (png, seed) in enumerate(zip(job.images, job.seeds)):
-            item = {"seed": seed, "batch_size": job.batch_sizes[k],
-                    "command": reproduce_command(argparse.Namespace(**vars(command_args), steps=r.steps,
-                                                                    guidance=r.guidance_scale,
-                                                                    negative=r.negative_prompt),
-                                                 r.prompt, seed, r.width, r.height)}
+            # The image's settings as `nucleus generate` flags (the server runs no step cache).
+            command = generate_command(config.model_path, r.prompt, seed=seed, width=r.width, height=r.height,
+                                       steps=r.steps, guidance=r.guidance_scale, negative=r.negative_prompt,
+                                       dtype=config.dtype, device=config.device, quantize=config.quantize,
+                                       cuda_graph=config.cuda_graph, fp8_compute=config.fp8_compute)
+            item = {"seed": seed, "batch_size": job.batch_sizes[k], "command": command}
             if r.response_format == "url":
                 name = f"{job.id}-{k}.png"
                 files[name] = png

@@ -25,11 +25,19 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
+from ..model.latents import pack_latents
 from ..model.moe import MoELayer
-from ..pipeline.pipeline import pack_latents
 from . import checkpoint as ckpt
-from .build import (build_caption_cache, build_model, build_parallel, check_run_dir, data_record, resolve_device,
-                    resume_latest, seed_everything)
+from .build import (
+    build_caption_cache,
+    build_model,
+    build_parallel,
+    check_run_dir,
+    data_record,
+    resolve_device,
+    resume_latest,
+    seed_everything,
+)
 from .config import TrainConfig
 from .curriculum import share_by_bucket
 from .data_loader import BatchPlan, rank_loader, rank_rows, read_rows
