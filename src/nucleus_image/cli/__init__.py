@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import textwrap
 
 import nucleus_image
+from nucleus_image.progress import is_terminal
+from nucleus_image.threads import check_threads, prepare_process, threads_for_command
 
 # Modules under nucleus_image.cli, each adding one top-level subcommand.
 COMMANDS = ("model", "data", "eval", "generate", "train", "finetune", "merge", "inspect_routing", "ablate", "bench", "plan", "serve")
@@ -86,6 +89,10 @@ def quiet_optional_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    prepare_process()  # before build_parser imports torch
+    if not is_terminal(sys.stderr):
+        # Hugging Face libraries' own bars (loading weights, downloads) are carriage-return bars too.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -97,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a job scheduler, `kill`) stops a command the way Ctrl-C does: no traceback, nothing half-written.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return int(args.func(args) or 0)
+        if not hasattr(args, "threads"):
+            return int(args.func(args) or 0)
+        check_threads(args.threads)
+        with threads_for_command(args.threads) as args.threads_used:
+            return int(args.func(args) or 0)
     except KeyboardInterrupt as stop:
         print(f"{name}: interrupted" + (f": {stop}" if str(stop) else ""), file=sys.stderr)
         return 130

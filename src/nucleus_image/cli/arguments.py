@@ -22,6 +22,13 @@ def add_prompt_args(parser, what: str = "") -> None:
                                                           "objects with a 'prompt' key" + what)
 
 
+def add_threads_arg(parser) -> None:
+    """`--threads`, applied by `nucleus_image.cli.main` before the command runs (`nucleus_image.threads`)."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads (default: the free cores, i.e. cores minus the 1-minute load average, at "
+                             "least 1; OMP_NUM_THREADS when set)")
+
+
 def read_prompt_file(path: str, flag: str = "--prompts") -> list[dict]:
     """Records {"prompt": ..., ...} from plain text (one prompt per line) or JSONL (a file whose first non-blank
     line starts with `{`, or named .jsonl). Undecodable bytes and bad JSON are reported with file and line."""

@@ -20,8 +20,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from nucleus_image.cli.arguments import (DTYPES, GENERATE_STEPS, add_prompt_args, check_device, check_guidance,
-                                         check_out_folder, check_positive, prompt_records)
+from nucleus_image.cli.arguments import (DTYPES, GENERATE_STEPS, add_prompt_args, add_threads_arg, check_device,
+                                         check_guidance, check_out_folder, check_positive, prompt_records)
 from nucleus_image.cli import step_cache_args
 from nucleus_image.pipeline.presets import ASPECT_RATIOS
 
@@ -54,9 +54,11 @@ def register(subparsers) -> None:
     p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after "
                                                                        "encoding each batch's prompts")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                   help="8-bit transformer weights (quantized while loading; the text encoder and VAE are unchanged)")
+                   help="8-bit transformer weights, quantized while loading; the text encoder and VAE are unchanged "
+                        "(default: none, full precision)")
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
     step_cache_args.add_arguments(p)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -163,10 +165,10 @@ def run(args) -> int:
         print(f"continuing: {len(done)} of {total} images already in {out}", file=sys.stderr)
 
     import torch
-    from tqdm.auto import tqdm
 
     import nucleus_image
     from nucleus_image.pipeline import NucleusPipeline
+    from nucleus_image.progress import progress as progress_bar
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
@@ -191,7 +193,7 @@ def run(args) -> int:
     }
     written = 0
     try:
-        with tqdm(total=total, initial=len(done), desc="images", unit="img") as bar:
+        with progress_bar(total=total, initial=len(done), desc="images", unit="img") as bar:
             for start in range(0, total, args.batch_size):
                 # A batch is redrawn whole when any image of it is missing: images depend on the batch they were
                 # drawn in, so a continued job equals an uninterrupted one.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 
+from nucleus_image.cli.arguments import add_threads_arg
 from nucleus_image.cli.generate import DTYPES
 from nucleus_image.serve.request import Limits
 
@@ -37,9 +38,11 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                   help="8-bit transformer weights, as `nucleus generate --quantize` (quantized while loading)")
+                   help="8-bit transformer weights, as `nucleus generate --quantize` (default: none, full precision)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

@@ -25,6 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
+from nucleus_image.cli.arguments import add_threads_arg
 from nucleus_image.parallel.config import check_layout
 from nucleus_image.parallel.launch import launch
 from nucleus_image.parallel.mesh import launched_world
@@ -47,6 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes to start on this machine (torchrun standalone; gloo on CPU, nccl on GPU)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

@@ -455,7 +455,7 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConf
     """Write `num` images to out/images (named by content hash, so older manifests stay valid), a new
     manifest version, the held-out prompts and a preview grid. Returns the manifest version folder."""
     import pyarrow as pa
-    from tqdm import tqdm
+    from nucleus_image.progress import progress as progress_bar
 
     from nucleus_image.data.captions import CAPTION_SOURCES
     from nucleus_image.data.manifest import SCHEMA, next_version_dir, partition_key_for, write_shard
@@ -468,7 +468,7 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConf
     (out / "images").mkdir(parents=True, exist_ok=True)
     cols = {f.name: [] for f in SCHEMA}
     previews = []
-    for index in tqdm(range(num), desc="synthesizing", unit="img", disable=not progress):
+    for index in progress_bar(range(num), desc="synthesizing", unit="img", disable=not progress):
         scene, image, captions = make_example(seed, index, config)
         data = png_bytes(image)
         sha = sha256_hex(data)

@@ -18,7 +18,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from nucleus_image.diffusion.flow import FlowSchedule, euler_step, validate_sigmas
 from nucleus_image.diffusion.guidance import guided, uses_cfg
@@ -27,6 +26,7 @@ from nucleus_image.encoders.text import TextEncoder, check_prompts
 from nucleus_image.pipeline.folder import DIFFUSERS_SAMPLE_LATENTS, load_components, save_components
 from nucleus_image.pipeline.presets import preset_size, resolve_size
 from nucleus_image.pipeline.step_cache import resolve_cache
+from nucleus_image.progress import progress as progress_bar
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -346,7 +346,7 @@ class NucleusPipeline:
         t_N = (sigma_N1[:-1] * steps / steps).to(self.transformer.dtype)
         # Without a cache the transformer is called exactly as before (no block_stack keyword at all).
         step_cache = None if cache is None else cache.build(len(t_N), rows, self.transformer.config.num_layers)
-        for i in tqdm(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
+        for i in progress_bar(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
             x_BSC = latents.to(self.transformer.dtype)
             x_RSC = torch.cat([x_BSC, x_BSC]) if cfg else x_BSC
             seam = {} if step_cache is None else {"block_stack": step_cache.block_stack(i)}

@@ -1,0 +1,94 @@
+"""CPU threads: what `--threads N` sets on every command that computes, and the default when it is not given.
+
+    from nucleus_image.threads import default_threads, use_threads
+    use_threads(None)   # the default: the cores other work leaves free now
+    use_threads(4)
+
+Why not torch's default (one thread per core): torch's OpenMP threads meet at a barrier after every parallel
+operation, and when other processes keep the cores busy each barrier waits until every thread of the team has
+been scheduled again, so work made of many small operations crawls. On a 2-core machine at load average ~9,
+four images of the `tiny` model took 10-25 s per pipeline call with torch's 2 threads and 0.7 s with 1
+(docs/threads.md has the measurements and the command). So the default is the cores available to this process
+minus the 1-minute load average, rounded, at least 1 (OMP_NUM_THREADS, when set, is taken as the user's choice),
+and the OpenMP threads sleep instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE, unless set), which
+keeps a run that started on an idle machine from collapsing when the machine gets busy later.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+THREAD_ENV = "OMP_NUM_THREADS"
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+SPIN_COUNT_ENV = "GOMP_SPINCOUNT"
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container's or taskset's limit, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return 0.0
+
+
+def default_threads() -> tuple[int, str]:
+    """The default thread count and why, e.g. (1, "2 cores, load average 9.4")."""
+    env = os.environ.get(THREAD_ENV, "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env), f"{THREAD_ENV}={env}"
+    cores, load = available_cores(), load_average()
+    return max(1, min(cores, round(cores - load))), f"{cores} cores, load average {load:.1f}"
+
+
+def check_threads(value: int | None, flag: str = "--threads") -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} {value} must be >= 1 (or leave it out for the default: the free cores)")
+
+
+def prepare_process() -> None:
+    """Before torch is imported (OpenMP reads its environment when the library loads): waiting threads sleep,
+    unless the user chose how they wait (OMP_WAIT_POLICY, or GNU OpenMP's GOMP_SPINCOUNT)."""
+    if WAIT_POLICY_ENV not in os.environ and SPIN_COUNT_ENV not in os.environ:
+        os.environ[WAIT_POLICY_ENV] = "PASSIVE"
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's intra-op and inter-op threads, and OMP_NUM_THREADS for processes started from here (data
+    workers, torchrun); `threads` None or 0 takes `default_threads()`. Returns the count."""
+    import torch
+
+    count = threads or default_threads()[0]
+    torch.set_num_threads(count)
+    try:
+        torch.set_num_interop_threads(count)
+    except RuntimeError:  # settable once, before any inter-op work; a second command in one process keeps it
+        pass
+    os.environ[THREAD_ENV] = str(count)
+    return count
+
+
+@contextmanager
+def threads_for_command(threads: int | None):
+    """`use_threads` for one command, then the thread count and environment as they were (a command run
+    in-process, as the tests do, leaves the process as it found it). Yields the count."""
+    import torch
+
+    saved_env = {name: os.environ.get(name) for name in (THREAD_ENV, WAIT_POLICY_ENV)}
+    saved = torch.get_num_threads()
+    try:
+        yield use_threads(threads)
+    finally:
+        torch.set_num_threads(saved)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
