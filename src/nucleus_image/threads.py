@@ -1,17 +1,17 @@
 """CPU threads: what `--threads N` sets on every command that computes, and the default when it is not given.
 
     from nucleus_image.threads import default_threads, use_threads
-    use_threads(None)   # the default: the cores other work leaves free now
+    use_threads(None)   # the default: every core this process may use (OMP_NUM_THREADS when set)
     use_threads(4)
 
-Why not torch's default (one thread per core): torch's OpenMP threads meet at a barrier after every parallel
-operation, and when other processes keep the cores busy each barrier waits until every thread of the team has
-been scheduled again, so work made of many small operations crawls. On a 2-core machine at load average ~9,
-four images of the `tiny` model took 10-25 s per pipeline call with torch's 2 threads and 0.7 s with 1
-(docs/threads.md has the measurements and the command). So the default is the cores available to this process
-minus the 1-minute load average, rounded, at least 1 (OMP_NUM_THREADS, when set, is taken as the user's choice),
-and the OpenMP threads sleep instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE, unless set), which
-keeps a run that started on an idle machine from collapsing when the machine gets busy later.
+What makes torch collapse on a busy machine is not the thread count but how its OpenMP threads wait: they meet at
+a barrier after every parallel operation and, by default, spin there, burning the time slices the other thread
+of the team needs to get to the barrier. With other processes on the cores, work made of many small operations
+crawls. The `nucleus` command therefore makes waiting threads sleep (OMP_WAIT_POLICY=PASSIVE, unless the user set
+OMP_WAIT_POLICY or GOMP_SPINCOUNT); then all cores are the best default, busy machine or not. Measured on a
+2-core machine at load average 9-14, four images of the `tiny` model per pipeline call: torch's default (2
+spinning threads) 6-45 s, 1 thread 0.6-2.2 s, 2 sleeping threads 0.15-1.2 s (docs/threads.md has the tables and
+the command that measures them).
 """
 
 from __future__ import annotations
@@ -32,25 +32,18 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform
-        return 0.0
-
-
 def default_threads() -> tuple[int, str]:
-    """The default thread count and why, e.g. (1, "2 cores, load average 9.4")."""
+    """The default thread count and why, e.g. (2, "2 cores")."""
     env = os.environ.get(THREAD_ENV, "").strip()
     if env.isdigit() and int(env) >= 1:
         return int(env), f"{THREAD_ENV}={env}"
-    cores, load = available_cores(), load_average()
-    return max(1, min(cores, round(cores - load))), f"{cores} cores, load average {load:.1f}"
+    cores = available_cores()
+    return cores, f"{cores} cores"
 
 
 def check_threads(value: int | None, flag: str = "--threads") -> None:
     if value is not None and value < 1:
-        raise ValueError(f"{flag} {value} must be >= 1 (or leave it out for the default: the free cores)")
+        raise ValueError(f"{flag} {value} must be >= 1 (or leave it out for the default: every core)")
 
 
 def prepare_process() -> None:

@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)subcommand `args` came from."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _leaf_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def command_name(args) -> str:
     """The subcommand as typed, e.g. `nucleus eval fid`, for error messages."""
     words = [args.command.replace("_", "-")]
@@ -94,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         # Hugging Face libraries' own bars (loading weights, downloads) are carriage-return bars too.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Reported by the subcommand's parser, so the usage and the error name the command that was typed.
+        hint = " (--set takes one KEY=VALUE: repeat --set for each)" if any("=" in e and not e.startswith("-")
+                                                                          for e in extra) else ""
+        _leaf_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command is None:
         parser.print_help()
         return 0

@@ -61,7 +61,7 @@ def run(args) -> int:
                          overrides=tuple(args.overrides), parallel=not args.sequential, per_task=args.per_task,
                          samples=args.samples, sample_steps=args.steps, guidance=args.guidance,
                          routing_per_task=args.routing_per_task, sigmas=tuple(parse_sigmas(args.sigmas)),
-                         fid=not args.no_fid, device=args.device)
+                         fid=not args.no_fid, device=args.device, threads=args.threads_used)
     summary = run_ablation(cfg, args.data, args.out)
     print(format_table(summary))
     print(f"table: {args.out}/ablation.md; pictures: {args.out}/loss_curves.png, "

@@ -25,8 +25,8 @@ def add_prompt_args(parser, what: str = "") -> None:
 def add_threads_arg(parser) -> None:
     """`--threads`, applied by `nucleus_image.cli.main` before the command runs (`nucleus_image.threads`)."""
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads (default: the free cores, i.e. cores minus the 1-minute load average, at "
-                             "least 1; OMP_NUM_THREADS when set)")
+                        help="CPU threads (default: every core this process may use, or OMP_NUM_THREADS when set; "
+                             "waiting threads sleep, so a busy machine does not collapse them)")
 
 
 def read_prompt_file(path: str, flag: str = "--prompts") -> list[dict]:

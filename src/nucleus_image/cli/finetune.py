@@ -60,6 +60,12 @@ def run(args) -> int:
                              checkpoint_every=args.checkpoint_every, seed=args.seed)
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.threads is not None:  # recorded in the run's config, so --resume keeps it
+        cfg = replace(cfg, cpu_threads=args.threads)
     losses = Finetuner(cfg, out, resume=args.resume, progress=not args.no_progress).train(args.max_steps)
-    print(f"done: {len(losses)} steps, final loss {losses[-1]:.4f}; adapter in {out / 'adapter'}")
+    if len(losses) < cfg.steps:
+        print(f"stopped at step {len(losses)} of {cfg.steps} (--max-steps {args.max_steps}), loss {losses[-1]:.4f}; "
+              f"the adapter so far is in {out / 'adapter'}; continue with: nucleus finetune --out {out} --resume")
+    else:
+        print(f"done: {len(losses)} steps, final loss {losses[-1]:.4f}; adapter in {out / 'adapter'}")
     return 0

@@ -86,9 +86,12 @@ def check_args(args, prompts: list[str]) -> tuple[int, int]:
 
 
 def reproduce_command(args, prompt: str, seed: int, width: int, height: int) -> str:
-    parts = ["nucleus", "generate", "--model", model_name(args.model), "--prompt", prompt,
-             "--width", str(width), "--height", str(height), "--steps", str(args.steps), "--guidance",
-             repr(args.guidance), "--seed", str(seed), "--num-images", "1", "--dtype", args.dtype]
+    # The size as it was asked for (an aspect preset or pixels), so the regenerated image records the same.
+    aspect = getattr(args, "aspect", None)
+    size = ["--aspect", aspect] if aspect else ["--width", str(width), "--height", str(height)]
+    parts = ["nucleus", "generate", "--model", model_name(args.model), "--prompt", prompt, *size,
+             "--steps", str(args.steps), "--guidance", repr(args.guidance), "--seed", str(seed), "--num-images", "1",
+             "--dtype", args.dtype]
     if args.negative is not None:
         parts += ["--negative", args.negative]
     if args.device is not None:
@@ -140,7 +143,8 @@ def png_bytes(image, sidecar: dict) -> bytes:
                  f"{sidecar['guidance_scale']}, Seed: {sidecar['seed']}, Size: {sidecar['width']}x{sidecar['height']}, "
                  f"Model: {sidecar['model']}, Version: nucleus-image {sidecar['nucleus_image_version']}")
     info.add_text("parameters", "\n".join(lines))
-    info.add_itxt("nucleus_image", json.dumps(sidecar))
+    # Without the file name: the sidecar's command, which writes 00000.png, then makes the same bytes.
+    info.add_itxt("nucleus_image", json.dumps({k: v for k, v in sidecar.items() if k != "image"}))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -184,7 +188,6 @@ def run(args) -> int:
         "sigmas": [round(float(s), 8) for s in sigmas],
         "schedule": pipe.schedule.to_config(),
         "generator": "torch.Generator('cpu').manual_seed(seed), float32 noise",
-        "batch_size": args.batch_size,
         "device": str(pipe.device),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "quantize": pipe.transformer.quantization,
@@ -217,8 +220,10 @@ def run(args) -> int:
                     if k in done:
                         continue
                     prompt, seed, stem = prompts[k // args.num_images], args.seed + k, out / f"{k:05d}"
+                    # batch_size: the batch this image was drawn in (images depend on it: float summation order).
                     sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
-                               "step_cache": report, "command": reproduce_command(args, prompt, seed, width, height)}
+                               "batch_size": len(numbers), "step_cache": report,
+                               "command": reproduce_command(args, prompt, seed, width, height)}
                     write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))
                     write_atomic(stem.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
                     done.add(k)
