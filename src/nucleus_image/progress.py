@@ -73,7 +73,7 @@ class PlainProgress:
         self.interval = interval
         self.postfix = ""
         self.start = self.last_line = time.monotonic()
-        self.printed_at: float | None = None  # the count the last line showed
+        self.printed: tuple | None = None  # (count, postfix) the last line showed
 
     def __iter__(self) -> Iterator:
         try:
@@ -106,7 +106,7 @@ class PlainProgress:
         """Nothing to redraw: lines are written on their interval and at the end."""
 
     def close(self) -> None:
-        if not self.disable and self.leave and self.printed_at != self.n:
+        if not self.disable and self.leave and self.printed != (self.n, self.postfix):
             self._line(time.monotonic())
         self.disable = True
 
@@ -115,4 +115,4 @@ class PlainProgress:
                                  postfix=self.postfix or None, initial=self.initial)
         self.file.write(text + "\n")
         self.file.flush()
-        self.last_line, self.printed_at = now, self.n
+        self.last_line, self.printed = now, (self.n, self.postfix)

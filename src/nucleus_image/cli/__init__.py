@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -84,17 +83,6 @@ def command_name(args) -> str:
     return "nucleus " + " ".join(words)
 
 
-def quiet_optional_libraries() -> None:
-    """transformers imports torchao when it is installed (the `quant` extra), and on a CPU-only torch torchao warns
-    at every import that its CUDA kernels' libraries do not load, and torch that torchao re-registers enums. We
-    use only torchao's Python paths on CPU, so these lines say nothing to a user; on a CUDA build they stay."""
-    import torch
-
-    if torch.version.cuda is None:
-        logging.getLogger("torchao").setLevel(logging.ERROR)
-        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     prepare_process()  # before build_parser imports torch
@@ -113,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.argv = argv
     name = command_name(args)
-    quiet_optional_libraries()
     # SIGTERM (a job scheduler, `kill`) stops a command the way Ctrl-C does: no traceback, nothing half-written.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -83,6 +83,9 @@ def _train(args, memory: int) -> int:
           + f" (peak {best.peak / GIB:.2f} of {args.gpu_memory:g} GiB; fewest accumulation steps, then no "
             f"checkpointing, then least communication):")
     print("  " + train_command(args.preset, args.gpus, best))
+    if args.gpus > 8:
+        print("  (on several machines: the same flags after `torchrun --nnodes M --nproc-per-node G ... -m "
+              "nucleus_image train`, without --nproc)")
     if args.batch_size or args.size:
         print("  (the command trains the preset's stages; set their batch_size/resolution to what you planned)")
     return 0
