@@ -5,6 +5,7 @@ must name a real subcommand and only its flags, with valid values (they may leav
 Placeholders such as DIR, RUN or N stand for values: an upper-case word given to a number flag is read as 1."""
 
 import argparse
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -22,7 +23,9 @@ class ParseError(Exception):
     pass
 
 
+@functools.cache
 def strict_parser(lenient: bool) -> argparse.ArgumentParser:
+    """The real parser, raising instead of exiting; built once per mode (parsing does not change it)."""
     parser = build_parser()
     for sub in parsers(parser):
         sub.exit_on_error = False
