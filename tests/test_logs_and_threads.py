@@ -25,7 +25,8 @@ def test_progress_writes_plain_periodic_lines_when_not_a_terminal(monkeypatch):
             bar.update(1)
             bar.set_postfix(loss=f"{1 / (step + 1):.2f}")
     text = out.getvalue()
-    assert "\r" not in text and text.count("\n") == 5, text
+    # A line per update (interval 0), and a last one at the end because the postfix changed after the last update.
+    assert "\r" not in text and text.count("\n") == 6, text
     assert text.splitlines()[-1].startswith("train: 100% 5/5") and "loss=0.20" in text.splitlines()[-1]
     # The default interval keeps a log short: one line at the end for quick work.
     monkeypatch.delenv("NUCLEUS_PROGRESS_INTERVAL")
