@@ -23,6 +23,13 @@ def add_prompt_args(parser, what: str = "") -> None:
                                                           "objects with a 'prompt' key" + what)
 
 
+def add_threads_arg(parser) -> None:
+    """`--threads`, applied by `nucleus_image.cli.main` before the command runs (`nucleus_image.threads`)."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads (default: every core this process may use, or OMP_NUM_THREADS when set; "
+                             "waiting threads sleep, so a busy machine does not collapse them)")
+
+
 def read_prompt_file(path: str, flag: str = "--prompts") -> list[dict]:
     """Records {"prompt": ..., ...} from plain text (one prompt per line) or JSONL (a file whose first non-blank
     line starts with `{`, or named .jsonl). Undecodable bytes and bad JSON are reported with file and line."""

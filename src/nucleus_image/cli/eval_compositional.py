@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nucleus_image.cli.arguments import (
     EVAL_STEPS,
+    add_threads_arg,
     check_device,
     check_guidance,
     check_out_folder,
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
     p.add_argument("--aspect", default="1:1", help="aspect preset at the model's native size (with --model)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward, whole prompts (with --model)")
     p.add_argument("--device", default=None, help="torch device for --model (default: cuda if available)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

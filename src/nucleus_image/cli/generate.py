@@ -26,6 +26,7 @@ from nucleus_image.cli.arguments import (
     GENERATE_STEPS,
     add_acceleration_args,
     add_prompt_args,
+    add_threads_arg,
     check_acceleration,
     check_device,
     check_guidance,
@@ -65,10 +66,12 @@ def register(subparsers) -> None:
     p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after "
                                                                        "encoding each batch's prompts")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                   help="8-bit transformer weights (quantized while loading; the text encoder and VAE are unchanged)")
+                   help="8-bit transformer weights, quantized while loading; the text encoder and VAE are unchanged "
+                        "(default: none, full precision)")
     add_acceleration_args(p)
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
     step_cache_args.add_arguments(p)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -132,7 +135,8 @@ def png_bytes(image, sidecar: dict) -> bytes:
                  f"{sidecar['guidance_scale']}, Seed: {sidecar['seed']}, Size: {sidecar['width']}x{sidecar['height']}, "
                  f"Model: {sidecar['model']}, Version: nucleus-image {sidecar['nucleus_image_version']}")
     info.add_text("parameters", "\n".join(lines))
-    info.add_itxt("nucleus_image", json.dumps(sidecar))
+    # Without the file name: the sidecar's command, which writes 00000.png, then makes the same bytes.
+    info.add_itxt("nucleus_image", json.dumps({k: v for k, v in sidecar.items() if k != "image"}))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -159,10 +163,10 @@ def run(args) -> int:
         print(f"continuing: {len(done)} of {total} images already in {out}", file=sys.stderr)
 
     import torch
-    from tqdm.auto import tqdm
 
     import nucleus_image
     from nucleus_image.pipeline import NucleusPipeline
+    from nucleus_image.progress import progress as progress_bar
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
@@ -179,7 +183,6 @@ def run(args) -> int:
         "sigmas": [round(float(s), 8) for s in sigmas],
         "schedule": pipe.schedule.to_config(),
         "generator": "torch.Generator('cpu').manual_seed(seed), float32 noise",
-        "batch_size": args.batch_size,
         "device": str(pipe.device),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "quantize": pipe.transformer.quantization,
@@ -190,7 +193,7 @@ def run(args) -> int:
     }
     written = 0
     try:
-        with tqdm(total=total, initial=len(done), desc="images", unit="img") as bar:
+        with progress_bar(total=total, initial=len(done), desc="images", unit="img") as bar:
             for start in range(0, total, args.batch_size):
                 # A batch is redrawn whole when any image of it is missing: images depend on the batch they were
                 # drawn in, so a continued job equals an uninterrupted one.
@@ -214,13 +217,15 @@ def run(args) -> int:
                     if k in done:
                         continue
                     prompt, seed, stem = prompts[k // args.num_images], args.seed + k, out / f"{k:05d}"
+                    # batch_size: the batch this image was drawn in (images depend on it: float summation order).
                     command = generate_command(args.model, prompt, seed=seed, width=width, height=height,
                                                steps=args.steps, guidance=args.guidance, negative=args.negative,
                                                dtype=args.dtype, device=args.device, quantize=args.quantize,
                                                cache=cache, cuda_graph=args.cuda_graph,
-                                               fp8_compute=args.fp8_compute)
+                                               fp8_compute=args.fp8_compute,
+                                               aspect=getattr(args, "aspect", None))
                     sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
-                               "step_cache": report, "command": command}
+                               "batch_size": len(numbers), "step_cache": report, "command": command}
                     write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))
                     write_atomic(stem.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
                     done.add(k)

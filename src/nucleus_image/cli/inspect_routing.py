@@ -16,6 +16,7 @@ from __future__ import annotations
 from nucleus_image.cli.arguments import (
     EVAL_STEPS,
     add_prompt_args,
+    add_threads_arg,
     check_device,
     check_out_folder,
     check_positive,
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=EVAL_STEPS, help="denoising steps to sample plain prompts")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

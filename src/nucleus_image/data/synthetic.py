@@ -382,9 +382,9 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConf
     """Write `num` images to out/images (named by content hash, so older manifests stay valid), a new
     manifest version, the held-out prompts and a preview grid. Returns the manifest version folder."""
     import pyarrow as pa
-    from tqdm import tqdm
 
     from nucleus_image.data.manifest import SCHEMA, next_version_dir, partition_key_for, write_shard
+    from nucleus_image.progress import progress as progress_bar
 
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"num {num!r} must be a positive integer")
@@ -394,7 +394,7 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConf
     (out / "images").mkdir(parents=True, exist_ok=True)
     cols = {f.name: [] for f in SCHEMA}
     previews = []
-    for index in tqdm(range(num), desc="synthesizing", unit="img", disable=not progress):
+    for index in progress_bar(range(num), desc="synthesizing", unit="img", disable=not progress):
         scene, image, captions = make_example(seed, index, config)
         data = png_bytes(image)
         sha = sha256_hex(data)

@@ -50,6 +50,7 @@ class AblationConfig:
     sigmas: tuple[float, ...] = DEFAULT_SIGMAS
     fid: bool = True
     device: str = "cpu"
+    threads: int = 0  # CPU threads in all (0: each `nucleus train` picks its default); parallel arms share them
 
 
 def _cli(*args: str) -> list[str]:
@@ -65,6 +66,8 @@ def train_command(cfg: AblationConfig, arm: str, data: Path, run_dir: Path) -> l
         args += ["--set", item]
     if cfg.max_steps is not None:
         args += ["--max-steps", str(cfg.max_steps)]
+    if cfg.threads:
+        args += ["--threads", str(max(1, cfg.threads // (len(ARMS) if cfg.parallel else 1)))]
     if latest_checkpoint(run_dir) is not None:  # `nucleus train` refuses --resume without a checkpoint
         args.append("--resume")
     return _cli(*args)

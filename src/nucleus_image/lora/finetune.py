@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from nucleus_image.adapters import add_lora
 from nucleus_image.data.manifest import latest_version_dir, read_manifest
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
 from nucleus_image.model.latents import pack_latents
 from nucleus_image.pipeline import NucleusPipeline
+from nucleus_image.progress import progress as progress_bar
 from nucleus_image.training import checkpoint as ckpt
 from nucleus_image.training.buckets import assign_buckets, draw_batch, fit_image, make_buckets, readable_image
 from nucleus_image.training.build import seed_everything
@@ -188,7 +188,7 @@ class Finetuner:
         """Train to cfg.steps (or stop after `max_steps` in total), then write RUN/adapter/."""
         cfg, state = self.cfg, self.state
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        with tqdm(total=end, initial=state.step, disable=not self.progress, desc="finetune", unit="step") as bar:
+        with progress_bar(total=end, initial=state.step, disable=not self.progress, desc="finetune", unit="step") as bar:
             while state.step < end:
                 out = train_step(self.model, list(self.optimizers.values()), [self._micro_batch()], self.objective,
                                  cfg.optimizer, state.step, params=list(self.adapters.values()))

@@ -32,11 +32,13 @@ def cache_flags(config: StepCacheConfig | None) -> list[str]:
 def generate_command(model: str, prompt: str, *, seed: int, width: int, height: int, steps: int, guidance: float,
                      negative: str | None = None, dtype: str = "auto", device: str | None = None,
                      quantize: str | None = None, cache: StepCacheConfig | None = None, cuda_graph: bool = False,
-                     fp8_compute: bool = False) -> str:
-    """The shell command drawing this one image into the folder OUT (the image's seed is `seed`)."""
-    parts = ["nucleus", "generate", "--model", model_name(model), "--prompt", prompt, "--width", str(width),
-             "--height", str(height), "--steps", str(steps), "--guidance", repr(guidance), "--seed", str(seed),
-             "--num-images", "1", "--dtype", dtype]
+                     fp8_compute: bool = False, aspect: str | None = None) -> str:
+    """The shell command drawing this one image into the folder OUT (the image's seed is `seed`). The size as it
+    was asked for (an aspect preset or pixels), so the regenerated image records the same settings."""
+    size = ["--aspect", aspect] if aspect else ["--width", str(width), "--height", str(height)]
+    parts = ["nucleus", "generate", "--model", model_name(model), "--prompt", prompt, *size,
+             "--steps", str(steps), "--guidance", repr(guidance), "--seed", str(seed), "--num-images", "1",
+             "--dtype", dtype]
     if negative is not None:
         parts += ["--negative", negative]
     if device is not None:

@@ -23,7 +23,6 @@ from numbers import Real
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from nucleus_image.diffusion.flow import FlowSchedule, validate_sigmas
 from nucleus_image.diffusion.guidance import uses_cfg
@@ -35,6 +34,7 @@ from nucleus_image.pipeline.denoise import denoise_step
 from nucleus_image.pipeline.folder import DIFFUSERS_SAMPLE_LATENTS, load_components, save_components
 from nucleus_image.pipeline.presets import preset_size, resolve_size
 from nucleus_image.pipeline.step_cache import resolve_cache
+from nucleus_image.progress import progress as progress_bar
 from nucleus_image.quantization.fp8_compute import check_fp8_compute, enable_fp8_compute, uses_fp8_compute
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -397,7 +397,7 @@ class NucleusPipeline:
         else:
             step = partial(denoise_step, self.transformer, text_kv=text_kv, img_shapes=img_shapes,
                            guidance_scale=guidance_scale)
-        for i in tqdm(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
+        for i in progress_bar(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
             seam = {} if step_cache is None else {"block_stack": step_cache.block_stack(i)}
             latents = step(latents, t_N[i].expand(rows), sigma_N1[i], sigma_N1[i + 1], **seam)
         if self.cuda_graph:

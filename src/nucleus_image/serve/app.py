@@ -3,7 +3,7 @@
     POST /v1/images/generations   {"prompt": ..., "n": 2, "aspect_ratio": "4:3", "seed": 7} -> PNGs + settings
     POST /v1/images/jobs          same body -> 202 {"id": ...}; GET /v1/images/jobs/{id} -> progress, then result
     GET  /v1/images/files/{name}  a PNG returned with response_format "url" (the last `keep_images` are kept)
-    GET  /v1/models, /health, /metrics, and / (the web page)
+    GET  /v1/models, /health, /metrics (Prometheus text), /metrics.json, and / (the web page)
 
     app = create_app(NucleusPipeline.from_pretrained(path), ServeConfig(model_path=path))
 """
@@ -20,10 +20,13 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nucleus_image.pipeline.command import generate_command
+from nucleus_image.serve.metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
 from nucleus_image.serve.request import Defaults, GenerationRequest, Geometry, Limits, RequestError, parse_request
 from nucleus_image.serve.scheduler import BatchScheduler, Job, QueueFull, ShuttingDown
 
@@ -85,6 +88,20 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         await scheduler.close(state["worker"])
 
     app = FastAPI(title="Nucleus-Image", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+
+    # Unknown paths (404), wrong methods (405) and FastAPI's own validation answer in the API's error shape too,
+    # not FastAPI's {"detail": ...}.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = {404: f"no such path {request.url.path!r}",
+                   405: f"{request.method} is not allowed on {request.url.path!r}"}.get(exc.status_code, str(exc.detail))
+        return error(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return error(400, first.get("msg", "invalid request"), param)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def scheduler() -> BatchScheduler:
@@ -192,6 +209,11 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
+        s = scheduler()
+        return Response(prometheus_text(s.snapshot(), s.metrics), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/metrics.json")
+    async def metrics_json():
         return scheduler().snapshot()
 
     @app.get("/", include_in_schema=False)
