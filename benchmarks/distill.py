@@ -169,11 +169,12 @@ def print_table(plan: list[dict], prompts: int, samples: int) -> None:
     for a in plan:
         lo, hi = a["score_interval"]
         rlo, rhi = a["ratio_interval"]
+        per_task = " | ".join(f"{a['tasks'].get(t, 0.0):.3f}" for t in tasks)
         ratio = "-" if a is teacher else f"{a['ratio_to_teacher']:.2f} [{rlo:.2f}, {rhi:.2f}]"
         print(f"| {a['name']} | {a['rows_per_image']:g} | {teacher['rows_per_image'] / a['rows_per_image']:.1f}x | "
               f"{a['seconds_per_image']:.4f} | {teacher['seconds_per_image'] / a['seconds_per_image']:.2f}x | "
               f"{a['score']:.3f} [{lo:.3f}, {hi:.3f}] | {ratio} | "
-              f"{' | '.join('%.3f' % a['tasks'].get(t, 0.0) for t in tasks)} |")
+              f"{per_task} |")
 
 
 def grid(images: Path, plan: list[dict], records: list[dict], path: Path, per_task: int, cell: int = 96) -> None:
@@ -221,8 +222,8 @@ def released_seconds_per_image(device: str = "cuda", preset: str = "released", s
     from generate import stand_in_vae, text_inputs
     from transformer_forward import build_models
 
+    from nucleus_image.adapters import add_lora
     from nucleus_image.encoders.qwen_image import QwenImageAutoencoder
-    from nucleus_image.lora import add_lora
     from nucleus_image.model import NucleusConfig
 
     dev = torch.device(device)
@@ -264,6 +265,7 @@ def cost(args) -> None:
 
     from generate import time_interleaved
 
+    from nucleus_image.cli.distill import teacher_caption_weights
     from nucleus_image.data.manifest import read_manifest
     from nucleus_image.distill import DistillConfig, Distiller
     from nucleus_image.distill.trajectories import packed_noise, shard_captions, teacher_states
@@ -274,8 +276,6 @@ def cost(args) -> None:
     from nucleus_image.training.loss import FlowBatch, FlowObjective
     from nucleus_image.training.optim import build_optimizers
     from nucleus_image.training.step import train_step
-
-    from nucleus_image.cli.distill import teacher_caption_weights
 
     torch.set_num_threads(args.threads)
     fields = json.loads(args.config)

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from serve_helpers import call, running_server
 from training_helpers import micro_dataset
 
+from nucleus_image.adapters import read_sampler_settings
 from nucleus_image.cli import main
 from nucleus_image.diffusion.sampler_settings import SamplerSettings
 from nucleus_image.distill import TrajectoryPlan, TrajectoryStore
-from nucleus_image.lora import read_sampler_settings
 from nucleus_image.pipeline import NucleusPipeline
 
 

@@ -13,7 +13,10 @@ transformer row each. The adapter (RUN/adapter/, peft's format) carries the stud
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+
+from nucleus_image.cli.arguments import add_threads_arg
 
 
 def register(subparsers) -> None:
@@ -41,10 +44,10 @@ def register(subparsers) -> None:
                         "optimizer.kind=adamw, caption_weights=[3,1,0,0]; "
                         "caption weights default to the teacher's training run's, when its merge.json names one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the captions, noise and batches (default 0)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -58,8 +61,7 @@ def build_config(args):
             raise ValueError(f"{flag} {folder!r} is not a folder")
     fields = {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
               "student_steps": args.steps, "teacher_steps": args.teacher_steps,
-              "teacher_guidance": args.teacher_guidance, "resolution": args.resolution, "seed": args.seed,
-              "cpu_threads": args.threads}
+              "teacher_guidance": args.teacher_guidance, "resolution": args.resolution, "seed": args.seed}
     for flag, key in (("trajectories", "trajectories"), ("lora_rank", "lora_rank"), ("train_steps", "steps"),
                       ("batch_size", "batch_size")):
         if getattr(args, flag) is not None:
@@ -116,6 +118,8 @@ def run(args) -> int:
         cfg = build_config(args)
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.threads is not None:  # recorded in the run's config, so --resume keeps it
+        cfg = replace(cfg, cpu_threads=args.threads)
     distiller = Distiller(cfg, out, resume=args.resume, progress=not args.no_progress)
     distiller.train(args.max_steps)
     if distiller.step < cfg.steps:

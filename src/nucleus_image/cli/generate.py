@@ -3,6 +3,7 @@
     nucleus generate --model runs/tiny/merged --prompt "a red cube left of a blue sphere" --num-images 4 --out samples/
     nucleus generate --model runs/tiny/merged --prompts prompts.txt --aspect 16:9 --steps 30 --out samples/
     nucleus generate --model NucleusAI/NucleusMoE-Image --prompt "a lighthouse at dusk" --device cuda --out samples/
+    nucleus generate --model NucleusAI/NucleusMoE-Image --prompts prompts.txt --cuda-graph --fp8-compute --out samples/
     nucleus generate --model runs/tiny/merged --lora runs/distill/adapter --prompt "a red circle" --out samples/
 
 Image k (counting over prompts, then images per prompt) is drawn with seed `--seed + k` on a CPU generator, so
@@ -10,7 +11,7 @@ every image is reproducible on its own: its sidecar and its PNG text metadata ho
 command that regenerates it. Work is streamed batch by batch (memory does not grow with --num-images), each file
 is written atomically, and OUT/generate.json records the job: rerunning the same command after an interrupt
 continues it; a different job into the same --out is refused. `--lora ADAPTER` attaches a LoRA adapter; one that
-carries sampler settings (a `nucleus distill` student) sets the default --steps and --guidance.
+carries sampler settings (a `nucleus distill` student) sets the default --steps, --guidance and noise levels.
 """
 
 from __future__ import annotations
@@ -18,13 +19,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
-from nucleus_image.cli.arguments import (DTYPES, add_prompt_args, check_device, check_guidance, check_out_folder,
-                                         check_positive, prompt_records)
 from nucleus_image.cli import step_cache_args
+from nucleus_image.cli.arguments import (
+    DTYPES,
+    GENERATE_STEPS,
+    add_acceleration_args,
+    add_prompt_args,
+    add_threads_arg,
+    check_acceleration,
+    check_device,
+    check_guidance,
+    check_out_folder,
+    check_positive,
+    prompt_records,
+)
+from nucleus_image.pipeline.command import generate_command, model_name
 from nucleus_image.pipeline.presets import ASPECT_RATIOS
 
 # One job writes at most this many images: names are 5-digit (00000.png ...), and a larger job is better split
@@ -47,7 +59,7 @@ def register(subparsers) -> None:
     p.add_argument("--width", type=int, default=None, help="width in pixels (with --height; not with --aspect)")
     p.add_argument("--height", type=int, default=None, help="height in pixels (with --width; not with --aspect)")
     p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: 50); a --lora adapter with sampler settings sets its own")
+                   help=f"denoising steps (default: {GENERATE_STEPS}); a --lora adapter with sampler settings sets its own")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; <= 1 disables it (default: 4.0); a --lora adapter with "
                         "sampler settings sets its own")
@@ -59,13 +71,16 @@ def register(subparsers) -> None:
     p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after "
                                                                        "encoding each batch's prompts")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                   help="8-bit transformer weights (quantized while loading; the text encoder and VAE are unchanged)")
+                   help="8-bit transformer weights, quantized while loading; the text encoder and VAE are unchanged "
+                        "(default: none, full precision)")
     p.add_argument("--lora", metavar="ADAPTER", default=None,
                    help="LoRA adapter folder (peft's format, from `nucleus finetune` or `nucleus distill`); its "
                         "sampler settings, if it carries any, become the default --steps and --guidance")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplier of the adapter's update")
+    add_acceleration_args(p)
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
     step_cache_args.add_arguments(p)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -86,6 +101,7 @@ def check_args(args, prompts: list[str]) -> tuple[int, int]:
     if (args.width is None) != (args.height is None) and args.aspect is None:
         raise ValueError("pass both --width and --height (or --aspect)")
     check_device(args.device)
+    check_acceleration(args)
     check_out_folder(args.out)
     sample_size, granularity = read_geometry(args.model)  # also refuses a folder that is not a pipeline
     try:
@@ -101,11 +117,11 @@ def sampler_defaults(lora: str | None):
     from nucleus_image.diffusion.sampler_settings import SamplerSettings
 
     if lora is None:
-        return SamplerSettings()
-    from nucleus_image.lora.adapters import read_sampler_settings
+        return SamplerSettings(num_inference_steps=GENERATE_STEPS)
+    from nucleus_image.adapters import read_sampler_settings
 
     try:
-        return read_sampler_settings(lora) or SamplerSettings()
+        return read_sampler_settings(lora) or SamplerSettings(num_inference_steps=GENERATE_STEPS)
     except FileNotFoundError as err:
         raise ValueError(f"--lora {lora!r}: {err}") from None
 
@@ -120,29 +136,6 @@ def lora_record(args) -> dict | None:
         raise ValueError(f"--lora {args.lora!r} holds no adapter_model.safetensors")
     return {"path": str(folder), "sha256": hashlib.sha256(weights[0].read_bytes()).hexdigest(),
             "scale": args.lora_scale}
-
-
-def reproduce_command(args, prompt: str, seed: int, width: int, height: int) -> str:
-    parts = ["nucleus", "generate", "--model", model_name(args.model), "--prompt", prompt,
-             "--width", str(width), "--height", str(height), "--steps", str(args.steps), "--guidance",
-             repr(args.guidance), "--seed", str(seed), "--num-images", "1", "--dtype", args.dtype]
-    if args.negative is not None:
-        parts += ["--negative", args.negative]
-    if args.device is not None:
-        parts += ["--device", args.device]
-    if args.quantize is not None:
-        parts += ["--quantize", args.quantize]
-    if getattr(args, "lora", None) is not None:
-        parts += ["--lora", str(Path(args.lora).resolve())]
-        if args.lora_scale != 1.0:
-            parts += ["--lora-scale", repr(args.lora_scale)]
-    parts += step_cache_args.command_args(step_cache_args.from_args(args))
-    return shlex.join(parts + ["--out", "OUT"])
-
-
-def model_name(model: str) -> str:
-    """An absolute path for a local folder; a Hub id as given."""
-    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def claim_folder(out: Path, job: dict) -> set[int]:
@@ -181,7 +174,8 @@ def png_bytes(image, sidecar: dict) -> bytes:
                  f"{sidecar['guidance_scale']}, Seed: {sidecar['seed']}, Size: {sidecar['width']}x{sidecar['height']}, "
                  f"Model: {sidecar['model']}, Version: nucleus-image {sidecar['nucleus_image_version']}")
     info.add_text("parameters", "\n".join(lines))
-    info.add_itxt("nucleus_image", json.dumps(sidecar))
+    # Without the file name: the sidecar's command, which writes 00000.png, then makes the same bytes.
+    info.add_itxt("nucleus_image", json.dumps({k: v for k, v in sidecar.items() if k != "image"}))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -197,7 +191,11 @@ def run(args) -> int:
            "prompts": len(prompts), "num_images": args.num_images, "seed": args.seed, "negative_prompt": args.negative,
            "width": width, "height": height, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
            "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype, "quantize": args.quantize,
-           "cache": cache.to_dict() if cache else None, "lora": lora_record(args)}
+           "cache": cache.to_dict() if cache else None}
+    # Recorded only when on, so jobs written before these flags existed still continue.
+    job.update({name: True for name in ("fp8_compute", "cuda_graph") if getattr(args, name)})
+    if args.lora is not None:
+        job["lora"] = lora_record(args)
     done = claim_folder(out, job)
     if len(done) >= total:
         print(f"nothing to do: all {total} images are already in {out}", file=sys.stderr)
@@ -206,13 +204,14 @@ def run(args) -> int:
         print(f"continuing: {len(done)} of {total} images already in {out}", file=sys.stderr)
 
     import torch
-    from tqdm.auto import tqdm
 
     import nucleus_image
     from nucleus_image.pipeline import NucleusPipeline
+    from nucleus_image.progress import progress as progress_bar
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
+    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
+                                           cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute)
     if args.lora is not None:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     _, _, sigma_list = pipe.sampler_defaults.resolve(args.guidance, args.steps, None)
@@ -228,17 +227,18 @@ def run(args) -> int:
         "sigmas": [round(float(s), 8) for s in sigmas],
         "schedule": pipe.schedule.to_config(),
         "generator": "torch.Generator('cpu').manual_seed(seed), float32 noise",
-        "batch_size": args.batch_size,
         "device": str(pipe.device),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "quantize": pipe.transformer.quantization,
-        "lora": job["lora"],
+        "fp8_compute": pipe.fp8_compute,
+        "cuda_graph": pipe.cuda_graph,
+        "lora": job.get("lora"),
         "nucleus_image_version": nucleus_image.__version__,
         "torch_version": torch.__version__,
     }
     written = 0
     try:
-        with tqdm(total=total, initial=len(done), desc="images", unit="img") as bar:
+        with progress_bar(total=total, initial=len(done), desc="images", unit="img") as bar:
             for start in range(0, total, args.batch_size):
                 # A batch is redrawn whole when any image of it is missing: images depend on the batch they were
                 # drawn in, so a continued job equals an uninterrupted one.
@@ -252,7 +252,6 @@ def run(args) -> int:
                     height=height,
                     width=width,
                     num_inference_steps=args.steps,
-                    sigmas=sigma_list,
                     generator=[torch.Generator("cpu").manual_seed(args.seed + k) for k in numbers],
                     offload_text_encoder=args.offload_text_encoder,
                     progress=False,
@@ -263,8 +262,16 @@ def run(args) -> int:
                     if k in done:
                         continue
                     prompt, seed, stem = prompts[k // args.num_images], args.seed + k, out / f"{k:05d}"
+                    # batch_size: the batch this image was drawn in (images depend on it: float summation order).
+                    command = generate_command(args.model, prompt, seed=seed, width=width, height=height,
+                                               steps=args.steps, guidance=args.guidance, negative=args.negative,
+                                               dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                               cache=cache, cuda_graph=args.cuda_graph,
+                                               fp8_compute=args.fp8_compute,
+                                               aspect=getattr(args, "aspect", None), lora=args.lora,
+                                               lora_scale=args.lora_scale)
                     sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
-                               "step_cache": report, "command": reproduce_command(args, prompt, seed, width, height)}
+                               "batch_size": len(numbers), "step_cache": report, "command": command}
                     write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))
                     write_atomic(stem.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
                     done.add(k)

@@ -11,9 +11,9 @@ caller passes still win: `resolve` fills in only what the call leaves out.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
-from typing import Sequence
 
 from nucleus_image.diffusion.flow import validate_sigmas
 
@@ -61,7 +61,7 @@ class SamplerSettings:
                 "sigmas": None if self.sigmas is None else [float(s) for s in self.sigmas]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SamplerSettings":
+    def from_dict(cls, data: dict) -> SamplerSettings:
         known = {"num_inference_steps", "guidance_scale", "sigmas"}
         if not isinstance(data, dict) or set(data) - known:
             extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from nucleus_image.adapters import add_lora, write_sampler_settings
 from nucleus_image.data.manifest import read_manifest
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
 from nucleus_image.diffusion.sampler_settings import SamplerSettings
-from nucleus_image.lora.adapters import add_lora, write_sampler_settings
 from nucleus_image.pipeline import NucleusPipeline
 from nucleus_image.training import checkpoint as ckpt
 from nucleus_image.training.build import seed_everything
@@ -113,7 +113,7 @@ class DistillConfig:
         return to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DistillConfig":
+    def from_dict(cls, data: dict) -> DistillConfig:
         return from_plain(cls, data, "DistillConfig")
 
 

@@ -69,7 +69,7 @@ class TrajectoryPlan:
         return json.loads(json.dumps(asdict(self)))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrajectoryPlan":
+    def from_dict(cls, data: dict) -> TrajectoryPlan:
         data = dict(data)
         data["student_sigmas"] = tuple(data["student_sigmas"])
         data["caption_weights"] = tuple(data.get("caption_weights", ()))
@@ -104,7 +104,7 @@ def teacher_states(pipe, plan: TrajectoryPlan, text: CaptionStates, captions: li
         x = noise_BSC[start:start + len(chunk)].to(pipe.device)
         kept = [x.float().cpu()]
 
-        def record(_pipe, i, _t, values):
+        def record(_pipe, i, _t, values, kept=kept):
             if (i + 1) % per == 0:
                 kept.append(values["latents"].float().cpu())
             return values
@@ -127,7 +127,7 @@ def packed_noise(pipe, plan: TrajectoryPlan, shard: int, count: int) -> torch.Te
 
 def generate_trajectories(pipe, plan: TrajectoryPlan, text: CaptionStates, row_captions: list[list[str]],
                           row_weights: np.ndarray, folder: str | Path, batch_size: int = 64,
-                          log=print) -> "TrajectoryStore":
+                          log=print) -> TrajectoryStore:
     """Fill `folder` with the plan's trajectories (missing shards only) and return the store."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

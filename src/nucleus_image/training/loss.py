@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pipeline.pipeline import unpack_latents
+from ..model.latents import unpack_latents
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
