@@ -7,8 +7,6 @@ import io
 import json
 import shlex
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,11 +25,12 @@ from nucleus_image.pipeline import NucleusPipeline
 
 
 def distill(model, data, out, *extra):
-    """`nucleus distill` in-process: a 2-step student of a 4-step teacher (guidance 4) on 16 trajectories."""
+    """`nucleus distill` in-process: a 2-step student of a 4-step teacher (guidance 4) on 16 trajectories, 16
+    updates of 8 (a short warmup, so the few updates move the adapter)."""
     return main(["distill", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "2",
-                 "--teacher-steps", "4", "--trajectories", "16", "--train-steps", "4", "--batch-size", "4",
-                 "--lora-rank", "4", "--lr", "1e-2", "--no-progress", "--set", "checkpoint_every=2",
-                 "--set", "teacher_batch_size=8", *extra])
+                 "--teacher-steps", "4", "--trajectories", "16", "--train-steps", "16", "--batch-size", "8",
+                 "--lora-rank", "8", "--lr", "1e-2", "--no-progress", "--set", "checkpoint_every=8",
+                 "--set", "teacher_batch_size=8", "--set", "optimizer.warmup_steps=2", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     tiny_own_pipeline().save_pretrained(root / "model")
     data = micro_dataset(root / "data")
-    assert distill(root / "model", data, root / "run") == 0
+    assert distill(root / "model", data, root / "run", "--threads", "1") == 0
     return root / "model", data, root / "run"
 
 
@@ -87,7 +86,7 @@ def test_adapter_carries_sampler_settings_and_load_lora_takes_them_as_defaults(r
     model, _, folder = run
     adapter = folder / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert config["peft_type"] == "LORA" and config["r"] == 8
     assert config["nucleus_sampler"] == {"num_inference_steps": 2, "guidance_scale": 1.0, "sigmas": [1.0, 0.5]}
     assert read_sampler_settings(adapter) == SamplerSettings(2, 1.0, (1.0, 0.5))
 
@@ -112,7 +111,8 @@ def test_adapter_carries_sampler_settings_and_load_lora_takes_them_as_defaults(r
 
 def test_distill_resume_is_exact_and_refuses_to_overwrite(run, tmp_path, capsys):
     model, data, folder = run
-    assert distill(model, data, tmp_path / "split", "--max-steps", "2") == 0
+    shutil.copytree(folder / "teacher", tmp_path / "split" / "teacher")  # the same plan: complete shards are kept
+    assert distill(model, data, tmp_path / "split", "--threads", "1", "--max-steps", "8") == 0
     assert not (tmp_path / "split" / "adapter").exists()  # a partial run ships no adapter
     assert "--resume" in capsys.readouterr().out
     assert main(["distill", "--out", str(tmp_path / "split"), "--resume", "--no-progress"]) == 0
@@ -121,25 +121,22 @@ def test_distill_resume_is_exact_and_refuses_to_overwrite(run, tmp_path, capsys)
     assert straight.keys() == split.keys() and all(torch.equal(straight[k], split[k]) for k in straight)
     assert any(straight[k].abs().sum() > 0 for k in straight if "lora_B" in k)
     losses = json.loads((folder / "losses.json").read_text())
-    assert losses == json.loads((tmp_path / "split" / "losses.json").read_text()) and len(losses) == 4
+    assert losses == json.loads((tmp_path / "split" / "losses.json").read_text()) and len(losses) == 16
     assert distill(model, data, folder) == 2  # an existing run is not overwritten
     assert "already holds a distillation run" in capsys.readouterr().err
 
 
-def test_distillation_moves_the_student_toward_the_teacher(run, tmp_path):
+def test_distillation_moves_the_student_toward_the_teacher(run):
     """Fresh noise seeds on the distilled captions: the student's 2 steps land closer to the guided teacher's
-    4-step images after 30 updates than the base model's 2 unguided steps do."""
-    model, data, folder = run
-    shutil.copytree(folder / "teacher", tmp_path / "longer" / "teacher")  # the same plan: generated once, reused
-    assert distill(model, data, tmp_path / "longer", "--train-steps", "30", "--batch-size", "8", "--lora-rank",
-                   "8", "--set", "checkpoint_every=30") == 0
-    prompts = TrajectoryStore(tmp_path / "longer" / "teacher").captions[:6]
+    4-step images after 16 updates than the base model's 2 unguided steps do."""
+    model, _, folder = run
+    prompts = TrajectoryStore(folder / "teacher").captions[:6]
     pipe = NucleusPipeline.from_pretrained(model, device="cpu")
     kwargs = dict(prompt=prompts, output_type="latent", progress=False)
     seeds = lambda: [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]  # noqa: E731
     teacher = pipe(**kwargs, num_inference_steps=4, guidance_scale=4.0, generator=seeds()).images
     base = pipe(**kwargs, num_inference_steps=2, guidance_scale=1.0, generator=seeds()).images
-    student = pipe.load_lora(tmp_path / "longer" / "adapter")(**kwargs, generator=seeds()).images
+    student = pipe.load_lora(folder / "adapter")(**kwargs, generator=seeds()).images
     before, after = float(((base - teacher) ** 2).mean()), float(((student - teacher) ** 2).mean())
     assert after < 0.8 * before, (before, after)
 
@@ -156,9 +153,7 @@ def test_generate_and_serve_with_lora_reproduce_the_students_images(run, tmp_pat
     command = shlex.split(sidecar["command"])
     assert command[command.index("--lora") + 1] == str(adapter.resolve())
     command[-1] = str(tmp_path / "again")
-    script = "import sys; from nucleus_image.cli import main; sys.exit(main())"
-    result = subprocess.run([sys.executable, "-c", script, *command[1:]], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert main(command[1:]) == 0  # the sidecar's command, through the same parser as the shell's
     pixels = lambda path: np.asarray(Image.open(path))  # noqa: E731
     assert np.array_equal(pixels(out / "00001.png"), pixels(tmp_path / "again" / "00000.png"))
 

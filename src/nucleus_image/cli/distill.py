@@ -34,7 +34,7 @@ def register(subparsers) -> None:
                    help="teacher trajectories generated once (default 2048)")
     p.add_argument("--lora-rank", type=int, default=None, help="adapter rank (default 32)")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="optimizer steps (default 600)")
+                   help="optimizer steps (default 500)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="trajectories per optimizer step (default 32)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.002)")

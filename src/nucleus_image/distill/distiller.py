@@ -37,6 +37,7 @@ from nucleus_image.data.manifest import read_manifest
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
 from nucleus_image.diffusion.sampler_settings import SamplerSettings
 from nucleus_image.pipeline import NucleusPipeline
+from nucleus_image.progress import progress as progress_bar
 from nucleus_image.training import checkpoint as ckpt
 from nucleus_image.training.build import seed_everything
 from nucleus_image.training.config import OptimizerConfig, changed_fields, from_plain, to_plain
@@ -71,20 +72,21 @@ class DistillConfig:
     lora_rank: int = 32
     lora_alpha: float | None = None
     rollout: str = "student"
-    steps: int = 600  # optimizer steps
+    steps: int = 500  # optimizer steps
     batch_size: int = 32  # trajectories per step
     optimizer: OptimizerConfig = field(default_factory=default_optimizer)
     seed: int = 0
     checkpoint_every: int = 100
     keep_last: int = 3
     log_every: int = 25
+    max_nonfinite_in_a_row: int = 5  # steps skipped for a non-finite gradient before the run stops
     cpu_threads: int = 0
     device: str = "auto"
 
     def validate(self) -> None:
         errors = []
         for name in ("student_steps", "teacher_steps", "trajectories", "teacher_batch_size", "lora_rank", "steps",
-                     "batch_size", "checkpoint_every", "keep_last", "log_every"):
+                     "batch_size", "checkpoint_every", "keep_last", "log_every", "max_nonfinite_in_a_row"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 errors.append(f"{name}={value!r} must be a positive integer")
@@ -218,26 +220,26 @@ class Distiller:
         return TrajectoryBatch(self.store.states[torch.from_numpy(rows)].to(self.device), text, mask, self.img_shapes)
 
     def train(self, max_steps: int | None = None) -> list[float]:
-        """Train to cfg.steps (or stop after `max_steps` in total); a finished run writes RUN/adapter/."""
+        """Train to cfg.steps (or stop after `max_steps` in total); a finished run writes RUN/adapter/. Losses are
+        read back every `log_every` steps and at checkpoints; a step with a non-finite gradient is skipped and
+        counted, and `max_nonfinite_in_a_row` of them stop the run."""
         cfg, state = self.cfg, self.state
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        start, first = time.perf_counter(), state.step
-        while state.step < end:
-            out = train_step(self.model, list(self.optimizers.values()), [self._micro_batch()], self.objective,
-                             cfg.optimizer, state.step, params=list(self.adapters.values()))
-            loss = float(out.loss)
-            if not math.isfinite(loss):
-                raise ValueError(f"non-finite loss {loss} at step {state.step}; lower the lr (now "
-                                 f"{cfg.optimizer.lr})")
-            state.record(loss, bool(out.applied))
-            if state.step % cfg.log_every == 0 or state.step == end:
-                rate = (state.step - first) / (time.perf_counter() - start)
-                per_step = " ".join(f"{v:.4f}" for v in out.logged["per_step"].tolist())
-                self._log(f"step {state.step}/{end}: loss {loss:.5f}, per student step {per_step} "
-                          f"({rate:.2f} steps/s)")
-            if state.step % cfg.checkpoint_every == 0 or state.step == end:
-                ckpt.save_checkpoint(self.run_dir, self.adapters, {"distill": cfg.to_dict()}, self.optimizers, state,
-                                     cfg.keep_last)
+        with progress_bar(total=end, initial=state.step, disable=not self.progress, desc="distill", unit="step") as bar:
+            while state.step < end:
+                out = train_step(self.model, list(self.optimizers.values()), [self._micro_batch()], self.objective,
+                                 cfg.optimizer, state.step, params=list(self.adapters.values()))
+                state.record(out.loss, out.applied, out.grad_norm)
+                bar.update(1)
+                save = state.step % cfg.checkpoint_every == 0 or state.step == end
+                if save or state.step % cfg.log_every == 0:
+                    state.flush(limit=cfg.max_nonfinite_in_a_row,
+                                last_checkpoint=lambda: ckpt.latest_checkpoint(self.run_dir))
+                    per_step = " ".join(f"{v:.4f}" for v in out.logged["per_step"].tolist())
+                    bar.set_postfix(loss=f"{state.losses[-1]:.5f}", per_student_step=per_step)
+                if save:
+                    ckpt.save_checkpoint(self.run_dir, self.adapters, {"distill": cfg.to_dict()}, self.optimizers,
+                                         state, cfg.keep_last)
         (self.run_dir / "losses.json").write_text(json.dumps(state.losses) + "\n")
         if state.step >= cfg.steps:
             self.write_adapter(self.run_dir / "adapter")

@@ -9,7 +9,7 @@ will meet when sampling, not only on the teacher's, so its errors do not compoun
 stops at its input, so every step learns to land on the teacher's trajectory from wherever it stands.
 
 `rollout="teacher"` feeds the teacher's states instead (all K steps in one batched forward; exposed to the drift
-the student's own steps cause); kept for the comparison the docs report.
+the student's own steps cause); an option (`--set rollout=teacher`), not the default.
 
 `TrajectoryObjective` is this loss in the shape `training.step.train_step` takes: `(model, TrajectoryBatch) ->
 (loss, logged)`, the per-step losses logged as device tensors.
