@@ -37,7 +37,7 @@ def register(subparsers) -> None:
                    help="optimizer steps (default 500)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="trajectories per optimizer step (default 32)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.002)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.004)")
     p.add_argument("--resolution", type=int, default=0, help="square side in pixels (default: the model's native)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other field of the distill config, dotted for sections (e.g. rollout=teacher, "

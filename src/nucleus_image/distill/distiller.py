@@ -54,7 +54,7 @@ CONFIG_NAME = "distill_config.json"
 def default_optimizer() -> OptimizerConfig:
     """Distillation's optimizer: Muon for the adapters' matrices, AdamW for the rest, as fine-tuning; the adapters
     start at zero, so a short warmup."""
-    return OptimizerConfig(lr=2e-3, warmup_steps=20)
+    return OptimizerConfig(lr=4e-3, warmup_steps=20)
 
 
 @dataclass
