@@ -26,16 +26,27 @@ DEMO ?= runs/demo
 DEMO_BUDGET ?= 780
 DEMO_EVAL_RESERVE ?= 150
 NUCLEUS := $(VENV)/bin/nucleus
+# Phase table: each command's wall time goes to $(DEMO)/phases.jsonl ("setup" counts from make's start, so it
+# includes building the virtual environment when this make built it); training and scoring add their inner phases.
+MAKE_START_NS := $(shell date +%s%N)
+TIMING := $(PY) -m nucleus_image.timing
 demo: $(STAMP)
-	@rm -rf $(DEMO); start=$$(date +%s); \
+	@rm -rf $(DEMO); mkdir -p $(DEMO); start=$$(date +%s); \
+	$(TIMING) record $(DEMO) setup $(MAKE_START_NS) && t=$$(date +%s%N) && \
 	$(NUCLEUS) data synth --out $(DEMO)/data --num 4000 --seed 0 --size 64 --aspects 1:1,4:3,3:4 && \
+	$(TIMING) record $(DEMO) synthesis $$t && \
 	budget=$$(( $(DEMO_BUDGET) - $(DEMO_EVAL_RESERVE) - ($$(date +%s) - start) )) && \
 	budget=$$(( budget > 60 ? budget : 60 )) && \
 	echo "demo: $$(( $$(date +%s) - start )) s used; training gets $$budget s (the trainer fits its steps to it)" && \
+	t=$$(date +%s%N) && \
 	$(NUCLEUS) train --preset tiny --data $(DEMO)/data --out $(DEMO)/run --set time_budget_s=$$budget && \
+	$(TIMING) record $(DEMO) training $$t && t=$$(date +%s%N) && \
 	$(NUCLEUS) merge $(DEMO)/run --out $(DEMO)/merged && \
+	$(TIMING) record $(DEMO) merge $$t && t=$$(date +%s%N) && \
 	$(NUCLEUS) eval compositional --model $(DEMO)/merged --prompts $(DEMO)/data/heldout_metadata.jsonl \
 		--out $(DEMO)/eval --samples 4 --steps 16 --batch-size 48 && \
+	$(TIMING) record $(DEMO) "sampling and scoring" $$t && \
+	$(TIMING) table $(DEMO) && \
 	echo "demo: $$(( $$(date +%s) - start )) s from data to scores (setup excluded); results in $(DEMO)/"
 
 clean:

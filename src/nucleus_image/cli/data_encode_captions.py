@@ -13,7 +13,7 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("encode-captions", help="precompute caption text states into the shared cache",
                               description="Encode every caption of the dataset's latest manifest (and the empty "
-                                          "prompt) one at a time and store the states as safetensors shards under "
+                                          "prompt) (captions of one token length together on the CPU: the states of encoding each alone) and store the states as safetensors shards under "
                                           "the cache folder, keyed by (encoder, caption). Captions already stored "
                                           "are skipped.")
     p.add_argument("data", help="dataset folder (with manifest-vNNNN/)")

@@ -1,5 +1,6 @@
 """Reductions across ranks the training loop needs: a gradient norm over parameters on different meshes,
-and the mean of logged values (loss, routing statistics) over the data-parallel ranks."""
+the mean of logged values (loss, routing statistics) over the data-parallel ranks, and the average gradient of
+replicated parameters outside the sharded model."""
 
 from __future__ import annotations
 
@@ -36,3 +37,20 @@ def mean_over_ranks(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     total = value.clone()
     dist.all_reduce(total)
     return total / dims.world
+
+
+@torch.no_grad()
+def average_gradients_(params, dims: ParallelDims) -> None:
+    """Average the gradients of replicated parameters (plain tensors every rank holds whole, e.g. a training-only
+    head outside the sharded model) over all ranks: each rank's gradient is that of its own rows' mean loss, so the
+    average is the whole batch's, as one process computes it. One all-reduce of the gradients flattened together."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dims.world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

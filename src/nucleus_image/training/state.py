@@ -8,6 +8,8 @@
 are pure functions of (seed, step), so nothing else about the data stream needs saving. `losses` holds one loss
 per step, `nonfinite` counts the steps skipped because their gradient was not finite. `generator` / `np_rng` are
 streams a run draws from in order (fine-tuning's batches); a run whose draws are all seeded by step has none.
+`heads` / `heads_optimizer`: training-only modules outside the model (an alignment head), saved and restored with
+the state, never with the model's weights.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class TrainState:
     data: dict = field(default_factory=dict)  # how the run's sampler describes its position (for readers)
     generator: torch.Generator | None = None
     np_rng: np.random.Generator | None = None
+    # Training-only modules outside the model (the alignment head) and their optimizer: checkpoints save them
+    # beside the model's weights (heads.safetensors), never in them.
+    heads: torch.nn.Module | None = None
+    heads_optimizer: torch.optim.Optimizer | None = None
 
     def record(self, loss: float, applied: bool, limit: int | None = None,
                last_checkpoint: Callable[[], object] = lambda: None) -> None:

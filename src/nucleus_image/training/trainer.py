@@ -27,14 +27,16 @@ from tqdm import tqdm
 
 from ..model.moe import MoELayer
 from ..pipeline.pipeline import pack_latents
+from ..timing import PhaseTimer
 from . import checkpoint as ckpt
+from .alignment import build_alignment
 from .build import (build_caption_cache, build_model, build_parallel, check_run_dir, data_record, resolve_device,
                     resume_latest, seed_everything)
 from .config import TrainConfig
 from .curriculum import share_by_bucket
-from .data_loader import BatchPlan, rank_loader, rank_rows, read_rows
+from .data_loader import BatchPlan, RankBatches, rank_loader, rank_rows, read_rows
 from .encoders import build_encoders
-from .loss import FlowBatch, FlowObjective, decorrelate_router_rows_
+from .loss import FlowBatch, FlowObjective, contrastive_negatives, decorrelate_router_rows_
 from .monitor import RunLogger, routing_table
 from .optim import build_optimizers, describe_groups
 from .sampling import make_pipeline, sample_grid
@@ -63,6 +65,7 @@ class Trainer:
                  resume: bool = False, progress: bool = True):
         cfg.validate()
         self.started = time.perf_counter()  # the time guard's budget counts start-up (caption encoding) too
+        self.timer = PhaseTimer()  # where the time goes (RUN/timing.json): setup, caption encoding, the step's parts
         self.cfg, self.run_dir, self.max_steps = cfg, Path(run_dir), max_steps
         self.total_steps = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.total_steps < 1:
@@ -92,12 +95,20 @@ class Trainer:
         # Collected after sharding: FSDP2 replaces the Parameters.
         self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
         self.plan = BatchPlan(cfg, self.rows, self.autoencoder.scale_factor * cfg.model.patch_size)
-        self.captions = build_caption_cache(cfg, self.plan, self.text_encoder, self.device, self.is_main,
-                                            self.progress, self._barrier)
-        self._batches = None
+        self.timer.add("setup", time.perf_counter() - self.started)
+        with self.timer.phase("caption encoding"):
+            self.captions = build_caption_cache(cfg, self.plan, self.text_encoder, self.device, self.is_main,
+                                                self.progress, self._barrier)
+        self._batches = self._dataset = None
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.muon, self.adamw, self.groups = build_optimizers(self.model, cfg.optimizer, ns_dtype)
         self.optimizers = {k: o for k, o in (("muon", self.muon), ("adamw", self.adamw)) if o is not None}
+        # The alignment head: outside the model, with its own optimizer; the state saves both beside the model.
+        self.alignment = None
+        built = build_alignment(cfg, self.model, self.device, self.dims)
+        if built is not None:
+            self.alignment, self.state.heads_optimizer = built
+            self.state.heads = self.alignment.head
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
         if self.is_main:
@@ -155,11 +166,14 @@ class Trainer:
         return rank_rows(batch_size, self.rank, self.world_size, self.cfg.grad_accum_steps)
 
     def _batch(self, batch_size: int):
-        """Latents and captions of this process's rows of the step's global batch (all of it in one process),
-        decoded ahead by the data workers."""
+        """Latents, captions and (with an alignment head) per-token targets of this process's rows of the step's
+        global batch (all of it in one process), decoded ahead by the data workers."""
         if self._batches is None:  # started lazily, at the step a run starts or resumes from
+            if self._dataset is None:  # kept across loader restarts: its in-memory images stay decoded
+                self._dataset = RankBatches(self.plan, self.rank, self.world_size, self.cfg.grad_accum_steps,
+                                            self.cfg.image_cache_mb)
             self._batches = iter(rank_loader(self.plan, self.rank, self.world_size, self.step, self.total_steps,
-                                             self.cfg.data_workers, self.cfg.grad_accum_steps))
+                                             self.cfg.data_workers, self.cfg.grad_accum_steps, dataset=self._dataset))
         item = next(self._batches)
         if item["step"] != self.step or len(item["captions"]) * self.world_size != batch_size:
             raise RuntimeError(f"data loader out of step: got step {item['step']} with {len(item['captions'])} rows "
@@ -167,12 +181,13 @@ class Trainer:
         images = item["images"].to(self.device).float() / 127.5 - 1.0
         with torch.no_grad():
             latents = self.autoencoder.encode(images)
-        return latents, item["captions"]
+        targets = item["targets"].to(self.device) if "targets" in item else None
+        return latents, item["captions"], targets
 
     def _micro_batches(self, batch_size: int) -> list[FlowBatch]:
         """This process's rows of the step's global batch as `grad_accum_steps` micro-batches."""
         A = self.cfg.grad_accum_steps
-        latents, captions = self._batch(batch_size)
+        latents, captions, targets = self._batch(batch_size)
         _, _, h, w = latents.shape
         x0 = pack_latents(latents, self.cfg.model.patch_size)
         # Noise and sigmas are drawn for the whole global batch, so every layout consumes the same random stream.
@@ -185,17 +200,24 @@ class Trainer:
         for m in range(A):
             part = slice(m * B, (m + 1) * B)
             text, text_mask = self.captions.batch(captions[part])
-            batches.append(FlowBatch(x0[part], noise[part], sigma[part], text, text_mask, (h, w)))
+            negatives = contrastive_negatives(captions[part]) if self.cfg.contrastive_weight else None
+            batches.append(FlowBatch(x0[part], noise[part], sigma[part], text, text_mask, (h, w), negatives,
+                                     None if targets is None else targets[part]))
         return batches
 
     def _train_step(self, stage) -> StepOutput:
         cfg = self.cfg
         objective = replace(self.objective, wavelet_weight=stage.wavelet_weight,
                             routing_stats=self._due(cfg.log_every))
-        out = train_step(self.model, list(self.optimizers.values()), self._micro_batches(stage.batch_size), objective,
-                         cfg.optimizer, self.step, dims=self.dims)
+        optimizers = list(self.optimizers.values()) + ([self.state.heads_optimizer] if self.alignment else [])
+        self.timer.mark()
+        micro_batches = self._micro_batches(stage.batch_size)
+        self.timer.lap("data")
+        out = train_step(self.model, optimizers, micro_batches, objective, cfg.optimizer, self.step, dims=self.dims,
+                         timer=self.timer)
         if cfg.orthogonality_step and self.router_gates and bool(out.applied):
             self._decorrelate_routers(cfg.orthogonality_step)
+        self.timer.lap("optimizer")
         return out
 
     @torch.no_grad()
@@ -239,7 +261,8 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         self._print(describe_groups(self.groups))
-        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast)
+        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast,
+                                       contrastive_weight=cfg.contrastive_weight, alignment=self.alignment)
         logger = RunLogger(self.run_dir) if self.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step",
                    dynamic_ncols=True)
@@ -266,9 +289,11 @@ class Trainer:
                 if self._due_at(self.step - 1, cfg.log_every):
                     stats = out.logged.get("routing")
                     stats = None if stats is None else routing_table(self._mean_over_ranks(stats))
+                    extra = {k: float(self._mean_over_ranks(v.double())) for k, v in out.logged.items()
+                             if k != "routing"}
                     if logger:
                         logger.scalars(self.step, loss, wsm_lr(self.step - 1, cfg.optimizer.lr, cfg.optimizer.warmup_steps),
-                                       float(out.grad_norm), ips, self.nonfinite, stats)
+                                       float(out.grad_norm), ips, self.nonfinite, stats, extra)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", stage=stage.name)
                 bar.update(1)
                 if cfg.time_budget_s and not self.resumed:
@@ -277,12 +302,13 @@ class Trainer:
                     elif self.step > stage_start + self.GUARD_SKIP:
                         self._fit_to_budget(self.step - timed_from[0], time.perf_counter() - timed_from[1])
                         bar.total = self.total_steps
-                if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                    self._save()
-                if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == self.total_steps:
-                    grid = self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
-                    if logger:  # rank 0 of several, or the only process
-                        logger.sample_grid(self.step, grid)
+                with self.timer.phase("checkpoints and samples"):
+                    if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                        self._save()
+                    if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == self.total_steps:
+                        grid = self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
+                        if logger:  # rank 0 of several, or the only process
+                            logger.sample_grid(self.step, grid)
         finally:
             bar.close()
             if logger:
@@ -292,6 +318,9 @@ class Trainer:
             return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
         logger.loss_curve(self.losses, self.run_dir / "loss_curve.png")
         (self.run_dir / "losses.json").write_text(json.dumps(self.losses) + "\n")
+        self.timer.add("loop (logging, progress, rest)", time.perf_counter() - t0 - sum(
+            v for k, v in self.timer.seconds.items() if k not in ("setup", "caption encoding")))
+        self.timer.write(self.run_dir / "timing.json", steps=self.step, images=images_seen, device=self.device.type)
         print(f"done: {self.step} steps, final loss {self.losses[-1]:.4f}, {ips:.1f} images/s, "
               f"{self.nonfinite} non-finite steps skipped; run folder {self.run_dir}")
         return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
