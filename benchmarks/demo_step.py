@@ -1,9 +1,9 @@
 """The demo's training step, candidate recipes against the reference recipe, timed interleaved in one process so
 the ratio holds on a loaded machine, with each candidate's per-phase split (data, forward, backward, optimizer).
 
-    python benchmarks/demo_step.py --data runs/demo/data --arms repa --steps 30 --threads 1
+    python benchmarks/demo_step.py --data runs/demo/data --arms recipe --steps 30 --threads 1
 
-Each arm is a `Trainer` on the tiny preset plus `--set`-style overrides (the reference: the preset as it is). The
+Each arm is a `Trainer` on the tiny preset plus `--set`-style overrides (the reference: the previous recipe). The
 arms take turns, `--block` steps at a time, in the stage given by `--stage` (0: 24 px, 1: 32 px), after a few
 untimed warm-up steps. Prints per arm the median seconds per step, the ratio to the reference, and the phase
 split. Idle-machine step times follow from the reference's measured idle step time times the ratio.
@@ -22,11 +22,12 @@ import torch
 from nucleus_image.training.config import TrainConfig
 from nucleus_image.training.trainer import Trainer
 
+# "reference": the demo's previous recipe, whose idle step time was measured (a decoding worker process, no head).
 ARMS = {
-    "reference": [],
-    "repa": ["alignment_weight=0.5"],
+    "reference": ["data_workers=1", "image_cache_mb=0", "alignment_weight=0", "contrastive_weight=0"],
+    "recipe": [],
+    "no_head": ["alignment_weight=0"],
     "cfm": ["contrastive_weight=0.05"],
-    "workers": ["data_workers=1", "image_cache_mb=0"],
 }
 
 
@@ -54,7 +55,7 @@ def step(trainer: Trainer) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--arms", default="repa", help=f"comma-separated candidates (accepted: {', '.join(ARMS)})")
+    p.add_argument("--arms", default="recipe", help=f"comma-separated candidates (accepted: {', '.join(ARMS)})")
     p.add_argument("--steps", type=int, default=30, help="timed steps per arm")
     p.add_argument("--block", type=int, default=5, help="steps per turn")
     p.add_argument("--stage", type=int, default=1)

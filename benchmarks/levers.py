@@ -30,6 +30,7 @@ ARMS: dict[str, list[str]] = {
     "cfm_hi": ["contrastive_weight=0.1"],
     "repa": ["alignment_weight=0.5"],
     "repa_hi": ["alignment_weight=2.0"],
+    "repa_b2": ["alignment_weight=0.5", "alignment_block=2"],
     "mu_low": ["timesteps.mu_min=0.0", "timesteps.mu_max=0.65"],
     "mu_high": ["timesteps.mu_min=1.0", "timesteps.mu_max=1.65"],
     "mix_two": ["stages.0.bucket_weights=[2,2,3,1,3,1,3,1]", "stages.1.bucket_weights=[1,1,2,1,2,1,2,1]"],
