@@ -168,3 +168,12 @@ def test_phase_table_lists_each_command_and_its_inner_phases(tmp_path):
     assert abs(rows["total"][0] - 100.0) < 1.0
     assert "100 steps, 6400 images" in lines[-1]
     assert main(["record", str(demo), "merge"]) == 2  # no start stamp: usage, exit 2
+
+
+def test_alignment_needs_object_annotations_and_says_how_to_train_without():
+    from nucleus_image.training.alignment import check_annotations
+
+    check_annotations(['{"objects": []}'])
+    for bad in ([None], ['{"caption": "x"}']):
+        with pytest.raises(ValueError, match="row 0 has none.*alignment_weight=0"):
+            check_annotations(bad)

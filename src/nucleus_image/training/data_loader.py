@@ -143,9 +143,10 @@ class RankBatches(Dataset):
         self.cache_bytes, self.cached_bytes = cache_mb * 2**20, 0
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.align = plan.cfg.alignment_weight > 0
-        if self.align and any(a is None for a in plan.rows.annotations):
-            raise ValueError("alignment_weight > 0 needs every manifest row's annotations (the synthetic domain's "
-                             "object maps; `nucleus data synth` writes them); this manifest has rows without")
+        if self.align:
+            from .alignment import check_annotations
+
+            check_annotations(plan.rows.annotations)
 
     def __len__(self) -> int:
         return self.plan.cfg.total_steps

@@ -29,7 +29,7 @@ from ..model.moe import MoELayer
 from ..pipeline.pipeline import pack_latents
 from ..timing import PhaseTimer
 from . import checkpoint as ckpt
-from .alignment import build_alignment
+from .alignment import build_alignment, check_annotations
 from .build import (build_caption_cache, build_model, build_parallel, check_run_dir, data_record, resolve_device,
                     resume_latest, seed_everything)
 from .config import TrainConfig
@@ -86,6 +86,8 @@ class Trainer:
         self.state = TrainState(generator=torch.Generator(self.device).manual_seed(cfg.seed))
         self.data_dir = Path(data_dir)
         self.rows = read_rows(self.data_dir)
+        if cfg.alignment_weight:
+            check_annotations(self.rows.annotations)
         self.data_record = data_record(self.data_dir, self.rows, self.run_dir, resume)
         # Encoders first, so a run they cannot serve fails before the (possibly huge) model exists; on a forked
         # RNG, so the model's seeded init is the same whether or not building them draws random numbers.
