@@ -44,10 +44,8 @@ def build(arm: str, data: Path, out: Path, stage: int, threads: int) -> Trainer:
 
 def step(trainer: Trainer) -> float:
     stage = trainer.cfg.stages[trainer.stage_index]
-    for opt in trainer.optimizers.values():
-        opt.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    trainer._train_step(stage.batch_size, stage.wavelet_weight)
+    trainer._train_step(stage)
     trainer.step += 1
     return time.perf_counter() - start
 

@@ -177,3 +177,44 @@ def test_alignment_needs_object_annotations_and_says_how_to_train_without():
     for bad in ([None], ['{"caption": "x"}']):
         with pytest.raises(ValueError, match="row 0 has none.*alignment_weight=0"):
             check_annotations(bad)
+
+
+@pytest.mark.distributed
+def test_alignment_head_under_two_processes_trains_as_one(data, tmp_path):
+    """The head is replicated (seeded alike on every rank) and its gradients averaged over the ranks: `--nproc 2`
+    trains the same head and model as one process (up to FSDP's and gloo's rounding, see test_distributed)."""
+    import os
+    import subprocess
+
+    from training_helpers import cli
+
+    from nucleus_image.training.checkpoint import list_checkpoints, load_model_state
+
+    config = tmp_path / "micro.json"
+    micro_config(alignment_weight=1.0, **{"stages.0.steps": 6, "stages.1.steps": 2, "stages.1.batch_size": 4,
+                                          "checkpoint_every": 4}).save_json(config)  # batches split over 2 ranks
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+
+    def train(out, *args):
+        done = subprocess.run(cli("train", "--config", str(config), "--data", str(data), "--out", str(out),
+                                  "--no-progress", *args), capture_output=True, text=True, timeout=400, env=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    train(tmp_path / "one")
+    train(tmp_path / "two", "--nproc", "2")
+    (s1, one), (s2, two) = list_checkpoints(tmp_path / "one")[-1], list_checkpoints(tmp_path / "two")[-1]
+    assert s1 == s2 == 8
+    losses = [json.loads((p / "trainer.json").read_text())["losses"] for p in (one, two)]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-6, atol=0)
+    a, b = load_model_state(one), load_model_state(two)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-5, msg=lambda m: f"{key}: {m}")
+    ha, hb = load_file(one / "heads.safetensors"), load_file(two / "heads.safetensors")
+    assert set(ha) == set(hb) and any(k.startswith("module.") for k in ha)
+    for key in ha:
+        torch.testing.assert_close(hb[key], ha[key], rtol=0, atol=2e-5, msg=lambda m: f"{key}: {m}")
+    # Without the averaging rank 0's head would follow its own half-batch and differ from the one-process head;
+    # the comparison means something only if the head moved well beyond the tolerance.
+    first = load_file(one / "heads.safetensors")["module.net.0.weight"]
+    assert (first - load_file(list_checkpoints(tmp_path / "one")[0][1] / "heads.safetensors")["module.net.0.weight"]
+            ).abs().max() > 1e-3  # the head moved

@@ -111,6 +111,9 @@ class Trainer:
         if built is not None:
             self.alignment, self.state.heads_optimizer = built
             self.state.heads = self.alignment.head
+        # The step's loss function; each step sets its stage's wavelet weight and whether routing is logged.
+        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast,
+                                       contrastive_weight=cfg.contrastive_weight, alignment=self.alignment)
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
         if self.is_main:
@@ -263,8 +266,6 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         self._print(describe_groups(self.groups))
-        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast,
-                                       contrastive_weight=cfg.contrastive_weight, alignment=self.alignment)
         logger = RunLogger(self.run_dir) if self.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step",
                    dynamic_ncols=True)
