@@ -3,7 +3,7 @@
 scored on the held-out prompts. Prints one row per arm: mean overall and per-task scores over seeds with a 95%
 interval (Student t over the seeds' overall scores; per task, Wilson over the pooled images).
 
-    python benchmarks/levers.py --data runs/demo/data --out runs/levers --arms control,cfm --seeds 0,1,2 \\
+    python benchmarks/levers.py --data runs/demo/data --out runs/levers --arms recipe,no_head --seeds 0,1,2 \\
         --steps 850,600 --parallel 3
 
 An arm's runs are skipped when their report exists, so a rerun with more arms or seeds only adds what is missing.
@@ -25,18 +25,18 @@ import numpy as np
 
 # name -> overrides on top of the tiny preset. Loss and head levers are options of TrainConfig.
 ARMS: dict[str, list[str]] = {
-    "control": [],
+    "recipe": [],
+    "no_head": ["alignment_weight=0"],
     "cfm": ["contrastive_weight=0.05"],
-    "cfm_hi": ["contrastive_weight=0.1"],
-    "repa": ["alignment_weight=0.5"],
-    "repa_hi": ["alignment_weight=2.0"],
-    "repa_b2": ["alignment_weight=0.5", "alignment_block=2"],
+    "head_hi": ["alignment_weight=2.0"],
+    "head_b2": ["alignment_block=2"],
+    "head_b3": ["alignment_block=3"],
+    "wavelet": ["stages.1.wavelet_weight=0.5"],
     "mu_low": ["timesteps.mu_min=0.0", "timesteps.mu_max=0.65"],
     "mu_high": ["timesteps.mu_min=1.0", "timesteps.mu_max=1.65"],
     "mix_two": ["stages.0.bucket_weights=[2,2,3,1,3,1,3,1]", "stages.1.bucket_weights=[1,1,2,1,2,1,2,1]"],
-    "short_only": ["caption_weights=[1,0,0,0]"],
-    "lr_hi": ["lr=1e-2"],
-    "lr_lo": ["lr=3.5e-3"],
+    "lr_hi": ["optimizer.lr=1e-2"],
+    "lr_lo": ["optimizer.lr=3.5e-3"],
     "batch_32": ["stages.0.batch_size=32", "stages.1.batch_size=32"],
     "no_ortho": ["orthogonality_step=0"],
     "wide": ["model.num_attention_heads=6", "model.num_key_value_heads=2", "model.moe_intermediate_dim=192"],
@@ -56,7 +56,8 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
     return out / arm / f"seed{seed}"
 
 
-def job(out: Path, data: Path, arm: str, seed: int, steps: list[int], samples: int, keep: int) -> list[list[str]]:
+def job(out: Path, data: Path, arm: str, seed: int, steps: list[int], samples: int, keep: int,
+        prompts: Path) -> list[list[str]]:
     """The commands of one run: train, merge, score (each skipped by `run_jobs` when its output exists)."""
     d = run_dir(out, arm, seed)
     sets = [f"seed={seed}", "cpu_threads=1", "data_workers=0", "image_cache_mb=64", f"keep_last={keep}", "sample_every=0"]
@@ -66,13 +67,13 @@ def job(out: Path, data: Path, arm: str, seed: int, steps: list[int], samples: i
     for item in sets:
         train += ["--set", item]
     merge = ["merge", str(d / "run"), "--out", str(d / "merged")]
-    score = ["eval", "compositional", "--model", str(d / "merged"), "--prompts", str(data / "heldout_metadata.jsonl"),
+    score = ["eval", "compositional", "--model", str(d / "merged"), "--prompts", str(prompts),
              "--out", str(d / "eval"), "--samples", str(samples), "--steps", "16", "--batch-size", "48"]
     return [train, merge, score]
 
 
 def run_jobs(out: Path, data: Path, plan: list[tuple[str, int]], steps: list[int], samples: int, keep: int,
-             parallel: int) -> None:
+             parallel: int, prompts: Path) -> None:
     pending = [(arm, seed) for arm, seed in plan if not (run_dir(out, arm, seed) / "eval" / "report.json").exists()]
     running: dict[tuple[str, int], tuple[subprocess.Popen, list]] = {}
     while pending or running:
@@ -80,7 +81,7 @@ def run_jobs(out: Path, data: Path, plan: list[tuple[str, int]], steps: list[int
             arm, seed = pending.pop(0)
             d = run_dir(out, arm, seed)
             d.mkdir(parents=True, exist_ok=True)
-            cmds = job(out, data, arm, seed, steps, samples, keep)
+            cmds = job(out, data, arm, seed, steps, samples, keep, prompts)
             if (d / "run" / "losses.json").exists():
                 cmds = cmds[1:] if not (d / "merged").exists() else cmds[2:]
             elif (d / "run").exists():
@@ -160,10 +161,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--arms", default="control")
+    p.add_argument("--arms", default="recipe")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", default="850,600", help="steps per stage (the preset's plan for an idle machine)")
     p.add_argument("--samples", type=int, default=4, help="images per held-out prompt")
+    p.add_argument("--prompts", help="held-out prompts (default: DATA/heldout_metadata.jsonl)")
     p.add_argument("--keep", type=int, default=8, help="checkpoints kept per run")
     p.add_argument("--parallel", type=int, default=3)
     p.add_argument("--report-only", action="store_true")
@@ -176,7 +178,9 @@ def main() -> None:
     if not args.report_only:
         # Seeds outer, arms inner: the first finished runs already compare every arm on one seed.
         plan = [(arm, seed) for seed in seeds for arm in arms]
-        run_jobs(out, data, plan, [int(s) for s in args.steps.split(",")], args.samples, args.keep, args.parallel)
+        prompts = Path(args.prompts) if args.prompts else data / "heldout_metadata.jsonl"
+        run_jobs(out, data, plan, [int(s) for s in args.steps.split(",")], args.samples, args.keep, args.parallel,
+                 prompts)
     text = table(summarize(out, arms, seeds))
     print(text)
 
