@@ -35,10 +35,9 @@ COLOR_CLASSES = ("background", *COLORS)
 NUM_TARGETS = len(SHAPE_CLASSES) + len(COLOR_CLASSES)
 
 
-def token_targets(annotations: str | dict, source_size: tuple[int, int], width: int, height: int,
-                  token: int) -> np.ndarray:
-    """(tokens, NUM_TARGETS) float32: per image token (row-major over the (height/token, width/token) grid, the
-    order `pack_latents` gives), the share of its pixels each shape class and each colour class covers.
+def fitted_codes(annotations: str | dict, source_size: tuple[int, int], width: int, height: int,
+                 code_of) -> np.ndarray:
+    """(height, width) int64: each pixel's code, `code_of(index, object)` where an object covers it, else 0.
 
     The object maps are drawn at the source image's size and fitted to (width, height) the way `fit_image` fits
     the picture (resize to cover, centre crop), so the maps lie on the pixels the model sees."""
@@ -46,30 +45,40 @@ def token_targets(annotations: str | dict, source_size: tuple[int, int], width: 
     src_w, src_h = source_size
     label = Image.new("L", (src_w, src_h), 0)
     draw = ImageDraw.Draw(label)
-    for obj in record["objects"]:
-        code = 1 + SHAPES.index(obj["shape"]) + len(SHAPE_CLASSES) * (1 + list(COLORS).index(obj["color"]))
-        draw_shape(draw, obj["shape"], tuple(obj["bbox"]), code)
+    for index, obj in enumerate(record["objects"]):
+        draw_shape(draw, obj["shape"], tuple(obj["bbox"]), code_of(index, obj))
     scale = max(width / src_w, height / src_h)
     size = (max(width, round(src_w * scale)), max(height, round(src_h * scale)))
     label = label.resize(size, Image.Resampling.NEAREST)
     left, top = (label.width - width) // 2, (label.height - height) // 2
-    codes = np.asarray(label.crop((left, top, left + width, top + height)), dtype=np.int64)
-    shape_px, color_px = codes % len(SHAPE_CLASSES), codes // len(SHAPE_CLASSES)
-    gh, gw = height // token, width // token
-    out = np.zeros((gh, gw, NUM_TARGETS), np.float32)
-    for classes, px, offset in ((len(SHAPE_CLASSES), shape_px, 0), (len(COLOR_CLASSES), color_px, len(SHAPE_CLASSES))):
-        onehot = np.eye(classes, dtype=np.float32)[px[: gh * token, : gw * token]]  # (H, W, classes)
-        out[..., offset:offset + classes] = onehot.reshape(gh, token, gw, token, classes).mean((1, 3))
-    return out.reshape(gh * gw, NUM_TARGETS)
+    return np.asarray(label.crop((left, top, left + width, top + height)), dtype=np.int64)
 
 
-def check_annotations(annotations: list[str | None]) -> None:
+def token_shares(codes: np.ndarray, classes: int, token: int) -> np.ndarray:
+    """(tokens, classes) float32: per image token (row-major over the (height/token, width/token) grid, the order
+    `pack_latents` gives), the share of its pixels with each code."""
+    gh, gw = codes.shape[0] // token, codes.shape[1] // token
+    onehot = np.eye(classes, dtype=np.float32)[codes[: gh * token, : gw * token]]  # (H, W, classes)
+    return onehot.reshape(gh, token, gw, token, classes).mean((1, 3)).reshape(gh * gw, classes)
+
+
+def token_targets(annotations: str | dict, source_size: tuple[int, int], width: int, height: int,
+                  token: int) -> np.ndarray:
+    """(tokens, NUM_TARGETS) float32: per image token, the share of its pixels each shape class and each colour
+    class covers (`token_shares` of the fitted maps)."""
+    codes = fitted_codes(annotations, source_size, width, height, lambda _i, obj: (
+        1 + SHAPES.index(obj["shape"]) + len(SHAPE_CLASSES) * (1 + list(COLORS).index(obj["color"]))))
+    return np.concatenate([token_shares(codes % len(SHAPE_CLASSES), len(SHAPE_CLASSES), token),
+                           token_shares(codes // len(SHAPE_CLASSES), len(COLOR_CLASSES), token)], axis=1)
+
+
+def check_annotations(annotations: list[str | None], option: str = "alignment_weight") -> None:
     """Refuse, before any training, a manifest whose rows lack the synthetic domain's object records."""
     bad = next((i for i, a in enumerate(annotations) if a is None or '"objects"' not in a), None)
     if bad is not None:
-        raise ValueError(f"alignment_weight > 0 needs every manifest row's object annotations (the synthetic "
+        raise ValueError(f"{option} > 0 needs every manifest row's object annotations (the synthetic "
                          f"domain's shapes, colours and boxes, which `nucleus data synth` writes); row {bad} has "
-                         f"none. Train on such data with --set alignment_weight=0")
+                         f"none. Train on such data with --set {option}=0")
 
 
 class AlignmentHead(nn.Module):

@@ -127,6 +127,10 @@ class TrainConfig:
     # tokens; 0 = no head. Needs the synthetic domain's annotations.
     alignment_weight: float = 0.0
     alignment_block: int = 1
+    # Binding loss (training/binding.py): weight of the loss that points the image-to-text attention of
+    # `binding_blocks` from each object's tokens at its own caption words; 0 = none. Needs the annotations too.
+    binding_weight: float = 0.0
+    binding_blocks: tuple[int, ...] = (1,)
     caption_dropout: float = 0.1  # share of samples trained on the empty prompt, for classifier-free guidance
     caption_weights: tuple[float, ...] = ()  # over caption granularities, low to high quality; empty = uniform
     # Systems.
@@ -207,6 +211,10 @@ class TrainConfig:
         if self.alignment_weight < 0 or not 0 <= self.alignment_block < self.model.num_layers:
             errors.append(f"alignment_weight must be >= 0 and alignment_block in [0, {self.model.num_layers}), got "
                           f"{self.alignment_weight} and {self.alignment_block}")
+        if self.binding_weight < 0 or not self.binding_blocks or not all(
+                0 <= b < self.model.num_layers for b in self.binding_blocks):
+            errors.append(f"binding_weight must be >= 0 and binding_blocks a non-empty list of blocks in "
+                          f"[0, {self.model.num_layers}), got {self.binding_weight} and {list(self.binding_blocks)}")
         if self.image_cache_mb < 0 or (self.image_cache_mb and self.data_workers):
             errors.append(f"image_cache_mb={self.image_cache_mb} must be >= 0 and needs data_workers=0 (each worker "
                           f"would hold its own copy); data_workers={self.data_workers}")

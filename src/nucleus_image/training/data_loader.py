@@ -16,11 +16,13 @@ DataLoader worker processes.
   held in memory once decoded (`image_cache_mb`, with `data_workers=0`): on a 2-core machine a worker process
   takes CPU time from the training thread, and the demo's 4,000 images fitted to a bucket are ~12 MB.
 - With `alignment_weight` > 0 each item also carries the per-token shape/colour maps of its images
-  (`alignment.token_targets`, from the manifest's annotations), cached like the images.
+  (`alignment.token_targets`, from the manifest's annotations), with `binding_weight` > 0 each object's per-token
+  coverage (`binding.object_coverage`) and shapes; the maps are cached like the images.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,50 +135,61 @@ def rank_rows(batch_size: int, rank: int, world_size: int, accum: int = 1) -> np
 
 class RankBatches(Dataset):
     """Item k: rank `rank`'s slice of step k's batch, decoded: {"step", "images" uint8 (b, 3, H, W), "captions"},
-    plus "targets" (b, tokens, classes) when the config trains an alignment head. With `cache_mb` > 0 fitted
-    images (and targets) are kept per (row, bucket) until that many megabytes are held."""
+    plus "targets" (b, tokens, classes) when the config trains an alignment head, and "coverage" (b, tokens,
+    objects) with "shapes" (each row's objects' shapes) when it trains the binding loss. With `cache_mb` > 0
+    fitted images (and their maps) are kept per (row, bucket) until that many megabytes are held."""
 
     def __init__(self, plan: BatchPlan, rank: int, world_size: int, accum: int = 1, cache_mb: float = 0.0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.plan, self.rank, self.world_size, self.accum = plan, rank, world_size, accum
         self.cache_bytes, self.cached_bytes = cache_mb * 2**20, 0
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.align = plan.cfg.alignment_weight > 0
-        if self.align:
+        self.bind = plan.cfg.binding_weight > 0
+        if self.align or self.bind:
             from .alignment import check_annotations
 
-            check_annotations(plan.rows.annotations)
+            check_annotations(plan.rows.annotations, "alignment_weight" if self.align else "binding_weight")
 
     def __len__(self) -> int:
         return self.plan.cfg.total_steps
 
-    def _row(self, row: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _row(self, row: int, width: int, height: int) -> dict[str, torch.Tensor]:
         key = (row, width, height)
         if key in self._cache:
             return self._cache[key]
         rows = self.plan.rows
-        image = fit_image(rows.paths[row], width, height)
-        targets = None
+        out = {"image": fit_image(rows.paths[row], width, height)}
+        source = (int(rows.widths[row]), int(rows.heights[row]))
         if self.align:
             from .alignment import token_targets
 
-            targets = torch.from_numpy(token_targets(rows.annotations[row], (int(rows.widths[row]), int(rows.heights[row])),
-                                                     width, height, self.plan.granularity))
-        size = image.numel() + (targets.numel() * 4 if targets is not None else 0)
+            out["targets"] = torch.from_numpy(token_targets(rows.annotations[row], source, width, height,
+                                                            self.plan.granularity))
+        if self.bind:
+            from .binding import object_coverage
+
+            out["coverage"] = torch.from_numpy(object_coverage(rows.annotations[row], source, width, height,
+                                                               self.plan.granularity))
+        size = sum(t.numel() * t.element_size() for t in out.values())
         if self.cached_bytes + size <= self.cache_bytes:
-            self._cache[key] = (image, targets)
+            self._cache[key] = out
             self.cached_bytes += size
-        return image, targets
+        return out
 
     def __getitem__(self, step: int) -> dict:
         batch = self.plan.batch(step)
         part = rank_rows(len(batch.rows), self.rank, self.world_size, self.accum)
         items = [self._row(int(r), batch.bucket.width, batch.bucket.height) for r in batch.rows[part]]
-        out = {"step": step, "images": torch.stack([im for im, _ in items]),
+        out = {"step": step, "images": torch.stack([it["image"] for it in items]),
                "captions": [batch.captions[i] for i in part]}
-        if self.align:
-            out["targets"] = torch.stack([t for _, t in items])
+        for name in ("targets", "coverage"):
+            if name in items[0]:
+                out[name] = torch.stack([it[name] for it in items])
+        if self.bind:
+            out["shapes"] = [[o["shape"] for o in json.loads(self.plan.rows.annotations[int(r)])["objects"]]
+                             for r in batch.rows[part]]
         return out
 
 

@@ -26,6 +26,7 @@ from ..pipeline.pipeline import unpack_latents
 
 if TYPE_CHECKING:
     from .alignment import AlignmentTerm
+    from .binding import BindingTerm
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,8 @@ class FlowBatch:
     negatives: tuple[torch.Tensor, torch.Tensor] | None = None
     # The alignment head's per-token targets (`alignment.token_targets`), (B, S, K).
     token_targets_BSK: torch.Tensor | None = None
+    # The binding loss's (cover (B, S, P), caption words (B, L, P)) (`binding.binding_targets`).
+    binding_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ class FlowObjective:
     Training-only levers: `contrastive_weight` subtracts contrastive flow matching's term (`contrastive_flow_loss`,
     on the batch's `negatives`); `alignment` (an `alignment.AlignmentTerm`: a head outside the model reading a
     block's tokens) adds its weighted per-token loss against the batch's `token_targets_BSK` and logs it (a device
-    tensor) as "alignment"."""
+    tensor) as "alignment"; `binding` (a `binding.BindingTerm`: taps on blocks' attention) adds the weighted loss
+    of their image-to-text attention against the batch's `binding_targets`, logged as "binding"."""
 
     patch: int
     z_loss_weight: float = 0.0
@@ -106,6 +110,7 @@ class FlowObjective:
     routing_stats: bool = False
     contrastive_weight: float = 0.0
     alignment: AlignmentTerm | None = None
+    binding: BindingTerm | None = None
 
     def __call__(self, model, batch: FlowBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from .monitor import routing_stats
@@ -130,6 +135,10 @@ class FlowObjective:
             aligned = self.alignment.loss(batch.token_targets_BSK)
             loss = loss + self.alignment.weight * aligned
             logged["alignment"] = aligned.detach()
+        if self.binding is not None:
+            bound = self.binding.loss(batch.text_mask_BL, batch.binding_targets)
+            loss = loss + self.binding.weight * bound
+            logged["binding"] = bound.detach()
         if self.z_loss_weight:
             loss = loss + self.z_loss_weight * router_z_loss(out.router_logits)
         if self.wavelet_weight:

@@ -30,6 +30,7 @@ from ..pipeline.pipeline import pack_latents
 from ..timing import PhaseTimer
 from . import checkpoint as ckpt
 from .alignment import build_alignment, check_annotations
+from .binding import binding_targets, build_binding
 from .build import (build_caption_cache, build_model, build_parallel, check_run_dir, data_record, resolve_device,
                     resume_latest, seed_everything)
 from .config import TrainConfig
@@ -86,8 +87,9 @@ class Trainer:
         self.state = TrainState(generator=torch.Generator(self.device).manual_seed(cfg.seed))
         self.data_dir = Path(data_dir)
         self.rows = read_rows(self.data_dir)
-        if cfg.alignment_weight:
-            check_annotations(self.rows.annotations)
+        for option in ("alignment_weight", "binding_weight"):
+            if getattr(cfg, option):
+                check_annotations(self.rows.annotations, option)
         self.data_record = data_record(self.data_dir, self.rows, self.run_dir, resume)
         # Encoders first, so a run they cannot serve fails before the (possibly huge) model exists; on a forked
         # RNG, so the model's seeded init is the same whether or not building them draws random numbers.
@@ -111,9 +113,12 @@ class Trainer:
         if built is not None:
             self.alignment, self.state.heads_optimizer = built
             self.state.heads = self.alignment.head
+        # The binding loss: taps on blocks' attention (nothing to train or save besides the model).
+        self.binding, self.caption_words = build_binding(cfg, self.model) or (None, None)
         # The step's loss function; each step sets its stage's wavelet weight and whether routing is logged.
         self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast,
-                                       contrastive_weight=cfg.contrastive_weight, alignment=self.alignment)
+                                       contrastive_weight=cfg.contrastive_weight, alignment=self.alignment,
+                                       binding=self.binding)
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
         if self.is_main:
@@ -171,8 +176,8 @@ class Trainer:
         return rank_rows(batch_size, self.rank, self.world_size, self.cfg.grad_accum_steps)
 
     def _batch(self, batch_size: int):
-        """Latents, captions and (with an alignment head) per-token targets of this process's rows of the step's
-        global batch (all of it in one process), decoded ahead by the data workers."""
+        """Latents and the loader's item (captions, and the maps the alignment head and binding loss need) of this
+        process's rows of the step's global batch (all of it in one process), decoded ahead by the data workers."""
         if self._batches is None:  # started lazily, at the step a run starts or resumes from
             if self._dataset is None:  # kept across loader restarts: its in-memory images stay decoded
                 self._dataset = RankBatches(self.plan, self.rank, self.world_size, self.cfg.grad_accum_steps,
@@ -186,13 +191,14 @@ class Trainer:
         images = item["images"].to(self.device).float() / 127.5 - 1.0
         with torch.no_grad():
             latents = self.autoencoder.encode(images)
-        targets = item["targets"].to(self.device) if "targets" in item else None
-        return latents, item["captions"], targets
+        return latents, item
 
     def _micro_batches(self, batch_size: int) -> list[FlowBatch]:
         """This process's rows of the step's global batch as `grad_accum_steps` micro-batches."""
         A = self.cfg.grad_accum_steps
-        latents, captions, targets = self._batch(batch_size)
+        latents, item = self._batch(batch_size)
+        captions = item["captions"]
+        targets = item["targets"].to(self.device) if "targets" in item else None
         _, _, h, w = latents.shape
         x0 = pack_latents(latents, self.cfg.model.patch_size)
         # Noise and sigmas are drawn for the whole global batch, so every layout consumes the same random stream.
@@ -206,8 +212,13 @@ class Trainer:
             part = slice(m * B, (m + 1) * B)
             text, text_mask = self.captions.batch(captions[part])
             negatives = contrastive_negatives(captions[part]) if self.cfg.contrastive_weight else None
+            bound = None
+            if self.binding is not None:
+                cover, named = binding_targets(self.caption_words, captions[part], item["shapes"][part],
+                                               item["coverage"][part], text.shape[1])
+                bound = (cover.to(self.device), named.to(self.device))
             batches.append(FlowBatch(x0[part], noise[part], sigma[part], text, text_mask, (h, w), negatives,
-                                     None if targets is None else targets[part]))
+                                     None if targets is None else targets[part], bound))
         return batches
 
     def _train_step(self, stage) -> StepOutput:
