@@ -39,6 +39,10 @@ ARMS: dict[str, list[str]] = {
     "lr_lo": ["optimizer.lr=3.5e-3"],
     "batch_32": ["stages.0.batch_size=32", "stages.1.batch_size=32"],
     "no_ortho": ["orthogonality_step=0"],
+    "bind": ["binding_weight=0.5", "binding_blocks=[1,2]"],
+    "bind_all": ["binding_weight=0.5", "binding_blocks=[0,1,2,3]"],
+    "bind_hi": ["binding_weight=2.0", "binding_blocks=[1,2]"],
+    "ns3": ["optimizer.muon_ns_steps=3"],
     "wide": ["model.num_attention_heads=6", "model.num_key_value_heads=2", "model.moe_intermediate_dim=192"],
 }
 
