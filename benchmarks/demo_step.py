@@ -28,6 +28,9 @@ ARMS = {
     "recipe": [],
     "no_head": ["alignment_weight=0"],
     "cfm": ["contrastive_weight=0.05"],
+    "bind": ["binding_weight=0.5", "binding_blocks=[1,2]"],
+    "ns3": ["optimizer.muon_ns_steps=3"],
+    "batch_32": ["stages.0.batch_size=32", "stages.1.batch_size=32"],
 }
 
 
