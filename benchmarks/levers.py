@@ -106,10 +106,11 @@ def run_jobs(out: Path, data: Path, plan: list[tuple[str, int]], steps: list[int
                 print(f"{key}: done", flush=True)
                 del running[key]
                 continue
-            log = open(run_dir(out, *key) / "log.txt", "a")
-            running[key] = (subprocess.Popen(cli(*cmds[0]), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env(),
-                                             start_new_session=True),
-                            cmds)
+            # The child holds its own copy of the log's descriptor: ours closes at once.
+            with open(run_dir(out, *key) / "log.txt", "a") as log:
+                proc = subprocess.Popen(cli(*cmds[0]), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env(),
+                                        start_new_session=True)
+            running[key] = (proc, cmds)
             print(f"{key}: {cmds[0][0]} started", flush=True)
         time.sleep(2)
 

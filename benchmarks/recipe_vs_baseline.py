@@ -67,13 +67,12 @@ def train_all(data: Path, out: Path, budget: float, adamw_lr: float, threads: in
                 "--set", f"cpu_threads={threads}", "--set", f"time_budget_s={budget}"]
         for item in sets:
             args += ["--set", item]
-        log = open(out / arm / "train.log", "w")
-        procs[arm] = (subprocess.Popen(cli(*args), stdout=log, stderr=subprocess.STDOUT), log, time.perf_counter())
+        with open(out / arm / "train.log", "w") as log:  # the child keeps its own descriptor
+            procs[arm] = (subprocess.Popen(cli(*args), stdout=log, stderr=subprocess.STDOUT), time.perf_counter())
         print(f"{arm}: training (log {out / arm / 'train.log'})", flush=True)
     walls = {}
-    for arm, (proc, log, start) in procs.items():
+    for arm, (proc, start) in procs.items():
         code = proc.wait()
-        log.close()
         walls[arm] = time.perf_counter() - start
         if code:
             raise SystemExit(f"{arm} failed (exit {code}); see {out / arm / 'train.log'}")

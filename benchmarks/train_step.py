@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from transformer_forward import flops_per_forward  # noqa: E402
 
 from nucleus_image.model import NucleusConfig, NucleusTransformer  # noqa: E402
+from nucleus_image.model.latents import pack_latents  # noqa: E402
 from nucleus_image.parallel.config import ParallelConfig  # noqa: E402
 from nucleus_image.parallel.mesh import init_parallel  # noqa: E402
 from nucleus_image.parallel.parallelize import parallelize  # noqa: E402
-from nucleus_image.pipeline.pipeline import pack_latents  # noqa: E402
 from nucleus_image.training.config import OptimizerConfig  # noqa: E402
 from nucleus_image.training.loss import FlowBatch, FlowObjective  # noqa: E402
 from nucleus_image.training.optim import build_optimizers  # noqa: E402

@@ -12,8 +12,15 @@ from training_helpers import MICRO_MODEL, micro_config, micro_dataset
 from nucleus_image.data.synthetic import SynthConfig, make_example
 from nucleus_image.model import NucleusTransformer
 from nucleus_image.model.rope import apply_rope
-from nucleus_image.training.binding import (MAX_OBJECTS, AttentionTap, CaptionWords, binding_loss, binding_targets,
-                                            caption_tokenizer, object_coverage)
+from nucleus_image.training.binding import (
+    MAX_OBJECTS,
+    AttentionTap,
+    CaptionWords,
+    binding_loss,
+    binding_targets,
+    caption_tokenizer,
+    object_coverage,
+)
 from nucleus_image.training.config import TrainConfig
 from nucleus_image.training.trainer import Trainer
 

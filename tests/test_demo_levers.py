@@ -208,11 +208,11 @@ def test_alignment_head_under_two_processes_trains_as_one(data, tmp_path):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-6, atol=0)
     a, b = load_model_state(one), load_model_state(two)
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
     ha, hb = load_file(one / "heads.safetensors"), load_file(two / "heads.safetensors")
     assert set(ha) == set(hb) and any(k.startswith("module.") for k in ha)
     for key in ha:
-        torch.testing.assert_close(hb[key], ha[key], rtol=0, atol=2e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(hb[key], ha[key], rtol=0, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
     # Without the averaging rank 0's head would follow its own half-batch and differ from the one-process head;
     # the comparison means something only if the head moved well beyond the tolerance.
     first = load_file(one / "heads.safetensors")["module.net.0.weight"]

@@ -95,9 +95,7 @@ def test_grouping_follows_the_recipe_on_our_model_and_the_reference():
     where = {n: g for g, members in groups.items() for n, _ in members}
     assert set(where) == {n for n, _ in model.named_parameters()}  # every parameter, exactly once
     for name, p in model.named_parameters():
-        if p.dim() < 2:
-            assert where[name] == "adamw", name
-        elif any(k in name for k in ("img_in", "time_text_embed", "img_mod", "norm_out", "proj_out", "img_mlp.gate.")):
+        if p.dim() < 2 or any(k in name for k in ("img_in", "time_text_embed", "img_mod", "norm_out", "proj_out", "img_mlp.gate.")):
             assert where[name] == "adamw", name
         else:
             assert where[name] == "muon", name

@@ -84,6 +84,30 @@ def test_plan_cli_recommends_a_layout_and_refuses_bad_input(capsys):
 
     done = run_cli("plan", "--task", "train", "--preset", "tiny", "--gpus", "2", "--gpu-memory", "1")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "dp_replicate=1 dp_shard=2 ep=2" in done.stdout and "recommended: --set parallel.dp_replicate=" in done.stdout
+    assert "dp_replicate=1 dp_shard=2 ep=2" in done.stdout and "recommended: dp_replicate=1 dp_shard=2" in done.stdout
+    assert "fits: peak <= 0.9 GiB, the card less a 0.1 GiB margin" in done.stdout
     assert main(["plan", "--gpus", "0"]) == 2  # the same entry point, in-process: the refusal comes before any work
     assert "nucleus plan: error: --gpus must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_plan_recommendation_pastes_as_a_working_train_command(capsys):
+    """The printed command goes through the real parser, and its layout through the trainer's own checks."""
+    import shlex
+
+    from nucleus_image.cli import build_parser, main
+    from nucleus_image.parallel.config import check_layout
+    from nucleus_image.training.config import TrainConfig
+
+    assert main(["plan", "--task", "train", "--preset", "tiny", "--gpus", "4", "--gpu-memory", "1",
+                 "--margin", "0.5"]) == 0
+    out = capsys.readouterr().out
+    line = next(line.strip() for line in out.splitlines() if line.strip().startswith("nucleus train "))
+    args = build_parser().parse_args(shlex.split(line)[1:])
+    assert args.nproc == 4 and args.data == "DATA" and args.out == "RUN"
+    cfg = TrainConfig.preset(args.preset).override(args.overrides)
+    check_layout(cfg.parallel.resolve(args.nproc), cfg.model.num_experts, {s.name: s.batch_size for s in cfg.stages},
+                 cfg.grad_accum_steps)
+    peak = float(out.split("recommended:")[1].split("(peak ")[1].split(" of")[0])
+    assert peak <= 0.5  # within the card less the margin
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "D", "--out", "O", "--set", "parallel.dp_shard=2", "parallel.ep=1"])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import cli, legacy_layout, micro_config, micro_dataset, run_cli
+from training_helpers import legacy_layout, micro_config, micro_dataset, run_cli
 
 from nucleus_image.training.checkpoint import list_checkpoints
 
@@ -101,7 +101,7 @@ def test_sigkill_between_steps_then_resume_is_exact(setup):
     assert max(steps_left) < STEPS and not (run / "losses.json").exists()  # it really died mid-run
     done = run_cli("train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume", "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed from" in done.stdout and f"at step {max(steps_left)}" in done.stdout
+    assert "resumed from" in done.stdout and f"at step {max(steps_left)}" in done.stdout
     _assert_identical(run, straight)
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
+
+from nucleus_image.progress import progress as progress_bar
 
 ENCODE_BATCH = 64  # captions of one token length encoded together (CPU)
 SHARD_CAPTIONS = 256  # captions per shard (at least): few files, and an interrupted encoding loses at most a shard
@@ -153,7 +154,7 @@ class TextStateStore:
         """Encode and store the captions not yet stored (exactly as one at a time: see the module docstring);
         returns how many were encoded."""
         todo = self.missing(captions)
-        bar = tqdm(total=len(todo), desc="encoding captions", unit="caption", disable=not progress or not todo)
+        bar = progress_bar(total=len(todo), desc="encoding captions", unit="caption", disable=not progress or not todo)
         chunk = {}
         for group in equal_length_groups(text_encoder, todo):
             with torch.no_grad():

@@ -19,25 +19,30 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
+from nucleus_image.adapters import add_lora
 from nucleus_image.data.manifest import latest_version_dir, read_manifest
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
+from nucleus_image.model.latents import pack_latents
 from nucleus_image.pipeline import NucleusPipeline
-from nucleus_image.pipeline.pipeline import pack_latents
+from nucleus_image.progress import progress as progress_bar
 from nucleus_image.training import checkpoint as ckpt
 from nucleus_image.training.buckets import assign_buckets, draw_batch, fit_image, make_buckets, readable_image
 from nucleus_image.training.build import seed_everything
-from nucleus_image.training.config import (OptimizerConfig, TimestepConfig, changed_fields, from_plain,
-                                           nest_legacy_optimizer, to_plain)
+from nucleus_image.training.config import (
+    OptimizerConfig,
+    TimestepConfig,
+    changed_fields,
+    from_plain,
+    nest_legacy_optimizer,
+    to_plain,
+)
 from nucleus_image.training.curriculum import caption_probabilities, pick_caption
 from nucleus_image.training.loss import FlowBatch, FlowObjective
 from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.state import TrainState
 from nucleus_image.training.step import train_step
 from nucleus_image.training.timesteps import sample_sigmas
-
-from .adapters import add_lora
 
 CONFIG_NAME = "finetune_config.json"
 
@@ -88,7 +93,7 @@ class FinetuneConfig:
         return to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FinetuneConfig":
+    def from_dict(cls, data: dict) -> FinetuneConfig:
         """From `to_dict`'s output or a saved finetune_config.json (either optimizer layout)."""
         return from_plain(cls, nest_legacy_optimizer(data), "FinetuneConfig")
 
@@ -183,7 +188,7 @@ class Finetuner:
         """Train to cfg.steps (or stop after `max_steps` in total), then write RUN/adapter/."""
         cfg, state = self.cfg, self.state
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        with tqdm(total=end, initial=state.step, disable=not self.progress, desc="finetune", unit="step") as bar:
+        with progress_bar(total=end, initial=state.step, disable=not self.progress, desc="finetune", unit="step") as bar:
             while state.step < end:
                 out = train_step(self.model, list(self.optimizers.values()), [self._micro_batch()], self.objective,
                                  cfg.optimizer, state.step, params=list(self.adapters.values()))

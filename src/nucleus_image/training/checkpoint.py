@@ -287,8 +287,7 @@ def _load_dcp(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.op
 def _load_single_into_sharded(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
     """A one-process checkpoint into a sharded model: the full state, named by FQN, handed to `set_*_state_dict`,
     which keeps each rank's part. The flat optimizer files index parameters by their order in the optimizer."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, load_file(path / "model.safetensors"), options=full)

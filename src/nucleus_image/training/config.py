@@ -231,7 +231,7 @@ class TrainConfig:
             raise ValueError("invalid TrainConfig: " + "; ".join(errors))
 
     # ---- overrides and (de)serialisation -------------------------------------------------------------------
-    def override(self, assignments: list[str]) -> "TrainConfig":
+    def override(self, assignments: list[str]) -> TrainConfig:
         """Apply `key=value` assignments (dotted paths, list indices, `model.<field>`); values parse as JSON,
         falling back to a plain string. The optimizer's old flat names (`lr=3e-3`, `optimizer=adamw`) are aliases
         of its nested keys (`optimizer.lr`, `optimizer.kind`). Returns a new validated config."""
@@ -257,7 +257,7 @@ class TrainConfig:
         return TrainConfig.from_dict(data)
 
     def to_dict(self) -> dict:
-        out = {}
+        out: dict[str, typing.Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "model":
@@ -268,7 +268,7 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         """From `to_dict`'s output or a saved train_config.json (either optimizer layout); validated."""
         data = nest_legacy_optimizer(data)
         model = data.get("model")
@@ -283,11 +283,11 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "TrainConfig":
+    def from_json(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def preset(cls, name: str) -> "TrainConfig":
+    def preset(cls, name: str) -> TrainConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown training preset {name!r}; accepted: {', '.join(PRESETS)}")
         cfg = PRESETS[name]()
@@ -344,7 +344,7 @@ def set_dotted(data: dict, key: str, value) -> None:
         raise ValueError(f"--set {key!r}: no field {last!r}; accepted here: {', '.join(sorted(node))}")
 
 
-def changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def changed_fields(saved: object, current: object, prefix: str = "") -> list[str]:
     """Dotted paths of the leaves where two plain config dicts differ (what a refused resume names)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         return sorted(p for k in set(saved) | set(current)
@@ -373,9 +373,9 @@ def _coerce(value, hint, name: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name) if len(inner) == 1 else value
-    if dataclasses.is_dataclass(hint):
+        members = [a for a in args if a is not type(None)]
+        return _coerce(value, members[0], name) if len(members) == 1 else value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else from_plain(hint, value, name)
     if origin is list:
         if not isinstance(value, (list, tuple)):

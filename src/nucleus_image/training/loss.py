@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..pipeline.pipeline import unpack_latents
+from ..model.latents import unpack_latents
 
 if TYPE_CHECKING:
     from .alignment import AlignmentTerm

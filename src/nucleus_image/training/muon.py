@@ -90,7 +90,7 @@ class Muon(torch.optim.Optimizer):
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
                 update = _whole_matrices(update)
                 by_shape.setdefault((tuple(update.shape), p.dtype, p.device), []).append((p, update))
-            for (shape, _, _), members in by_shape.items():
+            for members in by_shape.values():
                 ortho = orthogonalize(torch.stack([u for _, u in members]), group["ns_steps"], group["eps"], self.ns_dtype)
                 for (p, _), o in zip(members, ortho):
                     target = p.to_local() if isinstance(p, DTensor) else p

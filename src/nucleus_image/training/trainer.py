@@ -23,16 +23,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
-from tqdm import tqdm
 
+from ..model.latents import pack_latents
 from ..model.moe import MoELayer
-from ..pipeline.pipeline import pack_latents
+from ..progress import progress as progress_bar
 from ..timing import PhaseTimer
 from . import checkpoint as ckpt
 from .alignment import build_alignment, check_annotations
 from .binding import binding_targets, build_binding
-from .build import (build_caption_cache, build_model, build_parallel, check_run_dir, data_record, resolve_device,
-                    resume_latest, seed_everything)
+from .build import (
+    build_caption_cache,
+    build_model,
+    build_parallel,
+    check_run_dir,
+    data_record,
+    resolve_device,
+    resume_latest,
+    seed_everything,
+)
 from .config import TrainConfig
 from .curriculum import share_by_bucket
 from .data_loader import BatchPlan, RankBatches, rank_loader, rank_rows, read_rows
@@ -278,8 +286,8 @@ class Trainer:
         cfg = self.cfg
         self._print(describe_groups(self.groups))
         logger = RunLogger(self.run_dir) if self.is_main else None
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step",
-                   dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
+                           unit="step")
         images_seen, t0 = 0, time.perf_counter()
         try:
             while self.step < self.total_steps:
