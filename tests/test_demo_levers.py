@@ -50,9 +50,19 @@ def test_contrastive_pairs_skip_empty_and_equal_captions_and_the_term_is_the_dis
 
 
 def test_trainer_subtracts_the_contrastive_term(data):
-    plain = _train(micro_config(), data, data.parent / "plain", 1)[1].losses
-    cfm = _train(micro_config(contrastive_weight=0.5), data, data.parent / "cfm", 1)[1].losses
-    assert cfm[0] < plain[0] - 1e-3  # same batch, noise and weights: the first loss differs by -0.5 * term
+    from dataclasses import replace
+
+    threads = torch.get_num_threads()
+    try:
+        run = Trainer(micro_config(contrastive_weight=0.5), data, data.parent / "cfm", max_steps=1, progress=False)
+        batch = run._micro_batches(run.cfg.stages[0].batch_size)[0]
+        assert batch.negatives is not None  # the trainer pairs the rows
+        with torch.no_grad():
+            cfm = run.objective(run.model, batch)[0]
+            plain = replace(run.objective, contrastive_weight=0.0)(run.model, batch)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert cfm < plain - 1e-3  # same batch, noise and weights: the loss differs by -0.5 * term
 
 
 def test_token_targets_mark_each_objects_tokens_with_its_shape_and_colour():
@@ -180,9 +190,10 @@ def test_alignment_needs_object_annotations_and_says_how_to_train_without():
 
 
 @pytest.mark.distributed
-def test_alignment_head_under_two_processes_trains_as_one(data, tmp_path):
-    """The head is replicated (seeded alike on every rank) and its gradients averaged over the ranks: `--nproc 2`
-    trains the same head and model as one process (up to FSDP's and gloo's rounding, see test_distributed)."""
+def test_tiny_preset_under_two_processes_trains_as_one(data, tmp_path):
+    """The demo's preset (alignment head, images in memory, no data workers) runs under `--nproc 2`: the head is
+    replicated (seeded alike on every rank) and its gradients averaged over the ranks, so two processes train the
+    same head and model as one (up to FSDP's and gloo's rounding, see test_distributed)."""
     import os
     import subprocess
 
@@ -190,20 +201,20 @@ def test_alignment_head_under_two_processes_trains_as_one(data, tmp_path):
 
     from nucleus_image.training.checkpoint import list_checkpoints, load_model_state
 
-    config = tmp_path / "micro.json"
-    micro_config(alignment_weight=1.0, **{"stages.0.steps": 6, "stages.1.steps": 2, "stages.1.batch_size": 4,
-                                          "checkpoint_every": 4}).save_json(config)  # batches split over 2 ranks
+    shrink = ["stages.0.steps=4", "stages.1.steps=2", "stages.0.batch_size=4", "stages.1.batch_size=4",
+              "optimizer.warmup_steps=1", "checkpoint_every=3", "keep_last=2", "sample_every=0", "cpu_threads=1"]
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
 
     def train(out, *args):
-        done = subprocess.run(cli("train", "--config", str(config), "--data", str(data), "--out", str(out),
-                                  "--no-progress", *args), capture_output=True, text=True, timeout=400, env=env)
+        sets = [a for item in shrink for a in ("--set", item)]
+        done = subprocess.run(cli("train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--no-progress",
+                                  *sets, *args), capture_output=True, text=True, timeout=400, env=env)
         assert done.returncode == 0, done.stderr[-4000:]
 
     train(tmp_path / "one")
     train(tmp_path / "two", "--nproc", "2")
     (s1, one), (s2, two) = list_checkpoints(tmp_path / "one")[-1], list_checkpoints(tmp_path / "two")[-1]
-    assert s1 == s2 == 8
+    assert s1 == s2 == 6
     losses = [json.loads((p / "trainer.json").read_text())["losses"] for p in (one, two)]
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-6, atol=0)
     a, b = load_model_state(one), load_model_state(two)

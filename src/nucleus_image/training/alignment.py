@@ -149,9 +149,9 @@ def build_alignment(cfg, model: nn.Module, device: torch.device,
         torch.manual_seed(cfg.seed)
         head = AlignmentHead(cfg.model.hidden_size).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.betas,
-                            eps=cfg.optimizer.eps, weight_decay=0.0)
+                            eps=cfg.optimizer.eps, weight_decay=0.0, fused=True)
     if dims is not None:
-        from ..parallel.reduce import average_gradients_
+        from ..parallel.collectives import average_gradients_
 
         params = list(head.parameters())
         opt.register_step_pre_hook(lambda _opt, _args, _kwargs: average_gradients_(params, dims))

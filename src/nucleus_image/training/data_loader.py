@@ -11,10 +11,12 @@ DataLoader worker processes.
 - Rank r of R takes rows [r*B/R, (r+1)*B/R) of the global batch B (of each micro-batch, with gradient
   accumulation), so R processes together train on exactly the rows one process would, in the same order.
 - Images are decoded and fitted to the bucket in worker processes, `prefetch_factor` steps ahead of the training
-  thread; nothing is cached, so memory stays bounded by the prefetch depth whatever the manifest's size.
-  `num_workers=0` decodes in the training process and yields the same batches. A small dataset can instead be
-  held in memory once decoded (`image_cache_mb`, with `data_workers=0`): on a 2-core machine a worker process
-  takes CPU time from the training thread, and the demo's 4,000 images fitted to a bucket are ~12 MB.
+  thread, and the captions' text states are read from the text-state cache there too and padded per micro-batch,
+  so the training thread only copies ready tensors to the device. Nothing is cached, so memory stays bounded by
+  the prefetch depth whatever the manifest's size. `num_workers=0` does the same work in the training process and
+  yields the same batches. A small dataset can instead be held in memory once decoded (`image_cache_mb`, with
+  `data_workers=0`): on a 2-core machine a worker process takes CPU time from the training thread, and the demo's
+  4,000 images fitted to a bucket are ~12 MB.
 - With `alignment_weight` > 0 each item also carries the per-token shape/colour maps of its images
   (`alignment.token_targets`, from the manifest's annotations), with `binding_weight` > 0 each object's per-token
   coverage (`binding.object_coverage`) and shapes; the maps are cached like the images.
@@ -31,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.manifest import latest_version_dir, read_manifest
+from ..data.text_states import TextStateStore, pad_states
 from .buckets import AspectBucket, assign_buckets, draw_batch, fit_image, make_buckets, readable_image
 from .config import TrainConfig
 from .curriculum import caption_probabilities, pick_caption, row_weights
@@ -115,11 +118,15 @@ class BatchPlan:
         return PlannedBatch(step, index, data.aspect_buckets[bucket], rows, captions)
 
     def drawable_captions(self) -> set[str]:
-        """Every caption a batch can carry: those with a positive granularity weight, and the empty prompt."""
-        out = {""}
-        for caps in self.rows.captions:
-            out.update(c for c, w in zip(caps, caption_probabilities(self.cfg.caption_weights, len(caps))) if w > 0)
-        return out
+        return drawable_captions(self.rows, self.cfg.caption_weights)
+
+
+def drawable_captions(rows: ManifestRows, caption_weights: tuple[float, ...]) -> set[str]:
+    """Every caption a batch can carry: those with a positive granularity weight, and the empty prompt."""
+    out = {""}
+    for caps in rows.captions:
+        out.update(c for c, w in zip(caps, caption_probabilities(caption_weights, len(caps))) if w > 0)
+    return out
 
 
 def rank_rows(batch_size: int, rank: int, world_size: int, accum: int = 1) -> np.ndarray:
@@ -134,15 +141,18 @@ def rank_rows(batch_size: int, rank: int, world_size: int, accum: int = 1) -> np
 
 
 class RankBatches(Dataset):
-    """Item k: rank `rank`'s slice of step k's batch, decoded: {"step", "images" uint8 (b, 3, H, W), "captions"},
-    plus "targets" (b, tokens, classes) when the config trains an alignment head, and "coverage" (b, tokens,
-    objects) with "shapes" (each row's objects' shapes) when it trains the binding loss. With `cache_mb` > 0
-    fitted images (and their maps) are kept per (row, bucket) until that many megabytes are held."""
+    """Item k: rank `rank`'s slice of step k's batch, decoded: {"step", "images" uint8 (b, 3, H, W), "captions",
+    "texts"}, where "texts" holds one (states, mask) per micro-batch (`text_states.pad_states`) read from `store`
+    (absent without a store); plus "targets" (b, tokens, classes) when the config trains an alignment head, and
+    "coverage" (b, tokens, objects) with "shapes" (each row's objects' shapes) when it trains the binding loss.
+    With `cache_mb` > 0 fitted images (and their maps) are kept per (row, bucket) until that many megabytes are
+    held."""
 
-    def __init__(self, plan: BatchPlan, rank: int, world_size: int, accum: int = 1, cache_mb: float = 0.0):
+    def __init__(self, plan: BatchPlan, rank: int, world_size: int, accum: int = 1,
+                 store: TextStateStore | None = None, cache_mb: float = 0.0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.plan, self.rank, self.world_size, self.accum = plan, rank, world_size, accum
+        self.plan, self.rank, self.world_size, self.accum, self.store = plan, rank, world_size, accum, store
         self.cache_bytes, self.cached_bytes = cache_mb * 2**20, 0
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.align = plan.cfg.alignment_weight > 0
@@ -182,8 +192,12 @@ class RankBatches(Dataset):
         batch = self.plan.batch(step)
         part = rank_rows(len(batch.rows), self.rank, self.world_size, self.accum)
         items = [self._row(int(r), batch.bucket.width, batch.bucket.height) for r in batch.rows[part]]
-        out = {"step": step, "images": torch.stack([it["image"] for it in items]),
-               "captions": [batch.captions[i] for i in part]}
+        captions = [batch.captions[i] for i in part]
+        out = {"step": step, "images": torch.stack([it["image"] for it in items]), "captions": captions}
+        if self.store is not None:
+            per = len(captions) // self.accum
+            out["texts"] = [pad_states([self.store.get(c) for c in captions[m * per:(m + 1) * per]])
+                            for m in range(self.accum)]
         for name in ("targets", "coverage"):
             if name in items[0]:
                 out[name] = torch.stack([it[name] for it in items])
@@ -194,15 +208,17 @@ class RankBatches(Dataset):
 
 
 def rank_loader(plan: BatchPlan, rank: int, world_size: int, start: int, end: int, num_workers: int,
-                accum: int = 1, prefetch_factor: int = 2, dataset: RankBatches | None = None) -> DataLoader:
-    """Steps start..end-1 of this rank, in order, decoded by `num_workers` processes (0 = in this one). Pass
-    `dataset` to reuse one whose in-memory cache is already filled (the time guard restarts the loader)."""
+                accum: int = 1, prefetch_factor: int = 2, store: TextStateStore | None = None,
+                pin_memory: bool = False, dataset: RankBatches | None = None) -> DataLoader:
+    """Steps start..end-1 of this rank, in order, prepared by `num_workers` processes (0 = in this one);
+    `pin_memory` for a copy to the GPU that does not wait for the host. Pass `dataset` to reuse one whose
+    in-memory cache is already filled (the time guard restarts the loader); `store` is then the dataset's."""
     if num_workers < 0:
         raise ValueError(f"data_workers must be >= 0, got {num_workers}")
-    dataset = dataset if dataset is not None else RankBatches(plan, rank, world_size, accum)
+    dataset = dataset if dataset is not None else RankBatches(plan, rank, world_size, accum, store)
     return DataLoader(dataset, batch_size=None, sampler=range(start, end),
                       num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None,
-                      worker_init_fn=_one_thread if num_workers else None,
+                      worker_init_fn=_one_thread if num_workers else None, pin_memory=pin_memory,
                       # DataLoader draws its workers' base seed from this generator, else from torch's global RNG,
                       # which a resumed run (one more loader started) would then leave in a different state.
                       generator=torch.Generator().manual_seed(start))

@@ -73,6 +73,10 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # `found_inf` (1.0: skip this step), set by `step.train_step` as torch's fused AdamW reads it: a skipped step
+        # leaves every weight and momentum buffer as it was, decided on the device without reading the flag.
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else 1.0 - found_inf
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             # Matrices of one shape are orthogonalised in one batched iteration: the result is the same per
@@ -81,12 +85,12 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
+                grad = p.grad if keep is None else p.grad.nan_to_num_(0.0, 0.0, 0.0)  # a skipped step's NaNs
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(grad)
                 buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - mu)
+                buf.lerp_(grad, 1 - mu if keep is None else keep * (1 - mu))
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
                 update = _whole_matrices(update)
                 by_shape.setdefault((tuple(update.shape), p.dtype, p.device), []).append((p, update))
@@ -95,8 +99,10 @@ class Muon(torch.optim.Optimizer):
                 for (p, _), o in zip(members, ortho):
                     target = p.to_local() if isinstance(p, DTensor) else p
                     if wd:
-                        target.mul_(1 - lr * wd)
-                    target.add_(_local_slice(o, p).to(p.dtype), alpha=-lr * update_scale(p.shape))
+                        target.mul_(1 - lr * wd if keep is None else 1 - keep * (lr * wd))
+                    update = _local_slice(o, p).to(p.dtype)
+                    update = update if keep is None else update * keep.to(p.dtype)
+                    target.add_(update, alpha=-lr * update_scale(p.shape))
         return loss
 
 
