@@ -201,8 +201,9 @@ def test_tiny_preset_under_two_processes_trains_as_one(data, tmp_path):
 
     from nucleus_image.training.checkpoint import list_checkpoints, load_model_state
 
-    shrink = ["stages.0.steps=4", "stages.1.steps=2", "stages.0.batch_size=4", "stages.1.batch_size=4",
-              "optimizer.warmup_steps=1", "checkpoint_every=3", "keep_last=2", "sample_every=0", "cpu_threads=1"]
+    shrink = ["stages.0.steps=2", "stages.1.steps=1", "stages.0.batch_size=4", "stages.1.batch_size=4",
+              "optimizer.warmup_steps=1", "checkpoint_every=2", "keep_last=2", "sample_every=0", "sample_steps=2",
+              "cpu_threads=1"]
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
 
     def train(out, *args):
@@ -214,16 +215,19 @@ def test_tiny_preset_under_two_processes_trains_as_one(data, tmp_path):
     train(tmp_path / "one")
     train(tmp_path / "two", "--nproc", "2")
     (s1, one), (s2, two) = list_checkpoints(tmp_path / "one")[-1], list_checkpoints(tmp_path / "two")[-1]
-    assert s1 == s2 == 6
+    assert s1 == s2 == 3
     losses = [json.loads((p / "trainer.json").read_text())["losses"] for p in (one, two)]
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-6, atol=0)
+    # The preset's lr (6e-3, full from step 1 here) is twice the micro config's of test_distributed, and AdamW's
+    # normalised update turns gloo's summation-order rounding of a near-zero gradient into up to ~1e-4 per step;
+    # a head trained on one rank's half-batch instead would differ by up to 2 x lr = 1.2e-2 per step.
     a, b = load_model_state(one), load_model_state(two)
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=5e-4, msg=lambda m, key=key: f"{key}: {m}")
     ha, hb = load_file(one / "heads.safetensors"), load_file(two / "heads.safetensors")
     assert set(ha) == set(hb) and any(k.startswith("module.") for k in ha)
     for key in ha:
-        torch.testing.assert_close(hb[key], ha[key], rtol=0, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(hb[key], ha[key], rtol=0, atol=5e-4, msg=lambda m, key=key: f"{key}: {m}")
     # Without the averaging rank 0's head would follow its own half-batch and differ from the one-process head;
     # the comparison means something only if the head moved well beyond the tolerance.
     first = load_file(one / "heads.safetensors")["module.net.0.weight"]

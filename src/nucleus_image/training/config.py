@@ -442,7 +442,8 @@ def tiny() -> TrainConfig:
     The alignment head (training/alignment.py, weight 0.5 on block 1's tokens: per-token shape and colour maps)
     lifted the score at equal steps (600 steps, one thread: 0.125 / 0.098 / 0.086 over 3 seeds against 0.069 /
     0.070 without); weight 2.0 (0.088) and block 2 (0.073) did less, contrastive flow matching (lambda 0.05:
-    0.048) hurt. The head is not part of the model: `nucleus merge` and exported pipelines never hold it.
+    0.048) hurt, and so did the binding loss against this recipe (weight 0.5 on blocks 1-2: 0.063 / 0.058 against
+    0.090 / 0.121, 2 seeds). The head is not part of the model: `nucleus merge` and exported pipelines never hold it.
 
     `make demo` runs it under a wall-clock budget (`time_budget_s`, set by the Makefile): the steps below are
     the plan for an idle machine, which the time guard scales to the machine it finds."""
