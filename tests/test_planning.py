@@ -39,7 +39,8 @@ def test_states_match_the_real_optimizers_after_a_step():
     assert plan.adamw_moments == nbytes(t for s in adamw.state.values() for k, t in s.items() if k.startswith("exp_avg")) \
         + 2 * nbytes(unused)
     assert plan.gradients == plan.parameters == nbytes(p.grad for p in model.parameters() if p.grad is not None) + nbytes(unused)
-    assert plan.micro_batch == 2 and plan.fsdp_buffers == 0 and plan.all_to_all == 0
+    # One process: no FSDP, autocast's bf16 copy of every weight instead.
+    assert plan.micro_batch == 2 and plan.fsdp_buffers == plan.parameters // 2 and plan.all_to_all == 0
     # Sharding over 2 ranks halves every state (rounded up per rank).
     half = plan_layout(MICRO_MODEL, Layout(1, 2, 2), global_batch=2, height=16, width=16, gpu_memory=GB,
                        text_tokens=8, vae_factor=4)

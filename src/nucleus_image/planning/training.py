@@ -9,7 +9,8 @@ over the dp_shard/ep ranks of their expert group) and replicated over dp_replica
 - optimizer states: Muon's momentum (one fp32 tensor per Muon matrix), AdamW's two fp32 moments;
 - FSDP buffers: the copy of the block being computed and of the prefetched next one (a block's experts over ep
   only) in the compute dtype, and its unsharded gradient before the reduce-scatter in the reduce dtype, both
-  from the mixed-precision policy `parallel.parallelize` applies (bf16 and fp32);
+  from the mixed-precision policy `parallel.parallelize` applies (bf16 and fp32). One process has no FSDP: its
+  fp32 weights are cast by autocast, which keeps a bf16 copy of every weight from the forward to the backward;
 - activations: measured per sample on the meta device (`activations.py`), times the micro-batch, with and
   without per-block activation checkpointing;
 - all-to-all buffers (ep > 1): the (E, b*C, D) token buffer out and back per MoE layer, with C from the model's
@@ -95,7 +96,7 @@ class TrainingPlan:
             ("gradients (fp32 shards)", g(self.gradients)),
             ("optimizer: Muon momentum", g(self.muon_momentum)),
             ("optimizer: AdamW moments", g(self.adamw_moments)),
-            ("FSDP block buffers", g(self.fsdp_buffers)),
+            ("FSDP block buffers (one process: autocast's weight copies)", g(self.fsdp_buffers)),
             ("activations, no checkpointing", g(self.activations_no_checkpointing)),
             ("activations, checkpointing", g(self.activations_checkpointing)),
             ("all-to-all buffers", g(self.all_to_all)),
@@ -207,8 +208,11 @@ def _plan(config, layout, micro, accum, ckpt, height, width, gpu_memory, text_to
     dense = counts.total - counts.experts
     per_rank = lambda n: -(-n // shard)  # noqa: E731
     block_local = counts.largest_block - counts.largest_block_experts + counts.largest_block_experts // ep
-    # Two blocks gathered (current + prefetched) and the current block's unsharded gradient before reduce-scatter.
-    fsdp = (2 * compute * block_local + reduce * block_local) if shard > 1 else 0
+    if layout.dp_replicate * shard > 1:
+        # Two blocks gathered (current + prefetched), the current block's unsharded gradient before reduce-scatter.
+        fsdp = 2 * compute * block_local + reduce * block_local
+    else:
+        fsdp = compute * counts.total  # autocast's copy of every weight
     no_ckpt = training_activations(config, grid, text_tokens, False)
     with_ckpt = training_activations(config, grid, text_tokens, True)
     moe = config.moe_layers

@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic, slope-maximising at 0 (Keller Jordan's Muon)
+MAX_BATCH_BYTES = 256 * 2**20  # default cap on one Newton-Schulz call's batch
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,6 @@ def ns_workspace_bytes(n: int, rows: int, cols: int, dtype: torch.dtype) -> int:
     """Bytes `newton_schulz_` allocates beside its input batch of n (rows, cols) matrices."""
     a, b = min(rows, cols), max(rows, cols)
     return (n * a * b + 2 * n * a * a) * dtype.itemsize
-
-
-MAX_BATCH_BYTES = 256 * 2**20  # Muon's default cap on one Newton-Schulz call's batch
 
 
 def matrices_per_call(rows: int, cols: int, dtype: torch.dtype, max_batch_bytes: int) -> int:
@@ -177,6 +175,7 @@ class Muon(torch.optim.Optimizer):
                 run.sharded(work, rows, cols, first_owner)
 
 
+# ---- one step's matrices: batched by shape, spread over the ranks of a shard group ------------------------------
 @dataclass
 class _Member:
     """One parameter's place in the step: its local data, its matrices' global shape and, for a weight split by
@@ -279,6 +278,7 @@ def _owners(first_owner: int, count: int, world: int) -> list[int]:
     return [(first_owner + i) % world for i in range(count)]
 
 
+# ---- what the planner reads: the same schedule on shapes ----------------------------------------------------------
 @dataclass(frozen=True)
 class PlannedMatrix:
     """What the planner knows of one Muon parameter on one rank: its global shape, and either the whole matrices
@@ -323,6 +323,7 @@ def step_peak_bytes(params: list[PlannedMatrix], ns_dtype: torch.dtype, param_dt
     return peak
 
 
+# ---- running the schedule ----------------------------------------------------------------------------------------
 class _BatchRun:
     """The Newton-Schulz calls of one parameter group's step (see `_schedule`)."""
 
