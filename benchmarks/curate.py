@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test corpus' scene generator
 
 from curate_corpus import GOOD_CAPTION, encode, scene  # noqa: E402
+
 from nucleus_image.data.curate import CurateConfig, curate  # noqa: E402
 from nucleus_image.data.curate.dedup import all_pairs_near, choose_bands, near_pairs  # noqa: E402
 

@@ -17,7 +17,6 @@ The reference's per-step figures in REFERENCE.md section 5 imply ~9.7 s per imag
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -147,8 +146,6 @@ def main(argv=None) -> None:
     if preset == "released" and size == 1024 and steps == 50:
         print(f"vs the ~{RELEASED_ANCHOR_S} s/image REFERENCE.md section 5 implies for diffusers: "
               f"{RELEASED_ANCHOR_S / per_ours:.2f}x")
-    del ref, ours, ref_transformer, transformer
-    gc.collect()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from transformer_forward import build_models, flops_per_forward, timeit  # noqa:
 from nucleus_image.diffusion.flow import euler_step  # noqa: E402
 from nucleus_image.diffusion.guidance import guided  # noqa: E402
 from nucleus_image.model import NucleusConfig, NucleusTransformer  # noqa: E402
-from nucleus_image.pipeline.cuda_graph import GraphedStep, denoise_step  # noqa: E402
+from nucleus_image.pipeline.cuda_graph import WARMUP_STEPS, GraphedStep  # noqa: E402
+from nucleus_image.pipeline.denoise import denoise_step  # noqa: E402
 from nucleus_image.quantization.fp8_compute import enable_fp8_compute  # noqa: E402
 
 GUIDANCE = 4.0
@@ -83,7 +84,11 @@ def step_variants(args, device, dtype) -> tuple[dict, dict, float]:
         if device.type == "cuda":
             for base in [k for k in list(steps) if k.startswith("ours")]:
                 t0 = time.perf_counter()
-                steps[f"{base} + CUDA graph"] = GraphedStep(steps[base], *call)
+                graphed = GraphedStep(steps[base])
+                for _ in range(WARMUP_STEPS + 1):  # the eager warm-up steps, then the capture and a first replay
+                    graphed(*call)
+                torch.cuda.synchronize()
+                steps[f"{base} + CUDA graph"] = graphed
                 print(f"captured {base!r} in {time.perf_counter() - t0:.1f} s")
         expected = steps["ours eager"](*call).clone()
         errors = {k: rel_l2(fn(*call), expected) for k, fn in steps.items()}
@@ -99,7 +104,9 @@ def step_variants(args, device, dtype) -> tuple[dict, dict, float]:
 def qlora_step(args, device) -> dict:
     """One QLoRA training step of the preset at batch 1 (int8 base, rank-16 adapters, gradient checkpointing): its
     median ms, peak memory (GiB; NaN on CPU) and adapter parameters."""
-    from nucleus_image.lora import add_lora
+    from nucleus_image.adapters import add_lora
+    from nucleus_image.quantization import quantize_transformer
+    from nucleus_image.training.config import OptimizerConfig
     from nucleus_image.training.optim import build_optimizers
 
     cfg = NucleusConfig.preset(args.preset)
@@ -108,10 +115,10 @@ def qlora_step(args, device) -> dict:
         model = NucleusTransformer(cfg).to(torch.bfloat16)
     model = model.to_empty(device=device)  # bf16 from the start: an fp32 build of the release would take 68 GB
     model.reset_parameters()
-    model.quantize("int8")
+    quantize_transformer(model, "int8")
     model.enable_gradient_checkpointing()
     peft_model = add_lora(model, rank=16)
-    muon, adamw, _ = build_optimizers(peft_model, 1e-4, 0.0, (0.9, 0.95), 1e-8, 0.95, True, 5, torch.bfloat16)
+    muon, adamw, _ = build_optimizers(peft_model, OptimizerConfig(lr=1e-4), torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(1, h * w, cfg.in_channels, device=device, dtype=torch.bfloat16, generator=g)
     txt = torch.randn(1, args.text_len, cfg.joint_attention_dim, device=device, dtype=torch.bfloat16, generator=g)

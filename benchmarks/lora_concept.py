@@ -17,6 +17,7 @@ import argparse
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +25,7 @@ import pyarrow as pa
 from nucleus_image.data.manifest import next_version_dir, read_manifest, write_shard
 from nucleus_image.data.synthetic import SynthConfig, generate_dataset, heldout_metadata
 from nucleus_image.eval.compositional import TASKS, generate_samples, score_folder
-from nucleus_image.lora.finetune import FinetuneConfig, Finetuner
+from nucleus_image.lora.finetune import FinetuneConfig, Finetuner, default_optimizer
 from nucleus_image.pipeline import NucleusPipeline
 
 NEW_WORD, MEANING = "blicket", "purple"
@@ -84,7 +85,8 @@ def main(argv=None) -> None:
           f"{scores[('before', 'original')]['overall']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     cfg = FinetuneConfig(model=str(Path(args.model).resolve()), data=str(data.resolve()), lora_rank=args.rank,
-                         quantize=args.quantize, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         quantize=args.quantize, steps=args.steps, batch_size=args.batch_size,
+                         optimizer=replace(default_optimizer(), lr=args.lr),
                          checkpoint_every=max(1, args.steps // 3))
     losses = Finetuner(cfg, out / "run", progress=False).train()
     k = min(20, len(losses))

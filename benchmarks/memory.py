@@ -6,7 +6,7 @@ against the planner (`nucleus_image.planning.plan_generation`), then the planner
 
 Measured, per weight format, in a fresh subprocess each: the transformer's weight bytes (every stored tensor,
 torchao's codes and scales included: exact), and the peak resident-memory growth of loading the model from a bf16
-checkpoint in 32 MB shards (quantized tensor by tensor while loading, as `from_pretrained(..., quantize=)` does)
+checkpoint in 32 MB shards (quantized tensor by tensor while loading, as `load_transformer(..., quantize=)` does)
 and running one CFG forward at the size (the kernel's VmHWM, reset after imports and inputs, over the RSS then; it counts the
 mapped shard being read and the CPU allocator's caching, so it is an upper bound on live tensor bytes). Released: the targets of issue 12 are a transformer of <= 18 GB and a
 1024x1024 image on a 24 GB card with the 16.5 GB Qwen3-VL text encoder offloaded after encoding.
@@ -33,9 +33,10 @@ def tensor_bytes(t) -> int:
 
 
 def _status_bytes(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
@@ -49,11 +50,10 @@ def _reset_peak_rss() -> int:
 def measure(preset: str, weights: str, size: int, checkpoint: str) -> dict:
     """Run in a subprocess: weight bytes and peak RSS growth (KiB on Linux) of load + one CFG forward."""
     import torch
-
     import torchao.quantization  # noqa: F401  (imported before the baseline: code is not memory the plan covers)
 
-    import nucleus_image.quantization.checkpoint  # noqa: F401
-    from nucleus_image.model import NucleusConfig, NucleusTransformer
+    from nucleus_image.model import NucleusConfig
+    from nucleus_image.quantization import load_transformer
 
     torch.set_num_threads(1)
     cfg = NucleusConfig.preset(preset)
@@ -63,7 +63,7 @@ def measure(preset: str, weights: str, size: int, checkpoint: str) -> dict:
     txt = torch.randn(2, 128, cfg.joint_attention_dim, generator=g).bfloat16()
     t = torch.full((2,), 0.5, dtype=torch.bfloat16)
     base = _reset_peak_rss()
-    model = NucleusTransformer.from_pretrained(checkpoint, quantize=None if weights == "bf16" else weights)
+    model = load_transformer(checkpoint, quantize=None if weights == "bf16" else weights)
     weight_bytes = sum(tensor_bytes(v) for v in model.state_dict().values())
     with torch.inference_mode():
         model(hidden_states=x, img_shapes=[(1, h, w)] * 2, encoder_hidden_states=txt, timestep=t)

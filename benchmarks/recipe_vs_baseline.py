@@ -35,7 +35,7 @@ NO_MOE = "[0.0, 0.0, 0.0, 0.0]"
 
 
 def arms(adamw_lr: float) -> dict[str, list[str]]:
-    adamw = ["optimizer=adamw", f"lr={adamw_lr}"]
+    adamw = ["optimizer.kind=adamw", f"optimizer.lr={adamw_lr}"]
     dense = ["model.dense_moe_strategy=all_dense", "model.mlp_ratio=6", f"model.capacity_factors={NO_MOE}",
              f"stages.0.capacity_factors={NO_MOE}", f"stages.1.capacity_factors={NO_MOE}"]
     return {"moe_muon_wsm": [], "moe_muon_no_ortho": ["orthogonality_step=0"], "moe_adamw": adamw,
@@ -67,13 +67,12 @@ def train_all(data: Path, out: Path, budget: float, adamw_lr: float, threads: in
                 "--set", f"cpu_threads={threads}", "--set", f"time_budget_s={budget}"]
         for item in sets:
             args += ["--set", item]
-        log = open(out / arm / "train.log", "w")
-        procs[arm] = (subprocess.Popen(cli(*args), stdout=log, stderr=subprocess.STDOUT), log, time.perf_counter())
+        with open(out / arm / "train.log", "w") as log:  # the child keeps its own descriptor
+            procs[arm] = (subprocess.Popen(cli(*args), stdout=log, stderr=subprocess.STDOUT), time.perf_counter())
         print(f"{arm}: training (log {out / arm / 'train.log'})", flush=True)
     walls = {}
-    for arm, (proc, log, start) in procs.items():
+    for arm, (proc, start) in procs.items():
         code = proc.wait()
-        log.close()
         walls[arm] = time.perf_counter() - start
         if code:
             raise SystemExit(f"{arm} failed (exit {code}); see {out / arm / 'train.log'}")

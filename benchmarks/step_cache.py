@@ -177,7 +177,7 @@ def released(args) -> list[dict]:
                   progress=False, **text_inputs(cfg, 1, 128, device, dtype))
     print(f"# {args.preset} preset, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {dtype}, "
           f"{size}x{size}, {steps} steps, CFG 4, batch 1, latent output, random weights, torch {torch.__version__}")
-    print(f"| policy | s/image | speedup | full steps (cond/uncond) |\n|---|---|---|---|")
+    print("| policy | s/image | speedup | full steps (cond/uncond) |\n|---|---|---|---|")
     base, rows = None, []
     for cache in (None, FBCacheConfig(), TaylorSeerConfig()):
         with torch.inference_mode():

@@ -3,8 +3,8 @@
     python benchmarks/train_step.py                                   # CPU: tiny preset, 1 vs 2 processes (gloo)
     python benchmarks/train_step.py --device cuda --preset small --batch 16 --size 256 --procs 1
 
-One step is the trainer's: flow-matching loss on noised latents through the transformer, backward, gradient
-clipping, Muon + AdamW (`training.optim.build_optimizers`). Data is random latents of the step's shape, so the
+One step is the trainer's own `training.step.train_step`: the flow-matching objective (`loss.FlowObjective`) on
+noised latents through the transformer, backward, gradient clipping, Muon + AdamW (`training.optim.build_optimizers`). Data is random latents of the step's shape, so the
 figure is the step itself, not decoding. N > 1 processes are started with torchrun (gloo on CPU, nccl on GPU)
 and run the training path of `nucleus train --nproc N`: `parallel.parallelize` (FSDP2 over the N processes, and
 with `--ep` expert parallelism over them too), Muon gathering each sharded matrix, the meshes' gradient
@@ -37,14 +37,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from transformer_forward import flops_per_forward  # noqa: E402
 
 from nucleus_image.model import NucleusConfig, NucleusTransformer  # noqa: E402
+from nucleus_image.model.latents import pack_latents  # noqa: E402
 from nucleus_image.parallel.config import ParallelConfig  # noqa: E402
 from nucleus_image.parallel.mesh import init_parallel  # noqa: E402
 from nucleus_image.parallel.parallelize import parallelize  # noqa: E402
-from nucleus_image.parallel.reduce import clip_grad_norm_  # noqa: E402
 from nucleus_image.planning.measure import peak_memory  # noqa: E402
-from nucleus_image.pipeline.pipeline import pack_latents  # noqa: E402
-from nucleus_image.training.loss import flow_loss, noisy_latents  # noqa: E402
+from nucleus_image.training.config import OptimizerConfig  # noqa: E402
+from nucleus_image.training.loss import FlowBatch, FlowObjective  # noqa: E402
 from nucleus_image.training.optim import build_optimizers  # noqa: E402
+from nucleus_image.training.step import train_step  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -105,32 +106,21 @@ def _train(args, rank: int, world: int, device: torch.device, dims) -> dict:
     model = NucleusTransformer(cfg).to(device)
     if dims:
         parallelize(model, dims, activation_checkpointing=False, compile=args.compile, bf16=device.type == "cuda")
-    muon, adamw, _ = build_optimizers(model, 1e-3, 0.0, (0.9, 0.95), 1e-8, 0.95, True, 5,
-                                      torch.bfloat16 if device.type == "cuda" else torch.float32)
+    opt_cfg = OptimizerConfig(lr=1e-3, warmup_steps=0)
+    muon, adamw, _ = build_optimizers(model, opt_cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
     channels, side = latent_shape(cfg, args.size, args.device)
     g = torch.Generator(device).manual_seed(rank)
     latents = torch.randn(local, channels, side, side, generator=g, device=device)
     text = torch.randn(local, args.text_tokens, cfg.joint_attention_dim, generator=g, device=device)
     x0 = pack_latents(latents, cfg.patch_size)
     grid = side // cfg.patch_size
+    objective = FlowObjective(cfg.patch_size, autocast=device.type == "cuda")
 
     def step():
-        for opt in (muon, adamw):
-            opt.zero_grad(set_to_none=True)
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        sigma = torch.rand(local, generator=g, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(hidden_states=noisy_latents(x0, noise, sigma), img_shapes=[(1, grid, grid)] * local,
-                      encoder_hidden_states=text, timestep=sigma)
-        loss = flow_loss(out.sample, x0, noise)
-        loss.backward()
-        if dims:
-            clip_grad_norm_(list(model.parameters()), 1.0, dims)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        muon.step()
-        adamw.step()
-        return loss.detach()
+        batch = FlowBatch(x0, torch.randn(x0.shape, generator=g, device=device),
+                          torch.rand(local, generator=g, device=device), text, None, (side, side))
+        # no warmup: any step's lr
+        return train_step(model, [muon, adamw], [batch], objective, opt_cfg, step=0, dims=dims).loss
 
     losses = [step() for _ in range(3)]
     if device.type == "cuda":

@@ -26,6 +26,7 @@ from nucleus_image.parallel.mesh import init_parallel
 from nucleus_image.parallel.parallelize import parallelize
 from nucleus_image.planning.measure import LiveBytes
 from nucleus_image.planning.training import Layout, muon_step_bytes
+from nucleus_image.training.config import OptimizerConfig
 from nucleus_image.training.optim import build_optimizers
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -40,7 +41,7 @@ STEPS = 3
 
 
 def optimizer(model):
-    muon, _, _ = build_optimizers(model, 2e-2, 0.1, (0.9, 0.95), 1e-8, 0.95, True, 5, torch.float32)
+    muon, _, _ = build_optimizers(model, OptimizerConfig(lr=2e-2, weight_decay=0.1), torch.float32)
     return muon
 
 

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 from training_helpers import cli
 
@@ -42,23 +43,24 @@ def running_server(model_dir, *args: str, startup_timeout: float = 120):
     SIGTERM and wait on exit. The server's output goes to a temporary log, quoted when it fails to start."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    log = tempfile.NamedTemporaryFile("w", prefix=f"nucleus-serve-{port}-", suffix=".log", delete=False)
-    log_path = log.name
-    process = subprocess.Popen(cli("serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                                   "--log-level", "warning", *args), stdout=log, stderr=subprocess.STDOUT, env=env)
+    # The server holds its own copy of the log's descriptor; ours closes at once.
+    with tempfile.NamedTemporaryFile("w", prefix=f"nucleus-serve-{port}-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+        process = subprocess.Popen(cli("serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                                       "--log-level", "warning", *args), stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}: {open(log_path).read()[-3000:]}")
+                raise RuntimeError(f"server exited with {process.returncode}: {log_path.read_text()[-3000:]}")
             try:
                 if call(base, "/health", timeout=2)[0] == 200:
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not answer within {startup_timeout} s: {open(log_path).read()[-3000:]}")
+                raise RuntimeError(f"server did not answer within {startup_timeout} s: {log_path.read_text()[-3000:]}")
             time.sleep(0.2)
         yield base, process
     finally:
@@ -69,5 +71,4 @@ def running_server(model_dir, *args: str, startup_timeout: float = 120):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        log.close()
-        os.unlink(log_path)
+        log_path.unlink()

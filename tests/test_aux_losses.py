@@ -8,9 +8,14 @@ import pytest
 import torch
 from training_helpers import micro_config, micro_dataset
 
-from nucleus_image.pipeline.pipeline import pack_latents, unpack_latents
-from nucleus_image.training.loss import (decorrelate_router_rows_, haar_details, router_orthogonality_loss,
-                                         velocity_target, wavelet_loss)
+from nucleus_image.model.latents import pack_latents, unpack_latents
+from nucleus_image.training.loss import (
+    decorrelate_router_rows_,
+    haar_details,
+    router_orthogonality_loss,
+    velocity_target,
+    wavelet_loss,
+)
 from nucleus_image.training.trainer import Trainer
 
 

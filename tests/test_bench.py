@@ -9,8 +9,14 @@ import pytest
 from generation_fixtures import tiny_own_pipeline
 
 from nucleus_image.cli import main
-from nucleus_image.eval.geneval_bench import (GENEVAL_LICENSE, NUM_GENEVAL_PROMPTS, is_synthetic_domain,
-                                              packaged_file, read_prompts, scorable_here)
+from nucleus_image.eval.geneval_bench import (
+    GENEVAL_LICENSE,
+    NUM_GENEVAL_PROMPTS,
+    is_synthetic_domain,
+    packaged_file,
+    read_prompts,
+    scorable_here,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "geneval"
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from model_helpers import inputs, micro_config, randomize, reference_twin, rel_err
 from safetensors.torch import load_file, save_file
 
-from model_helpers import inputs, micro_config, randomize, reference_twin, rel_err
 from nucleus_image.model import NucleusTransformer
 from nucleus_image.model.checkpoint import INDEX_NAME, WEIGHTS_NAME
 

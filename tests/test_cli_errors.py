@@ -63,6 +63,12 @@ BAD = [
     ("eval compositional --model {root}/model --out {root}/a_file", "nucleus eval compositional", "--out"),
     ("merge {root}/empty --out {root}/m", "nucleus merge", "not a training run folder"),
     ("bench geneval --model {root}/model --out {root}/g --steps 0", "nucleus bench geneval", "--steps"),
+    ("train --data {root}/empty --out {root}/fresh --set parallel.ep=2", "nucleus train",
+     "--set parallel.ep=2 needs several processes, but this is one: add --nproc N"),
+    ("train --data {root}/empty --out {root}/fresh --set lr=1e-3 warmup_steps=2", "nucleus train",
+     "unrecognized arguments: warmup_steps=2 (--set takes one KEY=VALUE: repeat --set for each)"),
+    ("generate --model {root}/model --prompt x --out {root}/o --threads 0", "nucleus generate", "--threads 0"),
+    ("plan --gpu-memory 80 --margin 80", "nucleus plan", "--margin 80 GiB"),
 ]
 
 
@@ -118,3 +124,30 @@ def test_inspect_routing_on_plain_prompts_reports_timestep_and_token_metrics(env
     summary = json.loads((root / "routing" / "routing.json").read_text())["summary"]
     assert set(summary["nmi"]) == {"timestep"} and 0.0 <= summary["variance_share"]["token"] <= 1.0
     assert summary["jaccard"] > 0.0
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    """An option whose value is used when it is not given says what that value is (store_true flags, required
+    options and inputs that are alternatives to each other have none)."""
+    import argparse
+
+    from nucleus_image.cli import build_parser
+
+    def parsers(parser, name="nucleus"):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    missing = []
+    for name, parser in parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.required or action.default in (None, False, []) \
+                    or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            text = formatter._expand_help(action) if action.help else ""
+            if "default" not in text:
+                missing.append(f"{name} {action.option_strings[0]} (default {action.default!r})")
+    assert not missing, missing

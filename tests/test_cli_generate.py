@@ -63,6 +63,19 @@ def test_generate_writes_images_and_sidecars_that_reproduce_them(model_dir, tmp_
     assert json.loads((tmp_path / "single" / "00000.json").read_text())["seed"] == 13
 
 
+def test_sidecar_command_regenerates_the_same_png_bytes(model_dir, tmp_path):
+    """An image drawn alone (--batch-size 1, the default) comes back byte for byte, metadata included: the PNG's
+    text chunks hold the settings and the command, not the file name (the command writes 00000.png)."""
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a red cube", "--num-images", "2", "--steps", "2",
+                 "--aspect", "16:9", "--seed", "5", "--out", str(out)]) == 0
+    command = shlex.split(json.loads((out / "00001.json").read_text())["command"])
+    assert "--aspect" in command and "--width" not in command
+    command[-1] = str(tmp_path / "again")
+    assert main(command[1:]) == 0
+    assert (tmp_path / "again" / "00000.png").read_bytes() == (out / "00001.png").read_bytes()
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "no prompts"),
     (["--prompt", "x", "--width", "30", "--height", "32"], "width 30 is not a positive multiple of 4"),

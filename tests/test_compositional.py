@@ -8,8 +8,7 @@ from PIL import Image, ImageFilter
 
 from nucleus_image.cli import main
 from nucleus_image.data.synthetic import TASKS, ground_truth_images, heldout_metadata, make_example, relative_position
-from nucleus_image.eval.compositional import (evaluate, read_geneval_folder, score, score_folder,
-                                              write_geneval_folder)
+from nucleus_image.eval.compositional import evaluate, read_geneval_folder, score, score_folder, write_geneval_folder
 from nucleus_image.eval.shape_detector import Detection, detect
 
 
@@ -176,12 +175,12 @@ def test_folder_round_trip_cli_and_corrupt_images(heldout, tmp_path, capsys):
 
 @pytest.mark.heavy
 def test_cli_model_mode_samples_and_scores(tmp_path):
+    import torch
+
     from nucleus_image.encoders.minilm import MiniLMTextEncoder
     from nucleus_image.encoders.pixel import PixelAutoencoder
     from nucleus_image.model import NucleusConfig, NucleusTransformer
     from nucleus_image.pipeline import NucleusPipeline
-
-    import torch
 
     torch.manual_seed(0)
     transformer = NucleusTransformer(NucleusConfig.preset("tiny")).eval()

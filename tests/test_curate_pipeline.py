@@ -12,15 +12,20 @@ import sys
 import time
 from pathlib import Path
 
+import curate_corpus
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import curate_corpus
 from nucleus_image import cli
 from nucleus_image.data.curate import CurateConfig, curate
-from nucleus_image.data.manifest import (REJECT_REASONS, latest_version_dir, partition_key_for, read_manifest,
-                                         read_rejects)
+from nucleus_image.data.manifest import (
+    REJECT_REASONS,
+    latest_version_dir,
+    partition_key_for,
+    read_manifest,
+    read_rejects,
+)
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

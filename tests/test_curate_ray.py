@@ -3,10 +3,10 @@ module, 2 CPUs)."""
 
 from __future__ import annotations
 
+import curate_corpus
 import pyarrow.parquet as pq
 import pytest
 
-import curate_corpus
 from nucleus_image.data.curate import CurateConfig, curate
 from nucleus_image.data.manifest import read_manifest, read_rejects
 

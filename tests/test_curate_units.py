@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from curate_corpus import encode, scene
 from PIL import Image, ImageFilter
 
-from curate_corpus import encode, scene
 from nucleus_image.data.curate import buckets, captions, dedup, quality
 from nucleus_image.data.curate.config import BucketConfig, CaptionConfig, CurateConfig, QualityConfig, ValidateConfig
 from nucleus_image.data.curate.inputs import decode_caption_bytes, parse_caption_doc
@@ -148,7 +148,7 @@ def test_tiers_edges_and_blur_measures():
 def test_decode_normalises_modes_and_orientation():
     cfg = ValidateConfig()
     base = scene(7)
-    grey16 = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 100))
+    grey16 = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 100)
     for img, fmt in ((base.convert("CMYK"), "JPEG"), (base.convert("P"), "PNG"), (grey16, "PNG"),
                      (base.convert("LA"), "PNG"), (base.convert("1"), "PNG")):
         rgb, info = decode(encode(img, fmt), cfg)

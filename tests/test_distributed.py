@@ -64,7 +64,7 @@ def _assert_matches(run: Path, straight: Path, step: int = STEPS):
     a, b = load_model_state(final), load_model_state(ref)
     assert set(a) == set(b)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:

@@ -2,8 +2,8 @@
 
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline
-
 from model_helpers import micro_config, randomize, reference_twin
+
 from nucleus_image.model import NucleusTransformer
 
 

@@ -9,8 +9,7 @@ import torch
 
 from nucleus_image.cli import main
 from nucleus_image.data.synthetic import SynthConfig, make_example
-from nucleus_image.eval.fid import (InceptionFeatures, covariance_root, frechet_distance, inception_path,
-                                    statistics)
+from nucleus_image.eval.fid import InceptionFeatures, covariance_root, frechet_distance, inception_path, statistics
 
 CONFIG = SynthConfig(size=64, aspect_ratios=("1:1",))
 

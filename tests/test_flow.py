@@ -6,8 +6,15 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from nucleus_image.diffusion import FlowSchedule, combine, euler_step, guided, resolution_shift_mu, uses_cfg, \
-    validate_sigmas
+from nucleus_image.diffusion import (
+    FlowSchedule,
+    combine,
+    euler_step,
+    guided,
+    resolution_shift_mu,
+    uses_cfg,
+    validate_sigmas,
+)
 
 SCHEDULER_CONFIGS = [
     {},  # the released scheduler: unshifted

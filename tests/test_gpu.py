@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from model_helpers import inputs, micro_config, randomize, reference_twin, rel_err
+
 from nucleus_image.model import NucleusConfig, NucleusTransformer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -8,7 +8,7 @@ import torch
 from generation_fixtures import tiny_own_pipeline
 from model_helpers import inputs, micro_config, randomize
 from safetensors.torch import load_file
-from training_helpers import micro_dataset
+from training_helpers import legacy_layout, micro_dataset
 
 from nucleus_image.cli import main
 from nucleus_image.lora import add_lora, load_lora, set_lora_scale
@@ -97,11 +97,18 @@ def finetune(model, data, out, *extra):
                  "--batch-size", "2", "--steps", "4", "--checkpoint-every", "2", "--lr", "1e-2", "--no-progress", *extra])
 
 
-def test_finetune_resume_is_exact_and_adapter_loads_in_the_pipeline(pipeline_and_data, tmp_path):
+def test_finetune_resume_is_exact_and_adapter_loads_in_the_pipeline(pipeline_and_data, tmp_path, capsys):
     model, data = pipeline_and_data
     assert finetune(model, data, tmp_path / "straight") == 0
+    capsys.readouterr()
     assert finetune(model, data, tmp_path / "split", "--max-steps", "2") == 0
+    partial = capsys.readouterr().out
+    assert "stopped at step 2 of 4 (--max-steps 2)" in partial and "--resume" in partial and "done" not in partial
+    # The split run's config rewritten in the layout before the nested optimizer section: it still resumes.
+    config = tmp_path / "split" / "finetune_config.json"
+    config.write_text(json.dumps(legacy_layout(json.loads(config.read_text()))))
     assert main(["finetune", "--out", str(tmp_path / "split"), "--resume", "--no-progress"]) == 0
+    assert "done: 4 steps" in capsys.readouterr().out
     straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     split = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")
     assert straight.keys() == split.keys() and all(torch.equal(straight[k], split[k]) for k in straight)
@@ -138,10 +145,10 @@ def test_qlora_finetune_on_int8_base(pipeline_and_data, tmp_path):
 
 
 def test_lora_on_quantized_experts_adds_per_expert_factors_inside_the_matmul():
-    from nucleus_image.quantization import dequantize_columns
+    from nucleus_image.quantization import dequantize_columns, quantize_transformer
 
     model, inp = model_and_inputs()
-    model.quantize("int8")
+    quantize_transformer(model, "int8")
     with torch.no_grad():
         base = model(**inp).sample
     adapted = trained_adapter(model)

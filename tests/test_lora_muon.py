@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 from model_helpers import inputs, micro_config, randomize
 
-from nucleus_image.lora import add_lora
+from nucleus_image.adapters import add_lora
 from nucleus_image.model import NucleusTransformer
 from nucleus_image.model.moe import SwiGLUExperts
+from nucleus_image.training.config import OptimizerConfig
 from nucleus_image.training.muon import ExpertFactor, Muon
 from nucleus_image.training.optim import build_optimizers, expert_factors
 
@@ -22,7 +23,7 @@ RANK = 4
 
 
 def optimizers(model):
-    return build_optimizers(model, 2e-2, 0.1, (0.9, 0.95), 1e-8, 0.95, True, 5, torch.float32)
+    return build_optimizers(model, OptimizerConfig(lr=2e-2, weight_decay=0.1), torch.float32)
 
 
 def lora_model(seed=0):
@@ -126,10 +127,11 @@ def test_each_expert_factor_update_equals_that_expert_trained_alone():
                 alone(record["x"][e:e + 1]).backward(record["g"][e:e + 1])
                 solo.step()
             for key, (a, b) in params.items():
+                where = f"{name} expert {e} {key}"
                 torch.testing.assert_close(mine[key][0], ExpertFactor(cfg.num_experts, 0).matrices(a)[e].detach(),
-                                           rtol=0, atol=2e-6, msg=lambda m: f"{name} expert {e} {key} A: {m}")
+                                           rtol=0, atol=2e-6, msg=lambda m, where=where: f"{where} A: {m}")
                 torch.testing.assert_close(mine[key][1], ExpertFactor(cfg.num_experts, 1).matrices(b)[e].detach(),
-                                           rtol=0, atol=2e-6, msg=lambda m: f"{name} expert {e} {key} B: {m}")
+                                           rtol=0, atol=2e-6, msg=lambda m, where=where: f"{where} B: {m}")
     # The same step with each factor taken as one matrix (no views) is a different update.
     factors = expert_factors(model)
     grads = {p: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(factors)}
@@ -153,10 +155,10 @@ def test_8bit_base_trains_the_same_adapter_as_a_high_precision_base():
     """QLoRA on int8 weights vs LoRA on a float32 twin holding exactly the weights the int8 codes stand for: the
     8-bit experts' (E, r, out) / (E, in, r) factors are the same per-expert matrices as peft's 2-D factors (same
     names, shapes per expert, init), and three Muon + AdamW steps move them the same way."""
-    from nucleus_image.quantization import dequantize_columns
+    from nucleus_image.quantization import dequantize_columns, quantize_transformer
 
     base = randomize(NucleusTransformer(micro_config()), scale=0.1)
-    quantized = copy.deepcopy(base).quantize("int8")
+    quantized = quantize_transformer(copy.deepcopy(base), "int8")
     twin = copy.deepcopy(base)
     with torch.no_grad():
         for name, module in quantized.named_modules():

@@ -4,8 +4,8 @@ which the README states is bitwise equal to the reference in bf16."""
 
 import pytest
 import torch
-
 from model_helpers import inputs, micro_config, randomize, reference_twin, rel_err
+
 from nucleus_image.model import NucleusTransformer
 
 CASES = {

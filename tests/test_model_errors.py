@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from model_helpers import inputs, micro_config
+
 from nucleus_image.model import NucleusConfig, NucleusTransformer
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from model_helpers import inputs, micro_config, randomize, reference_twin, rel_err
+
 from nucleus_image.model import NucleusTransformer
 
 CASES = {

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nucleus_image.model import NucleusConfig, NucleusTransformer
+from nucleus_image.training.config import OptimizerConfig
 from nucleus_image.training.muon import ExpertFactor, Muon, orthogonalize
 from nucleus_image.training.optim import build_optimizers, describe_groups, split_params
 
@@ -93,7 +94,7 @@ def test_grouped_step_equals_one_matrix_at_a_time():
             opt = Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, max_batch_bytes=cap,
                        expert_factors={ours[i]: f for i, f in factors_at.items()})
             reference = PerMatrixMuon(ref, lr=0.02, weight_decay=0.1, factors={ref[i]: f for i, f in factors_at.items()})
-            for step in range(3):
+            for _ in range(3):
                 grads = [torch.randn(s, generator=gen) for s in shapes]
                 for p, q, g in zip(ours, ref, grads):
                     p.grad, q.grad = g.clone(), g.clone()
@@ -129,9 +130,7 @@ def test_grouping_follows_the_recipe_on_our_model_and_the_reference():
     where = {n: g for g, members in groups.items() for n, _ in members}
     assert set(where) == {n for n, _ in model.named_parameters()}  # every parameter, exactly once
     for name, p in model.named_parameters():
-        if p.dim() < 2:
-            assert where[name] == "adamw", name
-        elif any(k in name for k in ("img_in", "time_text_embed", "img_mod", "norm_out", "proj_out", "img_mlp.gate.")):
+        if p.dim() < 2 or any(k in name for k in ("img_in", "time_text_embed", "img_mod", "norm_out", "proj_out", "img_mlp.gate.")):
             assert where[name] == "adamw", name
         else:
             assert where[name] == "muon", name
@@ -146,7 +145,7 @@ def test_grouping_follows_the_recipe_on_our_model_and_the_reference():
     ref_where = {n: g for g, members in split_params(ref).items() for n, _ in members}
     assert ref_where == where
 
-    muon, adamw, _ = build_optimizers(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, 0.95, True, 5, torch.float32)
+    muon, adamw, _ = build_optimizers(model, OptimizerConfig(lr=1e-3, weight_decay=0.1), torch.float32)
     assert sum(len(g["params"]) for g in muon.param_groups) == len(groups["muon"])
     assert adamw.param_groups[1]["weight_decay"] == 0.0 and all(p.dim() < 2 for p in adamw.param_groups[1]["params"])
 

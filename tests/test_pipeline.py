@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline
-from generation_fixtures import TEXT_DIM, tiny_diffusers_transformer, tiny_own_pipeline, tiny_qwen3vl, \
-    tiny_qwen_tokenizer, tiny_qwen_vae
+from generation_fixtures import (
+    TEXT_DIM,
+    tiny_diffusers_transformer,
+    tiny_own_pipeline,
+    tiny_qwen3vl,
+    tiny_qwen_tokenizer,
+    tiny_qwen_vae,
+)
 
 from nucleus_image.encoders.minilm import MiniLMTextEncoder
 from nucleus_image.encoders.pixel import PixelAutoencoder

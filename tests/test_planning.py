@@ -15,6 +15,7 @@ from nucleus_image.planning import Layout, plan_generation, plan_layout, transfo
 from nucleus_image.planning.activations import training_activations
 from nucleus_image.planning.measure import LiveBytes
 from nucleus_image.planning.shapes import forward_inputs
+from nucleus_image.training.config import OptimizerConfig
 from nucleus_image.training.optim import build_optimizers
 
 GB = 2**30
@@ -23,7 +24,7 @@ GB = 2**30
 def test_states_match_the_real_optimizers_after_a_step():
     torch.manual_seed(0)
     model = NucleusTransformer(MICRO_MODEL)
-    muon, adamw, _ = build_optimizers(model, 1e-3, 0.0, (0.9, 0.95), 1e-8, 0.95, True, 5, torch.float32)
+    muon, adamw, _ = build_optimizers(model, OptimizerConfig(lr=1e-3), torch.float32)
     kw = forward_inputs(MICRO_MODEL, 2, (4, 4), 8, "cpu", torch.float32)
     kw["hidden_states"].normal_()
     model(**kw).sample.square().mean().backward()
@@ -87,7 +88,8 @@ def test_plan_cli_recommends_a_layout_and_refuses_bad_input(capsys):
 
     done = run_cli("plan", "--task", "train", "--preset", "tiny", "--gpus", "2", "--gpu-memory", "1")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "dp_replicate=1 dp_shard=2 ep=2" in done.stdout and "recommended: --set parallel.dp_replicate=" in done.stdout
+    assert "dp_replicate=1 dp_shard=2 ep=2" in done.stdout and "recommended: dp_replicate=1 dp_shard=2" in done.stdout
+    assert "fits: peak <= 0.9 GiB, the card less a 0.1 GiB margin" in done.stdout
     assert main(["plan", "--gpus", "0"]) == 2  # the same entry point, in-process: the refusal comes before any work
     assert "nucleus plan: error: --gpus must be >= 1, got 0" in capsys.readouterr().err
 
@@ -96,7 +98,7 @@ def test_plan_cli_recommends_a_layout_and_refuses_bad_input(capsys):
 def test_muon_step_peak_matches_a_cpu_step(ns_dtype):
     torch.manual_seed(0)
     model = NucleusTransformer(MICRO_MODEL)
-    muon, _, _ = build_optimizers(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, 0.95, True, 5, ns_dtype)
+    muon, _, _ = build_optimizers(model, OptimizerConfig(lr=1e-3, weight_decay=0.1), ns_dtype)
     for step in range(2):
         for p in model.parameters():
             p.grad = torch.randn_like(p)
@@ -130,11 +132,35 @@ def test_all_to_all_buffers_are_the_model_s_expert_buffers():
 
 def test_8bit_weight_bytes_are_the_quantized_model_s():
     pytest.importorskip("torchao")
+    from nucleus_image.quantization import quantize_transformer
 
     def nbytes(t):
         names = getattr(t, "tensor_data_names", None)
         return t.numel() * t.element_size() if names is None else sum(nbytes(getattr(t, n)) for n in names)
 
     for method in ("int8", "fp8"):
-        model = NucleusTransformer(MICRO_MODEL).to(torch.bfloat16).quantize(method)
+        model = quantize_transformer(NucleusTransformer(MICRO_MODEL).to(torch.bfloat16), method)
         assert transformer_weight_bytes(MICRO_MODEL, method) == sum(nbytes(t) for t in model.state_dict().values())
+
+
+def test_plan_recommendation_pastes_as_a_working_train_command(capsys):
+    """The printed command goes through the real parser, and its layout through the trainer's own checks."""
+    import shlex
+
+    from nucleus_image.cli import build_parser, main
+    from nucleus_image.parallel.config import check_layout
+    from nucleus_image.training.config import TrainConfig
+
+    assert main(["plan", "--task", "train", "--preset", "tiny", "--gpus", "4", "--gpu-memory", "1",
+                 "--margin", "0.5"]) == 0
+    out = capsys.readouterr().out
+    line = next(line.strip() for line in out.splitlines() if line.strip().startswith("nucleus train "))
+    args = build_parser().parse_args(shlex.split(line)[1:])
+    assert args.nproc == 4 and args.data == "DATA" and args.out == "RUN"
+    cfg = TrainConfig.preset(args.preset).override(args.overrides)
+    check_layout(cfg.parallel.resolve(args.nproc), cfg.model.num_experts, {s.name: s.batch_size for s in cfg.stages},
+                 cfg.grad_accum_steps)
+    peak = float(out.split("recommended:")[1].split("(peak ")[1].split(" of")[0])
+    assert peak <= 0.5  # within the card less the margin
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "D", "--out", "O", "--set", "parallel.dp_shard=2", "parallel.ep=1"])

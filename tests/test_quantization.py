@@ -13,7 +13,14 @@ from nucleus_image.cli import main
 from nucleus_image.model import NucleusConfig, NucleusTransformer
 from nucleus_image.model.moe import SwiGLUExperts
 from nucleus_image.pipeline import NucleusPipeline
-from nucleus_image.quantization import QuantizedSwiGLUExperts, dequantize_columns, quantize_columns
+from nucleus_image.quantization import (
+    QuantizedSwiGLUExperts,
+    dequantize_columns,
+    load_transformer,
+    quantize_columns,
+    quantize_transformer,
+    save_transformer,
+)
 
 torch.set_num_threads(1)
 
@@ -76,7 +83,7 @@ def test_quantized_tiny_velocity_within_stated_error(preset, method, bound):
     inp = inputs(cfg, grid=(8, 8), text_len=8)
     with torch.no_grad():
         reference = trained_like(cfg)(**inp).sample
-        quantized = trained_like(cfg).quantize(method)(**inp).sample
+        quantized = quantize_transformer(trained_like(cfg), method)(**inp).sample
     assert 0 < rel_l2(quantized, reference) < bound
 
 
@@ -88,12 +95,12 @@ def test_quantized_small_int8_error_below_bf16_rounding():
         reference = model(**inp).sample
         bf16 = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inp.items()}
         bf16_error = rel_l2(trained_like(cfg).bfloat16()(**bf16).sample, reference)
-        int8_error = rel_l2(model.quantize("int8")(**inp).sample, reference)
+        int8_error = rel_l2(quantize_transformer(model, "int8")(**inp).sample, reference)
     assert int8_error < 0.3 and int8_error < bf16_error
 
 
 def test_router_gate_patch_embedding_and_head_stay_high_precision():
-    model = trained_like(micro_config()).quantize("int8")
+    model = quantize_transformer(trained_like(micro_config()), "int8")
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             high = name in ("img_in", "proj_out") or name.endswith("img_mlp.gate")
@@ -103,7 +110,7 @@ def test_router_gate_patch_embedding_and_head_stay_high_precision():
     assert sum(isinstance(m, QuantizedSwiGLUExperts) for m in model.modules()) == len(model.config.moe_layers)
     assert not any(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="already quantized"):
-        model.quantize("fp8")
+        quantize_transformer(model, "fp8")
 
 
 @pytest.mark.parametrize("method", ["int8", "fp8"])
@@ -111,23 +118,27 @@ def test_quantized_checkpoint_roundtrip_and_quantize_while_loading(method, tmp_p
     cfg = micro_config()
     inp = inputs(cfg)
     trained_like(cfg).bfloat16().save_pretrained(tmp_path / "bf16")
-    model = NucleusTransformer.from_pretrained(tmp_path / "bf16").quantize(method)
-    streamed = NucleusTransformer.from_pretrained(tmp_path / "bf16", quantize=method)
+    model = quantize_transformer(NucleusTransformer.from_pretrained(tmp_path / "bf16"), method)
+    streamed = load_transformer(tmp_path / "bf16", quantize=method)
     bf16 = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inp.items()}
     with torch.no_grad():
         expected = model(**bf16).sample
         assert torch.equal(streamed(**bf16).sample, expected)
-        model.save_pretrained(tmp_path / "q", max_shard_size="20KB")  # several shards
+        with pytest.raises(ValueError, match=f"holds {method} weights; save it with"):
+            model.save_pretrained(tmp_path / "q")  # the diffusers layout cannot hold 8-bit weights
+        save_transformer(model, tmp_path / "q", max_shard_size="20KB")  # several shards
         assert json.loads((tmp_path / "q" / "quantization_config.json").read_text())["method"] == method
         assert len(list((tmp_path / "q").glob("*.safetensors"))) > 1
         assert not list((tmp_path / "q").glob("*.bin")) and not list((tmp_path / "q").glob("*.pt"))
-        reloaded = NucleusTransformer.from_pretrained(tmp_path / "q")
+        reloaded = load_transformer(tmp_path / "q")
         assert reloaded.quantization == method and reloaded.dtype == torch.bfloat16
         assert torch.equal(reloaded(**bf16).sample, expected)
     with pytest.raises(ValueError, match=f"holds {method} weights"):
-        NucleusTransformer.from_pretrained(tmp_path / "q", quantize="fp8" if method == "int8" else "int8")
+        load_transformer(tmp_path / "q", quantize="fp8" if method == "int8" else "int8")
     with pytest.raises(ValueError, match="'int4'"):
-        NucleusTransformer.from_pretrained(tmp_path / "bf16", quantize="int4")
+        load_transformer(tmp_path / "bf16", quantize="int4")
+    with pytest.raises(ValueError, match="holds 8-bit weights .* nucleus_image.quantization.load_transformer"):
+        NucleusTransformer.from_pretrained(tmp_path / "q")  # the plain loader names the one that reads it
 
 
 def test_pipeline_and_cli_generate_quantized(tmp_path):

@@ -9,10 +9,11 @@ import torch
 from generation_fixtures import tiny_diffusers_transformer, tiny_qwen3vl, tiny_qwen_tokenizer, tiny_qwen_vae
 from training_helpers import MICRO_MODEL, micro_dataset
 
-import nucleus_image.training.trainer as trainer_module
+import nucleus_image.training.build as build_module
 from nucleus_image.training.checkpoint import list_checkpoints
 from nucleus_image.training.config import StageConfig, TrainConfig
-from nucleus_image.training.trainer import Trainer, build_encoders
+from nucleus_image.training.encoders import build_encoders
+from nucleus_image.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_released_encoders_are_checked_before_the_model_is_built(folders, tmp_pa
     def never(*args, **kwargs):
         raise AssertionError("the model was built before the encoders were checked")
 
-    monkeypatch.setattr(trainer_module, "NucleusTransformer", never)
+    monkeypatch.setattr(build_module, "NucleusTransformer", never)
     # The tiny encoders are 32 wide, the released model wants wider text states: refused, the model never built.
     with pytest.raises(ValueError, match=r"gives 32-wide states but the model's joint_attention_dim is"):
         Trainer(cfg.override([f"pipeline_dir={pipeline}"]), data, tmp_path / "run", progress=False)

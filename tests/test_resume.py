@@ -4,6 +4,7 @@ identical final weights and optimizer state on CPU."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import cli, micro_config, micro_dataset, run_cli
+from training_helpers import legacy_layout, micro_config, micro_dataset, run_cli
 
 from nucleus_image.training.checkpoint import list_checkpoints
 
@@ -100,7 +101,7 @@ def test_sigkill_between_steps_then_resume_is_exact(setup):
     assert max(steps_left) < STEPS and not (run / "losses.json").exists()  # it really died mid-run
     done = run_cli("train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume", "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed from" in done.stdout and f"at step {max(steps_left)}" in done.stdout
+    assert "resumed from" in done.stdout and f"at step {max(steps_left)}" in done.stdout
     _assert_identical(run, straight)
 
 
@@ -122,27 +123,45 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(setup):
     _assert_identical(run, straight)
 
 
+def test_run_with_a_config_in_the_old_flat_layout_resumes_exactly(setup):
+    """A run folder whose train_config.json predates the nested optimizer section (flat lr, adam_betas, ...)
+    resumes, and its checkpoints continue the same run."""
+    root, data, config, straight = setup
+    run = shutil.copytree(straight, root / "old-layout")
+    for step, path in list_checkpoints(run):
+        if step > 25:
+            shutil.rmtree(path)
+    (run / "losses.json").unlink()
+    saved = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps(legacy_layout(saved), indent=1) + "\n")
+    done = run_cli("train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume",
+                   "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "at step 25" in done.stdout
+    _assert_identical(run, straight)
+
+
 def test_resume_refuses_a_changed_config(setup):
     root, data, config, straight = setup
     done = run_cli("train", "--data", str(data), "--out", str(straight), "--resume", "--set", "lr=0.5", "--no-progress")
-    assert done.returncode == 2 and "fields ['lr'] differ" in done.stderr
+    assert done.returncode == 2 and "fields ['optimizer.lr'] differ" in done.stderr
     again = run_cli("train", "--config", str(config), "--data", str(data), "--out", str(straight), "--no-progress")
     assert again.returncode == 2 and "pass --resume" in again.stderr
 
 
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(setup, tmp_path, monkeypatch):
-    import nucleus_image.training.trainer as trainer_module
+    import nucleus_image.training.loss as loss_module
     from nucleus_image.training.trainer import NonFiniteLossError, Trainer
 
     root, data, config, straight = setup
-    real_loss, calls = trainer_module.flow_loss, {"n": 0}
+    real_loss, calls = loss_module.flow_loss, {"n": 0}
 
     def poisoned(pred, x0, noise):  # step 3 (0-based 2) once, then every step from 7 on
         calls["n"] += 1
         loss = real_loss(pred, x0, noise)
         return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 8 else loss
 
-    monkeypatch.setattr(trainer_module, "flow_loss", poisoned)
+    monkeypatch.setattr(loss_module, "flow_loss", poisoned)
     threads = torch.get_num_threads()
     trainer = Trainer(micro_config(max_nonfinite_in_a_row=3), data, tmp_path / "run", progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

@@ -8,9 +8,19 @@ import pytest
 import torch
 
 from nucleus_image.data.synthetic import SHAPES, Scene, SceneObject
-from nucleus_image.eval.routing import (RoutingRecord, assigned_expert, collect_routing, jaccard_between_timesteps,
-                                        load_statistics, majority_accuracy, normalized_mutual_information,
-                                        routing_metrics, scene_token_labels, token_sets, variance_decomposition)
+from nucleus_image.eval.routing import (
+    RoutingRecord,
+    assigned_expert,
+    collect_routing,
+    jaccard_between_timesteps,
+    load_statistics,
+    majority_accuracy,
+    normalized_mutual_information,
+    routing_metrics,
+    scene_token_labels,
+    token_sets,
+    variance_decomposition,
+)
 
 T, N, S, E, C = 6, 12, 64, 8, 16  # CF 2: each token is picked by two experts on average
 

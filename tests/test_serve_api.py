@@ -83,6 +83,38 @@ def test_health_models_page_and_static_files(server):
     assert call(server, "/v1/images/jobs/nope")[0] == 404 and call(server, "/v1/images/files/nope.png")[0] == 404
 
 
+def test_unknown_paths_and_methods_answer_in_the_api_error_shape(server):
+    status, _, answer = call(server, "/v1/nope")
+    assert status == 404 and answer == {"error": {"message": "no such path '/v1/nope'", "type": "invalid_request_error",
+                                                  "param": None}}
+    status, headers, answer = call(server, "/v1/images/generations", method="GET")
+    assert status == 405 and "POST" in headers["Allow"], answer
+    assert answer["error"]["message"] == "GET is not allowed on '/v1/images/generations'" and "detail" not in answer
+
+
+def test_metrics_in_prometheus_text_format_and_as_json(server):
+    generate(server, prompt="counted", n=2, steps=2)
+    status, headers, text = call(server, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = text.decode().splitlines()
+    samples = {}
+    for line in lines:
+        if line.startswith("#"):
+            assert line.split()[1] in ("HELP", "TYPE"), line
+            continue
+        name, value = line.rsplit(" ", 1)  # the exposition format: name{labels} value
+        samples[name] = float(value)
+    families = [line.split()[2] for line in lines if line.startswith("# TYPE")]
+    assert all(f"# HELP {name} " in text.decode() for name in families)
+    as_json = call(server, "/metrics.json")[2]
+    assert samples["nucleus_images_served_total"] == as_json["images_served"] >= 2
+    assert samples['nucleus_requests_total{outcome="ok"}'] == as_json["requests"]["ok"]
+    assert samples["nucleus_request_latency_seconds_count"] == as_json["requests"]["ok"]
+    assert samples['nucleus_request_latency_seconds{quantile="0.5"}'] <= samples[
+        'nucleus_request_latency_seconds{quantile="0.99"}']
+    assert sum(v for k, v in samples.items() if k.startswith("nucleus_batches_total")) == as_json["batches"]
+
+
 def test_generation_returns_pngs_settings_seeds_and_commands(server):
     answer = generate(server, prompt="a red cube", negative_prompt="blurry", n=2, aspect_ratio="16:9", steps=3,
                       guidance_scale=3.0, seed=10)
@@ -177,13 +209,13 @@ def test_full_queue_gets_429_with_retry_after_and_the_server_recovers(server):
     fits = call(server, "/v1/images/jobs", {"prompt": "fits", "n": 2, "steps": 2})
     assert fits[0] == 202
     assert all(wait_job(server, i)["status"] == "done" for i in [blocker, *queued, fits[2]["id"]])
-    metrics = call(server, "/metrics")[2]
+    metrics = call(server, "/metrics.json")[2]
     assert metrics["requests"]["rejected"] >= 1 and metrics["queue_images"] == 0
     assert generate(server, prompt="after", n=1)["data"][0]["b64_json"]
 
 
 def test_concurrent_clients_each_get_their_own_images(server):
-    before = call(server, "/metrics")[2]
+    before = call(server, "/metrics.json")[2]
     answers, errors = {}, []
 
     def client(k):
@@ -201,7 +233,7 @@ def test_concurrent_clients_each_get_their_own_images(server):
     for k, answer in answers.items():
         assert answer["settings"]["prompt"] == f"client {k}"
         assert [d["seed"] for d in answer["data"]] == [1000 * k + i for i in range(1 + k % 2)]
-    metrics = call(server, "/metrics")[2]
+    metrics = call(server, "/metrics.json")[2]
     assert metrics["images_served"] - before["images_served"] == 9
     assert max(int(size) for size in metrics["batch_sizes"]) > 1  # the clients shared pipeline calls
     assert metrics["latency_seconds"]["p50"] <= metrics["latency_seconds"]["p95"]
@@ -216,10 +248,10 @@ def test_batching_off_and_graceful_shutdown(model_dir):
         thread = threading.Thread(target=lambda: result.update(answer=call(base, "/v1/images/generations",
                                                                              {"prompt": "last", "steps": 60})))
         thread.start()
-        until(lambda: call(base, "/metrics")[2]["running_images"] > 0)
+        until(lambda: call(base, "/metrics.json")[2]["running_images"] > 0)
         process.send_signal(signal.SIGTERM)
         thread.join(timeout=120)
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert process.wait(timeout=60) == 0  # a drained server exits 0, as a service manager expects
         status, _, body = result["answer"]
         assert status == 200 and body["settings"]["prompt"] == "last", body
         with pytest.raises(OSError):

@@ -12,9 +12,19 @@ from PIL import Image
 from nucleus_image.cli import main
 from nucleus_image.data.captions import CAPTION_SOURCES, geneval_prompt, noun_phrase
 from nucleus_image.data.manifest import read_manifest
-from nucleus_image.data.synthetic import (ASPECT_RATIOS, RELATIONS, SHAPES, TASKS, SynthConfig, generate_dataset,
-                                          heldout_metadata, make_example, relative_position, sample_scene,
-                                          scene_rng)
+from nucleus_image.data.synthetic import (
+    ASPECT_RATIOS,
+    RELATIONS,
+    SHAPES,
+    TASKS,
+    SynthConfig,
+    generate_dataset,
+    heldout_metadata,
+    make_example,
+    relative_position,
+    sample_scene,
+    scene_rng,
+)
 from nucleus_image.eval.compositional import validate_records
 
 

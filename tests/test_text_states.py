@@ -10,8 +10,8 @@ import os
 import torch
 from training_helpers import micro_config, run_cli
 
-from nucleus_image.data.synthetic import SynthConfig, generate_dataset
 from nucleus_image.data import text_states
+from nucleus_image.data.synthetic import SynthConfig, generate_dataset
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nucleus_image.data.synthetic import SynthConfig, generate_dataset
 from nucleus_image.model import NucleusConfig
-from nucleus_image.training.config import StageConfig, TrainConfig
+from nucleus_image.training.config import OptimizerConfig, StageConfig, TrainConfig
 
 MICRO_MODEL = NucleusConfig.preset("tiny").replace(
     num_layers=2, attention_head_dim=32, num_attention_heads=3, num_key_value_heads=1, axes_dims_rope=(4, 14, 14),
@@ -20,7 +20,7 @@ MICRO_MODEL = NucleusConfig.preset("tiny").replace(
 
 def micro_config(**overrides) -> TrainConfig:
     cfg = TrainConfig(
-        model=MICRO_MODEL, cpu_threads=1, lr=3e-3, warmup_steps=5, checkpoint_every=5, keep_last=3, merge_last=3, log_every=5,
+        model=MICRO_MODEL, cpu_threads=1, optimizer=OptimizerConfig(lr=3e-3, warmup_steps=5), checkpoint_every=5, keep_last=3, merge_last=3, log_every=5,
         sample_every=0, sample_steps=2, sample_prompts=("a red circle",), caption_weights=(1.0, 1.0, 0.0, 0.0),
         stages=[
             StageConfig("16px", 20, 16, 4, ("1:1", "4:3"), (0.0, 4.0), (), (2, 2, 1, 1, 1, 1, 1, 1)),
@@ -28,6 +28,17 @@ def micro_config(**overrides) -> TrainConfig:
         ],
     )
     return cfg.override([f"{k}={v}" for k, v in overrides.items()]) if overrides else cfg
+
+
+def legacy_layout(config: dict) -> dict:
+    """A train/finetune config dict in the layout written before the nested optimizer section: its fields flat,
+    under their old names (`optimizer` the kind, `adam_betas`, `adam_eps`, ...)."""
+    from nucleus_image.training.config import LEGACY_OPTIMIZER_KEYS
+
+    old_name = {new: old for old, new in LEGACY_OPTIMIZER_KEYS.items()}
+    flat = {k: v for k, v in config.items() if k != "optimizer"}
+    flat.update({old_name[k]: v for k, v in config["optimizer"].items()})
+    return flat
 
 
 def micro_dataset(root: Path) -> Path:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import signal
 import sys
 import textwrap
 
 import nucleus_image
+from nucleus_image.progress import is_terminal
+from nucleus_image.threads import check_threads, prepare_process, threads_for_command
 
 # Modules under nucleus_image.cli, each adding one top-level subcommand.
 COMMANDS = ("model", "data", "eval", "generate", "train", "finetune", "merge", "inspect_routing", "ablate", "bench", "plan", "serve")
@@ -64,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)subcommand `args` came from."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _leaf_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def command_name(args) -> str:
     """The subcommand as typed, e.g. `nucleus eval fid`, for error messages."""
     words = [args.command.replace("_", "-")]
@@ -73,31 +83,32 @@ def command_name(args) -> str:
     return "nucleus " + " ".join(words)
 
 
-def quiet_optional_libraries() -> None:
-    """transformers imports torchao when it is installed (the `quant` extra), and on a CPU-only torch torchao warns
-    at every import that its CUDA kernels' libraries do not load, and torch that torchao re-registers enums. We
-    use only torchao's Python paths on CPU, so these lines say nothing to a user; on a CUDA build they stay."""
-    import torch
-
-    if torch.version.cuda is None:
-        logging.getLogger("torchao").setLevel(logging.ERROR)
-        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    prepare_process()  # before build_parser imports torch
+    if not is_terminal(sys.stderr):
+        # Hugging Face libraries' own bars (loading weights, downloads) are carriage-return bars too.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Reported by the subcommand's parser, so the usage and the error name the command that was typed.
+        hint = " (--set takes one KEY=VALUE: repeat --set for each)" if any("=" in e and not e.startswith("-")
+                                                                          for e in extra) else ""
+        _leaf_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command is None:
         parser.print_help()
         return 0
     args.argv = argv
     name = command_name(args)
-    quiet_optional_libraries()
     # SIGTERM (a job scheduler, `kill`) stops a command the way Ctrl-C does: no traceback, nothing half-written.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return int(args.func(args) or 0)
+        if not hasattr(args, "threads"):
+            return int(args.func(args) or 0)
+        check_threads(args.threads)
+        with threads_for_command(args.threads) as args.threads_used:
+            return int(args.func(args) or 0)
     except KeyboardInterrupt as stop:
         print(f"{name}: interrupted" + (f": {stop}" if str(stop) else ""), file=sys.stderr)
         return 130

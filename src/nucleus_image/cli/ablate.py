@@ -10,7 +10,7 @@ per task, FID and the routing metrics side by side in OUT/ablation.md and OUT/ab
 
 from __future__ import annotations
 
-from nucleus_image.cli.arguments import EVAL_STEPS
+from nucleus_image.cli.arguments import EVAL_STEPS, add_threads_arg
 from nucleus_image.eval.routing import DEFAULT_SIGMAS
 
 
@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="tiny", help="training preset for both arms (default tiny)")
     p.add_argument("--config", default=None, help="a train_config.json for both arms instead of --preset")
     p.add_argument("--seed", type=int, default=0, help="training seed of both arms (default 0)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop both arms after this many steps")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop both arms after this many steps (default: the preset's stages)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to both arms; repeatable")
     p.add_argument("--sequential", action="store_true", help="train the arms one after the other (default: in parallel)")
@@ -36,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--sigmas", default=",".join(str(s) for s in DEFAULT_SIGMAS), help="noise levels for the routing metrics")
     p.add_argument("--no-fid", action="store_true", help="skip FID against held-out renderings")
     p.add_argument("--device", default="cpu", help="torch device for the evaluation (default cpu)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -59,7 +61,7 @@ def run(args) -> int:
                          overrides=tuple(args.overrides), parallel=not args.sequential, per_task=args.per_task,
                          samples=args.samples, sample_steps=args.steps, guidance=args.guidance,
                          routing_per_task=args.routing_per_task, sigmas=tuple(parse_sigmas(args.sigmas)),
-                         fid=not args.no_fid, device=args.device)
+                         fid=not args.no_fid, device=args.device, threads=args.threads_used)
     summary = run_ablation(cfg, args.data, args.out)
     print(format_table(summary))
     print(f"table: {args.out}/ablation.md; pictures: {args.out}/loss_curves.png, "

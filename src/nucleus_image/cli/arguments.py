@@ -1,4 +1,5 @@
-"""Flags several subcommands share, spelled and checked one way: prompts, devices, dtypes, step counts, sizes.
+"""Flags several subcommands share, spelled and checked one way: prompts, devices, dtypes, step counts, sizes,
+GPU acceleration.
 
 Every check here runs before a model is loaded and raises ValueError naming the flag as the user types it.
 """
@@ -20,6 +21,13 @@ def add_prompt_args(parser, what: str = "") -> None:
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for several")
     parser.add_argument("--prompts", metavar="FILE", help="prompts file: plain text, one prompt per line, or JSONL "
                                                           "objects with a 'prompt' key" + what)
+
+
+def add_threads_arg(parser) -> None:
+    """`--threads`, applied by `nucleus_image.cli.main` before the command runs (`nucleus_image.threads`)."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads (default: every core this process may use, or OMP_NUM_THREADS when set; "
+                             "waiting threads sleep, so a busy machine does not collapse them)")
 
 
 def read_prompt_file(path: str, flag: str = "--prompts") -> list[dict]:
@@ -86,6 +94,39 @@ def check_device(value: str | None, flag: str = "--device") -> None:
         raise ValueError(f"{flag} {value}: MPS is not available here; use {flag} cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{flag} {value!r}: accepted: cpu, cuda, cuda:N, mps")
+
+
+def add_acceleration_args(parser) -> None:
+    parser.add_argument("--fp8-compute", action="store_true", help="expert and attention matmuls in fp8 (GPUs of "
+                                                                   "compute capability >= 8.9; not with --quantize)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each denoising step as one CUDA graph (GPU only; not with --cache)")
+
+
+def check_acceleration(args) -> None:
+    """--cuda-graph and --fp8-compute: refuse combinations and devices that cannot run them, before loading."""
+    if not (args.cuda_graph or args.fp8_compute):
+        return
+    import torch
+
+    from nucleus_image.pipeline.cuda_graph import check_cuda_graph
+    from nucleus_image.pipeline.pipeline import default_device
+    from nucleus_image.quantization.fp8_compute import check_fp8_compute
+
+    cache = getattr(args, "cache", None)
+    if args.cuda_graph and cache is not None:
+        raise ValueError(f"--cuda-graph replays one fixed step; --cache {cache} changes each step's work: choose one")
+    if args.fp8_compute and args.quantize is not None:
+        raise ValueError(f"--fp8-compute computes with fp8 copies of high-precision weights; --quantize "
+                         f"{args.quantize} stores 8-bit weights computed in high precision: choose one")
+    device = torch.device(args.device) if args.device is not None else default_device()
+    for flag, check, wanted in (("--cuda-graph", check_cuda_graph, args.cuda_graph),
+                                ("--fp8-compute", check_fp8_compute, args.fp8_compute)):
+        if wanted:
+            try:
+                check(device)
+            except ValueError as err:
+                raise ValueError(f"{flag}: {err}") from None
 
 
 def check_positive(args, *names: str) -> None:

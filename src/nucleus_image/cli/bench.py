@@ -11,7 +11,7 @@ model gets the synthetic held-out prompts by default and is scored here with the
 
 from __future__ import annotations
 
-from nucleus_image.cli.arguments import GENERATE_STEPS
+from nucleus_image.cli.arguments import GENERATE_STEPS, add_threads_arg
 
 
 def register(subparsers) -> None:
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", help="GenEval-format metadata .jsonl (default: GenEval's 553 prompts; for a "
                                      "synthetic-domain model, the synthetic held-out prompts)")
     p.add_argument("--per-task", type=int, default=24, help="synthetic held-out prompts per task (synthetic default)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts (default: all)")
     p.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0 of prompt 0 (default 0)")
     p.add_argument("--steps", type=int, default=GENERATE_STEPS, help="denoising steps")
@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--score", choices=("auto", "compositional", "none"), default="auto",
                    help="auto: score with the compositional scorer when the prompts are synthetic shapes")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -47,8 +48,7 @@ def run(args) -> int:
     check_device(args.device)
     check_out_folder(args.out)
 
-    from nucleus_image.eval.geneval_bench import (generate_benchmark, is_synthetic_domain, read_prompts,
-                                                  scorable_here)
+    from nucleus_image.eval.geneval_bench import generate_benchmark, is_synthetic_domain, read_prompts, scorable_here
 
     synthetic = is_synthetic_domain(args.model)
     if args.prompts:

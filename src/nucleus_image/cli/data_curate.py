@@ -18,7 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="folders (images + .txt/.json captions), WebDataset .tar shards, or .parquet tables")
     p.add_argument("--out", required=True, metavar="DIR", help="dataset folder; a new manifest-vNNNN is added")
-    p.add_argument("--engine", choices=("local", "ray"), default="local")
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="where the work runs: local "
+                                                                                 "processes or a Ray cluster")
     p.add_argument("--config", metavar="FILE", help="a .toml or .json CurateConfig (fields override --preset)")
     p.add_argument("--preset", default=None, help="named config preset: recipe (default) or lenient")
     p.add_argument("--workers", type=int, default=None, help="local engine processes (default: all cores)")

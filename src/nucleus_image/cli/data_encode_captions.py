@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from nucleus_image.cli.arguments import add_threads_arg
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("encode-captions", help="precompute caption text states into the shared cache",
@@ -22,6 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--cache", default=None,
                    help="cache folder (default $NUCLEUS_CACHE, else $XDG_CACHE_HOME/nucleus, else ~/.cache/nucleus)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

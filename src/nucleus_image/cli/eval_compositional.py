@@ -11,13 +11,26 @@ REPORT/report.json and REPORT/detections.png and prints the per-task table.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from nucleus_image.cli.arguments import (EVAL_STEPS, check_device, check_guidance, check_out_folder, check_positive,
-                                         read_prompt_file, resumable)
-from nucleus_image.eval.compositional import (format_summary, generate_samples, read_geneval_folder,
-                                              score_folder, validate_records, write_report)
+from nucleus_image.cli.arguments import (
+    EVAL_STEPS,
+    add_threads_arg,
+    check_device,
+    check_guidance,
+    check_out_folder,
+    check_positive,
+    read_prompt_file,
+    resumable,
+)
+from nucleus_image.eval.compositional import (
+    format_summary,
+    generate_samples,
+    read_geneval_folder,
+    score_folder,
+    validate_records,
+    write_report,
+)
 
 
 def register(subparsers) -> None:
@@ -38,6 +51,7 @@ def register(subparsers) -> None:
     p.add_argument("--aspect", default="1:1", help="aspect preset at the model's native size (with --model)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward, whole prompts (with --model)")
     p.add_argument("--device", default=None, help="torch device for --model (default: cuda if available)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nucleus_image.cli.arguments import EVAL_STEPS, check_device, check_guidance, check_positive, resumable
+from nucleus_image.cli.arguments import (
+    EVAL_STEPS,
+    add_threads_arg,
+    check_device,
+    check_guidance,
+    check_positive,
+    resumable,
+)
 
 
 def register(subparsers) -> None:
@@ -38,6 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward, of the sampler (whole prompts, "
                                                               "with --model) and of Inception")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

@@ -3,6 +3,7 @@
     nucleus generate --model runs/tiny/merged --prompt "a red cube left of a blue sphere" --num-images 4 --out samples/
     nucleus generate --model runs/tiny/merged --prompts prompts.txt --aspect 16:9 --steps 30 --out samples/
     nucleus generate --model NucleusAI/NucleusMoE-Image --prompt "a lighthouse at dusk" --device cuda --out samples/
+    nucleus generate --model NucleusAI/NucleusMoE-Image --prompts prompts.txt --cuda-graph --fp8-compute --out samples/
 
 Image k (counting over prompts, then images per prompt) is drawn with seed `--seed + k` on a CPU generator, so
 every image is reproducible on its own: its sidecar and its PNG text metadata hold the exact settings and a
@@ -16,13 +17,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
-from nucleus_image.cli.arguments import (DTYPES, GENERATE_STEPS, add_prompt_args, check_device, check_guidance,
-                                         check_out_folder, check_positive, prompt_records)
 from nucleus_image.cli import step_cache_args
+from nucleus_image.cli.arguments import (
+    DTYPES,
+    GENERATE_STEPS,
+    add_acceleration_args,
+    add_prompt_args,
+    add_threads_arg,
+    check_acceleration,
+    check_device,
+    check_guidance,
+    check_out_folder,
+    check_positive,
+    prompt_records,
+)
+from nucleus_image.pipeline.command import generate_command, model_name
 from nucleus_image.pipeline.presets import ASPECT_RATIOS
 
 # One job writes at most this many images: names are 5-digit (00000.png ...), and a larger job is better split
@@ -54,9 +66,12 @@ def register(subparsers) -> None:
     p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after "
                                                                        "encoding each batch's prompts")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                   help="8-bit transformer weights (quantized while loading; the text encoder and VAE are unchanged)")
+                   help="8-bit transformer weights, quantized while loading; the text encoder and VAE are unchanged "
+                        "(default: none, full precision)")
+    add_acceleration_args(p)
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
     step_cache_args.add_arguments(p)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -74,6 +89,7 @@ def check_args(args, prompts: list[str]) -> tuple[int, int]:
     if (args.width is None) != (args.height is None) and args.aspect is None:
         raise ValueError("pass both --width and --height (or --aspect)")
     check_device(args.device)
+    check_acceleration(args)
     check_out_folder(args.out)
     sample_size, granularity = read_geometry(args.model)  # also refuses a folder that is not a pipeline
     try:
@@ -81,25 +97,6 @@ def check_args(args, prompts: list[str]) -> tuple[int, int]:
     except ValueError as err:
         raise ValueError(str(err).replace("aspect_ratio", "--aspect").replace("height/width", "--width/--height")) \
             from None
-
-
-def reproduce_command(args, prompt: str, seed: int, width: int, height: int) -> str:
-    parts = ["nucleus", "generate", "--model", model_name(args.model), "--prompt", prompt,
-             "--width", str(width), "--height", str(height), "--steps", str(args.steps), "--guidance",
-             repr(args.guidance), "--seed", str(seed), "--num-images", "1", "--dtype", args.dtype]
-    if args.negative is not None:
-        parts += ["--negative", args.negative]
-    if args.device is not None:
-        parts += ["--device", args.device]
-    if args.quantize is not None:
-        parts += ["--quantize", args.quantize]
-    parts += step_cache_args.command_args(step_cache_args.from_args(args))
-    return shlex.join(parts + ["--out", "OUT"])
-
-
-def model_name(model: str) -> str:
-    """An absolute path for a local folder; a Hub id as given."""
-    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def claim_folder(out: Path, job: dict) -> set[int]:
@@ -138,7 +135,8 @@ def png_bytes(image, sidecar: dict) -> bytes:
                  f"{sidecar['guidance_scale']}, Seed: {sidecar['seed']}, Size: {sidecar['width']}x{sidecar['height']}, "
                  f"Model: {sidecar['model']}, Version: nucleus-image {sidecar['nucleus_image_version']}")
     info.add_text("parameters", "\n".join(lines))
-    info.add_itxt("nucleus_image", json.dumps(sidecar))
+    # Without the file name: the sidecar's command, which writes 00000.png, then makes the same bytes.
+    info.add_itxt("nucleus_image", json.dumps({k: v for k, v in sidecar.items() if k != "image"}))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -155,6 +153,8 @@ def run(args) -> int:
            "width": width, "height": height, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
            "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype, "quantize": args.quantize,
            "cache": cache.to_dict() if cache else None}
+    # Recorded only when on, so jobs written before these flags existed still continue.
+    job.update({name: True for name in ("fp8_compute", "cuda_graph") if getattr(args, name)})
     done = claim_folder(out, job)
     if len(done) >= total:
         print(f"nothing to do: all {total} images are already in {out}", file=sys.stderr)
@@ -163,13 +163,14 @@ def run(args) -> int:
         print(f"continuing: {len(done)} of {total} images already in {out}", file=sys.stderr)
 
     import torch
-    from tqdm.auto import tqdm
 
     import nucleus_image
     from nucleus_image.pipeline import NucleusPipeline
+    from nucleus_image.progress import progress as progress_bar
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
+    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
+                                           cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute)
     sigmas = pipe.schedule.sigmas(args.steps, (height // pipe.granularity) * (width // pipe.granularity))
     settings = {
         "model": job["model"],
@@ -182,16 +183,17 @@ def run(args) -> int:
         "sigmas": [round(float(s), 8) for s in sigmas],
         "schedule": pipe.schedule.to_config(),
         "generator": "torch.Generator('cpu').manual_seed(seed), float32 noise",
-        "batch_size": args.batch_size,
         "device": str(pipe.device),
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "quantize": pipe.transformer.quantization,
+        "fp8_compute": pipe.fp8_compute,
+        "cuda_graph": pipe.cuda_graph,
         "nucleus_image_version": nucleus_image.__version__,
         "torch_version": torch.__version__,
     }
     written = 0
     try:
-        with tqdm(total=total, initial=len(done), desc="images", unit="img") as bar:
+        with progress_bar(total=total, initial=len(done), desc="images", unit="img") as bar:
             for start in range(0, total, args.batch_size):
                 # A batch is redrawn whole when any image of it is missing: images depend on the batch they were
                 # drawn in, so a continued job equals an uninterrupted one.
@@ -215,8 +217,15 @@ def run(args) -> int:
                     if k in done:
                         continue
                     prompt, seed, stem = prompts[k // args.num_images], args.seed + k, out / f"{k:05d}"
+                    # batch_size: the batch this image was drawn in (images depend on it: float summation order).
+                    command = generate_command(args.model, prompt, seed=seed, width=width, height=height,
+                                               steps=args.steps, guidance=args.guidance, negative=args.negative,
+                                               dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                               cache=cache, cuda_graph=args.cuda_graph,
+                                               fp8_compute=args.fp8_compute,
+                                               aspect=getattr(args, "aspect", None))
                     sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
-                               "step_cache": report, "command": reproduce_command(args, prompt, seed, width, height)}
+                               "batch_size": len(numbers), "step_cache": report, "command": command}
                     write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))
                     write_atomic(stem.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
                     done.add(k)

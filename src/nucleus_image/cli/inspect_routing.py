@@ -13,8 +13,15 @@ noised to every sigma with one fixed noise draw and run through the transformer 
 
 from __future__ import annotations
 
-from nucleus_image.cli.arguments import (EVAL_STEPS, add_prompt_args, check_device, check_out_folder, check_positive,
-                                         prompt_records)
+from nucleus_image.cli.arguments import (
+    EVAL_STEPS,
+    add_prompt_args,
+    add_threads_arg,
+    check_device,
+    check_out_folder,
+    check_positive,
+    prompt_records,
+)
 from nucleus_image.eval.routing import DEFAULT_SIGMAS
 
 
@@ -32,6 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=EVAL_STEPS, help="denoising steps to sample plain prompts")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -48,7 +56,8 @@ def parse_sigmas(text: str) -> list[float]:
 def run(args) -> int:
     from nucleus_image.data.synthetic import heldout_metadata
     from nucleus_image.eval.compositional import validate_records
-    from nucleus_image.eval.routing import format_metrics, has_scenes, inspect_pipeline, write_report
+    from nucleus_image.eval.routing import format_metrics, has_scenes, inspect_pipeline
+    from nucleus_image.eval.routing_report import write_report
     from nucleus_image.pipeline import NucleusPipeline
 
     sigmas = parse_sigmas(args.sigmas)

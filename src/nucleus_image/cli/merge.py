@@ -10,6 +10,7 @@ nucleus_image.training.merge). The output loads with NucleusPipeline.from_pretra
 
 from __future__ import annotations
 
+from nucleus_image.cli.arguments import add_threads_arg
 from nucleus_image.training.merge import MERGE_WEIGHTS
 
 
@@ -20,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--last", type=int, default=None, help="how many of the newest checkpoints (default: the run's merge_last)")
     p.add_argument("--weights", choices=MERGE_WEIGHTS, default=None, help="coefficients (default: the run's merge_weights)")
     p.add_argument("--out", required=True, help="pipeline folder to write")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

@@ -5,13 +5,16 @@
 
 Queued images with the same size, steps and guidance run together, up to --max-batch per pipeline call
 (--max-batch 1 turns batching off). On SIGINT/SIGTERM the server stops accepting connections, lets running
-requests finish for up to --shutdown-timeout seconds, then fails what is left with 503.
+requests finish for up to --shutdown-timeout seconds, answers queued ones 503 and exits 0.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
+import sys
 
+from nucleus_image.cli.arguments import add_acceleration_args, add_threads_arg, check_acceleration
 from nucleus_image.cli.generate import DTYPES
 from nucleus_image.serve.request import Limits
 
@@ -37,9 +40,12 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                   help="8-bit transformer weights, as `nucleus generate --quantize` (quantized while loading)")
+                   help="8-bit transformer weights, as `nucleus generate --quantize` (default: none, full precision)")
+    add_acceleration_args(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -61,6 +67,7 @@ def check_args(args) -> None:
                          f"could never be queued")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    check_acceleration(args)
     sample_size, granularity = read_geometry(args.model)
     if args.max_side is not None and (args.max_side < granularity or args.max_side % granularity):
         raise ValueError(f"--max-side {args.max_side} must be a positive multiple of {granularity} px")
@@ -86,16 +93,29 @@ def run(args) -> int:
 
     check_args(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    # Passed only when asked for, so plain serving does not depend on the quantized-loading keyword.
-    quantize = {"quantize": args.quantize} if args.quantize else {}
-    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, **quantize)
+    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
+                                           cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute)
     config = ServeConfig(
         model_path=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
         batch_wait=args.batch_wait_ms / 1000, dtype=args.dtype, device=args.device, quantize=args.quantize,
+        cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute,
         limits=Limits(max_prompt_chars=args.max_prompt_chars, max_images=args.max_images, max_steps=args.max_steps,
                       max_side=args.max_side),
         defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),
     )
-    uvicorn.run(create_app(pipe, config), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn stops on SIGINT/SIGTERM by itself: it stops listening, lets running requests finish (up to
+    # --shutdown-timeout), the app answers queued ones 503, and then uvicorn raises the signal again for the
+    # handlers it found. A server asked to stop that has drained has done its job: it exits 0, as service managers
+    # (systemd, Kubernetes) expect of a clean stop; 130 is for commands an interrupt left with work unfinished.
+    stopped: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: stopped.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.run(create_app(pipe, config), host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if stopped:
+        print(f"nucleus serve: stopped on {signal.Signals(stopped[0]).name}", file=sys.stderr)
     return 0

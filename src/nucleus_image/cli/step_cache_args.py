@@ -6,20 +6,33 @@
 
 from __future__ import annotations
 
-from nucleus_image.pipeline.step_cache import CACHE_POLICIES, StepCacheConfig, cache_config
+from nucleus_image.pipeline.step_cache import (
+    CACHE_POLICIES,
+    FBCacheConfig,
+    StepCacheConfig,
+    TaylorSeerConfig,
+    cache_config,
+)
 
 # flag suffix -> config field; each policy accepts only its own fields (see nucleus_image.pipeline.step_cache).
 FIELDS = {"threshold": float, "order": int, "interval": int, "warmup": int}
 
 
 def add_arguments(parser) -> None:
+    fb, ts = FBCacheConfig(), TaylorSeerConfig()
     parser.add_argument("--cache", choices=CACHE_POLICIES, default=None,
-                        help="reuse transformer work across steps (default: every step in full)")
-    parser.add_argument("--cache-threshold", type=float, default=None,
-                        help="fbcache: relative change of the first block's residual below which a step is skipped")
-    parser.add_argument("--cache-order", type=int, default=None, help="taylorseer: order of the forecast")
-    parser.add_argument("--cache-interval", type=int, default=None, help="taylorseer: full step every N steps")
-    parser.add_argument("--cache-warmup", type=int, default=None, help="first steps always computed in full")
+                        help="reuse transformer work across steps (default: none, every step in full)")
+    parser.add_argument("--cache-threshold", type=float, default=None, metavar="X",
+                        help="fbcache: relative change of the first block's residual below which a step is skipped "
+                             f"(default: {fb.threshold})")
+    parser.add_argument("--cache-order", type=int, default=None, metavar="N",
+                        help=f"taylorseer: order of the forecast (default: {ts.order})")
+    parser.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                        help=f"taylorseer: a full step every N steps (default: {ts.interval})")
+    parser.add_argument("--cache-warmup", type=int, default=None, metavar="N",
+                        help="first steps always computed in full (default: " + (
+                            str(fb.warmup) if fb.warmup == ts.warmup
+                            else f"{fb.warmup} for fbcache, {ts.warmup} for taylorseer") + ")")
 
 
 def from_args(args) -> StepCacheConfig | None:
@@ -31,12 +44,3 @@ def from_args(args) -> StepCacheConfig | None:
             raise ValueError(f"--cache-{next(iter(given))} needs --cache ({' or '.join(CACHE_POLICIES)})")
         return None
     return cache_config(args.cache, **given)
-
-
-def command_args(config: StepCacheConfig | None) -> list[str]:
-    """Flags that rebuild `config` exactly (every field spelled out, so a later default change cannot alter it)."""
-    if config is None:
-        return []
-    fields = config.to_dict()
-    return ["--cache", fields.pop("policy")] + [part for name, value in fields.items()
-                                               for part in (f"--cache-{name}", repr(value))]

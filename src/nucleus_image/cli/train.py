@@ -2,7 +2,7 @@
 
     nucleus train --preset tiny --data data/synth --out runs/tiny
     nucleus train --preset tiny --data data/synth --out runs/tiny --resume
-    nucleus train --preset tiny --data data/synth --out runs/short --max-steps 200 --set lr=3e-3
+    nucleus train --preset tiny --data data/synth --out runs/short --max-steps 200 --set optimizer.lr=3e-3
     nucleus train --config runs/old/train_config.json --data data/synth --out runs/new
 
 Writes RUN_DIR/train_config.json (the resolved config), checkpoints/step-*/ (atomic, last N kept),
@@ -20,14 +20,17 @@ Several processes (FSDP2, expert parallelism; the layout in `parallel.*`, the gl
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
 from pathlib import Path
 
+from nucleus_image.cli.arguments import add_threads_arg
 from nucleus_image.parallel.config import check_layout
 from nucleus_image.parallel.launch import launch
 from nucleus_image.parallel.mesh import launched_world
+from nucleus_image.threads import THREAD_ENV, default_threads
 from nucleus_image.training.config import PRESETS, TrainConfig
 
 
@@ -42,10 +45,12 @@ def register(subparsers) -> None:
                                                               "(default: the config's stages)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (dotted: lr=3e-3, stages.0.steps=200, model.num_experts=16); repeatable")
+                   help="override a config field (dotted: optimizer.lr=3e-3, stages.0.steps=200, model.num_experts=16; "
+                        "the optimizer's old flat names such as lr=3e-3 still work); repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes to start on this machine (torchrun standalone; gloo on CPU, nccl on GPU)")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -99,15 +104,25 @@ def run(args) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     world = launched_world()
+    if args.nproc == 1 and world == 1:
+        check_one_process_layout(cfg, args.overrides)
+    if args.threads is not None:  # --threads is `--set cpu_threads=N` (recorded, so --resume keeps it)
+        cfg = cfg.override([f"cpu_threads={max(1, args.threads // args.nproc)}"])
     if args.nproc > 1 and world == 1:
         # Checked here too, so a layout that cannot work fails before any process starts.
         check_layout(cfg.parallel.resolve(args.nproc), cfg.model.num_experts,
                      {s.name: s.batch_size for s in cfg.stages}, cfg.grad_accum_steps)
+        # The cores are shared by the processes: each gets its share (torchrun passes OMP_NUM_THREADS on).
+        os.environ[THREAD_ENV] = str(max(1, args.threads_used // args.nproc))
         code = launch(args.nproc, _forwarded(args))
         if code == 130:
             print(f"interrupted; resume with: {resume_command(args.argv)}", file=sys.stderr)
         return code
     describe_plan(cfg, args.data, args.max_steps)
+    if cfg.cpu_threads:
+        print(f"threads: {cfg.cpu_threads} per process (cpu_threads)")
+    else:
+        print(f"threads: {args.threads_used} per process ({default_threads()[1]}; --threads N to choose)")
     trainer = Trainer(cfg, args.data, out, max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress)
 
     def stop_between_steps(signum, frame):
@@ -136,6 +151,21 @@ def run(args) -> int:
     return 0
 
 
+def check_one_process_layout(cfg: TrainConfig, overrides: list[str]) -> None:
+    """One process ignores the layout: refuse one asked for on this command line, and say so for one that came
+    with a config (a run may resume at another size)."""
+    layout = cfg.parallel
+    if max(layout.dp_replicate, layout.dp_shard, layout.ep) <= 1:
+        return
+    asked = [item for item in overrides if item.split("=", 1)[0] in ("parallel.dp_replicate", "parallel.dp_shard",
+                                                                     "parallel.ep")]
+    if asked:
+        raise ValueError(f"--set {asked[0]} needs several processes, but this is one: add --nproc N (or start it "
+                         f"with torchrun)")
+    print(f"note: one process; the config's layout (dp_replicate={layout.dp_replicate} dp_shard={layout.dp_shard} "
+          f"ep={layout.ep}) applies only with --nproc or torchrun", file=sys.stderr)
+
+
 def _forwarded(args) -> list[str]:
     """This command's arguments for each started process (without --nproc)."""
     out = ["train", "--preset", args.preset, "--data", args.data, "--out", args.out]
@@ -149,4 +179,6 @@ def _forwarded(args) -> list[str]:
         out.append("--no-progress")
     for item in args.overrides:
         out += ["--set", item]
+    if args.threads is not None:
+        out += ["--threads", str(max(1, args.threads // args.nproc))]
     return out

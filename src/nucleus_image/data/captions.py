@@ -12,12 +12,9 @@ GenEval prompts name no colour (single_object, two_object, counting, position) n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from nucleus_image.data.synthetic import Scene, SceneObject
+from nucleus_image.data.scene import Scene, SceneObject
 
 CAPTION_SOURCES = ("synthetic:short", "synthetic:two", "synthetic:detailed", "synthetic:paragraph")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}

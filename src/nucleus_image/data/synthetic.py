@@ -36,6 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nucleus_image.data.captions import CAPTION_SOURCES, captions_for, geneval_prompt
+from nucleus_image.data.scene import Scene, SceneObject
+
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 # Object colours: GenEval colour names, chosen far apart in RGB and never a tint of one another, so a blurred
@@ -127,78 +130,6 @@ def relative_position(box_a, box_b) -> set[str]:
     if dy > 0.5:
         rels.add("below")
     return rels
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    shape: str
-    color: str
-    size_class: str
-    size: float  # side of the object's square box in pixels
-    cx: float
-    cy: float
-
-    @property
-    def bbox(self) -> tuple[float, float, float, float]:
-        h = self.size / 2
-        return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
-
-
-@dataclass(frozen=True)
-class Scene:
-    task: str
-    width: int
-    height: int
-    aspect: str
-    background: str
-    texture: str
-    objects: tuple[SceneObject, ...]
-    relation: tuple[str, int, int] | None = None  # (relation, subject index, reference index)
-
-    @property
-    def bucket(self) -> int:
-        if self.task == "counting":
-            return {2: 4, 3: 6, 4: 8}[len(self.objects)]
-        return {"single_object": 1, "colors": 2, "two_object": 3, "color_attr": 5, "position": 7}[self.task]
-
-    @property
-    def tier(self) -> int:
-        return (self.bucket + 1) // 2 + (self.texture != "plain")
-
-    def metadata(self) -> dict:
-        """This scene's GenEval-style record (without a prompt): what a correct image of it must show."""
-        objs = self.objects
-        if self.task in ("single_object", "colors"):
-            inc = [{"class": objs[0].shape, "count": 1}]
-        elif self.task == "counting":
-            inc = [{"class": objs[0].shape, "count": len(objs)}]
-        else:
-            inc = [{"class": o.shape, "count": 1} for o in objs]
-        if self.task == "colors" or self.task == "color_attr":
-            for entry, o in zip(inc, objs):
-                entry["color"] = o.color
-        if self.task == "position":
-            rel, subj, ref = self.relation
-            inc = [{"class": objs[ref].shape, "count": 1}, {"class": objs[subj].shape, "count": 1, "position": [rel, 0]}]
-        record = {"tag": self.task, "include": inc}
-        if self.task == "counting":
-            record["exclude"] = [{"class": objs[0].shape, "count": len(objs) + 1}]
-        return record
-
-    def annotations(self) -> dict:
-        return {
-            "task": self.task,
-            "background": self.background,
-            "texture": self.texture,
-            "aspect": self.aspect,
-            "objects": [
-                {"shape": o.shape, "color": o.color, "size": o.size_class,
-                 "bbox": [round(v, 2) for v in o.bbox], "center": [round(o.cx, 2), round(o.cy, 2)]}
-                for o in self.objects
-            ],
-            "relation": list(self.relation) if self.relation else None,
-            "geneval": self.metadata(),
-        }
 
 
 @dataclass(frozen=True)
@@ -389,8 +320,6 @@ def scene_relations(scene: Scene) -> dict[tuple[int, int], set[str]]:
 
 def make_example(seed: int, index: int, config: SynthConfig = SynthConfig()) -> tuple[Scene, Image.Image, list[str]]:
     """Scene, rendered image and its four captions (low to high quality) for one (seed, index)."""
-    from nucleus_image.data.captions import captions_for
-
     rng = scene_rng(seed, index)
     scene = sample_scene(rng, config)
     image = render(scene, rng)
@@ -403,8 +332,6 @@ def heldout_metadata(seed: int = 0, per_task: int = 24, config: SynthConfig = Sy
     combinations (all of them when fewer), drawn with `seed`. Prompts use GenEval's "a photo of ..." phrasing,
     which no training caption uses."""
     from itertools import combinations, permutations, product
-
-    from nucleus_image.data.captions import geneval_prompt
 
     if per_task < 1:
         raise ValueError(f"per_task {per_task!r} must be >= 1")
@@ -455,10 +382,9 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConf
     """Write `num` images to out/images (named by content hash, so older manifests stay valid), a new
     manifest version, the held-out prompts and a preview grid. Returns the manifest version folder."""
     import pyarrow as pa
-    from tqdm import tqdm
 
-    from nucleus_image.data.captions import CAPTION_SOURCES
     from nucleus_image.data.manifest import SCHEMA, next_version_dir, partition_key_for, write_shard
+    from nucleus_image.progress import progress as progress_bar
 
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"num {num!r} must be a positive integer")
@@ -468,7 +394,7 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConf
     (out / "images").mkdir(parents=True, exist_ok=True)
     cols = {f.name: [] for f in SCHEMA}
     previews = []
-    for index in tqdm(range(num), desc="synthesizing", unit="img", disable=not progress):
+    for index in progress_bar(range(num), desc="synthesizing", unit="img", disable=not progress):
         scene, image, captions = make_example(seed, index, config)
         data = png_bytes(image)
         sha = sha256_hex(data)

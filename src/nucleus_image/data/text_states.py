@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
+
+from nucleus_image.progress import progress as progress_bar
 
 SHARD_CAPTIONS = 256  # captions per shard: few files, and an interrupted encoding loses at most this many
 OPEN_SHARDS = 64  # memory-mapped shards kept open (least recently used closed first): bounded file handles
@@ -148,7 +149,7 @@ class TextStateStore:
     def encode_missing(self, text_encoder, captions, progress: bool = True) -> int:
         """Encode (one at a time) and store the captions not yet stored; returns how many were encoded."""
         todo = self.missing(captions)
-        bar = tqdm(total=len(todo), desc="encoding captions", unit="caption", disable=not progress or not todo)
+        bar = progress_bar(total=len(todo), desc="encoding captions", unit="caption", disable=not progress or not todo)
         for start in range(0, len(todo), SHARD_CAPTIONS):
             chunk = {}
             for caption in todo[start:start + SHARD_CAPTIONS]:

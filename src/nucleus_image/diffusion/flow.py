@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class FlowSchedule:
             raise ValueError(f"shift_terminal must be in [0, 1), got {self.shift_terminal}")
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "FlowSchedule":
+    def from_config(cls, config: dict[str, Any]) -> FlowSchedule:
         """Build from a diffusers scheduler_config.json dict; unknown bookkeeping keys are ignored."""
         enabled = [key for key in _UNSUPPORTED_FLAGS if config.get(key)]
         if enabled:

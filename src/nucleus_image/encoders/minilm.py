@@ -58,6 +58,6 @@ class MiniLMTextEncoder(TextEncoder):
         (Path(path) / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path) -> "MiniLMTextEncoder":
+    def from_pretrained(cls, path) -> MiniLMTextEncoder:
         config = json.loads((Path(path) / CONFIG_NAME).read_text())
         return cls(max_length=int(config.get("max_length", DEFAULT_MAX_LENGTH)))

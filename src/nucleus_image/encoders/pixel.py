@@ -45,6 +45,6 @@ class PixelAutoencoder(Autoencoder):
         (Path(path) / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path) -> "PixelAutoencoder":
+    def from_pretrained(cls, path) -> PixelAutoencoder:
         config = json.loads((Path(path) / CONFIG_NAME).read_text())
         return cls(factor=int(config.get("factor", 2)), channels=int(config.get("channels", 3)))

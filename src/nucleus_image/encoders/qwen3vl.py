@@ -65,7 +65,7 @@ class Qwen3VLTextEncoder(TextEncoder):
 
     @classmethod
     def from_pretrained(cls, text_encoder_dir, tokenizer_dir, dtype: torch.dtype | None = None,
-                        device="cpu") -> "Qwen3VLTextEncoder":
+                        device="cpu") -> Qwen3VLTextEncoder:
         from transformers import Qwen3VLForConditionalGeneration
 
         model = Qwen3VLForConditionalGeneration.from_pretrained(str(text_encoder_dir), dtype=dtype or "auto")

@@ -20,7 +20,7 @@ class QwenImageAutoencoder(Autoencoder):
         self.scale_factor = 2 ** len(vae.config.temperal_downsample)
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "QwenImageAutoencoder":
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> QwenImageAutoencoder:
         from diffusers import AutoencoderKLQwenImage
 
         return cls(AutoencoderKLQwenImage.from_pretrained(str(path), torch_dtype=dtype).to(device))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -50,6 +50,7 @@ class AblationConfig:
     sigmas: tuple[float, ...] = DEFAULT_SIGMAS
     fid: bool = True
     device: str = "cpu"
+    threads: int = 0  # CPU threads in all (0: each `nucleus train` picks its default); parallel arms share them
 
 
 def _cli(*args: str) -> list[str]:
@@ -65,6 +66,8 @@ def train_command(cfg: AblationConfig, arm: str, data: Path, run_dir: Path) -> l
         args += ["--set", item]
     if cfg.max_steps is not None:
         args += ["--max-steps", str(cfg.max_steps)]
+    if cfg.threads:
+        args += ["--threads", str(max(1, cfg.threads // (len(ARMS) if cfg.parallel else 1)))]
     if latest_checkpoint(run_dir) is not None:  # `nucleus train` refuses --resume without a checkpoint
         args.append("--resume")
     return _cli(*args)
@@ -82,30 +85,27 @@ def train_arms(cfg: AblationConfig, data: Path, out: Path) -> dict[str, float]:
             print(f"{arm}: already trained ({walls[arm]:.0f} s), reusing {arm_dir / 'run'}")
             continue
         command = train_command(cfg, arm, data, arm_dir / "run")
-        log = open(arm_dir / "train.log", "a")
         print(f"{arm}: training -> {arm_dir / 'run'} (log {arm_dir / 'train.log'})")
         started[arm] = time.perf_counter()
-        procs[arm] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
+        with open(arm_dir / "train.log", "a") as log:  # the child keeps its own descriptor
+            procs[arm] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         if not cfg.parallel:
-            procs[arm][0].wait()
+            procs[arm].wait()
             _finish(procs.pop(arm), arm, started, walls, arm_dir)
     try:
         while procs:  # each arm's wall time ends when its own process does, not when it is joined
-            for arm in [a for a, (p, _) in procs.items() if p.poll() is not None]:
+            for arm in [a for a, p in procs.items() if p.poll() is not None]:
                 _finish(procs.pop(arm), arm, started, walls, out / arm)
             time.sleep(0.2)
     finally:  # one arm failed (or we were interrupted): do not leave the other training unattended
-        for proc, log in procs.values():
+        for proc in procs.values():
             proc.terminate()
             proc.wait()
-            log.close()
     return walls
 
 
-def _finish(proc_log, arm: str, started: dict, walls: dict, arm_dir: Path) -> None:
-    proc, log = proc_log
+def _finish(proc: subprocess.Popen, arm: str, started: dict, walls: dict, arm_dir: Path) -> None:
     code = proc.wait()
-    log.close()
     if code != 0:
         tail = (arm_dir / "train.log").read_text()[-2000:]
         raise RuntimeError(f"training the {arm} arm failed (exit {code}); end of {arm_dir / 'train.log'}:\n{tail}")
@@ -146,7 +146,7 @@ def evaluate_arm(cfg: AblationConfig, arm: str, out: Path, records: list[dict], 
     """Merge, sample + score, measure routing and FID for one trained arm."""
     from nucleus_image.eval.compositional import generate_samples, read_geneval_folder, score_folder, write_report
     from nucleus_image.eval.routing import inspect_pipeline
-    from nucleus_image.eval.routing import write_report as write_routing
+    from nucleus_image.eval.routing_report import write_report as write_routing
     from nucleus_image.pipeline import NucleusPipeline
     from nucleus_image.training.config import TrainConfig
     from nucleus_image.training.merge import merge_run

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from nucleus_image.data.synthetic import COLORS, RELATIONS, SHAPES, TASKS, relative_position
 from nucleus_image.eval.shape_detector import Detection, DetectorConfig, detect
+from nucleus_image.progress import progress as progress_bar
 
 
 def validate_records(records: list[dict]) -> None:
@@ -133,7 +133,7 @@ def score(records: list[dict], images_per_prompt: list[list], config: DetectorCo
         raise ValueError(f"got image lists for {len(images_per_prompt)} prompts but {len(records)} metadata records")
     per_prompt, skipped = [], []
     total = sum(len(imgs) for imgs in images_per_prompt)
-    bar = tqdm(total=total, desc="scoring", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc="scoring", unit="img", disable=not progress)
     for index, (rec, images) in enumerate(zip(records, images_per_prompt)):
         entry = {"index": index, "tag": rec["tag"], "prompt": rec.get("prompt", ""), "correct": [], "reasons": [],
                  "detections": []}
@@ -208,7 +208,7 @@ def generate_samples(pipeline, records: list[dict], folder: str | Path, samples:
     if samples < 1 or batch_prompts < 1:
         raise ValueError(f"samples ({samples}) and batch_prompts ({batch_prompts}) must be >= 1")
     folder = Path(folder)
-    for start in tqdm(range(0, len(records), batch_prompts), desc="sampling prompts", disable=not progress):
+    for start in progress_bar(range(0, len(records), batch_prompts), desc="sampling prompts", disable=not progress):
         chunk = records[start:start + batch_prompts]
         if all(_sampled(folder / f"{start + i:05d}", rec, samples) for i, rec in enumerate(chunk)):
             continue  # written by an earlier, interrupted run of the same job: a rerun continues

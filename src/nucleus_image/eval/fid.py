@@ -13,13 +13,14 @@ upward for small sets, so only compare numbers computed with the same image coun
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+
+from nucleus_image.progress import progress as progress_bar
 
 INCEPTION_FILE = "default_1.pt"
 INPUT_SIZE = (299, 299)
@@ -71,7 +72,7 @@ class InceptionFeatures:
                 feats.append(out.reshape(out.shape[0], -1).double().cpu().numpy())
                 batch.clear()
 
-        for item in tqdm(images, desc=desc, unit="img", disable=not progress):
+        for item in progress_bar(images, desc=desc, unit="img", disable=not progress):
             try:
                 image = item if isinstance(item, Image.Image) else (
                     Image.fromarray(np.asarray(item, dtype=np.uint8)) if isinstance(item, np.ndarray) else Image.open(item))

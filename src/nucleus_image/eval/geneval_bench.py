@@ -23,7 +23,8 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from nucleus_image.progress import progress as progress_bar
 
 GENEVAL_PROMPTS = "geneval_evaluation_metadata.jsonl"
 GENEVAL_LICENSE = "GENEVAL_LICENSE"
@@ -121,7 +122,7 @@ def generate_benchmark(pipeline, records: list[dict], out: str | Path, settings:
             {f"{k:04d}.png": image_seed(seed, i, k, samples) for k in range(samples)}) + "\n")
         todo += [(i, k) for k in range(samples) if not (folder / "samples" / f"{k:04d}.png").exists()]
     total = len(records) * samples
-    bar = tqdm(total=total, initial=total - len(todo), desc="geneval images", unit="img", disable=not progress)
+    bar = progress_bar(total=total, initial=total - len(todo), desc="geneval images", unit="img", disable=not progress)
     for start in range(0, len(todo), batch_images):
         chunk = todo[start:start + batch_images]
         gens = [torch.Generator("cpu").manual_seed(image_seed(seed, i, k, samples)) for i, k in chunk]

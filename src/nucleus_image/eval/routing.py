@@ -162,7 +162,7 @@ def synthetic_scene_batch(pipeline, records: list[dict], seed: int = 0) -> Scene
     size, encoded by the pipeline's own autoencoder and text encoder, with exact per-token labels."""
     from nucleus_image.data.synthetic import SynthConfig, render, scene_for_metadata
     from nucleus_image.eval.compositional import validate_records
-    from nucleus_image.pipeline.pipeline import pack_latents
+    from nucleus_image.model.latents import pack_latents
 
     validate_records(records)
     if pipeline.text_encoder is None:
@@ -192,7 +192,7 @@ def sampled_batch(pipeline, prompts: list[str], seed: int = 0, steps: int = 20) 
     """Plain prompts have no ground-truth scene: the model's own samples (prompt i drawn with seed + i at the
     native square size) stand in as the clean images. Without scenes there are no shape or colour labels, so only
     the timestep and token metrics apply."""
-    from nucleus_image.pipeline.pipeline import pack_latents
+    from nucleus_image.model.latents import pack_latents
 
     if pipeline.text_encoder is None:
         raise ValueError("routing inspection needs the pipeline's text encoder to encode the prompts")
@@ -421,46 +421,3 @@ COLUMNS = (
     "  shape, colour and 3x3 region under the token (0 = nothing, 1 = determines it)",
     "none: share of image tokens no expert picked (only the shared expert saw them)",
 )
-
-
-def write_report(record: RoutingRecord, batch: SceneBatch | None, out, extra: dict | None = None) -> dict:
-    """OUT/routing.json (metrics, per-timestep statistics, the first image's per-expert token sets) and the
-    pictures: OUT/expert_load.png and OUT/expert_map_layerNN.png. Returns the report."""
-    import json
-    from pathlib import Path
-
-    from .routing_plots import expert_load_heatmaps, expert_maps
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = routing_metrics(record)
-    report["definitions"] = METRIC_DEFINITIONS
-    report["token_sets_image0"] = {str(layer): [token_sets(record.indices[k], t, 0) for t in range(len(record.sigmas))]
-                                   for k, layer in enumerate(record.layers)}
-    if batch is not None:
-        report["prompts"] = batch.prompts
-    report.update(extra or {})
-    tmp = out / "routing.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out / "routing.json")
-    expert_load_heatmaps(record, out / "expert_load.png")
-    if batch is not None:
-        expert_maps(record, batch.images, out)
-    return report
-
-
-METRIC_DEFINITIONS = {
-    "router_load": "per timestep, each expert's share of the router's softmax probability mass",
-    "preferred_share": "per timestep, share of tokens whose highest-scoring expert is this one",
-    "no_expert_share": "share of tokens that no expert picked (only the shared expert saw them)",
-    "many_expert_share": "share of tokens picked by more than twice the mean number of experts per token",
-    "variance_share": "shares of the expert-centred router-logit sum of squares over the (timestep x token) grid "
-                      "explained by the timestep main effect, the token main effect and their interaction",
-    "jaccard": "mean Jaccard overlap of an expert's chosen token set in one image between two timesteps; "
-               "jaccard_chance is the overlap of independent random picks of the same size",
-    "nmi": "normalised mutual information I/sqrt(H H) between the token's preferred expert and a label "
-           "(timestep; shape, colour, 3x3 region under the token); nmi_assigned uses the expert that computed "
-           "the token (best-scoring picker, or none)",
-    "accuracy": "accuracy of predicting a label from the preferred expert by that expert's majority label; "
-                "accuracy_chance always guesses the most common label",
-}

@@ -1,6 +1,6 @@
-"""LoRA fine-tuning of the Nucleus transformer with peft: adapters (adapters.py) and the fine-tuning run
-(finetune.py, `nucleus finetune`)."""
+"""LoRA fine-tuning of the Nucleus transformer: the run (finetune.py, `nucleus finetune`) that trains the peft
+adapters of `nucleus_image.adapters` (re-exported here)."""
 
-from .adapters import add_lora, load_lora, lora_config, set_lora_scale
+from nucleus_image.adapters import add_lora, load_lora, lora_config, set_lora_scale
 
 __all__ = ["add_lora", "load_lora", "lora_config", "set_lora_scale"]

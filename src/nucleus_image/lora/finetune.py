@@ -11,34 +11,45 @@ Writes RUN/finetune_config.json, RUN/checkpoints/step-*/ (adapter weights, optim
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
+from nucleus_image.adapters import add_lora
 from nucleus_image.data.manifest import latest_version_dir, read_manifest
-from nucleus_image.pipeline import NucleusPipeline
-from nucleus_image.pipeline.pipeline import pack_latents
-from nucleus_image.training import checkpoint as ckpt
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
+from nucleus_image.model.latents import pack_latents
+from nucleus_image.pipeline import NucleusPipeline
+from nucleus_image.progress import progress as progress_bar
+from nucleus_image.training import checkpoint as ckpt
 from nucleus_image.training.buckets import assign_buckets, draw_batch, fit_image, make_buckets, readable_image
-from nucleus_image.training.config import TimestepConfig
+from nucleus_image.training.build import seed_everything
+from nucleus_image.training.config import (
+    OptimizerConfig,
+    TimestepConfig,
+    changed_fields,
+    from_plain,
+    nest_legacy_optimizer,
+    to_plain,
+)
 from nucleus_image.training.curriculum import caption_probabilities, pick_caption
-from nucleus_image.training.loss import flow_loss, noisy_latents
+from nucleus_image.training.loss import FlowBatch, FlowObjective
 from nucleus_image.training.optim import build_optimizers
-from nucleus_image.training.schedule import set_lr, wsm_lr
+from nucleus_image.training.state import TrainState
+from nucleus_image.training.step import train_step
 from nucleus_image.training.timesteps import sample_sigmas
 
-from .adapters import add_lora
-
 CONFIG_NAME = "finetune_config.json"
+
+
+def default_optimizer() -> OptimizerConfig:
+    """Fine-tuning's optimizer defaults: adapters start at zero and learn fast, so a higher lr, a short warmup."""
+    return OptimizerConfig(lr=1e-3, warmup_steps=20)
 
 
 @dataclass
@@ -52,15 +63,7 @@ class FinetuneConfig:
     batch_size: int = 8
     resolution: int = 0  # 0: the pipeline's native size
     aspect_ratios: tuple[str, ...] = ("1:1",)
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_ns_steps: int = 5
-    grad_clip: float = 1.0
+    optimizer: OptimizerConfig = field(default_factory=default_optimizer)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     caption_dropout: float = 0.1
     caption_weights: tuple[float, ...] = ()
@@ -78,24 +81,21 @@ class FinetuneConfig:
                 errors.append(f"{name}={value!r} must be a positive integer")
         if self.quantize not in (None, "int8", "fp8"):
             errors.append(f"quantize={self.quantize!r}; accepted: int8, fp8 or none")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            errors.append(f"lr={self.lr!r} must be a positive number")
+        if not math.isfinite(self.optimizer.lr):
+            errors.append(f"optimizer.lr={self.optimizer.lr!r} must be a positive number")
+        errors += self.optimizer.errors()
         if not 0 <= self.caption_dropout < 1:
             errors.append(f"caption_dropout={self.caption_dropout!r} must be in [0, 1)")
         if errors:
             raise ValueError("finetune config: " + "; ".join(errors))
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FinetuneConfig":
-        data = dict(data)
-        data["timesteps"] = TimestepConfig(**data.get("timesteps", {}))
-        for key in ("aspect_ratios", "caption_weights", "adam_betas"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+    def from_dict(cls, data: dict) -> FinetuneConfig:
+        """From `to_dict`'s output or a saved finetune_config.json (either optimizer layout)."""
+        return from_plain(cls, nest_legacy_optimizer(data), "FinetuneConfig")
 
 
 class Finetuner:
@@ -107,11 +107,9 @@ class Finetuner:
                                    "cpu" if cfg.device == "auto" else cfg.device)
         if self.device.type == "cpu" and cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
-        self.np_rng = np.random.default_rng(cfg.seed)
+        seed_everything(cfg.seed)
+        self.state = TrainState(generator=torch.Generator(self.device).manual_seed(cfg.seed),
+                                np_rng=np.random.default_rng(cfg.seed))
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.pipe = NucleusPipeline.from_pretrained(cfg.model, dtype=dtype, device=self.device, quantize=cfg.quantize)
@@ -124,9 +122,9 @@ class Finetuner:
         self.adapters = nn.ParameterDict({n.replace(".", "/"): p for n, p in self.model.named_parameters()
                                           if p.requires_grad})
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.muon, self.adamw, _ = build_optimizers(self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps,
-                                                    cfg.muon_momentum, cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype)
-        self.optimizers = {"muon": self.muon, "adamw": self.adamw}
+        muon, adamw, _ = build_optimizers(self.model, cfg.optimizer, ns_dtype)
+        self.optimizers = {k: o for k, o in (("muon", muon), ("adamw", adamw)) if o is not None}
+        self.objective = FlowObjective(self.pipe.transformer.config.patch_size, input_dtype=self.pipe.transformer.dtype)
         weights = [caption_probabilities(cfg.caption_weights, len(c)) for c in self.row_captions]
         drawable = [c for caps, w in zip(self.row_captions, weights) for c, p in zip(caps, w) if p > 0]
         # The text-state cache shared with training runs, keyed by the pipeline's text encoder files.
@@ -135,11 +133,9 @@ class Finetuner:
         self.captions = CaptionStates(store, self.device)
 
         (self.run_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self.step, self.losses = 0, []
         if resume and (latest := ckpt.latest_checkpoint(self.run_dir)) is not None:
-            state = ckpt.load_checkpoint(latest, self.adapters, self.optimizers, self.generator, self.np_rng)
-            self.step, self.losses = state["step"], state["losses"]
-            print(f"resumed from {latest} at step {self.step}")
+            ckpt.load_checkpoint(latest, self.adapters, self.optimizers, self.state)
+            print(f"resumed from {latest} at step {self.state.step}")
 
     def _check_run_dir(self, resume: bool) -> None:
         config_file = self.run_dir / CONFIG_NAME
@@ -147,12 +143,12 @@ class Finetuner:
             if not resume:
                 raise ValueError(f"run folder {str(self.run_dir)!r} already holds a fine-tuning run; pass --resume "
                                  f"to continue it or choose a new --out")
-            saved = json.loads(config_file.read_text())
-            diff = sorted(k for k in saved if saved[k] != self.cfg.to_dict().get(k))
+            # A config saved in an older layout compares as its current one.
+            saved = FinetuneConfig.from_dict(json.loads(config_file.read_text())).to_dict()
+            diff = changed_fields(saved, self.cfg.to_dict())
             if diff:
                 raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-
     def _load_data(self) -> None:
         data = Path(self.cfg.data)
         table = read_manifest(data)
@@ -171,11 +167,12 @@ class Finetuner:
                                             self.buckets)
         self.row_weights = readable * np.array([bool(c) for c in self.row_captions])
 
-    def _train_step(self) -> float:
+    def _micro_batch(self) -> FlowBatch:
+        """The step's batch: drawn from the run's generators, in order (they are checkpointed)."""
         cfg, patch = self.cfg, self.pipe.transformer.config.patch_size
-        bucket, rows = draw_batch(self.np_rng, self.bucket_of_row, self.row_weights, len(self.buckets), cfg.batch_size)
-        captions = [pick_caption(self.np_rng, self.row_captions[r], cfg.caption_weights, cfg.caption_dropout)
-                    for r in rows]
+        np_rng, generator = self.state.np_rng, self.state.generator
+        bucket, rows = draw_batch(np_rng, self.bucket_of_row, self.row_weights, len(self.buckets), cfg.batch_size)
+        captions = [pick_caption(np_rng, self.row_captions[r], cfg.caption_weights, cfg.caption_dropout) for r in rows]
         with torch.no_grad():
             size = self.buckets[bucket]
             images = torch.stack([fit_image(self.paths[r], size.width, size.height) for r in rows])
@@ -183,39 +180,27 @@ class Finetuner:
         B, _, h, w = latents.shape
         x0 = pack_latents(latents, patch).float()
         text, text_mask = self.captions.batch(captions)
-        noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
-        sigma = sample_sigmas(B, x0.shape[1], cfg.timesteps, self.generator)
-        dtype = self.pipe.transformer.dtype
-        pred = self.model(hidden_states=noisy_latents(x0, noise, sigma).to(dtype),
-                          img_shapes=[(1, h // patch, w // patch)] * B, encoder_hidden_states=text.to(dtype),
-                          encoder_hidden_states_mask=text_mask, timestep=sigma.to(dtype)).sample
-        loss = flow_loss(pred.float(), x0, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.adapters.values()), cfg.grad_clip)
-        set_lr((self.muon, self.adamw), wsm_lr(self.step, cfg.lr, cfg.warmup_steps))
-        self.muon.step()
-        self.adamw.step()
-        return float(loss.detach())
+        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+        sigma = sample_sigmas(B, x0.shape[1], cfg.timesteps, generator)
+        return FlowBatch(x0, noise, sigma, text, text_mask, (h, w))
 
     def train(self, max_steps: int | None = None) -> list[float]:
         """Train to cfg.steps (or stop after `max_steps` in total), then write RUN/adapter/."""
-        cfg = self.cfg
+        cfg, state = self.cfg, self.state
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        with tqdm(total=end, initial=self.step, disable=not self.progress, desc="finetune", unit="step") as bar:
-            while self.step < end:
-                for opt in self.optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                loss = self._train_step()
+        with progress_bar(total=end, initial=state.step, disable=not self.progress, desc="finetune", unit="step") as bar:
+            while state.step < end:
+                out = train_step(self.model, list(self.optimizers.values()), [self._micro_batch()], self.objective,
+                                 cfg.optimizer, state.step, params=list(self.adapters.values()))
+                loss = float(out.loss)
                 if not math.isfinite(loss):
-                    raise ValueError(f"non-finite loss {loss} at step {self.step}; lower lr (now {cfg.lr})")
-                self.losses.append(loss)
-                self.step += 1
+                    raise ValueError(f"non-finite loss {loss} at step {state.step}; lower lr (now {cfg.optimizer.lr})")
+                state.record(loss, True)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
-                if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                    ckpt.save_checkpoint(self.run_dir, self.step, self.adapters, {"lora": cfg.to_dict()},
-                                         self.optimizers, self.generator, self.np_rng, {"losses": self.losses},
+                if state.step % cfg.checkpoint_every == 0 or state.step == end:
+                    ckpt.save_checkpoint(self.run_dir, self.adapters, {"lora": cfg.to_dict()}, self.optimizers, state,
                                          cfg.keep_last)
-        (self.run_dir / "losses.json").write_text(json.dumps(self.losses) + "\n")
+        (self.run_dir / "losses.json").write_text(json.dumps(state.losses) + "\n")
         self.model.save_pretrained(str(self.run_dir / "adapter"))
-        return self.losses
+        return state.losses

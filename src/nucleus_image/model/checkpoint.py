@@ -23,6 +23,9 @@ from .config import NucleusConfig
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+# Beside config.json in a transformer folder saved with 8-bit weights (nucleus_image.quantization reads and
+# writes that layout; the plain loader only recognises it to refuse it clearly).
+QUANTIZATION_CONFIG = "quantization_config.json"
 
 
 def _parse_size(size: int | str) -> int:
@@ -73,12 +76,17 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", s
         folder = folder / "transformer"  # a pipeline folder: take its transformer
     if not (folder / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{str(folder)!r} is not a transformer folder: no {CONFIG_NAME}")
+    if (folder / QUANTIZATION_CONFIG).exists():
+        raise ValueError(f"{str(folder)!r} holds 8-bit weights ({QUANTIZATION_CONFIG}); load it with "
+                         f"nucleus_image.quantization.load_transformer(path) or NucleusPipeline.from_pretrained")
     config = NucleusConfig.from_json(folder / CONFIG_NAME)
     with torch.device("meta"):
         model = cls(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
 
-    state, unexpected, mismatched = {}, [], []
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
     for key, tensor in checked_tensors(folder, expected, unexpected, mismatched):
         state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     refuse_misfit(folder, config, expected, set(state), unexpected, mismatched)
@@ -91,7 +99,7 @@ def checked_tensors(folder: Path, expected: dict, unexpected: list[str], mismatc
     memory-mapped shards; names the model lacks and wrong shapes are collected instead, for one error."""
     for file in _weight_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle has keys() but is not iterable)
                 if key not in expected:
                     unexpected.append(key)
                     continue
@@ -119,7 +127,7 @@ def apply_umask(folder: Path) -> None:
     (through a private temporary file), which would hide shared weights from the rest of a team."""
     mask = os.umask(0)
     os.umask(mask)
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
@@ -155,7 +163,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def split_shards(state: dict, limit: int, nbytes=tensor_bytes) -> list[dict]:
     """The state dict cut, in key order, into shards of at most `limit` bytes (a larger tensor alone)."""
-    shards, current, size = [], {}, 0
+    shards: list[dict] = []
+    current: dict = {}
+    size = 0
     for key, tensor in state.items():
         n = nbytes(tensor)
         if current and size + n > limit:

@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DENSE_MOE_STRATEGIES = (
     "leave_first_three_and_last_block_dense",
@@ -45,11 +46,13 @@ def is_moe_layer(strategy: str, layer_idx: int, num_layers: int) -> bool:
 class NucleusConfig:
     patch_size: int = 2
     in_channels: int = 64
-    out_channels: int | None = 16
+    # None (diffusers' default for both) means in_channels / num_attention_heads: __post_init__ fills it in, so
+    # the attribute is always an int.
+    out_channels: int = 16
     num_layers: int = 32
     attention_head_dim: int = 128
     num_attention_heads: int = 16
-    num_key_value_heads: int | None = 4
+    num_key_value_heads: int = 4
     joint_attention_dim: int = 4096
     axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
     mlp_ratio: float = 4.0
@@ -130,14 +133,14 @@ class NucleusConfig:
 
     def param_counts(self) -> dict[str, int]:
         """Total and per-token active parameters, counted from the shapes (no model built)."""
-        d, L, E, I = self.hidden_size, self.num_layers, self.num_experts, self.moe_intermediate_dim
+        d, L, E, F = self.hidden_size, self.num_layers, self.num_experts, self.moe_intermediate_dim
         kv = self.num_key_value_heads * self.attention_head_dim
         attn = d * d * 2 + d * kv * 2 + kv * d * 2 + 4 * self.attention_head_dim  # q, out, k, v, text k, v, norms
         per_block = d * 4 * d + 4 * d + self.joint_attention_dim * d + d + attn
         total = active = L * per_block
         for i in range(L):
             if i in self.moe_layers:
-                experts, shared, gate = E * 3 * d * I, 3 * d * I, 2 * d * E
+                experts, shared, gate = E * 3 * d * F, 3 * d * F, 2 * d * E
                 total += experts + shared + gate
                 active += shared + gate + round(experts * self.capacity_factors[i] / E)
             else:
@@ -148,7 +151,7 @@ class NucleusConfig:
         return {"total": total + rest, "active_per_token": active + rest}
 
     # ---- (de)serialisation ---------------------------------------------------------------------------------
-    def replace(self, **overrides) -> "NucleusConfig":
+    def replace(self, **overrides) -> NucleusConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown NucleusConfig fields {sorted(unknown)}; accepted: {[f.name for f in dataclasses.fields(self)]}")
@@ -164,7 +167,7 @@ class NucleusConfig:
 
     def to_dict(self) -> dict:
         """The diffusers config.json content (our `router_input` only when it differs from the release)."""
-        out = {"_class_name": "NucleusMoEImageTransformer2DModel", "_diffusers_version": "0.38.0"}
+        out: dict[str, Any] = {"_class_name": "NucleusMoEImageTransformer2DModel", "_diffusers_version": "0.38.0"}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "router_input" and value == "decoupled":
@@ -173,7 +176,7 @@ class NucleusConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "NucleusConfig":
+    def from_dict(cls, data: dict) -> NucleusConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         # diffusers' defaults for keys a config.json may omit.
@@ -182,11 +185,11 @@ class NucleusConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "NucleusConfig":
+    def from_json(cls, path: str | Path) -> NucleusConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def preset(cls, name: str) -> "NucleusConfig":
+    def preset(cls, name: str) -> NucleusConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; accepted: {', '.join(PRESETS)}")
         return PRESETS[name]()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -102,6 +103,7 @@ class NucleusBlock(nn.Module):
         self.encoder_proj = nn.Linear(cfg.joint_attention_dim, d)
         self.attn = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim)
         self.is_moe = layer_idx in cfg.moe_layers
+        self.img_mlp: MoELayer | SwiGLU
         if self.is_moe:
             self.img_mlp = MoELayer(
                 d, cfg.moe_intermediate_dim, cfg.num_experts, cfg.capacity_factors[layer_idx], cfg.use_sigmoid, cfg.route_scale
@@ -162,40 +164,33 @@ class NucleusTransformer(nn.Module):
                 m.weight.fill_(1.0)
             elif isinstance(m, nn.Linear) and m.bias is not None:
                 m.bias.zero_()
-        for blk in self.transformer_blocks:
-            blk.img_mod[1].weight.zero_()
-            if blk.is_moe:
+        for blk in self.blocks():
+            cast(nn.Linear, blk.img_mod[1]).weight.zero_()
+            if isinstance(blk.img_mlp, MoELayer):
                 blk.img_mlp.gate.weight.normal_(0.0, 0.02, generator=generator)
         self.norm_out.linear.weight.zero_()
         self.proj_out.weight.zero_()
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None,
-                        quantize: str | None = None):
-        """`quantize` ("int8" | "fp8") quantizes tensor by tensor while loading; a saved quantized folder loads
-        as it was saved."""
-        from nucleus_image.quantization.checkpoint import load_quantized, stored_quantization
-
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None):
+        """A diffusers transformer folder (or a pipeline folder's transformer/, or a Hub id). 8-bit folders and
+        quantizing while loading are `nucleus_image.quantization.load_transformer`'s (applied from outside)."""
         from .checkpoint import load_pretrained
 
-        if quantize is not None or stored_quantization(path, subfolder) is not None:
-            return load_quantized(cls, path, quantize, dtype=dtype, device=device, subfolder=subfolder)
         return load_pretrained(cls, path, dtype=dtype, device=device, subfolder=subfolder)
 
     def save_pretrained(self, path, max_shard_size: int | str = "10GB") -> None:
         from .checkpoint import save_pretrained
 
         if self.quantization is not None:
-            from nucleus_image.quantization.checkpoint import save_quantized
-
-            return save_quantized(self, path, max_shard_size=max_shard_size)
+            raise ValueError(f"this transformer holds {self.quantization} weights; save it with "
+                             f"nucleus_image.quantization.save_transformer(model, path) (or the pipeline's "
+                             f"save_pretrained), which writes the quantized layout")
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
-    def quantize(self, method: str) -> "NucleusTransformer":
-        """8-bit weights ("int8" | "fp8") in place, applied from outside by nucleus_image.quantization."""
-        from nucleus_image.quantization import quantize_transformer
-
-        return quantize_transformer(self, method)
+    def blocks(self) -> list[NucleusBlock]:
+        """`transformer_blocks` as the NucleusBlocks they are (an nn.ModuleList hands a type checker plain Modules)."""
+        return [cast(NucleusBlock, blk) for blk in self.transformer_blocks]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -211,8 +206,8 @@ class NucleusTransformer(nn.Module):
     def set_capacity_factors(self, capacity_factors) -> None:
         """Change per-layer capacity factors (the training curriculum does this per stage)."""
         self.config = self.config.replace(capacity_factors=tuple(capacity_factors))
-        for i, blk in enumerate(self.transformer_blocks):
-            if blk.is_moe:
+        for i, blk in enumerate(self.blocks()):
+            if isinstance(blk.img_mlp, MoELayer):
                 blk.img_mlp.capacity_factor = self.config.capacity_factors[i]
 
     # ---- text work, once per prompt set ------------------------------------------------------------------
@@ -238,7 +233,7 @@ class NucleusTransformer(nn.Module):
             mask = encoder_hidden_states_mask.to(torch.bool)
         rot = rotations(text_angles(L, h, w, cfg.axes_dims_rope, device=encoder_hidden_states.device))
         txt = self.txt_norm(encoder_hidden_states.to(self.dtype))
-        kv = [blk.text_kv(txt, rot) for blk in self.transformer_blocks]
+        kv = [blk.text_kv(txt, rot) for blk in self.blocks()]
         return TextKV(tuple(k for k, _ in kv), tuple(v for _, v in kv), mask, max(h // 2, w // 2))
 
     # ---- forward -----------------------------------------------------------------------------------------
@@ -333,7 +328,7 @@ def _grid(img_shapes) -> tuple[int, int, int]:
     if not img_shapes_list or any(not isinstance(s, (tuple, list)) or len(s) != 3 for s in img_shapes_list):
         raise ValueError(expected)
     try:
-        shapes = [tuple(operator.index(v) for v in s) for s in img_shapes_list]
+        shapes = [(operator.index(s[0]), operator.index(s[1]), operator.index(s[2])) for s in img_shapes_list]
     except TypeError:
         raise ValueError(expected) from None
     if any(v < 1 for s in shapes for v in s):

@@ -26,7 +26,7 @@ class ParallelConfig:
     # rank's shards (what a 17B model needs; the numbers differ from a one-process init).
     init: str = "full"
 
-    def resolve(self, world: int) -> "ParallelConfig":
+    def resolve(self, world: int) -> ParallelConfig:
         """The layout for `world` processes (dp_shard=0 filled in), or a ValueError saying what divides what."""
         if self.dp_replicate < 1 or self.dp_shard < 0 or self.ep < 1:
             raise ValueError(f"parallel.dp_replicate and parallel.ep must be >= 1 and parallel.dp_shard >= 0 "

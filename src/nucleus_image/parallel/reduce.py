@@ -3,7 +3,6 @@ and the mean of logged values (loss, routing statistics) over the data-parallel 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -12,7 +11,7 @@ from .mesh import ParallelDims
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float, dims: ParallelDims) -> float:
+def clip_grad_norm_(params, max_norm: float, dims: ParallelDims) -> torch.Tensor:
     """Global-norm clipping when parameters are sharded over different meshes (experts over efsdp x ep, the
     rest over dp_shard): every local shard's squared norm is summed over the processes of one replica, which
     together hold each parameter exactly once; `torch.nn.utils.clip_grad_norm_` cannot mix meshes."""
@@ -29,21 +28,11 @@ def clip_grad_norm_(params, max_norm: float, dims: ParallelDims) -> float:
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in local + replicated:
         g.mul_(coef.to(g.dtype))
-    return float(total)
+    return total
 
 
-def mean_over_ranks(values: list[float], dims: ParallelDims) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dims.world).tolist()
-
-
-def mean_routing_stats(stats: dict, dims: ParallelDims) -> dict:
-    """`monitor.routing_stats` averaged over ranks (each rank's stats cover the same number of tokens)."""
-    out = {}
-    for layer, s in stats.items():
-        load = torch.from_numpy(np.asarray(s["load"], dtype=np.float64))
-        dist.all_reduce(load)
-        scalars = mean_over_ranks([s["no_expert_share"], s["experts_per_token"]], dims)
-        out[layer] = {"load": (load / dims.world).numpy(), "no_expert_share": scalars[0], "experts_per_token": scalars[1]}
-    return out
+def mean_over_ranks(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """The mean of `value` over all ranks."""
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / dims.world

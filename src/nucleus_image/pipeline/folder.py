@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,16 +75,14 @@ def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = 
                     load_transformer: bool = True, quantize: str | None = None) -> dict:
     """Everything NucleusPipeline.__init__ takes, read from a pipeline folder (the transformer None when not
     `load_transformer`: the trainer takes only the encoders of a released folder)."""
-    from nucleus_image.model import NucleusTransformer
-    from nucleus_image.quantization.checkpoint import stored_quantization
+    from nucleus_image.quantization import checkpoint as weights
 
     path = resolve_pretrained(path)
     index = read_index(path)
     # A saved quantized transformer computes in the dtype its unquantized layers were saved in.
-    transformer_dtype = None if stored_quantization(path / "transformer") else dtype
-    components = {"transformer": NucleusTransformer.from_pretrained(path / "transformer", dtype=transformer_dtype,
-                                                                    device=device, quantize=quantize)
-                  if load_transformer else None}
+    transformer_dtype = None if weights.stored_quantization(path / "transformer") else dtype
+    components: dict[str, Any] = {"transformer": weights.load_transformer(path / "transformer", quantize, dtype=transformer_dtype,
+                                                          device=device) if load_transformer else None}
 
     vae_class = _class(index, "vae")
     if vae_class == "AutoencoderKLQwenImage":
@@ -141,6 +140,7 @@ def save_components(path, transformer, vae, text_encoder, schedule: FlowSchedule
     import diffusers
 
     import nucleus_image
+    from nucleus_image.quantization.checkpoint import save_transformer
 
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -156,7 +156,7 @@ def save_components(path, transformer, vae, text_encoder, schedule: FlowSchedule
         "processor": [None, None],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
-    transformer.save_pretrained(tmp / "transformer")
+    save_transformer(transformer, tmp / "transformer")
     vae.save_pretrained(tmp / "vae")
     if text_encoder is not None:
         text_encoder.save_pretrained(tmp / "text_encoder")

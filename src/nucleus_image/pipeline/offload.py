@@ -18,12 +18,14 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from nucleus_image.model import NucleusTransformer
+
 
 def _holds_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
 
-def offload_blocks(transformer: nn.Module, device, storage="cpu") -> list[RemovableHandle]:
+def offload_blocks(transformer: NucleusTransformer, device, storage="cpu") -> list[RemovableHandle]:
     """Put the transformer's non-block modules on `device`, its blocks on `storage`, and hook every tensor-holding
     module of the blocks to visit `device` for its forward. Returns the hook handles."""
     device, storage = torch.device(device), torch.device(storage)
@@ -37,7 +39,7 @@ def offload_blocks(transformer: nn.Module, device, storage="cpu") -> list[Remova
         module.to(storage)
 
     handles = []
-    for block in transformer.transformer_blocks:
+    for block in transformer.blocks():
         for module in block.modules():
             if _holds_tensors(module):
                 handles += [module.register_forward_pre_hook(fetch), module.register_forward_hook(release)]

@@ -6,27 +6,36 @@ call, and the transformer's per-block text keys/values are computed once per cal
 
     pipe = NucleusPipeline.from_pretrained("path/to/pipeline")        # a diffusers folder or one we trained
     image = pipe("a red cube left of a blue sphere", aspect_ratio="16:9", generator=torch.Generator().manual_seed(0)).images[0]
+
+On a GPU, `cuda_graph=True` replays each denoising step as one CUDA graph (cuda_graph.py) and `fp8_compute=True`
+runs the experts' and attention projections' matmuls in fp8 on GPUs with fp8 tensor cores
+(quantization/fp8_compute.py); both refuse devices that cannot run them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from numbers import Real
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from nucleus_image.diffusion.flow import FlowSchedule, euler_step, validate_sigmas
-from nucleus_image.diffusion.guidance import guided, uses_cfg
+from nucleus_image.diffusion.flow import FlowSchedule, validate_sigmas
+from nucleus_image.diffusion.guidance import uses_cfg
 from nucleus_image.encoders.autoencoder import Autoencoder
 from nucleus_image.encoders.text import TextEncoder, check_prompts
+from nucleus_image.model.latents import pack_latents, unpack_latents
+from nucleus_image.pipeline.cuda_graph import StepGraphs, check_cuda_graph
+from nucleus_image.pipeline.denoise import denoise_step
 from nucleus_image.pipeline.folder import DIFFUSERS_SAMPLE_LATENTS, load_components, save_components
 from nucleus_image.pipeline.presets import preset_size, resolve_size
 from nucleus_image.pipeline.step_cache import resolve_cache
+from nucleus_image.progress import progress as progress_bar
+from nucleus_image.quantization.fp8_compute import check_fp8_compute, enable_fp8_compute, uses_fp8_compute
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -45,20 +54,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pack_latents(latents_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, C*p*p): each p x p patch of latent pixels becomes one token."""
-    B, C, H, W = latents_BCHW.shape
-    x = latents_BCHW.view(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(B, (H // patch) * (W // patch), C * patch * patch)
-
-
-def unpack_latents(tokens_BSC: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    """Inverse of pack_latents for a latent grid of height x width."""
-    B, _, C = tokens_BSC.shape
-    x = tokens_BSC.view(B, height // patch, width // patch, C // (patch * patch), patch, patch)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, C // (patch * patch), height, width)
-
-
 def _pad_text(states_BLD: torch.Tensor, mask_BL: torch.Tensor | None, length: int):
     """Right-pad text states with zeros (masked out) to `length` tokens; an absent mask means all valid."""
     B, L, _ = states_BLD.shape
@@ -72,7 +67,8 @@ def _pad_text(states_BLD: torch.Tensor, mask_BL: torch.Tensor | None, length: in
 
 class NucleusPipeline:
     def __init__(self, transformer, vae: Autoencoder, text_encoder: TextEncoder | None = None,
-                 schedule: FlowSchedule | None = None, sample_size: int | None = None):
+                 schedule: FlowSchedule | None = None, sample_size: int | None = None, *, cuda_graph: bool = False,
+                 fp8_compute: bool = False):
         cfg = transformer.config
         if vae.latent_channels != cfg.in_channels // cfg.patch_size**2 or vae.latent_channels != cfg.out_channels:
             raise ValueError(f"autoencoder has {vae.latent_channels} latent channels but the transformer takes "
@@ -90,35 +86,74 @@ class NucleusPipeline:
         if self.sample_size % self.granularity:
             raise ValueError(f"sample_size {self.sample_size} is not a multiple of the pixel granularity "
                              f"{self.granularity}")
+        self._graphs = StepGraphs()
+        if cuda_graph:
+            check_cuda_graph(self.device)
+        self.cuda_graph = cuda_graph
+        if fp8_compute:
+            self.enable_fp8_compute()
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None,
-                        load_text_encoder: bool = True, quantize: str | None = None) -> "NucleusPipeline":
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, load_text_encoder: bool = True,
+                        quantize: str | None = None, cuda_graph: bool = False,
+                        fp8_compute: bool = False) -> NucleusPipeline:
         """Load a diffusers NucleusMoEImagePipeline folder or one saved by `save_pretrained` (our training), from a
         local folder or a Hugging Face Hub model id ("owner/name[@revision]", through huggingface_hub's cache).
 
         Defaults: the GPU when there is one, in bfloat16; otherwise the CPU in float32. `quantize` ("int8" |
         "fp8") gives the transformer 8-bit weights, quantized tensor by tensor while loading; a folder saved
-        quantized loads quantized, in the dtype it was saved in."""
+        quantized loads quantized, in the dtype it was saved in. `cuda_graph` and `fp8_compute`: see the class;
+        a device that cannot run them is refused before anything loads."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        return cls(**load_components(path, dtype, device, load_text_encoder, quantize=quantize))
+        if cuda_graph:
+            check_cuda_graph(device)
+        if fp8_compute:
+            check_fp8_compute(device)
+            if quantize is not None:
+                raise ValueError(f"fp8_compute computes with fp8 copies of high-precision weights; quantize="
+                                 f"{quantize!r} stores 8-bit weights computed in high precision: choose one")
+        return cls(**load_components(path, dtype, device, load_text_encoder, quantize=quantize),
+                   cuda_graph=cuda_graph, fp8_compute=fp8_compute)
 
     def save_pretrained(self, path) -> None:
+        if self.fp8_compute:
+            raise ValueError("this pipeline computes in fp8 (fp8_compute): its transformer holds fp8 copies made "
+                             "for computing, not a checkpoint; save the pipeline before enabling fp8 compute")
         save_components(path, self.transformer, self.vae, self.text_encoder, self.schedule, self.sample_size)
 
-    def load_lora(self, path, scale: float = 1.0) -> "NucleusPipeline":
+    @property
+    def fp8_compute(self) -> bool:
+        """Whether the transformer's experts and attention projections compute in fp8 (enable_fp8_compute)."""
+        return uses_fp8_compute(self.transformer)
+
+    def enable_fp8_compute(self) -> NucleusPipeline:
+        """Swap the routed experts and the image-side attention projections for fp8-matmul versions, in place
+        (quantization/fp8_compute.py). Needs a GPU with fp8 tensor cores; not with 8-bit weights or a LoRA adapter."""
+        check_fp8_compute(self.device)
+        if self.lora is not None:
+            raise ValueError("fp8 compute converts plain weights; a LoRA adapter is loaded: merge_lora() first")
+        if not self.fp8_compute:
+            enable_fp8_compute(self.transformer)
+            self._graphs.clear()
+        return self
+
+    def load_lora(self, path, scale: float = 1.0) -> NucleusPipeline:
         """Attach a LoRA adapter (peft's format, as `nucleus finetune` writes it) to the transformer, its update
         multiplied by `scale`."""
-        from nucleus_image.lora import load_lora
+        from nucleus_image.adapters import load_lora
 
         if self.lora is not None:
             raise ValueError("a LoRA adapter is already loaded; merge_lora() it first or load a fresh pipeline")
+        if self.fp8_compute:
+            raise ValueError("a LoRA adapter cannot attach to fp8-compute layers: load it (and merge_lora()) before "
+                             "enabling fp8 compute")
         self.lora = load_lora(self.transformer, path, scale)
+        self._graphs.clear()
         return self
 
-    def merge_lora(self) -> "NucleusPipeline":
+    def merge_lora(self) -> NucleusPipeline:
         """Fold the loaded adapter into the transformer's weights, so generation costs what the base model does."""
         if self.lora is None:
             raise ValueError("no LoRA adapter is loaded: call load_lora(path) first")
@@ -127,12 +162,14 @@ class NucleusPipeline:
                              f"pipeline without quantize=, merge, then quantize")
         self.transformer = self.lora.merge_and_unload()
         self.lora = None
+        self._graphs.clear()
         return self
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "NucleusPipeline":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> NucleusPipeline:
         for module in (self.transformer, self.vae, self.text_encoder):
             if module is not None:
                 module.to(device=device, dtype=dtype)
+        self._graphs.clear()
         return self
 
     @property
@@ -209,9 +246,10 @@ class NucleusPipeline:
             self._check_embeds("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_mask, batch)
         elif negative_prompt_embeds_mask is not None:
             raise ValueError("negative_prompt_embeds_mask was given without negative_prompt_embeds")
-        if uses_cfg(guidance_scale) and negative_prompt_embeds is None and negatives is None:
+        guiding = uses_cfg(float(guidance_scale))
+        if guiding and negative_prompt_embeds is None and negatives is None:
             negatives = [""] * batch  # the released default: guide away from the empty prompt
-        needs_text = prompts is not None or (uses_cfg(guidance_scale) and negative_prompt_embeds is None)
+        needs_text = prompts is not None or (guiding and negative_prompt_embeds is None)
         if needs_text and self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds when "
                              "guidance_scale > 1) instead of text prompts")
@@ -230,15 +268,18 @@ class NucleusPipeline:
         texts = (prompts or []) + (negatives if cfg and negatives is not None else [])
         encoded = None
         if texts:
+            encoder = self.text_encoder
+            assert encoder is not None  # _check_inputs refuses text to a pipeline without a text encoder
             if offload:
-                self.text_encoder.to(self.device)  # encode where the transformer runs, then hand the memory back
-            encoded = self.text_encoder.encode(texts)
+                encoder.to(self.device)  # encode where the transformer runs, then hand the memory back
+            encoded = encoder.encode(texts)
             if offload:
                 self.offload_text_encoder()
 
         def rows(encoded_rows, embeds, mask):
             if embeds is not None:
                 return embeds, mask
+            assert encoded is not None  # every row without given embeddings had its text encoded above
             states, text_mask = encoded
             return states[encoded_rows], (text_mask[encoded_rows] if text_mask is not None else None)
 
@@ -317,7 +358,8 @@ class NucleusPipeline:
         picks a preset size (1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3), `offload_text_encoder` runs the text encoder
         on the pipeline's device and moves it back to the CPU once prompts are encoded (freeing its accelerator
         memory for the denoising loop), `progress` toggles the step progress bar, and `cache` reuses work across
-        steps: "fbcache", "taylorseer" or a config from `nucleus_image.pipeline.step_cache` (None: every step in full).
+        steps: "fbcache", "taylorseer" or a config from `nucleus_image.pipeline.step_cache` (None: every step in full;
+        not with `cuda_graph`).
 
         Unlike the reference, guidance runs conditional and unconditional rows in one forward, a single
         negative string applies to every prompt, and bad input raises ValueError before any model work."""
@@ -326,6 +368,11 @@ class NucleusPipeline:
             prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask, output_type)
         height, width = self.resolve_size(height, width, aspect_ratio)
         cache = resolve_cache(cache)
+        if self.cuda_graph:
+            if cache is not None:
+                raise ValueError(f"a step cache ({cache.policy}) changes each step's work, while a CUDA graph replays "
+                                 f"one fixed step: pass cache=None or set cuda_graph=False")
+            check_cuda_graph(self.device)
         sigma_list = validate_sigmas(sigmas) if sigmas is not None else None
         cfg, n, total = uses_cfg(guidance_scale), num_images_per_prompt, batch * num_images_per_prompt
         grid_h, grid_w = height // self.vae.scale_factor, width // self.vae.scale_factor
@@ -344,15 +391,17 @@ class NucleusPipeline:
         # our numbers bitwise comparable with it.
         steps = self.schedule.num_train_timesteps
         t_N = (sigma_N1[:-1] * steps / steps).to(self.transformer.dtype)
-        # Without a cache the transformer is called exactly as before (no block_stack keyword at all).
         step_cache = None if cache is None else cache.build(len(t_N), rows, self.transformer.config.num_layers)
-        for i in tqdm(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
-            x_BSC = latents.to(self.transformer.dtype)
-            x_RSC = torch.cat([x_BSC, x_BSC]) if cfg else x_BSC
+        if self.cuda_graph:
+            step = self._graphs.step(self.transformer, text_kv, img_shapes, guidance_scale, latents)
+        else:
+            step = partial(denoise_step, self.transformer, text_kv=text_kv, img_shapes=img_shapes,
+                           guidance_scale=guidance_scale)
+        for i in progress_bar(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
             seam = {} if step_cache is None else {"block_stack": step_cache.block_stack(i)}
-            pred_RSC = self.transformer(hidden_states=x_RSC, img_shapes=img_shapes, timestep=t_N[i].expand(rows),
-                                        text_kv=text_kv, return_dict=True, **seam).sample
-            latents = euler_step(latents, guided(pred_RSC.float(), guidance_scale), sigma_N1[i], sigma_N1[i + 1])
+            latents = step(latents, t_N[i].expand(rows), sigma_N1[i], sigma_N1[i + 1], **seam)
+        if self.cuda_graph:
+            latents = latents.clone()  # the graph's output buffer: its next replay would overwrite these
 
         images = latents if output_type == "latent" else self.decode(latents, height, width, output_type)
         reports = None if step_cache is None else step_cache.image_reports(total)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,7 @@ class FBCacheConfig:
     def to_dict(self) -> dict:
         return {"policy": self.policy, **dataclasses.asdict(self)}
 
-    def build(self, num_steps: int, rows: int, num_blocks: int) -> "FBCache":
+    def build(self, num_steps: int, rows: int, num_blocks: int) -> FBCache:
         return FBCache(self, num_steps, rows, num_blocks)
 
 
@@ -86,7 +87,7 @@ class TaylorSeerConfig:
     def to_dict(self) -> dict:
         return {"policy": self.policy, **dataclasses.asdict(self)}
 
-    def build(self, num_steps: int, rows: int, num_blocks: int) -> "TaylorSeer":
+    def build(self, num_steps: int, rows: int, num_blocks: int) -> TaylorSeer:
         return TaylorSeer(self, num_steps, rows, num_blocks)
 
 
@@ -129,7 +130,7 @@ def run_blocks(blocks, start: int, x, temb, img_rot, text_kv, mask, rows: torch.
     return x
 
 
-class _StepCache:
+class _StepCache(ABC):
     """Per-call state: one instance per pipeline call, so nothing carries over between calls. Subclasses give
     `stack` (the block stack for one step) and `row_work` (share of uncached block work for a row's full steps)."""
 
@@ -139,6 +140,14 @@ class _StepCache:
 
     def forced(self, step: int) -> bool:
         return step < self.config.warmup or step == self.num_steps - 1
+
+    @abstractmethod
+    def stack(self, step: int, blocks, x, temb, img_rot, text_kv, mask) -> torch.Tensor:
+        """The block stack's output for denoising step `step` (the model's `block_stack` signature plus the step)."""
+
+    @abstractmethod
+    def row_work(self, full_steps: int) -> float:
+        """Share of the uncached block work a row does when `full_steps` of its steps run in full."""
 
     def block_stack(self, step: int):
         """The model's `block_stack` for denoising step `step`."""
@@ -158,6 +167,8 @@ class _StepCache:
 
 
 class FBCache(_StepCache):
+    config: FBCacheConfig
+
     def __init__(self, config: FBCacheConfig, num_steps: int, rows: int, num_blocks: int):
         super().__init__(config, num_steps, rows, num_blocks)
         self.first_RSD: torch.Tensor | None = None  # first block's residual at each row's last full step
@@ -183,17 +194,21 @@ class FBCache(_StepCache):
             out = run_blocks(blocks, 1, h, temb, img_rot, text_kv, mask)
             self.first_RSD, self.rest_RSD = first_RSD, out - h
             return out
-        out = h + self.rest_RSD
+        first_ref, rest_ref = self.first_RSD, self.rest_RSD
+        assert first_ref is not None and rest_ref is not None  # the first step always runs in full
+        out = h + rest_ref
         if any(compute):
             rows = torch.tensor([r for r, c in enumerate(compute) if c], device=x.device)
             fresh = run_blocks(blocks, 1, h[rows], temb, img_rot, text_kv, mask, rows)
             out[rows] = fresh
-            self.first_RSD[rows] = first_RSD[rows]
-            self.rest_RSD[rows] = fresh - h[rows]
+            first_ref[rows] = first_RSD[rows]
+            rest_ref[rows] = fresh - h[rows]
         return out
 
 
 class TaylorSeer(_StepCache):
+    config: TaylorSeerConfig
+
     def __init__(self, config: TaylorSeerConfig, num_steps: int, rows: int, num_blocks: int):
         super().__init__(config, num_steps, rows, num_blocks)
         self.history: list[tuple[int, torch.Tensor]] = []  # (step, stack residual) of the last order+1 full steps

@@ -1,7 +1,7 @@
 """Quantize a finished NucleusTransformer to 8-bit weights, from outside the model.
 
     model = NucleusTransformer.from_pretrained("path/to/transformer", dtype=torch.bfloat16)
-    quantize_transformer(model, "int8")        # or model.quantize("fp8")
+    quantize_transformer(model, "int8")        # or "fp8"
 
 Linear layers get torchao's weight-only configs (`Int8WeightOnlyConfig`: per-output-channel int8;
 `Float8WeightOnlyConfig`: float8_e4m3fn), the stacked experts become QuantizedSwiGLUExperts. Three kinds of layer
@@ -48,7 +48,7 @@ def quantize_linear(linear: nn.Linear, method: str) -> None:
 
 def quantize_transformer(model: nn.Module, method: str) -> nn.Module:
     """Quantize `model` in place and return it. Its `quantization` attribute records the method, which
-    save_pretrained writes beside the weights so the folder reloads as the same quantized model."""
+    save_transformer writes beside the weights so the folder reloads as the same quantized model."""
     check_method(method)
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization}); load the high-precision weights "

@@ -5,6 +5,10 @@ config.json, then safetensors shards whose torchao weights are flattened into pl
 with their type in the file's metadata (torchao's `flatten_tensor_state_dict`), and expert codes and scales as
 plain tensors. Nothing is pickled; saving is atomic (temporary folder renamed into place).
 
+    model = load_transformer("path/to/transformer", quantize="int8")   # a bf16 folder, quantized while loading
+    save_transformer(model, "path/to/int8")                             # the quantized layout below
+    model = load_transformer("path/to/int8")                            # loads as it was saved
+
 Loading a high-precision checkpoint with `quantize=` streams it: the model is built on the meta device and each
 tensor is quantized the moment it is read, so host memory holds the 8-bit model plus one full-precision tensor,
 never the bf16 model whole (34 GB for the release, against about 17 GB quantized).
@@ -22,14 +26,25 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nucleus_image.model.checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _parse_size, _weight_files,
-                                            checked_tensors, publish_folder, refuse_misfit, split_shards)
+from nucleus_image.model import NucleusTransformer
+from nucleus_image.model.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    QUANTIZATION_CONFIG,
+    WEIGHTS_NAME,
+    _parse_size,
+    _weight_files,
+    checked_tensors,
+    publish_folder,
+    refuse_misfit,
+    split_shards,
+)
 from nucleus_image.model.config import NucleusConfig
 
 from .apply import keeps_precision, quantize_linear, quantized_skeleton
 from .experts import QuantizedSwiGLUExperts, check_method
 
-QUANT_CONFIG = "quantization_config.json"
+QUANT_CONFIG = QUANTIZATION_CONFIG
 
 
 def transformer_folder(path, subfolder: str | None = None) -> Path:
@@ -50,6 +65,24 @@ def stored_quantization(path, subfolder: str | None = None) -> str | None:
         if (candidate / CONFIG_NAME).exists():
             return None
     return None
+
+
+def load_transformer(path, quantize: str | None = None, dtype: torch.dtype | None = None, device="cpu",
+                     subfolder: str | None = None) -> NucleusTransformer:
+    """A transformer folder as it was saved (high precision or 8-bit), or a high-precision one quantized tensor by
+    tensor while loading when `quantize` ("int8" | "fp8") is given."""
+    if quantize is not None or stored_quantization(path, subfolder) is not None:
+        return load_quantized(NucleusTransformer, path, quantize, dtype=dtype, device=device, subfolder=subfolder)
+    return NucleusTransformer.from_pretrained(path, dtype=dtype, device=device, subfolder=subfolder)
+
+
+def save_transformer(model: NucleusTransformer, path, max_shard_size: int | str = "10GB") -> None:
+    """Write a transformer folder in the layout its weights need: diffusers' for high precision, the quantized
+    layout for 8-bit weights."""
+    if model.quantization is not None:
+        save_quantized(model, path, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(path, max_shard_size=max_shard_size)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -108,7 +141,7 @@ def _load_saved(cls, folder: Path, method: str, dtype, device):
     for file in _weight_files(folder):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             metadata = f.metadata()
-            flat = {k: f.get_tensor(k) for k in f.keys()}
+            flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         tensors, leftover = unflatten_tensor_state_dict(flat, metadata)
         if leftover:
             raise ValueError(f"{str(file)!r} has tensors its metadata does not describe: {sorted(leftover)[:10]}")

@@ -68,7 +68,7 @@ class QuantizedSwiGLUExperts(nn.Module):
         self.register_buffer("down_proj_scale", torch.empty(num_experts, 1, dim))
 
     @classmethod
-    def from_float(cls, experts: SwiGLUExperts, method: str) -> "QuantizedSwiGLUExperts":
+    def from_float(cls, experts: SwiGLUExperts, method: str) -> QuantizedSwiGLUExperts:
         E, D, F2 = experts.gate_up_proj.shape
         with torch.device("meta"):
             module = cls(D, F2 // 2, E, method)

@@ -10,7 +10,8 @@ cuBLASLt wants the weight column-major, so the codes are stored (out, in) row-ma
 same code runs on CPU (PyTorch implements `_scaled_mm` there too), which is how the tests check it against
 quantise-dequantise-then-matmul.
 
-    enable_fp8_compute(model)      # in place; the GPU step benchmark (benchmarks/gpu_step.py) times it
+    enable_fp8_compute(model)      # in place; NucleusPipeline(..., fp8_compute=True) and --fp8-compute do this
+                                   # after check_fp8_compute(device); benchmarks/gpu_step.py times it
 """
 
 from __future__ import annotations
@@ -24,6 +25,30 @@ from nucleus_image.model.moe import SwiGLUExperts
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
 ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
+FP8_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) on: the first GPUs with fp8 tensor cores
+
+
+def fp8_support_problem(device_type: str, capability: tuple[int, int] | None, name: str = "") -> str | None:
+    """Why fp8 compute cannot run on this device (None when it can): it needs a CUDA GPU with fp8 tensor cores."""
+    need = (f"fp8 compute runs its matmuls on fp8 tensor cores: it needs a CUDA GPU of compute capability >= "
+            f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} (Ada, Hopper or newer)")
+    if device_type != "cuda":
+        return f"{need}; the model is on {device_type}. For 8-bit weights without such a GPU use quantize='fp8'"
+    if capability is None:
+        return f"{need}; no CUDA GPU is available to this torch {torch.__version__}"
+    if tuple(capability) < FP8_CAPABILITY:
+        return f"{need}; {name or 'this GPU'} has compute capability {capability[0]}.{capability[1]}"
+    return None
+
+
+def check_fp8_compute(device: torch.device | str) -> None:
+    """Refuse devices without fp8 tensor cores, saying what is needed."""
+    device = torch.device(device)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    problem = fp8_support_problem(device.type, torch.cuda.get_device_capability(device) if cuda else None,
+                                  torch.cuda.get_device_name(device) if cuda else "")
+    if problem:
+        raise ValueError(problem)
 
 
 def quantize_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,3 +120,7 @@ def enable_fp8_compute(model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent_name), child, Float8Linear(module))
     model.requires_grad_(False)
     return model
+
+
+def uses_fp8_compute(model: nn.Module) -> bool:
+    return any(isinstance(m, (Float8Linear, Float8Experts)) for m in model.modules())

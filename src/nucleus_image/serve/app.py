@@ -3,14 +3,13 @@
     POST /v1/images/generations   {"prompt": ..., "n": 2, "aspect_ratio": "4:3", "seed": 7} -> PNGs + settings
     POST /v1/images/jobs          same body -> 202 {"id": ...}; GET /v1/images/jobs/{id} -> progress, then result
     GET  /v1/images/files/{name}  a PNG returned with response_format "url" (the last `keep_images` are kept)
-    GET  /v1/models, /health, /metrics, and / (the web page)
+    GET  /v1/models, /health, /metrics (Prometheus text), /metrics.json, and / (the web page)
 
     app = create_app(NucleusPipeline.from_pretrained(path), ServeConfig(model_path=path))
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import time
@@ -21,11 +20,13 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nucleus_image.cli import step_cache_args
-from nucleus_image.cli.generate import reproduce_command
+from nucleus_image.pipeline.command import generate_command
+from nucleus_image.serve.metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
 from nucleus_image.serve.request import Defaults, GenerationRequest, Geometry, Limits, RequestError, parse_request
 from nucleus_image.serve.scheduler import BatchScheduler, Job, QueueFull, ShuttingDown
 
@@ -43,6 +44,8 @@ class ServeConfig:
     dtype: str = "auto"  # as given to `nucleus serve`, repeated in each image's command
     device: str | None = None
     quantize: str | None = None  # as given to `nucleus serve`, repeated in each image's command
+    cuda_graph: bool = False  # likewise
+    fp8_compute: bool = False  # likewise
     keep_images: int = 512  # PNGs kept for response_format "url"
     keep_jobs: int = 256  # finished jobs kept for polling
 
@@ -71,10 +74,6 @@ class _Bounded(OrderedDict):
 
 def create_app(pipe, config: ServeConfig) -> FastAPI:
     geometry = Geometry(pipe.sample_size, pipe.granularity)
-    # The served images' settings as `nucleus generate` flags (the server runs no step cache).
-    command_args = argparse.Namespace(model=config.model_path, dtype=config.dtype, device=config.device,
-                                      quantize=config.quantize, cache=None,
-                                      **{f"cache_{name}": None for name in step_cache_args.FIELDS})
     files: _Bounded = _Bounded(config.keep_images)
     jobs: _Bounded = _Bounded(config.keep_jobs)
     results: _Bounded = _Bounded(config.keep_jobs)  # a finished job's response body, built once
@@ -89,6 +88,20 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         await scheduler.close(state["worker"])
 
     app = FastAPI(title="Nucleus-Image", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+
+    # Unknown paths (404), wrong methods (405) and FastAPI's own validation answer in the API's error shape too,
+    # not FastAPI's {"detail": ...}.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = {404: f"no such path {request.url.path!r}",
+                   405: f"{request.method} is not allowed on {request.url.path!r}"}.get(exc.status_code, str(exc.detail))
+        return error(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return error(400, first.get("msg", "invalid request"), param)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def scheduler() -> BatchScheduler:
@@ -98,11 +111,12 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         r: GenerationRequest = job.request
         data = []
         for k, (png, seed) in enumerate(zip(job.images, job.seeds)):
-            item = {"seed": seed, "batch_size": job.batch_sizes[k],
-                    "command": reproduce_command(argparse.Namespace(**vars(command_args), steps=r.steps,
-                                                                    guidance=r.guidance_scale,
-                                                                    negative=r.negative_prompt),
-                                                 r.prompt, seed, r.width, r.height)}
+            # The image's settings as `nucleus generate` flags (the server runs no step cache).
+            command = generate_command(config.model_path, r.prompt, seed=seed, width=r.width, height=r.height,
+                                       steps=r.steps, guidance=r.guidance_scale, negative=r.negative_prompt,
+                                       dtype=config.dtype, device=config.device, quantize=config.quantize,
+                                       cuda_graph=config.cuda_graph, fp8_compute=config.fp8_compute)
+            item = {"seed": seed, "batch_size": job.batch_sizes[k], "command": command}
             if r.response_format == "url":
                 name = f"{job.id}-{k}.png"
                 files[name] = png
@@ -195,6 +209,11 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
+        s = scheduler()
+        return Response(prometheus_text(s.snapshot(), s.metrics), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/metrics.json")
+    async def metrics_json():
         return scheduler().snapshot()
 
     @app.get("/", include_in_schema=False)

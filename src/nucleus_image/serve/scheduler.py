@@ -18,12 +18,13 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from nucleus_image.serve.metrics import Metrics
 from nucleus_image.serve.request import GenerationRequest
 
 log = logging.getLogger("nucleus_image.serve")
@@ -80,29 +81,6 @@ class _Row:
     @property
     def seed(self) -> int:
         return self.job.request.seed + self.index
-
-
-class Metrics:
-    """Counters for /metrics: batch sizes, request latencies (the last 1000), images served, refusals."""
-
-    def __init__(self):
-        self.started = time.time()
-        self.batch_sizes: Counter[int] = Counter()
-        self.batch_seconds: deque[float] = deque(maxlen=50)
-        self.latencies: deque[float] = deque(maxlen=1000)
-        self.images_served = 0
-        self.requests = Counter()  # ok, failed, rejected (queue full), invalid
-
-    def latency_percentiles(self) -> dict[str, float | None]:
-        ordered = sorted(self.latencies)
-
-        def pick(q: float):
-            return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 4) if ordered else None
-
-        return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
-
-    def mean_batch_seconds(self) -> float:
-        return sum(self.batch_seconds) / len(self.batch_seconds) if self.batch_seconds else 1.0
 
 
 def png_bytes(image) -> bytes:
@@ -229,7 +207,7 @@ class BatchScheduler:
             job.images[row.index], job.batch_sizes[row.index] = png, len(rows)
             if all(image is not None for image in job.images) and not job.finished.is_set():
                 job.status, job.latency = "done", time.perf_counter() - job.submitted
-                self.metrics.latencies.append(job.latency)
+                self.metrics.record_latency(job.latency)
                 self.metrics.images_served += job.request.n
                 self.metrics.requests["ok"] += 1
                 job.finished.set()

@@ -4,10 +4,13 @@
     Trainer(TrainConfig.preset("tiny"), "data/synth", "runs/tiny").train()
 """
 
-from .config import StageConfig, TimestepConfig, TrainConfig
+from .config import OptimizerConfig, StageConfig, TimestepConfig, TrainConfig
 from .merge import decay_weights, merge_coefficients, merge_run, merge_state_dicts
 from .muon import Muon
-from .trainer import NonFiniteLossError, Trainer, TrainResult
+from .state import NonFiniteLossError, TrainState
+from .step import StepOutput, train_step
+from .trainer import Trainer, TrainResult
 
-__all__ = ["Muon", "NonFiniteLossError", "StageConfig", "TimestepConfig", "TrainConfig", "TrainResult", "Trainer",
-           "decay_weights", "merge_coefficients", "merge_run", "merge_state_dicts"]
+__all__ = ["Muon", "NonFiniteLossError", "OptimizerConfig", "StageConfig", "StepOutput", "TimestepConfig",
+           "TrainConfig", "TrainResult", "TrainState", "Trainer", "decay_weights", "merge_coefficients", "merge_run",
+           "merge_state_dicts", "train_step"]

@@ -5,8 +5,9 @@ Layout of RUN_DIR/checkpoints/step-00001200/:
     config.json            the transformer config (diffusers format)
     optimizer.safetensors  every optimizer state tensor, keyed "<optimizer>.<param index>.<state key>"
     optimizer.json         the optimizers' param groups and non-tensor state
-    rng.safetensors        torch CPU (and CUDA) RNG states and the trainer's torch generator state
-    trainer.json           step, counters, numpy/python RNG states, sampler position, loss history
+    rng.safetensors        torch CPU (and CUDA) RNG states and the run's torch generator state (if it has one)
+    trainer.json           the run's `TrainState` (step, counters, sampler position, loss history) and the
+                           numpy/python RNG states
 
 A run of several processes (FSDP2 / expert parallelism) writes `dcp/` instead of the model and optimizer files:
 a `torch.distributed.checkpoint` of {"model", "optim"} from `get_state_dict` (keys are parameter FQNs, the same
@@ -32,6 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nucleus_image.model.checkpoint import apply_umask
+
+from .state import TrainState
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 COMMON_FILES = ("config.json", "rng.safetensors", "trainer.json")
@@ -104,43 +107,43 @@ def _optimizer_from_flat(optimizers: dict[str, torch.optim.Optimizer], tensors: 
 
 
 # ---- save / load -------------------------------------------------------------------------------------------------
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, model_config: dict,
-                    optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
-                    np_rng: np.random.Generator, trainer_state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last` complete ones."""
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, model_config: dict,
+                    optimizers: dict[str, torch.optim.Optimizer], state: TrainState, keep_last: int) -> Path:
+    """Write checkpoint `state.step` atomically, then delete all but the newest `keep_last` complete ones."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}-{os.getpid()}"
     tmp.mkdir()
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / "model.safetensors")
     opt_tensors, opt_meta = _optimizer_to_flat(optimizers)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta) + "\n")
-    _write_run_state(tmp, step, model_config, generator, np_rng, trainer_state)
+    _write_run_state(tmp, model_config, state)
     _publish(run_dir, tmp, final, keep_last)
     return final
 
 
-def _write_run_state(tmp: Path, step: int, model_config: dict, generator: torch.Generator, np_rng: np.random.Generator,
-                     trainer_state: dict) -> None:
+def _write_run_state(tmp: Path, model_config: dict, state: TrainState) -> None:
     (tmp / "config.json").write_text(json.dumps(model_config, indent=1) + "\n")
-    rng = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if state.generator is not None:
+        rng["generator"] = state.generator.get_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = s
     save_file(rng, tmp / "rng.safetensors")
     np_state = np.random.get_state()
     py_state = random.getstate()
-    trainer = dict(trainer_state, step=step, rng={
-        "numpy_generator": np_rng.bit_generator.state,
-        "numpy_global": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    })
+    host_rng = {"numpy_global": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    if state.np_rng is not None:
+        host_rng["numpy_generator"] = state.np_rng.bit_generator.state
+    trainer = dict(state.state_dict(), rng=host_rng)
     (tmp / "trainer.json").write_text(json.dumps(trainer, default=_json_default) + "\n")
 
 
@@ -158,9 +161,8 @@ def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> Non
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_distributed(run_dir: str | Path, step: int, model: torch.nn.Module, model_config: dict,
-                     optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
-                     np_rng: np.random.Generator, trainer_state: dict, keep_last: int) -> Path:
+def save_distributed(run_dir: str | Path, model: torch.nn.Module, model_config: dict,
+                     optimizers: dict[str, torch.optim.Optimizer], state: TrainState, keep_last: int) -> Path:
     """`save_checkpoint` for a sharded model, called on every rank: each writes its shards with DCP into the
     same temp folder; rank 0 adds the RNG/trainer state and renames the folder when every rank is done."""
     import torch.distributed as dist
@@ -168,8 +170,8 @@ def save_distributed(run_dir: str | Path, step: int, model: torch.nn.Module, mod
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = checkpoint_dir(run_dir)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-dist"
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}-dist"
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step-*"):
@@ -180,7 +182,7 @@ def save_distributed(run_dir: str | Path, step: int, model: torch.nn.Module, mod
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / DCP_DIR)
     dist.barrier()
     if dist.get_rank() == 0:
-        _write_run_state(tmp, step, model_config, generator, np_rng, trainer_state)
+        _write_run_state(tmp, model_config, state)
         _publish(run_dir, tmp, final, keep_last)
     dist.barrier()
     return final
@@ -197,8 +199,8 @@ def mark_interrupted(path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-                    generator: torch.Generator, np_rng: np.random.Generator, distributed: bool = False) -> dict:
-    """Restore model, optimizers and every RNG from a checkpoint folder; returns trainer.json's content.
+                    state: TrainState, distributed: bool = False) -> None:
+    """Restore model, optimizers, the run's state and every RNG from a checkpoint folder.
     A DCP checkpoint loads into any layout (`distributed`: this process is one of several) or into one plain
     process; a one-process checkpoint loads into one process or, through its full state, into any layout."""
     path = Path(path)
@@ -216,18 +218,20 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[s
                              json.loads((path / "optimizer.json").read_text()))
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
-    generator.set_state(rng["generator"])
+    if state.generator is not None:
+        state.generator.set_state(rng["generator"])
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
         if states:
             torch.cuda.set_rng_state_all(states)
     trainer = json.loads((path / "trainer.json").read_text())
-    np_rng.bit_generator.state = trainer["rng"]["numpy_generator"]
+    state.load_state_dict(trainer)
+    if state.np_rng is not None:
+        state.np_rng.bit_generator.state = trainer["rng"]["numpy_generator"]
     g = trainer["rng"]["numpy_global"]
     np.random.set_state((g[0], np.array(g[1], dtype=np.uint32), *g[2:]))
     p = trainer["rng"]["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
-    return trainer
 
 
 def _load_dcp(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
@@ -253,8 +257,7 @@ def _load_dcp(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.op
 def _load_single_into_sharded(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
     """A one-process checkpoint into a sharded model: the full state, named by FQN, handed to `set_*_state_dict`,
     which keeps each rank's part. The flat optimizer files index parameters by their order in the optimizer."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, load_file(path / "model.safetensors"), options=full)

@@ -2,14 +2,19 @@
 256 -> 512 -> 1024 curriculum, scaled to the domain), named presets, `--set key=value` overrides, and the
 resolved config written into every run folder.
 
-    cfg = TrainConfig.preset("tiny").override(["lr=3e-3", "stages.0.steps=100", "model.num_experts=16"])
+    cfg = TrainConfig.preset("tiny").override(["optimizer.lr=3e-3", "stages.0.steps=100", "model.num_experts=16"])
     cfg.save_json(run_dir / "train_config.json")
+
+The optimizer is one nested section (`OptimizerConfig`), shared with fine-tuning. Files and `--set` assignments
+written before it existed name its fields flat (`lr`, `adam_betas`, `optimizer=adamw`, ...): those names are
+read as aliases of the nested keys (`LEGACY_OPTIMIZER_KEYS`), so old run folders load and resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +36,58 @@ class TimestepConfig:
     seq_max: int = 4096
     std: float = 1.0
     uniform_share: float = 0.1
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer of a run: "muon" is Muon for the hidden matrices and AdamW for the rest (the recipe), "adamw"
+    AdamW for everything (a baseline). Muon's update RMS is matched to AdamW's, so one learning rate serves both
+    groups, under Warmup-Stable-Merge: linear warmup over `warmup_steps`, then constant (`schedule.wsm_lr`)."""
+
+    kind: str = "muon"
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    weight_decay: float = 0.0  # matrices only
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
+    eps: float = 1e-8  # AdamW
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this
+
+    def errors(self) -> list[str]:
+        out = []
+        if self.kind not in ("muon", "adamw"):
+            out.append(f"optimizer.kind {self.kind!r}; accepted: muon, adamw")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0 or not self.grad_clip > 0:
+            out.append(f"optimizer needs lr > 0, warmup_steps >= 0, weight_decay >= 0 and grad_clip > 0; got "
+                       f"lr={self.lr}, warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay}, "
+                       f"grad_clip={self.grad_clip}")
+        if not 0 <= self.muon_momentum < 1 or self.muon_ns_steps < 1:
+            out.append(f"optimizer needs 0 <= muon_momentum < 1 and muon_ns_steps >= 1; got "
+                       f"muon_momentum={self.muon_momentum}, muon_ns_steps={self.muon_ns_steps}")
+        return out
+
+
+# Flat names of the optimizer fields in configs written before the nested section, and in `--set` (aliases).
+LEGACY_OPTIMIZER_KEYS = {"optimizer": "kind", "lr": "lr", "warmup_steps": "warmup_steps",
+                         "weight_decay": "weight_decay", "adam_betas": "betas", "adam_eps": "eps",
+                         "muon_momentum": "muon_momentum", "muon_nesterov": "muon_nesterov",
+                         "muon_ns_steps": "muon_ns_steps", "grad_clip": "grad_clip"}
+
+
+def nest_legacy_optimizer(data: dict) -> dict:
+    """A config dict with flat optimizer fields (the old layout) moved into its `optimizer` section; a dict
+    already nested is returned unchanged."""
+    flat = {k: v for k, v in data.items()
+            if k in LEGACY_OPTIMIZER_KEYS and not (k == "optimizer" and isinstance(v, dict))}
+    if not flat:
+        return data
+    out = {k: v for k, v in data.items() if k not in flat}
+    section = dict(out.get("optimizer") or {})
+    section.update({LEGACY_OPTIMIZER_KEYS[k]: v for k, v in flat.items()})
+    out["optimizer"] = section
+    return out
 
 
 @dataclass
@@ -58,18 +115,7 @@ class TrainConfig:
     pipeline_dir: str = ""  # a diffusers Nucleus-Image folder the named encoders are read from
     stages: list[StageConfig] = field(default_factory=list)
     seed: int = 0
-    # Optimiser (Muon's update RMS is matched to AdamW's, so one learning rate serves both groups). "muon": Muon
-    # for the hidden matrices and AdamW for the rest (the recipe); "adamw": AdamW for everything (a baseline).
-    optimizer: str = "muon"
-    lr: float = 1e-4
-    warmup_steps: int = 1000
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_ns_steps: int = 5
-    grad_clip: float = 1.0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     # Objective.
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     z_loss_weight: float = 5e-7
@@ -152,24 +198,24 @@ class TrainConfig:
             errors.append("timesteps.uniform_share must be in [0, 1] and caption_dropout in [0, 1)")
         if self.z_loss_weight < 0 or not 0 <= self.orthogonality_step < 0.5 or self.wavelet_levels < 1:
             errors.append("z_loss_weight >= 0, orthogonality_step in [0, 0.5) and wavelet_levels >= 1 are required")
-        if self.optimizer not in ("muon", "adamw"):
-            errors.append(f"optimizer {self.optimizer!r}; accepted: muon, adamw")
+        errors += self.optimizer.errors()
         if self.time_budget_s < 0:
             errors.append(f"time_budget_s must be >= 0 (0 = no budget), got {self.time_budget_s}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.checkpoint_every < 1 or self.keep_last < 1:
-            errors.append("lr > 0, warmup_steps >= 0, checkpoint_every >= 1 and keep_last >= 1 are required")
+        if self.checkpoint_every < 1 or self.keep_last < 1:
+            errors.append("checkpoint_every >= 1 and keep_last >= 1 are required")
         if errors:
             raise ValueError("invalid TrainConfig: " + "; ".join(errors))
 
     # ---- overrides and (de)serialisation -------------------------------------------------------------------
-    def override(self, assignments: list[str]) -> "TrainConfig":
+    def override(self, assignments: list[str]) -> TrainConfig:
         """Apply `key=value` assignments (dotted paths, list indices, `model.<field>`); values parse as JSON,
-        falling back to a plain string. Returns a new validated config."""
+        falling back to a plain string. The optimizer's old flat names (`lr=3e-3`, `optimizer=adamw`) are aliases
+        of its nested keys (`optimizer.lr`, `optimizer.kind`). Returns a new validated config."""
         data = self.to_dict()
         model_changes = {}
         for item in assignments:
             if "=" not in item:
-                raise ValueError(f"--set {item!r} is not key=value (e.g. lr=3e-4, stages.0.steps=200)")
+                raise ValueError(f"--set {item!r} is not key=value (e.g. optimizer.lr=3e-4, stages.0.steps=200)")
             key, raw = item.split("=", 1)
             try:
                 value = json.loads(raw)
@@ -179,53 +225,33 @@ class TrainConfig:
                 # Through NucleusConfig.replace, which keeps dependent fields (per-layer CFs) consistent.
                 model_changes[key.split(".", 1)[1]] = value
                 continue
-            node, parts = data, key.split(".")
-            for part in parts[:-1]:
-                node = _child(node, part, key)
-            last = parts[-1]
-            if isinstance(node, list):
-                node[_index(node, last, key)] = value
-            elif last in node:
-                node[last] = value
-            else:
-                raise ValueError(f"--set {key!r}: no field {last!r}; accepted here: {', '.join(sorted(node))}")
+            if key in LEGACY_OPTIMIZER_KEYS and not (key == "optimizer" and isinstance(value, dict)):
+                key = f"optimizer.{LEGACY_OPTIMIZER_KEYS[key]}"
+            set_dotted(data, key, value)
         if model_changes:
             data["model"] = self.model.replace(**model_changes)
         return TrainConfig.from_dict(data)
 
     def to_dict(self) -> dict:
-        out = {}
+        out: dict[str, typing.Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "model":
                 out[f.name] = {k: v for k, v in value.to_dict().items() if not k.startswith("_")}
                 out[f.name]["router_input"] = value.router_input
-            elif f.name == "stages":
-                out[f.name] = [_jsonable(dataclasses.asdict(s)) for s in value]
             else:
-                out[f.name] = _jsonable(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+                out[f.name] = to_plain(value)
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; accepted: {sorted(known)}")
-        kwargs = {}
-        hints = typing.get_type_hints(cls)
-        for name, value in data.items():
-            if name == "model":
-                kwargs[name] = NucleusConfig.from_dict(value) if isinstance(value, dict) else value
-            elif name == "stages":
-                kwargs[name] = [_build(StageConfig, s) for s in value]
-            elif name == "timesteps":
-                kwargs[name] = _build(TimestepConfig, value)
-            elif name == "parallel":
-                kwargs[name] = _build(ParallelConfig, value)
-            else:
-                kwargs[name] = _coerce(value, hints[name], name)
-        cfg = cls(**kwargs)
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """From `to_dict`'s output or a saved train_config.json (either optimizer layout); validated."""
+        data = nest_legacy_optimizer(data)
+        model = data.get("model")
+        rest = {k: v for k, v in data.items() if k != "model"}
+        cfg = from_plain(cls, rest, "TrainConfig")
+        if model is not None:
+            cfg.model = NucleusConfig.from_dict(model) if isinstance(model, dict) else model
         cfg.validate()
         return cfg
 
@@ -233,11 +259,11 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "TrainConfig":
+    def from_json(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def preset(cls, name: str) -> "TrainConfig":
+    def preset(cls, name: str) -> TrainConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown training preset {name!r}; accepted: {', '.join(PRESETS)}")
         cfg = PRESETS[name]()
@@ -255,6 +281,53 @@ def parse_ratio(ratio: str) -> float:
     return w / h
 
 
+# ---- plain (JSON) forms of typed config dataclasses -------------------------------------------------------------
+def to_plain(value):
+    """Dataclasses as dicts and tuples as lists, recursively: what json.dumps writes."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def from_plain(cls, data: dict, name: str):
+    """`cls` built from a plain dict, nested dataclasses included; an unknown field or a value that does not fit
+    its declared type is refused by name. Missing fields keep their defaults."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}={data!r}: expected a section (a JSON object)")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {name} fields {sorted(unknown)}; accepted: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}" if name[0].islower() else k) for k, v in data.items()})
+
+
+def set_dotted(data: dict, key: str, value) -> None:
+    """`data[a][b]... = value` for a dotted `key` (list indices allowed), refusing a path that names no field."""
+    node, parts = data, key.split(".")
+    for part in parts[:-1]:
+        node = _child(node, part, key)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    elif last in node:
+        node[last] = value
+    else:
+        raise ValueError(f"--set {key!r}: no field {last!r}; accepted here: {', '.join(sorted(node))}")
+
+
+def changed_fields(saved: object, current: object, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves where two plain config dicts differ (what a refused resume names)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return sorted(p for k in set(saved) | set(current)
+                      for p in changed_fields(saved.get(k), current.get(k), f"{prefix}{k}."))
+    return [] if saved == current else [prefix.rstrip(".")]
+
+
 def _child(node, part: str, key: str):
     if isinstance(node, list):
         return node[_index(node, part, key)]
@@ -269,23 +342,27 @@ def _index(node: list, part: str, key: str) -> int:
     return int(part)
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _coerce(value, hint, name: str):
-    """JSON gives lists where the dataclass wants tuples and ints where it wants floats; anything else that
-    does not fit the declared type is refused by name."""
-    origin = typing.get_origin(hint)
+    """JSON gives lists where the dataclass wants tuples and ints where it wants floats, and dicts for nested
+    sections; anything else that does not fit the declared type is refused by name."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        return _coerce(value, members[0], name) if len(members) == 1 else value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else from_plain(hint, value, name)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}={value!r}: expected a list")
+        return [_coerce(v, args[0], f"{name}.{i}") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name}={value!r}: expected a list")
-        args = typing.get_args(hint)
         inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if inner is None and len(value) != len(args):
+            raise ValueError(f"{name}={value!r}: expected {len(args)} entries")
         return tuple(_coerce(v, inner or args[i], name) for i, v in enumerate(value))
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -298,15 +375,6 @@ def _coerce(value, hint, name: str):
     return value
 
 
-def _build(cls, data: dict):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; accepted: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"{cls.__name__}.{k}") for k, v in data.items()})
-
-
 # ---- presets ---------------------------------------------------------------------------------------------------
 def released() -> TrainConfig:
     """The report's recipe at full scale (64 H100s): 256 -> 512 -> 1024 px with the CF schedule of section 2.
@@ -315,7 +383,8 @@ def released() -> TrainConfig:
     model = NucleusConfig.preset("released")
     late = (0.0,) * 3 + (4.0,) * 2 + (2.0,) * 27
     return TrainConfig(
-        model=model, text_encoder="qwen3-vl", autoencoder="qwen-image", lr=1e-4, warmup_steps=1000,
+        model=model, text_encoder="qwen3-vl", autoencoder="qwen-image",
+        optimizer=OptimizerConfig(lr=1e-4, warmup_steps=1000),
         parallel=ParallelConfig(init="meta"), gradient_checkpointing=True,
         checkpoint_every=1000, keep_last=16, merge_last=16, log_every=50, sample_every=2000,
         stages=[
@@ -349,7 +418,7 @@ def tiny() -> TrainConfig:
     model = NucleusConfig.preset("tiny")
     aspects = ("1:1", "4:3", "3:4")
     return TrainConfig(
-        model=model, lr=6e-3, warmup_steps=50, weight_decay=0.0, checkpoint_every=50, keep_last=8, merge_last=6,
+        model=model, optimizer=OptimizerConfig(lr=6e-3, warmup_steps=50), checkpoint_every=50, keep_last=8, merge_last=6,
         log_every=10, sample_every=200, sample_steps=16, caption_dropout=0.1, caption_weights=(3.0, 1.0, 0.0, 0.0),
         cpu_threads=0,
         stages=[

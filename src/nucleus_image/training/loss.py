@@ -10,13 +10,18 @@ transformer itself must predict
 
 (the direction from noise to data). `tests/test_timesteps.py` checks this by sampling with the Euler sampler
 from an oracle that outputs exactly this target: it lands on x0.
+
+`FlowObjective` composes them into the loss function the training step calls, `(model, FlowBatch) -> (loss,
+logged values)`; fine-tuning uses it too, and another objective (distillation's) only has to keep that shape.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..pipeline.pipeline import unpack_latents
+from ..model.latents import unpack_latents
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
@@ -33,6 +38,57 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Velocity MSE, in float32 whatever the autocast dtype."""
     return torch.mean((pred.float() - velocity_target(x0, noise).float()) ** 2)
+
+
+@dataclass
+class FlowBatch:
+    """One micro-batch of the flow objective: packed clean latents, their noise and sigmas, the text states."""
+
+    x0_BSC: torch.Tensor
+    noise_BSC: torch.Tensor
+    sigma_B: torch.Tensor
+    text_BLD: torch.Tensor
+    text_mask_BL: torch.Tensor | None
+    grid: tuple[int, int]  # the latent (height, width) the tokens were packed from
+
+
+@dataclass(frozen=True)
+class FlowObjective:
+    """The loss function of a training step: velocity MSE, plus the router z-loss and the Haar wavelet term when
+    weighted. `routing_stats` adds the per-layer routing statistics (`monitor.routing_stats`, on the device) to
+    the logged values; `input_dtype` casts the model's inputs (a bf16 or 8-bit pipeline's transformer)."""
+
+    patch: int
+    z_loss_weight: float = 0.0
+    wavelet_weight: float = 0.0
+    wavelet_levels: int = 2
+    autocast: bool = False
+    input_dtype: torch.dtype | None = None
+    routing_stats: bool = False
+
+    def __call__(self, model, batch: FlowBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from .monitor import routing_stats
+
+        x0, noise, sigma = batch.x0_BSC, batch.noise_BSC, batch.sigma_B
+        h, w = batch.grid
+        B = x0.shape[0]
+        cast = (lambda t: t.to(self.input_dtype)) if self.input_dtype is not None else (lambda t: t)
+        routing = self.z_loss_weight > 0 or self.routing_stats
+        with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = model(hidden_states=cast(noisy_latents(x0, noise, sigma)),
+                        img_shapes=[(1, h // self.patch, w // self.patch)] * B,
+                        encoder_hidden_states=cast(batch.text_BLD), encoder_hidden_states_mask=batch.text_mask_BL,
+                        timestep=cast(sigma), **({"return_routing": True} if routing else {}))
+        loss = flow_loss(out.sample, x0, noise)
+        if self.z_loss_weight:
+            loss = loss + self.z_loss_weight * router_z_loss(out.router_logits)
+        if self.wavelet_weight:
+            loss = loss + self.wavelet_weight * wavelet_loss(out.sample, x0, noise, h, w, self.patch,
+                                                             self.wavelet_levels)
+        logged = {}
+        if self.routing_stats:
+            logged["routing"] = routing_stats(out.router_logits, out.expert_indices, x0.shape[1])
+        return loss, logged
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -15,23 +15,27 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def routing_stats(router_logits: tuple[torch.Tensor, ...], expert_indices: tuple[torch.Tensor, ...], seq_len: int) -> dict:
-    """Per MoE layer: `load` = each expert's share of the router's probability mass (expert choice gives every
-    expert exactly C tokens, so the softmax mass is where imbalance shows), `no_expert_share` = tokens only the
-    shared expert saw, and `experts_per_token` = mean experts per token."""
-    stats = {}
-    for layer, (logits_BSE, idx_BEC) in enumerate(zip(router_logits, expert_indices)):
+def routing_stats(router_logits: tuple[torch.Tensor, ...], expert_indices: tuple[torch.Tensor, ...],
+                  seq_len: int) -> torch.Tensor:
+    """(layers, E + 2) float32 on the model's device, one row per MoE layer: each expert's share of the router's
+    probability mass (`load`: expert choice gives every expert exactly C tokens, so the softmax mass is where
+    imbalance shows), then the share of tokens only the shared expert saw and the mean experts per token.
+    Computed on the device without reading anything back; `routing_table` turns it into numbers to log."""
+    rows = []
+    for logits_BSE, idx_BEC in zip(router_logits, expert_indices):
         B, E, C = idx_BEC.shape
-        probs = torch.softmax(logits_BSE.detach().float(), dim=-1)
-        load = probs.mean(dim=(0, 1))
+        load_E = torch.softmax(logits_BSE.detach().float(), dim=-1).mean(dim=(0, 1))
         counts = torch.zeros(B, seq_len, device=idx_BEC.device)
         counts.scatter_add_(1, idx_BEC.reshape(B, E * C), torch.ones(B, E * C, device=idx_BEC.device))
-        stats[layer] = {
-            "load": load.cpu().numpy(),
-            "no_expert_share": float((counts == 0).float().mean()),
-            "experts_per_token": float(counts.mean()),
-        }
-    return stats
+        rows.append(torch.cat([load_E, (counts == 0).float().mean()[None], counts.mean()[None]]))
+    return torch.stack(rows)
+
+
+def routing_table(stats: torch.Tensor) -> dict:
+    """`routing_stats` read back (one transfer): {layer: {"load", "no_expert_share", "experts_per_token"}}."""
+    table = stats.detach().cpu().double().numpy()
+    return {layer: {"load": row[:-2], "no_expert_share": float(row[-2]), "experts_per_token": float(row[-1])}
+            for layer, row in enumerate(table)}
 
 
 class RunLogger:

@@ -193,7 +193,7 @@ class _Member:
     buf: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, p: torch.Tensor, factor: ExpertFactor | None) -> "_Member":
+    def of(cls, p: torch.Tensor, factor: ExpertFactor | None) -> _Member:
         local = _local(p.data)
         if isinstance(p, DTensor) and not _whole_on_each_rank(p):
             mesh_dim = _row_shard_dim(p)

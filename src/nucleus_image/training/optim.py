@@ -27,6 +27,7 @@ import re
 import torch
 import torch.nn as nn
 
+from .config import OptimizerConfig
 from .muon import ExpertFactor, Muon
 
 # Matrices that stay on AdamW, by name (diffusers key names, which our model shares).
@@ -110,21 +111,21 @@ def _role(name: str, p: nn.Parameter, opt: str) -> str:
     return "other matrices"
 
 
-def build_optimizers(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                     momentum: float, nesterov: bool, ns_steps: int, ns_dtype: torch.dtype,
-                     use_muon: bool = True) -> tuple[Muon | None, torch.optim.AdamW, dict]:
+def build_optimizers(model: nn.Module, cfg: OptimizerConfig,
+                     ns_dtype: torch.dtype) -> tuple[Muon | None, torch.optim.AdamW, dict]:
     """The Muon and AdamW optimisers over the split; both take the same lr (Muon's update is RMS-matched).
-    Weight decay applies to matrices only: decaying norm gains and biases only pulls them toward zero. Without
-    Muon (`use_muon=False`, the AdamW baseline) AdamW takes every parameter and Muon is None."""
+    Weight decay applies to matrices only: decaying norm gains and biases only pulls them toward zero. With
+    `cfg.kind` "adamw" (the baseline) AdamW takes every parameter and Muon is None."""
     groups = split_params(model)
-    if not use_muon:
+    if cfg.kind != "muon":
         groups = {"muon": [], "adamw": groups["adamw"] + groups["muon"]}
-    muon = None if not groups["muon"] else Muon([p for _, p in groups["muon"]], lr=lr, weight_decay=weight_decay, momentum=momentum,
-                nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, expert_factors=expert_factors(model))
+    muon = None if not groups["muon"] else Muon(
+        [p for _, p in groups["muon"]], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+        nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, ns_dtype=ns_dtype, expert_factors=expert_factors(model))
     decay = [p for _, p in groups["adamw"] if p.dim() >= 2]
     no_decay = [p for _, p in groups["adamw"] if p.dim() < 2]
     adamw = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=betas, eps=eps,
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
     )
     return muon, adamw, groups

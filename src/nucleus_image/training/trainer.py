@@ -1,7 +1,10 @@
 """The training loop: stages of aspect-bucketed batches through the rectified-flow objective, Muon + AdamW under
 Warmup-Stable-Merge, atomic checkpoints with exact resume, TensorBoard scalars, sample grids and a loss curve.
 
-    nucleus train --preset tiny --data data/synth --out runs/tiny [--max-steps N] [--resume] [--set lr=3e-3]
+    nucleus train --preset tiny --data data/synth --out runs/tiny [--max-steps N] [--resume] [--set optimizer.lr=3e-3]
+
+The run is built from the parts in `build.py` (process group, data, encoders, model, caption cache, optimizers,
+resume); each step is `step.train_step` with the `loss.FlowObjective`; its progress is a `state.TrainState`.
 
 Exact resume: step k's batch is a pure function of (seed, k) (`data_loader.BatchPlan`), noise and sigmas come
 from a torch generator checkpointed with the global RNG states, and text states are encoded one caption at a
@@ -13,39 +16,42 @@ weights bit for bit on CPU.
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
-from tqdm import tqdm
 
-from ..data.manifest import latest_version_dir
-from ..data.text_states import CaptionStates, TextStateStore, encoder_id
-from ..model import NucleusTransformer
+from ..model.latents import pack_latents
 from ..model.moe import MoELayer
-from ..parallel.config import ParallelConfig, check_layout
-from ..parallel.mesh import init_parallel, launched_world
-from ..pipeline.pipeline import pack_latents
+from ..progress import progress as progress_bar
 from . import checkpoint as ckpt
+from .build import (
+    build_caption_cache,
+    build_model,
+    build_parallel,
+    check_run_dir,
+    data_record,
+    resolve_device,
+    resume_latest,
+    seed_everything,
+)
 from .config import TrainConfig
-from .encoders import build_encoders, text_encoder_spec
 from .curriculum import share_by_bucket
 from .data_loader import BatchPlan, rank_loader, rank_rows, read_rows
-from .monitor import RunLogger, routing_stats
-from .loss import decorrelate_router_rows_, flow_loss, noisy_latents, router_z_loss, wavelet_loss
+from .encoders import build_encoders
+from .loss import FlowBatch, FlowObjective, decorrelate_router_rows_
+from .monitor import RunLogger, routing_table
 from .optim import build_optimizers, describe_groups
 from .sampling import make_pipeline, sample_grid
-from .schedule import set_lr, wsm_lr
+from .schedule import wsm_lr
+from .state import NonFiniteLossError, TrainState
+from .step import StepOutput, train_step
 from .timesteps import sample_sigmas
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer"]
 
 
 @dataclass
@@ -65,131 +71,72 @@ class Trainer:
                  resume: bool = False, progress: bool = True):
         cfg.validate()
         self.started = time.perf_counter()  # the time guard's budget counts start-up (caption encoding) too
-        self.cfg, self.run_dir, self.progress, self.max_steps = cfg, Path(run_dir), progress, max_steps
+        self.cfg, self.run_dir, self.max_steps = cfg, Path(run_dir), max_steps
         self.total_steps = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.total_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if cfg.device == "auto" else cfg.device)
-        # The layout is checked before any work. One process without torchrun keeps the plain path (dims None) and
-        # ignores `parallel`; a run may change its layout on resume (checkpoints reshard).
-        world = launched_world()
-        layout = cfg.parallel.resolve(world) if world > 1 else ParallelConfig(1, 1, 1)
-        check_layout(layout, cfg.model.num_experts, {s.name: s.batch_size for s in cfg.stages}, cfg.grad_accum_steps)
-        if world > 1 and cfg.time_budget_s:
-            # Each rank would time its own steps and could plan a different number of them.
-            raise ValueError(f"time_budget_s={cfg.time_budget_s} is for one process; with {world} processes set "
-                             f"the stages' steps instead (time_budget_s=0)")
-        self.dims = init_parallel(cfg.parallel, self.device) if world > 1 else None
+        # The layout is checked before any work; a run may change its layout on resume (checkpoints reshard).
+        self.dims = build_parallel(cfg, resolve_device(cfg.device))
+        self.device = self.dims.device if self.dims else resolve_device(cfg.device)
         self.is_main = self.dims is None or self.dims.is_main
         self.rank, self.world_size = (self.dims.rank, self.dims.world) if self.dims else (0, 1)
-        if self.dims:
-            self.device = self.dims.device
-            self.progress = progress and self.is_main
-        self._check_run_dir(resume)
+        self.progress = progress and self.is_main
+        check_run_dir(self.run_dir, cfg, resume, self.is_main)
         self._barrier()  # every rank has seen the folder as it was before rank 0 writes into it
         if self.device.type == "cpu" and cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
         self.autocast = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and self.device.type == "cuda")
 
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
-        self.np_rng = np.random.default_rng(cfg.seed)
-
+        seed_everything(cfg.seed)
+        self.state = TrainState(generator=torch.Generator(self.device).manual_seed(cfg.seed))
         self.data_dir = Path(data_dir)
-        self._load_data()
-        self._check_data_record(resume)
+        self.rows = read_rows(self.data_dir)
+        self.data_record = data_record(self.data_dir, self.rows, self.run_dir, resume)
         # Encoders first, so a run they cannot serve fails before the (possibly huge) model exists; on a forked
         # RNG, so the model's seeded init is the same whether or not building them draws random numbers.
         with torch.random.fork_rng(devices=[]):
             self.text_encoder, self.autoencoder = build_encoders(cfg, self.device, load_text_encoder=self.is_main)
-        # parallel.init "full": the seeded full init of one process on every rank, then sharded (N processes start
-        # from the same weights as one). "meta": no rank ever holds the whole model; each initialises its shards.
-        meta_init = self.dims is not None and cfg.parallel.init == "meta"
-        if meta_init:
-            with torch.device("meta"):
-                self.model = NucleusTransformer(cfg.model)
-        else:
-            self.model = NucleusTransformer(cfg.model).to(self.device)  # initialised on the CPU generator
-        if self.dims:
-            from ..parallel.parallelize import parallelize
-
-            parallelize(self.model, self.dims, activation_checkpointing=cfg.gradient_checkpointing,
-                        compile=cfg.parallel.compile, bf16=self.autocast)
-            if meta_init:
-                self.model.to_empty(device=self.device)
-                if self.device.type != "cuda":
-                    # DTensor tracks random offsets per shard only on CUDA; elsewhere each rank fills its local
-                    # shards from the global generator, so seed it per shard position (replicas hold the same
-                    # shards and draw the same numbers), or every shard would repeat the first one's values.
-                    torch.manual_seed(cfg.seed + 1 + self.dims.dp_shard_mesh.get_local_rank())
-                self.model.reset_parameters()
-        elif cfg.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
+        self.model = build_model(cfg, self.dims, self.device, self.autocast)
         # Collected after sharding: FSDP2 replaces the Parameters.
         self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
         self.plan = BatchPlan(cfg, self.rows, self.autoencoder.scale_factor * cfg.model.patch_size)
-        store = TextStateStore(encoder_id(text_encoder_spec(cfg)))
-        # Rank 0 alone holds the text encoder: it encodes and stores the missing captions (none after `nucleus data
-        # encode-captions`) while the others wait, then they read every state from the cache.
-        if self.is_main:
-            store.encode_missing(self.text_encoder, self.plan.drawable_captions(), self.progress)
-        self._barrier()
-        self.captions = CaptionStates(store, self.device)
+        self.captions = build_caption_cache(cfg, self.plan, self.text_encoder, self.device, self.is_main,
+                                            self.progress, self._barrier)
         self._batches = None
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.muon, self.adamw, self.groups = build_optimizers(
-            self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps, cfg.muon_momentum,
-            cfg.muon_nesterov, cfg.muon_ns_steps, ns_dtype, use_muon=cfg.optimizer == "muon")
+        self.muon, self.adamw, self.groups = build_optimizers(self.model, cfg.optimizer, ns_dtype)
         self.optimizers = {k: o for k, o in (("muon", self.muon), ("adamw", self.adamw)) if o is not None}
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
         if self.is_main:
             self.cfg.save_json(self.run_dir / "train_config.json")
             (self.run_dir / "data.json").write_text(json.dumps(self.data_record, indent=1) + "\n")
-        self.step, self.losses, self.nonfinite, self.nonfinite_in_a_row = 0, [], 0, 0
         self.stage_index = -1
         self.resumed = False
         if resume:
-            latest = ckpt.latest_checkpoint(self.run_dir)
+            latest = resume_latest(self.run_dir, self.model, self.optimizers, self.state, self.dims is not None)
             if latest is not None:
-                state = ckpt.load_checkpoint(latest, self.model, self.optimizers, self.generator, self.np_rng,
-                                             distributed=self.dims is not None)
-                self.step, self.losses = state["step"], state["losses"]
-                self.nonfinite, self.nonfinite_in_a_row = state["nonfinite"], state["nonfinite_in_a_row"]
                 self.resumed = True
                 self._print(f"resumed from {latest} at step {self.step}")
 
+    # The run's progress lives in its TrainState (what checkpoints save); these read it.
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def losses(self) -> list[float]:
+        return self.state.losses
+
+    @property
+    def nonfinite(self) -> int:
+        return self.state.nonfinite
+
     # ---- setup ---------------------------------------------------------------------------------------------
-    def _check_run_dir(self, resume: bool) -> None:
-        config_file = self.run_dir / "train_config.json"
-        if config_file.exists():
-            if not resume:
-                raise ValueError(f"run folder {str(self.run_dir)!r} already holds a run; pass --resume to continue it "
-                                 f"or choose a new --out")
-            saved = json.loads(config_file.read_text())
-            # The layout may change on resume: checkpoints reshard.
-            diff = sorted(k for k in saved if k != "parallel" and saved[k] != self.cfg.to_dict().get(k))
-            if diff:
-                raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-
-    def _check_data_record(self, resume: bool) -> None:
-        """The data a run trains on (folder, manifest version, rows), recorded in data.json; a resume on other
-        data is refused instead of silently drawing different rows."""
-        version = latest_version_dir(self.data_dir)
-        self.data_record = {"data": str(self.data_dir.resolve()), "manifest_version": version.name,
-                            "rows": len(self.rows.paths)}
-        record = self.run_dir / "data.json"
-        if resume and record.exists():
-            saved = json.loads(record.read_text())
-            if saved != self.data_record:
-                raise ValueError(f"--resume with different data: the run trained on {saved} but --data gives "
-                                 f"{self.data_record}; pass the run's data folder or start a new --out")
-
     def _barrier(self) -> None:
         if self.dims:
             torch.distributed.barrier()
@@ -197,9 +144,6 @@ class Trainer:
     def _print(self, text: str) -> None:
         if self.is_main:
             print(text)
-
-    def _load_data(self) -> None:
-        self.rows = read_rows(self.data_dir)
 
     def _enter_stage(self, index: int) -> None:
         stage = self.cfg.stages[index]
@@ -233,57 +177,34 @@ class Trainer:
             latents = self.autoencoder.encode(images)
         return latents, item["captions"]
 
-    def _train_step(self, batch_size: int, wavelet_weight: float = 0.0) -> tuple[float, float, dict | None, bool]:
-        """(loss, grad norm, routing stats or None, whether the update was applied)."""
-        cfg, patch, A = self.cfg, self.cfg.model.patch_size, self.cfg.grad_accum_steps
+    def _micro_batches(self, batch_size: int) -> list[FlowBatch]:
+        """This process's rows of the step's global batch as `grad_accum_steps` micro-batches."""
+        A = self.cfg.grad_accum_steps
         latents, captions = self._batch(batch_size)
         _, _, h, w = latents.shape
-        x0 = pack_latents(latents, patch)
-        S = x0.shape[1]
+        x0 = pack_latents(latents, self.cfg.model.patch_size)
         # Noise and sigmas are drawn for the whole global batch, so every layout consumes the same random stream.
+        generator = self.state.generator
         local = torch.from_numpy(self._local_rows(batch_size)).to(self.device)
-        noise = torch.randn((batch_size, *x0.shape[1:]), generator=self.generator, device=self.device, dtype=x0.dtype)[local]
-        sigma = sample_sigmas(batch_size, S, cfg.timesteps, self.generator)[local]
+        noise = torch.randn((batch_size, *x0.shape[1:]), generator=generator, device=self.device, dtype=x0.dtype)[local]
+        sigma = sample_sigmas(batch_size, x0.shape[1], self.cfg.timesteps, generator)[local]
         B = x0.shape[0] // A
-
-        values = []
+        batches = []
         for m in range(A):
             part = slice(m * B, (m + 1) * B)
             text, text_mask = self.captions.batch(captions[part])
-            x_t = noisy_latents(x0[part], noise[part], sigma[part])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(hidden_states=x_t, img_shapes=[(1, h // patch, w // patch)] * B, encoder_hidden_states=text,
-                                 encoder_hidden_states_mask=text_mask, timestep=sigma[part], return_routing=True)
-            loss = flow_loss(out.sample, x0[part], noise[part])
-            if cfg.z_loss_weight:
-                loss = loss + cfg.z_loss_weight * router_z_loss(out.router_logits)
-            if wavelet_weight:
-                loss = loss + wavelet_weight * wavelet_loss(out.sample, x0[part], noise[part], h, w, patch,
-                                                            cfg.wavelet_levels)
-            values.append(self._mean_over_ranks(float(loss.detach())))
-            if not math.isfinite(values[-1]):
-                return values[-1], float("nan"), None, False
-            (loss / A).backward()
-        loss_value = values[0] if A == 1 else sum(values) / A
-        if self.dims:
-            from ..parallel.reduce import clip_grad_norm_
+            batches.append(FlowBatch(x0[part], noise[part], sigma[part], text, text_mask, (h, w)))
+        return batches
 
-            grad_norm = clip_grad_norm_(list(self.model.parameters()), cfg.grad_clip, self.dims)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-        if not math.isfinite(grad_norm):
-            return loss_value, grad_norm, None, False
-        set_lr(tuple(self.optimizers.values()), wsm_lr(self.step, cfg.lr, cfg.warmup_steps))
-        for opt in self.optimizers.values():
-            opt.step()
-        if cfg.orthogonality_step and self.router_gates:
+    def _train_step(self, stage) -> StepOutput:
+        cfg = self.cfg
+        objective = replace(self.objective, wavelet_weight=stage.wavelet_weight,
+                            routing_stats=self._due(cfg.log_every))
+        out = train_step(self.model, list(self.optimizers.values()), self._micro_batches(stage.batch_size), objective,
+                         cfg.optimizer, self.step, dims=self.dims)
+        if cfg.orthogonality_step and self.router_gates and bool(out.applied):
             self._decorrelate_routers(cfg.orthogonality_step)
-        stats = routing_stats(out.router_logits, out.expert_indices, S) if self._due(cfg.log_every) else None
-        if stats is not None and self.dims:
-            from ..parallel.reduce import mean_routing_stats
-
-            stats = mean_routing_stats(stats, self.dims)
-        return loss_value, grad_norm, stats, True
+        return out
 
     @torch.no_grad()
     def _decorrelate_routers(self, step: float) -> None:
@@ -307,23 +228,29 @@ class Trainer:
         self.stop_requested = bool(flag.item())
         return self.stop_requested
 
-    def _mean_over_ranks(self, value: float) -> float:
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if not self.dims:
             return value
         from ..parallel.reduce import mean_over_ranks
 
-        return mean_over_ranks([value], self.dims)[0]
+        return mean_over_ranks(value, self.dims)
 
     def _due(self, every: int) -> bool:
-        return every > 0 and (self.step + 1) % every == 0
+        """Whether the step about to run (self.step) is one of every `every`-th."""
+        return self._due_at(self.step, every)
+
+    @staticmethod
+    def _due_at(step: int, every: int) -> bool:
+        return every > 0 and (step + 1) % every == 0
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg = self.cfg
         self._print(describe_groups(self.groups))
+        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast)
         logger = RunLogger(self.run_dir) if self.is_main else None
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step",
-                   dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
+                           unit="step")
         images_seen, t0 = 0, time.perf_counter()
         try:
             while self.step < self.total_steps:
@@ -338,18 +265,20 @@ class Trainer:
                 if index != self.stage_index:
                     self._enter_stage(index)
                     stage_start = self.step
-                for opt in self.optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                loss, grad_norm, stats, applied = self._train_step(stage.batch_size, stage.wavelet_weight)
-                self._account(loss, applied)
+                out = self._train_step(stage)
+                loss = float(self._mean_over_ranks(out.loss.double()))
+                self.state.record(loss, bool(out.applied), cfg.max_nonfinite_in_a_row,
+                                  lambda: ckpt.latest_checkpoint(self.run_dir))
                 images_seen += stage.batch_size
                 ips = images_seen / max(time.perf_counter() - t0, 1e-9)
-                lr = wsm_lr(self.step, cfg.lr, cfg.warmup_steps)
-                if self._due(cfg.log_every) and logger:
-                    logger.scalars(self.step + 1, loss, lr, grad_norm, ips, self.nonfinite, stats)
+                if self._due_at(self.step - 1, cfg.log_every):
+                    stats = out.logged.get("routing")
+                    stats = None if stats is None else routing_table(self._mean_over_ranks(stats))
+                    if logger:
+                        logger.scalars(self.step, loss, wsm_lr(self.step - 1, cfg.optimizer.lr, cfg.optimizer.warmup_steps),
+                                       float(out.grad_norm), ips, self.nonfinite, stats)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", stage=stage.name)
                 bar.update(1)
-                self.step += 1
                 if cfg.time_budget_s and not self.resumed:
                     if self.step == stage_start + self.GUARD_SKIP:
                         timed_from = (self.step, time.perf_counter())
@@ -407,31 +336,11 @@ class Trainer:
               f"{time.perf_counter() - self.started:.0f} of {cfg.time_budget_s:.0f} s used; steps {plan}")
         cfg.save_json(self.run_dir / "train_config.json")
 
-    def _account(self, loss: float, applied: bool) -> None:
-        """Record the loss; a step whose loss or gradient was not finite was skipped: count it, and stop after
-        too many in a row (the checkpoints on disk are all from good steps)."""
-        self.losses.append(loss)
-        if applied:
-            self.nonfinite_in_a_row = 0
-            return
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        self.nonfinite += 1
-        self.nonfinite_in_a_row += 1
-        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_in_a_row:
-            last = ckpt.latest_checkpoint(self.run_dir)
-            raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step} (limit "
-                f"max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row}); stopping. The last good checkpoint is "
-                f"{last if last else 'none (no checkpoint written yet)'}; lower lr or check the data, then --resume")
-
     def _save(self) -> None:
-        state = {"losses": self.losses, "nonfinite": self.nonfinite, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                 "sampler": {"kind": "batch-plan", "seed": self.cfg.seed, "next_step": self.step,
-                             "rank": self.rank, "world_size": self.world_size}}
+        self.state.data = {"kind": "batch-plan", "seed": self.cfg.seed, "next_step": self.step, "rank": self.rank,
+                           "world_size": self.world_size}
         save = ckpt.save_distributed if self.dims else ckpt.save_checkpoint
-        save(self.run_dir, self.step, self.model, self.model.config.to_dict(), self.optimizers, self.generator,
-             self.np_rng, state, self.cfg.keep_last)
+        save(self.run_dir, self.model, self.model.config.to_dict(), self.optimizers, self.state, self.cfg.keep_last)
 
     # ---- samples -------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -12,15 +12,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from tqdm import tqdm
-
 from nucleus_image.data.curate.analyse import process_chunk
 from nucleus_image.data.curate.config import CurateConfig
+from nucleus_image.progress import progress as progress_bar
 
 
 def run_units(work: Path, units: list[int], cfg: CurateConfig, images_dir: Path, progress: bool) -> None:
     workers = min(cfg.workers or os.cpu_count() or 1, len(units))
-    bar = tqdm(total=len(units), desc="curate (local)", unit="unit", disable=not progress)
+    bar = progress_bar(total=len(units), desc="curate (local)", unit="unit", disable=not progress)
     if workers <= 1:
         for unit in units:
             process_chunk(str(work), unit, cfg, str(images_dir))

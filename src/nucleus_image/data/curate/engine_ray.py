@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from nucleus_image.data.curate.analyse import process_chunk
 from nucleus_image.data.curate.config import CurateConfig
+from nucleus_image.progress import progress as progress_bar
 
 
 def _map_units(batch: pa.Table, work: str, cfg: CurateConfig, images_dir: str) -> pa.Table:
@@ -36,7 +36,7 @@ def run_units(work: Path, units: list[int], cfg: CurateConfig, images_dir: Path,
         ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
         ds = ds.map_batches(_map_units, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"work": str(work), "cfg": cfg, "images_dir": str(images_dir)})
-        bar = tqdm(total=len(units), desc="curate (ray)", unit="unit", disable=not progress)
+        bar = progress_bar(total=len(units), desc="curate (ray)", unit="unit", disable=not progress)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             bar.update(batch.num_rows)
         bar.close()

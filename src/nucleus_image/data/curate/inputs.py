@@ -201,10 +201,7 @@ def decode_caption_bytes(data: bytes) -> tuple[str | None, str | None]:
     """(text, note): UTF-8 (BOM allowed), UTF-16 with a BOM, else Windows-1252 recorded as a repair; None when no
     encoding fits or the text holds control characters (a binary file under a caption name)."""
     note = None
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        candidates = ["utf-16"]
-    else:
-        candidates = ["utf-8-sig", "cp1252"]
+    candidates = ["utf-16"] if data.startswith((b"\xff\xfe", b"\xfe\xff")) else ["utf-8-sig", "cp1252"]
     text = None
     for enc in candidates:
         try:

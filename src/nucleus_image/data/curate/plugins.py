@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 
 def load_plugin(spec: str, builtins: dict[str, Callable[[], object]], kind: str) -> object:

@@ -34,8 +34,14 @@ from nucleus_image.data.curate import buckets, captions, dedup, quality, stats
 from nucleus_image.data.curate.analyse import ANALYSIS_SCHEMA, chunk_path
 from nucleus_image.data.curate.config import CurateConfig
 from nucleus_image.data.curate.inputs import enumerate_inputs
-from nucleus_image.data.manifest import (REJECTS_SCHEMA, SCHEMA, SCHEMA_VERSION, next_version_dir,
-                                         partition_key_for, validate_table)
+from nucleus_image.data.manifest import (
+    REJECTS_SCHEMA,
+    SCHEMA,
+    SCHEMA_VERSION,
+    next_version_dir,
+    partition_key_for,
+    validate_table,
+)
 
 ENGINES = ("local", "ray")
 _EXECUTION_FIELDS = ("workers", "ray_address", "chunk_size")  # how a run executes, not what it produces
