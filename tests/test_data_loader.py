@@ -1,12 +1,14 @@
 """The trainer's data at scale: step k's batch is a pure function of (seed, k); R ranks' slices put together are
-the 1-process batch; worker processes decode exactly what the training process would; starting at step k (a
-resume) yields what a run from step 0 yields at k; nothing is cached, so memory does not grow with steps."""
+the 1-process batch; worker processes decode (and read the text states of) exactly what the training process
+would; starting at step k (a resume) yields what a run from step 0 yields at k; nothing is cached, so memory does
+not grow with steps."""
 
 import numpy as np
 import pytest
 import torch
 from training_helpers import micro_config, micro_dataset
 
+from nucleus_image.data.text_states import CaptionStates, TextStateStore
 from nucleus_image.training.data_loader import BatchPlan, rank_loader, rank_rows, read_rows
 
 
@@ -38,16 +40,38 @@ def test_rank_slices_put_together_are_the_global_batch(plan):
         rank_rows(4, 0, 3)
 
 
-def test_workers_decode_the_same_batches_and_resume_is_the_step(plan):
-    inline = list(rank_loader(plan, 1, 2, 0, 24, num_workers=0))
-    workers = list(rank_loader(plan, 1, 2, 0, 24, num_workers=2))
-    resumed = list(rank_loader(plan, 1, 2, 13, 24, num_workers=1))
+def test_workers_decode_the_same_batches_and_resume_is_the_step(plan, tmp_path):
+    # A text-state store with a random state per caption (of its own length): what the workers read and pad.
+    store = TextStateStore("loader-test", tmp_path)
+    g = torch.Generator().manual_seed(0)
+    store.add({c: torch.randn(1 + len(c) % 13, 6, generator=g) for c in sorted(plan.drawable_captions())})
+    inline = list(rank_loader(plan, 1, 2, 0, 24, num_workers=0, store=store))
+    workers = list(rank_loader(plan, 1, 2, 0, 24, num_workers=2, store=store))
+    resumed = list(rank_loader(plan, 1, 2, 13, 24, num_workers=1, store=store))
     assert [b["step"] for b in workers] == list(range(24)) and [b["step"] for b in resumed] == list(range(13, 24))
     for a, b in zip(inline, workers):
-        assert torch.equal(a["images"], b["images"]) and a["captions"] == b["captions"]
+        assert torch.equal(a["images"], b["images"]) and a["captions"] == b["captions"] and same_texts(a, b)
     for a, b in zip(inline[13:], resumed):
-        assert torch.equal(a["images"], b["images"]) and a["captions"] == b["captions"]
+        assert torch.equal(a["images"], b["images"]) and a["captions"] == b["captions"] and same_texts(a, b)
     assert inline[0]["images"].dtype == torch.uint8 and inline[0]["images"].shape[0] == 2
+    # Each micro-batch's states are those the training thread used to read and pad itself.
+    on_thread = CaptionStates(store, torch.device("cpu"))
+    for item in rank_loader(plan, 0, 1, 0, 24, num_workers=1, accum=2, store=store):
+        per = len(item["captions"]) // 2
+        assert len(item["texts"]) == 2
+        for m, (states, mask) in enumerate(item["texts"]):
+            ref_states, ref_mask = on_thread.batch(item["captions"][m * per:(m + 1) * per])
+            assert torch.equal(states, ref_states) and same_mask(mask, ref_mask)
+    assert any(mask is not None for item in inline for _, mask in item["texts"])
+
+
+def same_mask(a, b) -> bool:
+    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
+
+
+def same_texts(a: dict, b: dict) -> bool:
+    return len(a["texts"]) == len(b["texts"]) and all(
+        torch.equal(sa, sb) and same_mask(ma, mb) for (sa, ma), (sb, mb) in zip(a["texts"], b["texts"]))
 
 
 def test_drawable_captions_follow_the_caption_weights(plan):
@@ -68,8 +92,8 @@ def test_trainer_takes_its_batch_from_the_plan_and_checkpoints_the_position(tmp_
         trainer = Trainer(micro_config(checkpoint_every=2), plan.rows.paths[0].parent.parent, tmp_path / "run",
                           max_steps=2, progress=False)
         trainer._enter_stage(0)
-        latents, captions = trainer._batch(4)
-        assert captions == plan.batch(0).captions and latents.shape[0] == 4
+        latents, texts, captions = trainer._batch(4)
+        assert captions == plan.batch(0).captions and latents.shape[0] == 4 and texts[0][0].shape[0] == 4
         trainer.step = 2  # the loader runs ahead of nothing: a fresh trainer resumes at its own step
         trainer._save()
         state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer.json").read_text())

@@ -7,6 +7,10 @@ normalisation lifts them to ~1e-6 absolute in rarely-updated weights after a few
 compared at 1e-6 relative and weights at 2e-5 absolute (updates are lr = 3e-3 per step). A missing 1/dp on the
 expert gradients, a wrong data slice or a lost optimizer state on resume shows up orders of magnitude above.
 
+Losses and weights alone can hide a wrong gradient scale: Muon's update ignores a uniform scale of a matrix's
+gradient, so an expert gradient divided by the wrong degree trains the same. Every run therefore also compares
+the global gradient norm of every step (recorded before clipping) with the one-process run's, at GRAD_RTOL.
+
 Select with `pytest -m distributed`; each multi-process run takes 20-60 s on a 2-core machine."""
 
 import json
@@ -18,9 +22,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from PIL import Image
 from training_helpers import cli, micro_config, micro_dataset, run_cli
 
 from nucleus_image.parallel.config import ParallelConfig, check_layout
@@ -30,7 +36,13 @@ from nucleus_image.training.merge import merge_run
 pytestmark = pytest.mark.distributed
 
 STEPS = 10
-ENV = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+GRAD_RTOL = 1e-4
+HOOKS = Path(__file__).parent / "process_hooks"
+
+
+def env(**extra) -> dict:
+    # Built at call time: the session's private text-state cache (conftest) is in os.environ only by then.
+    return dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1", **extra)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +59,12 @@ def setup(tmp_path_factory):
     return root, data, config, straight
 
 
-def _train(data, out, *args, config=None):
+def _train(data, out, *args, config=None, guard=False):
+    """`nucleus train` in a subprocess; `guard`: every process under the host-sync guard (tests/test_step.py)."""
     extra = ("--config", str(config)) if config else ("--resume",)
+    guarded = {"PYTHONPATH": str(HOOKS), "NUCLEUS_HOST_SYNC_GUARD": "1"} if guard else {}
     done = subprocess.run(cli("train", *extra, "--data", str(data), "--out", str(out), "--no-progress", *args),
-                          capture_output=True, text=True, timeout=400, env=ENV)
+                          capture_output=True, text=True, timeout=400, env=env(**guarded))
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -58,9 +72,15 @@ def _train(data, out, *args, config=None):
 def _assert_matches(run: Path, straight: Path, step: int = STEPS):
     final, ref = list_checkpoints(run)[-1][1], dict(list_checkpoints(straight))[step]
     assert final.name == ref.name == f"step-{step:08d}"
-    losses, ref_losses = (json.loads((p / "trainer.json").read_text())["losses"] for p in (final, ref))
-    assert len(losses) == len(ref_losses) == step
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=0)
+    saved, ref_saved = (json.loads((p / "trainer.json").read_text()) for p in (final, ref))
+    assert len(saved["losses"]) == len(ref_saved["losses"]) == step
+    torch.testing.assert_close(torch.tensor(saved["losses"]), torch.tensor(ref_saved["losses"]), rtol=1e-6, atol=0)
+    # Every step's gradient norm, the segments of a resumed run included.
+    norms, ref_norms = torch.tensor(saved["grad_norms"]), torch.tensor(ref_saved["grad_norms"])
+    assert len(norms) == step and bool((norms > 0).all())
+    print(f"{run.name}: gradient norms of {step} steps, max relative difference "
+          f"{float(((norms - ref_norms).abs() / ref_norms).max()):.2e}")
+    torch.testing.assert_close(norms, ref_norms, rtol=GRAD_RTOL, atol=0)
     a, b = load_model_state(final), load_model_state(ref)
     assert set(a) == set(b)
     for key in a:
@@ -79,12 +99,13 @@ def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | Non
 
 def test_fsdp_two_processes_sigkill_of_one_rank_then_resume(setup):
     """dp_shard=2: one rank is SIGKILLed after the step-3 checkpoint; the launcher stops the other; resuming
-    with --nproc 2 finishes the run equal to the one-process run."""
+    with --nproc 2 and two accumulation steps finishes the run equal to the one-process run, and the sample grid
+    both processes drew from the sharded model is the one-process run's."""
     root, data, config, straight = setup
     out = root / "fsdp"
     launcher = subprocess.Popen(cli("train", "--config", str(config), "--data", str(data), "--out", str(out),
                                     "--no-progress", "--nproc", "2"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
     deadline = time.time() + 300
     while not list_checkpoints(out):
         assert launcher.poll() is None, launcher.stderr.read().decode()[-3000:]
@@ -98,9 +119,12 @@ def test_fsdp_two_processes_sigkill_of_one_rank_then_resume(setup):
     assert launcher.returncode != 0
     left = [s for s, _ in list_checkpoints(out)]
     assert max(left) < STEPS and all(is_distributed(p) for _, p in list_checkpoints(out))
-    done = _train(data, out, "--nproc", "2")
+    done = _train(data, out, "--nproc", "2", "--set", "grad_accum_steps=2")
     assert f"at step {max(left)}" in done.stdout
     _assert_matches(out, straight)
+    grid, ref = (np.asarray(Image.open(run / "samples" / f"step-{STEPS:08d}.png"), dtype=np.int16)
+                 for run in (out, straight))
+    assert grid.shape == ref.shape and np.abs(grid - ref).max() <= 2 and np.abs(grid - ref).mean() < 0.05
 
 
 def test_fsdp_x_ep_at_4_processes_resharded_to_2_then_1(setup):
@@ -126,26 +150,43 @@ def test_fsdp_x_ep_at_4_processes_resharded_to_2_then_1(setup):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5)
 
 
-def test_one_process_checkpoint_resumes_at_2_processes_with_ep(setup):
+def test_one_process_checkpoint_resumes_at_2_processes_with_ep_through_a_ctrl_c(setup):
     """A run started in one process (safetensors checkpoints) continues under --nproc 2 with ep=2 from its step-3
-    checkpoint: the full state is handed to the sharded model and optimizers."""
+    checkpoint (the full state is handed to the sharded model and optimizers). Ctrl-C (SIGINT to the process
+    group, as a terminal sends it) after the step-6 checkpoint: both processes agree on one step boundary, save
+    it together and exit 130; the printed resume command finishes the run equal to the one-process run."""
     root, data, config, straight = setup
     out = shutil.copytree(straight, root / "scale-out")
     for step, path in list_checkpoints(out):
         if step > 3:
             shutil.rmtree(path)
-    done = _train(data, out, "--nproc", "2", "--set", "parallel.ep=2")
-    assert "at step 3" in done.stdout
+    run = subprocess.Popen(cli("train", "--resume", "--data", str(data), "--out", str(out), "--no-progress",
+                               "--nproc", "2", "--set", "parallel.ep=2"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env=env(PYTHONPATH=str(HOOKS), NUCLEUS_STEP_DELAY="0.5"))
+    deadline = time.time() + 300
+    while 6 not in dict(list_checkpoints(out)):
+        assert run.poll() is None and time.time() < deadline, run.communicate()[1][-3000:]
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 130, stderr[-3000:]
+    assert "at step 3" in stdout and "resume with:" in stderr and "Traceback" not in stderr
+    step, path = list_checkpoints(out)[-1]
+    assert 6 < step < STEPS and is_distributed(path) and (path / "interrupted.json").exists()
+    _train(data, out, "--nproc", "2")
     _assert_matches(out, straight)
 
 
 def test_hsdp_x_ep_at_4_processes(setup):
     """dp_replicate=2 x dp_shard=2 with ep=2: two replicas, each FSDP-sharded over 2 processes that hold 2
-    experts each; 3 steps equal the one-process run's."""
+    experts each; 3 steps equal the one-process run's. Every process runs under the host-sync guard: its steps
+    read no tensor back outside logging steps and checkpoints (steps 1 and 2 here), FSDP and EP included."""
     root, data, config, straight = setup
     out = root / "hsdp"
-    _train(data, out, "--nproc", "4", "--set", "parallel.dp_replicate=2", "--set", "parallel.ep=2", "--max-steps", "3",
-           config=config)
+    done = _train(data, out, "--nproc", "4", "--set", "parallel.dp_replicate=2", "--set", "parallel.ep=2",
+                  "--max-steps", "3", config=config, guard=True)
+    assert done.stderr.count("host-sync guard: on") >= 4  # the launcher's and every worker's
     _assert_matches(out, straight, step=3)
 
 

@@ -1,7 +1,8 @@
 """The text-state cache shared across runs: states stored once per (encoder, caption), read back bitwise; a
 second store (another run) finds them without encoding; two processes adding at once leave a consistent index;
 `nucleus data encode-captions` fills it so training encodes nothing; a caption's states equal its states encoded
-alone whatever else is in the cache."""
+alone whatever else is in the cache; training loads the text encoder only for missing captions and sample prompts
+and lets it go once they are stored."""
 
 import json
 import multiprocessing
@@ -96,3 +97,36 @@ def test_encode_captions_command_fills_the_cache_for_training(tmp_path, capsys):
         assert "unknown text encoder 'clip'" in capsys.readouterr().err
     finally:
         os.environ["NUCLEUS_CACHE"] = previous
+
+
+def test_training_lets_the_text_encoder_go_once_captions_and_prompts_are_cached(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import nucleus_image.training.build as build
+    from nucleus_image.training.trainer import Trainer
+
+    data = tmp_path / "data"
+    generate_dataset(data, 6, seed=7, config=SynthConfig(size=32), heldout_per_task=1, progress=False)
+    monkeypatch.setenv("NUCLEUS_CACHE", str(tmp_path / "cache"))
+    loaded, real = [], build.build_encoders
+
+    def spy(cfg, device, load_text_encoder=True):
+        text_encoder, autoencoder = real(cfg, device, load_text_encoder)
+        loaded.append(None if text_encoder is None else weakref.ref(text_encoder))
+        return text_encoder, autoencoder
+
+    monkeypatch.setattr(build, "build_encoders", spy)
+    cfg = micro_config(sample_prompts='["a prompt no caption has"]', sample_steps=2)
+    threads = torch.get_num_threads()
+    try:
+        first = Trainer(cfg, data, tmp_path / "first", max_steps=1, progress=False)
+        gc.collect()
+        assert loaded[0] is not None and loaded[0]() is None  # loaded for the missing captions, then let go
+        assert "a prompt no caption has" in first.text_states and "" in first.text_states
+        first.train()  # the sample grid's prompt states come from the cache
+        assert (tmp_path / "first" / "samples" / "step-00000001.png").exists()
+        Trainer(cfg, data, tmp_path / "second", max_steps=1, progress=False)
+        assert loaded[1] is None  # everything cached: never loaded
+    finally:
+        torch.set_num_threads(threads)

@@ -98,6 +98,10 @@ class TextStateStore:
         self._read_from = 0
         self.refresh()
 
+    def __getstate__(self) -> dict:
+        # Sent to data-loader workers: the index travels, the open shard handles do not (each process opens its own).
+        return dict(self.__dict__, _handles=OrderedDict())
+
     def refresh(self) -> None:
         """Pick up lines other processes appended since the last read (a torn last line is left for later)."""
         if not self.index_file.exists():
@@ -162,20 +166,26 @@ class TextStateStore:
         return len(todo)
 
 
+def pad_states(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Captions' (L_i, D) states as one (B, L, D) batch right-padded to a multiple of 8 tokens, as the pipeline
+    pads, and its (B, L) mask; the mask is None when no row is padded. Host tensors, no device involved."""
+    lengths = [r.shape[0] for r in rows]
+    L = -(-max(lengths) // 8) * 8
+    out = torch.zeros(len(rows), L, rows[0].shape[1])
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, : lengths[i]] = r
+        mask[i, : lengths[i]] = True
+    return out, (None if all(n == L for n in lengths) else mask)
+
+
 class CaptionStates:
-    """Text states for training batches, right-padded to a multiple of 8 tokens with a mask, as the pipeline
-    pads. Reads from the store; nothing is held in memory beyond the OS page cache of the shards."""
+    """Text states for training batches (`pad_states` of the stored states), on `device`. Reads from the store;
+    nothing is held in memory beyond the OS page cache of the shards."""
 
     def __init__(self, store: TextStateStore, device: torch.device):
         self.store, self.device = store, device
 
     def batch(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rows = [self.store.get(c) for c in captions]
-        lengths = [r.shape[0] for r in rows]
-        L = -(-max(lengths) // 8) * 8
-        out = torch.zeros(len(rows), L, rows[0].shape[1])
-        mask = torch.zeros(len(rows), L, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            out[i, : lengths[i]] = r
-            mask[i, : lengths[i]] = True
-        return out.to(self.device), (None if bool(mask.all()) else mask.to(self.device))
+        states, mask = pad_states([self.store.get(c) for c in captions])
+        return states.to(self.device), (None if mask is None else mask.to(self.device))

@@ -28,6 +28,7 @@ class ParallelDims:
     mesh: DeviceMesh
     dp_shard_mesh: DeviceMesh  # efsdp x ep flattened
     device: torch.device
+    host_group: dist.ProcessGroup  # gloo over all ranks, for host-side agreement (collectives.StopVote, barrier)
 
     @property
     def world(self) -> int:
@@ -76,4 +77,7 @@ def init_parallel(parallel: ParallelConfig, device: torch.device) -> ParallelDim
         shape, names = (layout.dp_replicate, *shape), ("dp_replicate", *names)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     dp_shard_mesh = mesh["efsdp", "ep"]._flatten("dp_shard")
-    return ParallelDims(layout, dist.get_rank(), mesh, dp_shard_mesh, device)
+    # Its own group even on CPU hosts, where the default group is gloo too: the stop vote stays in flight across
+    # a step, and must not queue among the step's own collectives.
+    host_group = dist.new_group(backend="gloo")
+    return ParallelDims(layout, dist.get_rank(), mesh, dp_shard_mesh, device, host_group)

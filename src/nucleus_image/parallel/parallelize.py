@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from ..model import NucleusTransformer
 from .expert_parallel import apply_expert_parallel
@@ -61,4 +61,7 @@ def parallelize(model: NucleusTransformer, dims: ParallelDims, *, activation_che
             fully_shard(text_side, mesh=dims.dp_mesh, mp_policy=mp)
         fully_shard(blk, mesh=dims.dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dims.dp_mesh, mp_policy=mp)
+    # The pipeline calls encode_text outside forward (text keys/values once per prompt set): FSDP must gather the
+    # root's parameters for it too, so every rank can sample from its shards (training.sampling).
+    register_fsdp_forward_method(model, "encode_text")
     return model

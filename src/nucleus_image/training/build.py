@@ -1,6 +1,6 @@
 """The parts a training run is built from, each a small function, called by `Trainer` in this order (as
 TorchTitan's trainer builds its parts): the device and process group, the run folder, the seeds, the data, the
-encoders (`encoders.build_encoders`), the model (meta init, `parallelize`), the caption cache, the optimizers
+encoders and the caption cache (`build_text_states`), the model (meta init, `parallelize`), the optimizers
 (`optim.build_optimizers`) and the resume.
 
 Every function that a refused start can stop in runs before anything is written, so a bad start leaves no run.
@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from ..data.manifest import latest_version_dir
-from ..data.text_states import CaptionStates, TextStateStore, encoder_id
+from ..data.text_states import TextStateStore, encoder_id
 from ..model import NucleusTransformer
 from ..parallel.config import ParallelConfig, check_layout
 from ..parallel.mesh import ParallelDims, init_parallel, launched_world
 from . import checkpoint as ckpt
 from .config import TrainConfig, changed_fields
-from .data_loader import BatchPlan, ManifestRows
-from .encoders import text_encoder_spec
+from .data_loader import ManifestRows, drawable_captions
+from .encoders import build_encoders, check_text_width, text_encoder_spec
 from .state import TrainState
 
 
@@ -48,8 +48,9 @@ def build_parallel(cfg: TrainConfig, device: torch.device) -> ParallelDims | Non
 
 
 def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, is_main: bool) -> None:
-    """Refuse a folder holding another run (without --resume) or a resume with a changed config; the layout may
-    change on resume (checkpoints reshard), and a config saved in an older layout compares as its current one."""
+    """Refuse a folder holding another run (without --resume) or a resume with a changed config. The layout may
+    change on resume (`parallel` and `grad_accum_steps`: checkpoints reshard, and the same global batch gives the
+    same step in any split), and a config saved in an older layout compares as its current one."""
     config_file = run_dir / "train_config.json"
     if config_file.exists():
         if not resume:
@@ -57,8 +58,9 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, is_main: bool) 
                              f"or choose a new --out")
         saved = TrainConfig.from_dict(json.loads(config_file.read_text())).to_dict()
         current = cfg.to_dict()
-        diff = changed_fields({k: v for k, v in saved.items() if k != "parallel"},
-                              {k: v for k, v in current.items() if k != "parallel"})
+        layout = ("parallel", "grad_accum_steps")
+        diff = changed_fields({k: v for k, v in saved.items() if k not in layout},
+                              {k: v for k, v in current.items() if k not in layout})
         if diff:
             raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
     if is_main:
@@ -115,16 +117,29 @@ def build_model(cfg: TrainConfig, dims: ParallelDims | None, device: torch.devic
     return model
 
 
-def build_caption_cache(cfg: TrainConfig, plan: BatchPlan, text_encoder, device: torch.device, is_main: bool,
-                        progress: bool, barrier) -> CaptionStates:
-    """The text states of every caption a batch can draw, from the cache shared across runs. Rank 0 alone holds
-    the text encoder: it encodes and stores the missing captions (none after `nucleus data encode-captions`)
-    while the others wait, then every rank reads its states from the cache."""
+def build_text_states(cfg: TrainConfig, rows: ManifestRows, device: torch.device, is_main: bool, progress: bool,
+                      barrier) -> tuple[TextStateStore, torch.nn.Module]:
+    """The frozen encoders' part of a run: the autoencoder, and the text states of every caption a batch can draw
+    and of the sample prompts, in the text-state cache shared across runs. Rank 0 alone loads the text encoder,
+    and only if a caption is missing (none after `nucleus data encode-captions`): it encodes them while the others
+    wait, and lets the encoder go (Qwen3-VL would hold ~16.5 GB of a GPU for the whole run); then every rank reads
+    states from the cache: the training batches in the data workers, the sample grids' prompts when it draws them.
+    Both are checked against the model's widths before the model exists."""
     store = TextStateStore(encoder_id(text_encoder_spec(cfg)))
-    if is_main:
-        store.encode_missing(text_encoder, plan.drawable_captions(), progress)
+    captions = drawable_captions(rows, cfg.caption_weights) | set(cfg.sample_prompts)
+    missing = store.missing(captions) if is_main else []
+    # On a forked RNG, so the model's seeded init is the same whether or not the encoders draw random numbers.
+    with torch.random.fork_rng(devices=[]):
+        text_encoder, autoencoder = build_encoders(cfg, device, load_text_encoder=bool(missing))
+        if text_encoder is not None:
+            store.encode_missing(text_encoder, missing, progress)
+    del text_encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     barrier()
-    return CaptionStates(store, device)
+    store.refresh()
+    check_text_width(cfg, store.get("").shape[-1])
+    return store, autoencoder
 
 
 def resume_latest(run_dir: Path, model, optimizers: dict, state: TrainState, distributed: bool) -> Path | None:

@@ -162,29 +162,32 @@ def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> Non
 
 
 def save_distributed(run_dir: str | Path, model: torch.nn.Module, model_config: dict,
-                     optimizers: dict[str, torch.optim.Optimizer], state: TrainState, keep_last: int) -> Path:
-    """`save_checkpoint` for a sharded model, called on every rank: each writes its shards with DCP into the
-    same temp folder; rank 0 adds the RNG/trainer state and renames the folder when every rank is done."""
-    import torch.distributed as dist
+                     optimizers: dict[str, torch.optim.Optimizer], state: TrainState, keep_last: int,
+                     dims) -> Path:
+    """`save_checkpoint` for a sharded model, called on every rank of `dims` (its `ParallelDims`): each writes
+    its shards with DCP into the same temp folder; rank 0 adds the RNG/trainer state and renames the folder when
+    every rank is done."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from ..parallel.collectives import barrier
 
     root = checkpoint_dir(run_dir)
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-step-{state.step:08d}-dist"
-    if dist.get_rank() == 0:
+    if dims.is_main:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    dist.barrier()
+    barrier(dims)
     model_sd, optim_sd = get_state_dict(model, list(optimizers.values()))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / DCP_DIR)
-    dist.barrier()
-    if dist.get_rank() == 0:
+    barrier(dims)
+    if dims.is_main:
         _write_run_state(tmp, model_config, state)
         _publish(run_dir, tmp, final, keep_last)
-    dist.barrier()
+    barrier(dims)
     return final
 
 
@@ -295,22 +298,6 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     loaded = {"model": state}
     dcp.load(loaded, storage_reader=reader)
     return loaded["model"]
-
-
-def gather_full_model(model: torch.nn.Module):
-    """A plain copy of a sharded NucleusTransformer on rank 0's CPU (None on the other ranks), built on the meta
-    device and filled from the gathered full state: the rank-0 export path. Collective: call on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not full:
-        return None
-    from ..model import NucleusTransformer
-
-    with torch.device("meta"):
-        plain = NucleusTransformer(model.config)
-    plain.load_state_dict(full, assign=True)
-    return plain
 
 
 def _json_default(value):

@@ -11,8 +11,10 @@ DataLoader worker processes.
 - Rank r of R takes rows [r*B/R, (r+1)*B/R) of the global batch B (of each micro-batch, with gradient
   accumulation), so R processes together train on exactly the rows one process would, in the same order.
 - Images are decoded and fitted to the bucket in worker processes, `prefetch_factor` steps ahead of the training
-  thread; nothing is cached, so memory stays bounded by the prefetch depth whatever the manifest's size.
-  `num_workers=0` decodes in the training process and yields the same batches.
+  thread, and the captions' text states are read from the text-state cache there too and padded per micro-batch,
+  so the training thread only copies ready tensors to the device. Nothing is cached, so memory stays bounded by
+  the prefetch depth whatever the manifest's size. `num_workers=0` does the same work in the training process and
+  yields the same batches.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.manifest import latest_version_dir, read_manifest
+from ..data.text_states import TextStateStore, pad_states
 from .buckets import AspectBucket, assign_buckets, draw_batch, fit_image, make_buckets, readable_image
 from .config import TrainConfig
 from .curriculum import caption_probabilities, pick_caption, row_weights
@@ -107,11 +110,15 @@ class BatchPlan:
         return PlannedBatch(step, index, data.aspect_buckets[bucket], rows, captions)
 
     def drawable_captions(self) -> set[str]:
-        """Every caption a batch can carry: those with a positive granularity weight, and the empty prompt."""
-        out = {""}
-        for caps in self.rows.captions:
-            out.update(c for c, w in zip(caps, caption_probabilities(self.cfg.caption_weights, len(caps))) if w > 0)
-        return out
+        return drawable_captions(self.rows, self.cfg.caption_weights)
+
+
+def drawable_captions(rows: ManifestRows, caption_weights: tuple[float, ...]) -> set[str]:
+    """Every caption a batch can carry: those with a positive granularity weight, and the empty prompt."""
+    out = {""}
+    for caps in rows.captions:
+        out.update(c for c, w in zip(caps, caption_probabilities(caption_weights, len(caps))) if w > 0)
+    return out
 
 
 def rank_rows(batch_size: int, rank: int, world_size: int, accum: int = 1) -> np.ndarray:
@@ -126,12 +133,15 @@ def rank_rows(batch_size: int, rank: int, world_size: int, accum: int = 1) -> np
 
 
 class RankBatches(Dataset):
-    """Item k: rank `rank`'s slice of step k's batch, decoded: {"step", "images" uint8 (b, 3, H, W), "captions"}."""
+    """Item k: rank `rank`'s slice of step k's batch, decoded: {"step", "images" uint8 (b, 3, H, W), "captions",
+    "texts"}, where "texts" holds one (states, mask) per micro-batch (`text_states.pad_states`) read from `store`
+    (absent without a store)."""
 
-    def __init__(self, plan: BatchPlan, rank: int, world_size: int, accum: int = 1):
+    def __init__(self, plan: BatchPlan, rank: int, world_size: int, accum: int = 1,
+                 store: TextStateStore | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.plan, self.rank, self.world_size, self.accum = plan, rank, world_size, accum
+        self.plan, self.rank, self.world_size, self.accum, self.store = plan, rank, world_size, accum, store
 
     def __len__(self) -> int:
         return self.plan.cfg.total_steps
@@ -141,17 +151,25 @@ class RankBatches(Dataset):
         part = rank_rows(len(batch.rows), self.rank, self.world_size, self.accum)
         images = torch.stack([fit_image(self.plan.rows.paths[int(r)], batch.bucket.width, batch.bucket.height)
                               for r in batch.rows[part]])
-        return {"step": step, "images": images, "captions": [batch.captions[i] for i in part]}
+        captions = [batch.captions[i] for i in part]
+        item = {"step": step, "images": images, "captions": captions}
+        if self.store is not None:
+            per = len(captions) // self.accum
+            item["texts"] = [pad_states([self.store.get(c) for c in captions[m * per:(m + 1) * per]])
+                             for m in range(self.accum)]
+        return item
 
 
 def rank_loader(plan: BatchPlan, rank: int, world_size: int, start: int, end: int, num_workers: int,
-                accum: int = 1, prefetch_factor: int = 2) -> DataLoader:
-    """Steps start..end-1 of this rank, in order, decoded by `num_workers` processes (0 = in this one)."""
+                accum: int = 1, prefetch_factor: int = 2, store: TextStateStore | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    """Steps start..end-1 of this rank, in order, prepared by `num_workers` processes (0 = in this one);
+    `pin_memory` for a copy to the GPU that does not wait for the host."""
     if num_workers < 0:
         raise ValueError(f"data_workers must be >= 0, got {num_workers}")
-    return DataLoader(RankBatches(plan, rank, world_size, accum), batch_size=None, sampler=range(start, end),
+    return DataLoader(RankBatches(plan, rank, world_size, accum, store), batch_size=None, sampler=range(start, end),
                       num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None,
-                      worker_init_fn=_one_thread if num_workers else None,
+                      worker_init_fn=_one_thread if num_workers else None, pin_memory=pin_memory,
                       # DataLoader draws its workers' base seed from this generator, else from torch's global RNG,
                       # which a resumed run (one more loader started) would then leave in a different state.
                       generator=torch.Generator().manual_seed(start))

@@ -20,7 +20,7 @@ def build_encoders(cfg: TrainConfig, device: torch.device, load_text_encoder: bo
     """The frozen text encoder and the autoencoder the config names, checked against the model's widths (before
     the model is built: a mismatch must not cost building a large model first). Without `load_text_encoder` the
     text encoder is None: training reads its states from the text-state cache, so only the process that fills
-    the cache and draws the sample grids (rank 0) holds it."""
+    the cache (rank 0, when a caption is missing) loads it, and only until it is filled."""
     if not load_text_encoder:
         text_encoder = None
     elif cfg.text_encoder == "minilm":
@@ -39,16 +39,20 @@ def build_encoders(cfg: TrainConfig, device: torch.device, load_text_encoder: bo
         autoencoder = from_pipeline_folder(cfg.autoencoder, "vae", device, cfg.pipeline_dir)
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
     m = cfg.model
-    if text_encoder is None:
-        return None, autoencoder
-    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-    if text_encoder.dim != m.joint_attention_dim:
-        raise ValueError(f"text encoder {cfg.text_encoder!r} gives {text_encoder.dim}-wide states but the model's "
-                         f"joint_attention_dim is {m.joint_attention_dim}")
+    if text_encoder is not None:
+        text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+        check_text_width(cfg, text_encoder.dim)
     if autoencoder.latent_channels * m.patch_size**2 != m.in_channels:
         raise ValueError(f"autoencoder {cfg.autoencoder!r} has {autoencoder.latent_channels} latent channels; the model "
                          f"needs in_channels/patch_size^2 = {m.in_channels // m.patch_size**2}")
     return text_encoder, autoencoder
+
+
+def check_text_width(cfg: TrainConfig, width: int) -> None:
+    """Refuse text states of another width than the model's `joint_attention_dim`."""
+    if width != cfg.model.joint_attention_dim:
+        raise ValueError(f"text encoder {cfg.text_encoder!r} gives {width}-wide states but the model's "
+                         f"joint_attention_dim is {cfg.model.joint_attention_dim}")
 
 
 def text_encoder_spec(cfg: TrainConfig) -> str:

@@ -73,8 +73,8 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
     from ..model import NucleusConfig, NucleusTransformer
     from .checkpoint import INTERRUPTED, list_checkpoints, load_model_state
     from .config import TrainConfig
+    from .encoders import build_encoders
     from .sampling import make_pipeline
-    from .trainer import build_encoders
 
     run_dir = Path(run_dir)
     config_file = run_dir / "train_config.json"

@@ -28,6 +28,7 @@ one all-to-all sends each rank's row shards to the owners, each owner orthogonal
 second all-to-all returns to every rank its rows of each result. That is two collectives per shape batch, no
 Newton-Schulz is repeated on two ranks, and a rank holds whole only its ~1/W share of one batch at a time
 (`step_peak_bytes` counts it for the planner). Results equal one process's bit for bit whenever the gradients do.
+The all-to-alls run on the parameters' own device through `parallel.collectives.all_to_all_split`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
+
+from ..parallel.collectives import all_to_all_split
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic, slope-maximising at 0 (Keller Jordan's Muon)
 MAX_BATCH_BYTES = 256 * 2**20  # default cap on one Newton-Schulz call's batch
@@ -144,11 +147,16 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # `found_inf` (1.0: skip this step), set by `step.train_step` as torch's fused AdamW reads it: a skipped step
+        # leaves every weight and momentum buffer as it was, decided on the device without reading the flag. The
+        # skipped step still runs every collective, so the ranks stay in step.
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else 1.0 - found_inf
         for group in self.param_groups:
-            self._step_group(group)
+            self._step_group(group, keep)
         return loss
 
-    def _step_group(self, group: dict) -> None:
+    def _step_group(self, group: dict, keep: torch.Tensor | None) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         members, grads, bufs = [], [], []
         for p in group["params"]:
@@ -162,12 +170,21 @@ class Muon(torch.optim.Optimizer):
             members.append(_Member.of(p, self.expert_factors.get(id(p))))
         if not members:
             return
-        torch._foreach_lerp_(bufs, grads, 1 - mu)
-        if wd:
-            torch._foreach_mul_([m.local for m in members], 1 - lr * wd)
+        if keep is None:
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            if wd:
+                torch._foreach_mul_([m.local for m in members], 1 - lr * wd)
+        else:
+            # Masked: a skipped step's momentum weight and decay are 0, its update is multiplied by 0 (`_BatchRun`);
+            # its non-finite gradients are zeroed first so that no NaN reaches a product with 0.
+            weight = keep * (1 - mu)
+            for g, buf in zip(grads, bufs):
+                buf.lerp_(g.nan_to_num_(0.0, 0.0, 0.0), weight.to(buf.dtype))
+            if wd:
+                torch._foreach_mul_([m.local for m in members], 1 - keep * (lr * wd))
         for m, g, buf in zip(members, grads, bufs):
             m.grad, m.buf = g, buf
-        run = _BatchRun(group, self.ns_dtype)
+        run = _BatchRun(group, self.ns_dtype, keep)
         for rows, cols, work, first_owner in _schedule(members, self.ns_dtype, self.max_batch_bytes):
             if first_owner is None:
                 run.whole(work, rows, cols)
@@ -327,9 +344,14 @@ def step_peak_bytes(params: list[PlannedMatrix], ns_dtype: torch.dtype, param_dt
 class _BatchRun:
     """The Newton-Schulz calls of one parameter group's step (see `_schedule`)."""
 
-    def __init__(self, group: dict, ns_dtype: torch.dtype):
+    def __init__(self, group: dict, ns_dtype: torch.dtype, keep: torch.Tensor | None = None):
         self.lr, self.steps, self.eps, self.dtype = group["lr"], group["ns_steps"], group["eps"], ns_dtype
         self.mu, self.nesterov = group["momentum"], group["nesterov"]
+        self.keep = keep  # the found_inf mask (1: apply, 0: a skipped step), or None
+
+    def _ns(self, x: torch.Tensor) -> torch.Tensor:
+        x = newton_schulz_(x, self.steps, self.eps)
+        return x if self.keep is None else x.mul_(self.keep)
 
     def _update_into(self, out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor) -> None:
         """out <- the Nesterov update grad.lerp(buf, mu) (or the momentum), computed in the gradient's dtype
@@ -340,9 +362,6 @@ class _BatchRun:
             torch.lerp(grad, buf, self.mu, out=out)
         else:
             out.copy_(grad.lerp(buf, self.mu))
-
-    def _ns(self, x: torch.Tensor) -> torch.Tensor:
-        return newton_schulz_(x, self.steps, self.eps)
 
     def whole(self, chunk: list[tuple[_Member, int, int]], rows: int, cols: int) -> None:
         """Matrices this rank holds whole: into one batch, Newton-Schulz, each update added where it came from."""
@@ -372,14 +391,14 @@ class _BatchRun:
         from_rank = [sum(m.row_splits[r] * m.cols for m in owned) for r in range(world)]
 
         send = self._pack_updates([items[i] for i in by_owner], mine)
-        recv = _all_to_all(send, from_rank, to_owner, pg)
+        recv = all_to_all_split(send, from_rank, to_owner, pg, items[0].local.device)
         del send
         x = _whole_from_rows(recv, owned, world, rows, cols)
         del recv
         x = self._ns(x)
         send = _rows_from_whole(x, owned, world)
         del x
-        recv = _all_to_all(send, to_owner, from_rank, pg)
+        recv = all_to_all_split(send, to_owner, from_rank, pg, items[0].local.device)
         del send
         alpha = -self.lr * update_scale((rows, cols))
         for m, piece in zip((items[i] for i in by_owner), recv.split(mine)):
@@ -390,12 +409,6 @@ class _BatchRun:
         for m, piece in zip(members, send.split(sizes)):
             self._update_into(piece.view(m.local.shape), m.grad, m.buf)
         return send
-
-
-def _all_to_all(send: torch.Tensor, recv_splits: list[int], send_splits: list[int], pg) -> torch.Tensor:
-    recv = send.new_empty(sum(recv_splits))
-    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=pg)
-    return recv
 
 
 def _whole_from_rows(recv: torch.Tensor, owned: list[_Member], world: int, rows: int, cols: int) -> torch.Tensor:

@@ -115,7 +115,9 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig,
                      ns_dtype: torch.dtype) -> tuple[Muon | None, torch.optim.AdamW, dict]:
     """The Muon and AdamW optimisers over the split; both take the same lr (Muon's update is RMS-matched).
     Weight decay applies to matrices only: decaying norm gains and biases only pulls them toward zero. With
-    `cfg.kind` "adamw" (the baseline) AdamW takes every parameter and Muon is None."""
+    `cfg.kind` "adamw" (the baseline) AdamW takes every parameter and Muon is None. AdamW is torch's fused
+    implementation: one kernel per parameter group, and the `found_inf` flag with which `step.train_step` skips a
+    non-finite step on the device."""
     groups = split_params(model)
     if cfg.kind != "muon":
         groups = {"muon": [], "adamw": groups["adamw"] + groups["muon"]}
@@ -126,6 +128,6 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig,
     no_decay = [p for _, p in groups["adamw"] if p.dim() < 2]
     adamw = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True,
     )
     return muon, adamw, groups

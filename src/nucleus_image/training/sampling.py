@@ -7,6 +7,7 @@ The sampling schedule is shifted with the same resolution-dependent mu the train
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,15 +30,25 @@ def make_pipeline(model, text_encoder, autoencoder, timesteps: TimestepConfig, r
 
 
 @torch.no_grad()
-def sample_grid(pipe: NucleusPipeline, prompts: list[str], seed: int, steps: int, guidance: float, path: Path) -> Path:
-    """Rows = prompts, columns = seeds seed, seed+1; the prompt is written under each row. Uses CPU generators
-    of its own, so the training RNG streams are untouched."""
+def sample_grid(pipe: NucleusPipeline, prompts: list[str], states_of: Callable[[str], tuple], seed: int, steps: int,
+                guidance: float, path: Path, write: bool = True) -> Path:
+    """Rows = prompts, columns = seeds seed, seed+1; the prompt is written under each row. `states_of(prompt)`
+    gives a prompt's (1, L, D) text states and mask (the run's text-state cache: no text encoder needed; the
+    empty prompt is the guidance's negative). Uses CPU generators of its own, so the training RNG streams are
+    untouched. Without `write` the sampler runs (a process of a sharded model takes part in every forward) but
+    decodes nothing and writes nothing."""
+    negative, negative_mask = states_of("")
     tiles: list[list[Image.Image]] = []
     for prompt in prompts:
+        states, mask = states_of(prompt)
         gens = [torch.Generator("cpu").manual_seed(seed + k) for k in range(GRID_SEEDS)]
-        out = pipe([prompt] * GRID_SEEDS, guidance_scale=guidance, num_inference_steps=steps, generator=gens,
-                   progress=False)
+        out = pipe(prompt_embeds=states, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
+                   negative_prompt_embeds_mask=negative_mask, num_images_per_prompt=GRID_SEEDS,
+                   guidance_scale=guidance, num_inference_steps=steps, generator=gens, progress=False,
+                   output_type="pil" if write else "latent")
         tiles.append(out.images)
+    if not write:
+        return path
     w, h = tiles[0][0].size
     scale = max(1, 96 // max(w, h))  # small models sample tiny images: enlarge so the grid is legible
     tw, th, caption = w * scale, h * scale, 14

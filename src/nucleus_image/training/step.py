@@ -9,6 +9,11 @@ micro-batches (so the gradient is the whole batch's mean); the global gradient n
 learning rate of step `step` under Warmup-Stable-Merge; every optimizer stepped. A step whose gradient norm is not
 finite is skipped: no parameter and no optimizer state changes.
 
+Nothing here reads a tensor back to the host: the loss stays on the device, the clipping scales the gradients by
+a device factor, and the skip is a masked update decided on the device. Each optimizer gets the step's flag as
+`found_inf` (1.0: skip), the protocol torch's fused AdamW honours (its update and step count are left as they
+were) and `Muon` follows; the gradient norm decides it, the one number every rank already agrees on.
+
 The loss function has the shape `(model, micro_batch) -> (loss, logged)`: a scalar loss tensor and a dict of
 tensors to log (averaged over the micro-batches), e.g. `loss.FlowObjective`.
 """
@@ -59,16 +64,21 @@ def train_step(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], mi
     grad_norm = clip_grad_norm(params, cfg.grad_clip, dims)
     applied = torch.isfinite(grad_norm)
     set_lr(tuple(optimizers), wsm_lr(step, cfg.lr, cfg.warmup_steps))
-    if bool(applied):
-        for opt in optimizers:
+    skip = (~applied).float()
+    for opt in optimizers:
+        opt.found_inf = skip
+        try:
             opt.step()
+        finally:
+            del opt.found_inf
     return StepOutput(mean_loss, grad_norm, applied, logged)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, dims=None) -> torch.Tensor:
-    """Scale the gradients so their global norm is at most `max_norm`; returns the norm before (a tensor)."""
+    """Scale the gradients so their global norm is at most `max_norm`; returns the norm before (a device tensor;
+    not finite if any gradient is not)."""
     if dims is not None:
-        from ..parallel.reduce import clip_grad_norm_
+        from ..parallel.collectives import clip_grad_norm_
 
         return clip_grad_norm_(params, max_norm, dims)
     return torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -3,14 +3,19 @@ Warmup-Stable-Merge, atomic checkpoints with exact resume, TensorBoard scalars, 
 
     nucleus train --preset tiny --data data/synth --out runs/tiny [--max-steps N] [--resume] [--set optimizer.lr=3e-3]
 
-The run is built from the parts in `build.py` (process group, data, encoders, model, caption cache, optimizers,
+The run is built from the parts in `build.py` (process group, data, encoders and caption cache, model, optimizers,
 resume); each step is `step.train_step` with the `loss.FlowObjective`; its progress is a `state.TrainState`.
 
-Exact resume: step k's batch is a pure function of (seed, k) (`data_loader.BatchPlan`), noise and sigmas come
-from a torch generator checkpointed with the global RNG states, and text states are encoded one caption at a
-time into a cache shared across runs (`data.text_states`), so a caption's states never depend on when (or
-beside what) it was first encoded. A run killed and resumed therefore reproduces the straight run's losses and
-weights bit for bit on CPU.
+No step reads a tensor back to the host: losses, gradient norms and non-finite flags stay on the device until a
+logging step (every `log_every`) or a checkpoint reads all of them at once; the Ctrl-C agreement between processes
+is a vote on the host (`parallel.collectives.StopVote`); the routing statistics are computed on the device.
+
+Exact resume: step k's batch is a pure function of (seed, k) (`data_loader.BatchPlan`), each sample's noise and
+sigma of (seed, k, its row in the global batch) (`noise.row_noise`, so every process draws only its own rows and
+any layout trains on the numbers one process would), and text states are encoded one caption at a time into a
+cache shared across runs (`data.text_states`), so a caption's states never depend on when (or beside what) it was
+first encoded. A run killed and resumed therefore reproduces the straight run's losses and weights bit for bit on
+CPU.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from ..model.moe import MoELayer
 from ..progress import progress as progress_bar
 from . import checkpoint as ckpt
 from .build import (
-    build_caption_cache,
     build_model,
     build_parallel,
+    build_text_states,
     check_run_dir,
     data_record,
     resolve_device,
@@ -41,15 +46,14 @@ from .build import (
 from .config import TrainConfig
 from .curriculum import share_by_bucket
 from .data_loader import BatchPlan, rank_loader, rank_rows, read_rows
-from .encoders import build_encoders
 from .loss import FlowBatch, FlowObjective, decorrelate_router_rows_
 from .monitor import RunLogger, routing_table
+from .noise import row_noise
 from .optim import build_optimizers, describe_groups
 from .sampling import make_pipeline, sample_grid
 from .schedule import wsm_lr
 from .state import NonFiniteLossError, TrainState
 from .step import StepOutput, train_step
-from .timesteps import sample_sigmas
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer"]
 
@@ -88,24 +92,22 @@ class Trainer:
         self.autocast = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and self.device.type == "cuda")
 
         seed_everything(cfg.seed)
-        self.state = TrainState(generator=torch.Generator(self.device).manual_seed(cfg.seed))
+        self.state = TrainState()
         self.data_dir = Path(data_dir)
         self.rows = read_rows(self.data_dir)
         self.data_record = data_record(self.data_dir, self.rows, self.run_dir, resume)
-        # Encoders first, so a run they cannot serve fails before the (possibly huge) model exists; on a forked
-        # RNG, so the model's seeded init is the same whether or not building them draws random numbers.
-        with torch.random.fork_rng(devices=[]):
-            self.text_encoder, self.autoencoder = build_encoders(cfg, self.device, load_text_encoder=self.is_main)
+        # Encoders and captions first, so a run they cannot serve fails before the (possibly huge) model exists.
+        self.text_states, self.autoencoder = build_text_states(cfg, self.rows, self.device, self.is_main,
+                                                               self.progress, self._barrier)
         self.model = build_model(cfg, self.dims, self.device, self.autocast)
         # Collected after sharding: FSDP2 replaces the Parameters.
         self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
         self.plan = BatchPlan(cfg, self.rows, self.autoencoder.scale_factor * cfg.model.patch_size)
-        self.captions = build_caption_cache(cfg, self.plan, self.text_encoder, self.device, self.is_main,
-                                            self.progress, self._barrier)
         self._batches = None
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.muon, self.adamw, self.groups = build_optimizers(self.model, cfg.optimizer, ns_dtype)
         self.optimizers = {k: o for k, o in (("muon", self.muon), ("adamw", self.adamw)) if o is not None}
+        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast)
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
         if self.is_main:
@@ -139,7 +141,9 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------
     def _barrier(self) -> None:
         if self.dims:
-            torch.distributed.barrier()
+            from ..parallel.collectives import barrier
+
+            barrier(self.dims)
 
     def _print(self, text: str) -> None:
         if self.is_main:
@@ -162,99 +166,108 @@ class Trainer:
         Every rank draws the same global batch (same bucket, so the same sequence length for the all-to-all)."""
         return rank_rows(batch_size, self.rank, self.world_size, self.cfg.grad_accum_steps)
 
+    def _start_loader(self):
+        """The data loader from the current step on (host work: it seeds its workers from a CPU generator)."""
+        return iter(rank_loader(self.plan, self.rank, self.world_size, self.step, self.total_steps,
+                                self.cfg.data_workers, self.cfg.grad_accum_steps, store=self.text_states,
+                                pin_memory=self.device.type == "cuda"))
+
     def _batch(self, batch_size: int):
-        """Latents and captions of this process's rows of the step's global batch (all of it in one process),
-        decoded ahead by the data workers."""
+        """Latents, per micro-batch text states and mask, and captions of this process's rows of the step's global
+        batch (all of it in one process), prepared ahead by the data workers."""
         if self._batches is None:  # started lazily, at the step a run starts or resumes from
-            self._batches = iter(rank_loader(self.plan, self.rank, self.world_size, self.step, self.total_steps,
-                                             self.cfg.data_workers, self.cfg.grad_accum_steps))
+            self._batches = self._start_loader()
         item = next(self._batches)
         if item["step"] != self.step or len(item["captions"]) * self.world_size != batch_size:
             raise RuntimeError(f"data loader out of step: got step {item['step']} with {len(item['captions'])} rows "
                                f"at step {self.step} (batch {batch_size} over {self.world_size} processes)")
-        images = item["images"].to(self.device).float() / 127.5 - 1.0
+        images = item["images"].to(self.device, non_blocking=True).float() / 127.5 - 1.0
         with torch.no_grad():
             latents = self.autoencoder.encode(images)
-        return latents, item["captions"]
+        texts = [(states.to(self.device, non_blocking=True),
+                  None if mask is None else mask.to(self.device, non_blocking=True)) for states, mask in item["texts"]]
+        return latents, texts, item["captions"]
 
     def _micro_batches(self, batch_size: int) -> list[FlowBatch]:
-        """This process's rows of the step's global batch as `grad_accum_steps` micro-batches."""
-        A = self.cfg.grad_accum_steps
-        latents, captions = self._batch(batch_size)
+        """This process's rows of the step's global batch as `grad_accum_steps` micro-batches, with the noise and
+        sigmas of those rows only."""
+        latents, texts, _ = self._batch(batch_size)
         _, _, h, w = latents.shape
         x0 = pack_latents(latents, self.cfg.model.patch_size)
-        # Noise and sigmas are drawn for the whole global batch, so every layout consumes the same random stream.
-        generator = self.state.generator
-        local = torch.from_numpy(self._local_rows(batch_size)).to(self.device)
-        noise = torch.randn((batch_size, *x0.shape[1:]), generator=generator, device=self.device, dtype=x0.dtype)[local]
-        sigma = sample_sigmas(batch_size, x0.shape[1], self.cfg.timesteps, generator)[local]
-        B = x0.shape[0] // A
-        batches = []
-        for m in range(A):
-            part = slice(m * B, (m + 1) * B)
-            text, text_mask = self.captions.batch(captions[part])
-            batches.append(FlowBatch(x0[part], noise[part], sigma[part], text, text_mask, (h, w)))
-        return batches
+        noise, sigma = row_noise(self.cfg.seed, self.step, self._local_rows(batch_size), tuple(x0.shape[1:]),
+                                 self.cfg.timesteps, self.device, x0.dtype)
+        B = x0.shape[0] // len(texts)
+        return [FlowBatch(x0[m * B:(m + 1) * B], noise[m * B:(m + 1) * B], sigma[m * B:(m + 1) * B], text, mask,
+                          (h, w)) for m, (text, mask) in enumerate(texts)]
 
     def _train_step(self, stage) -> StepOutput:
+        """One step of the stage, recorded in the run's state (nothing read back)."""
         cfg = self.cfg
         objective = replace(self.objective, wavelet_weight=stage.wavelet_weight,
                             routing_stats=self._due(cfg.log_every))
         out = train_step(self.model, list(self.optimizers.values()), self._micro_batches(stage.batch_size), objective,
                          cfg.optimizer, self.step, dims=self.dims)
-        if cfg.orthogonality_step and self.router_gates and bool(out.applied):
-            self._decorrelate_routers(cfg.orthogonality_step)
+        if cfg.orthogonality_step and self.router_gates:
+            self._decorrelate_routers(cfg.orthogonality_step, out.applied)
+        self.state.record(out.loss, out.applied, out.grad_norm)
         return out
 
     @torch.no_grad()
-    def _decorrelate_routers(self, step: float) -> None:
-        """The orthogonality step on whole router matrices: a sharded gate is gathered, updated identically on
-        every rank, and each rank keeps its own shard of the result (no second communication)."""
+    def _decorrelate_routers(self, step: float, applied: torch.Tensor) -> None:
+        """The orthogonality step on whole router matrices, after an applied update only (a masked update: the
+        decision stays on the device). A sharded gate is gathered, updated identically on every rank, and each
+        rank keeps its own shard of the result (no second communication)."""
         for g in self.router_gates:
+            full = g.full_tensor() if isinstance(g, DTensor) else g.detach()
+            moved = full.clone()
+            decorrelate_router_rows_([moved], step)
+            kept = torch.where(applied, moved, full)
             if isinstance(g, DTensor):
-                full = g.full_tensor()
-                decorrelate_router_rows_([full], step)
-                g.copy_(distribute_tensor(full, g.device_mesh, g.placements, src_data_rank=None))
+                g.copy_(distribute_tensor(kept, g.device_mesh, g.placements, src_data_rank=None))
             else:
-                decorrelate_router_rows_([g], step)
+                g.copy_(kept)
 
-    def _stop_agreed(self) -> bool:
-        """Whether to stop at this step boundary: an interrupt seen by any process stops all of them here, so they
-        save the same step together (one tiny all-reduce per step; one process just reads its flag)."""
-        if not self.dims:
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.stop_requested = bool(flag.item())
-        return self.stop_requested
+    def _stop_agreed(self, vote) -> bool:
+        """Whether to stop at this step boundary: an interrupt seen by any process stops all of them at the same
+        boundary, so they save the same step together (a host vote, read one step later; one process just reads
+        its flag)."""
+        if vote is not None and vote.poll(self.stop_requested):
+            self.stop_requested = True
+            return True
+        return vote is None and self.stop_requested
 
     def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if not self.dims:
             return value
-        from ..parallel.reduce import mean_over_ranks
+        from ..parallel.collectives import mean_over_ranks
 
         return mean_over_ranks(value, self.dims)
 
+    def _flush(self) -> None:
+        """Read the steps recorded since the last flush back (losses averaged over processes)."""
+        self.state.flush(self._mean_over_ranks, self.cfg.max_nonfinite_in_a_row,
+                         lambda: ckpt.latest_checkpoint(self.run_dir))
+
     def _due(self, every: int) -> bool:
         """Whether the step about to run (self.step) is one of every `every`-th."""
-        return self._due_at(self.step, every)
-
-    @staticmethod
-    def _due_at(step: int, every: int) -> bool:
-        return every > 0 and (step + 1) % every == 0
+        return every > 0 and (self.step + 1) % every == 0
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg = self.cfg
         self._print(describe_groups(self.groups))
-        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast)
         logger = RunLogger(self.run_dir) if self.is_main else None
         bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
                            unit="step")
+        vote = None
+        if self.dims:
+            from ..parallel.collectives import StopVote
+
+            vote = StopVote(self.dims)
         images_seen, t0 = 0, time.perf_counter()
         try:
             while self.step < self.total_steps:
-                if self._stop_agreed():
+                if self._stop_agreed(vote):
                     latest = ckpt.latest_checkpoint(self.run_dir)
                     if latest is None or latest.name != f"step-{self.step:08d}":
                         self._save()
@@ -265,19 +278,12 @@ class Trainer:
                 if index != self.stage_index:
                     self._enter_stage(index)
                     stage_start = self.step
+                logging = self._due(cfg.log_every)
                 out = self._train_step(stage)
-                loss = float(self._mean_over_ranks(out.loss.double()))
-                self.state.record(loss, bool(out.applied), cfg.max_nonfinite_in_a_row,
-                                  lambda: ckpt.latest_checkpoint(self.run_dir))
                 images_seen += stage.batch_size
                 ips = images_seen / max(time.perf_counter() - t0, 1e-9)
-                if self._due_at(self.step - 1, cfg.log_every):
-                    stats = out.logged.get("routing")
-                    stats = None if stats is None else routing_table(self._mean_over_ranks(stats))
-                    if logger:
-                        logger.scalars(self.step, loss, wsm_lr(self.step - 1, cfg.optimizer.lr, cfg.optimizer.warmup_steps),
-                                       float(out.grad_norm), ips, self.nonfinite, stats)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", stage=stage.name)
+                if logging:
+                    self._log_step(out, logger, bar, stage.name, ips)
                 bar.update(1)
                 if cfg.time_budget_s and not self.resumed:
                     if self.step == stage_start + self.GUARD_SKIP:
@@ -292,6 +298,8 @@ class Trainer:
                     if logger:  # rank 0 of several, or the only process
                         logger.sample_grid(self.step, grid)
         finally:
+            if vote is not None:
+                self.stop_requested = vote.close() or self.stop_requested
             bar.close()
             if logger:
                 logger.close()
@@ -303,6 +311,17 @@ class Trainer:
         print(f"done: {self.step} steps, final loss {self.losses[-1]:.4f}, {ips:.1f} images/s, "
               f"{self.nonfinite} non-finite steps skipped; run folder {self.run_dir}")
         return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
+
+    def _log_step(self, out: StepOutput, logger: RunLogger | None, bar, stage: str, ips: float) -> None:
+        """A logging step: the recorded steps read back, TensorBoard scalars (loss and gradient norm of this step,
+        routing statistics averaged over processes), the progress bar's loss."""
+        self._flush()
+        routing = out.logged.get("routing")
+        routing = None if routing is None else routing_table(self._mean_over_ranks(routing))
+        if logger:
+            lr = wsm_lr(self.step - 1, self.cfg.optimizer.lr, self.cfg.optimizer.warmup_steps)
+            logger.scalars(self.step, self.losses[-1], lr, self.state.grad_norms[-1], ips, self.nonfinite, routing)
+        bar.set_postfix(loss=f"{self.losses[-1]:.4f}", img_s=f"{ips:.1f}", stage=stage)
 
     GUARD_SKIP = 3  # a stage's first steps (allocations, first batches) are not timed
 
@@ -337,29 +356,34 @@ class Trainer:
         cfg.save_json(self.run_dir / "train_config.json")
 
     def _save(self) -> None:
+        self._flush()
         self.state.data = {"kind": "batch-plan", "seed": self.cfg.seed, "next_step": self.step, "rank": self.rank,
                            "world_size": self.world_size}
-        save = ckpt.save_distributed if self.dims else ckpt.save_checkpoint
-        save(self.run_dir, self.model, self.model.config.to_dict(), self.optimizers, self.state, self.cfg.keep_last)
+        if self.dims:
+            ckpt.save_distributed(self.run_dir, self.model, self.model.config.to_dict(), self.optimizers, self.state,
+                                  self.cfg.keep_last, self.dims)
+        else:
+            ckpt.save_checkpoint(self.run_dir, self.model, self.model.config.to_dict(), self.optimizers, self.state,
+                                 self.cfg.keep_last)
 
     # ---- samples -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_grid(self, path: Path) -> Path:
-        """The fixed sample prompts at fixed seeds from the current weights, at the current stage's resolution."""
+        """The fixed sample prompts at fixed seeds from the current weights, at the current stage's resolution,
+        their text states read from the cache. Several processes all run the sampler on the sharded model with the
+        same inputs (each holds its shards only, as in training) and rank 0 writes the grid."""
         stage = self.cfg.stages[max(self.stage_index, 0)]
-        if self.dims:
-            # Sharded: rank 0 samples alone from a gathered full copy (the same rank-0 export `merge` reads).
-            model = ckpt.gather_full_model(self.model)
-            if model is None:
-                return path
-            model = model.to(self.device, torch.bfloat16 if self.autocast else torch.float32)
-        else:
-            model = self.model
-        was_training = model.training
-        model.eval()
+        was_training = self.model.training
+        self.model.eval()
         try:
-            pipe = make_pipeline(model, self.text_encoder, self.autoencoder, self.cfg.timesteps, stage.resolution)
-            return sample_grid(pipe, list(self.cfg.sample_prompts), self.cfg.sample_seed, self.cfg.sample_steps,
-                               self.cfg.sample_guidance, path)
+            pipe = make_pipeline(self.model, None, self.autoencoder, self.cfg.timesteps, stage.resolution)
+            return sample_grid(pipe, list(self.cfg.sample_prompts), self._prompt_states, self.cfg.sample_seed,
+                               self.cfg.sample_steps, self.cfg.sample_guidance, path, write=self.is_main)
         finally:
-            model.train(was_training)
+            self.model.train(was_training)
+
+    def _prompt_states(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from ..data.text_states import pad_states
+
+        states, mask = pad_states([self.text_states.get(prompt)])
+        return states.to(self.device), None if mask is None else mask.to(self.device)
