@@ -53,14 +53,22 @@ def test_checks_that_run_on_a_cpu_pass_with_their_numbers(report):
         assert steps[f"CFG step: {name}"]["status"] == "pass" and steps[f"CFG step: {name}"]["value"] > 0
     assert {r["status"] for k, r in steps.items() if "compiled" in k or "CUDA graph" in k} == {"not run"}
     assert len(steps) == 9
-    generation = rows_of(data, "generation ")
-    timed = [r for r in generation if "step cache" not in r["check"]]
+    timed = rows_of(data, "generation ")
     assert [r["check"].split(",")[0] for r in timed] == ["generation bf16", "generation int8", "generation fp8"]
-    assert all(r["value"] > 0 for r in generation) and [r["status"] for r in timed] == ["info", "pass", "pass"]
-    assert len([r for r in generation if "step cache" in r["check"]]) == 3
+    assert all(r["value"] > 0 for r in timed) and [r["status"] for r in timed] == ["pass", "pass", "pass"]
+    cached = rows_of(data, "generation, step cache ")
+    assert len(cached) == 3 and all(r["status"] == "info" and r["value"] > 0 for r in cached)
+    teacher, student = rows_of(data, "seconds per image: ")
+    assert "teacher, 2 steps with CFG" in teacher["check"] and "1-step student (LoRA rank 16" in student["check"]
+    assert teacher["status"] == student["status"] == "pass" and teacher["value"] > 0 and student["value"] > 0
+    assert "M adapter parameters" in student["detail"] and "x the teacher" in student["detail"]
     (qlora,) = rows_of(data, "QLoRA step")
     assert qlora["value"] > 0
     plans = rows_of(data, "planner vs measured")
-    assert len(plans) == 4 and all(0.8 <= r["value"] <= 1.25 for r in plans), plans
+    assert len(plans) == 4 and all(r["status"] == "info" and r["value"] > 0 for r in plans), plans
+    # The training step is planned in the dtype the CPU runs (float32): within 5% of the measured peak. Generation
+    # is planned in bf16 and run in float32 here, so its ratio is only checked on GPUs.
+    (train,) = [r for r in plans if "training step" in r["check"]]
+    assert 0.95 <= train["value"] <= 1.05, train
     (ep,) = rows_of(data, "expert_parallel")
     assert ep["status"] == "not run" and "CUDA" in ep["detail"]
