@@ -201,3 +201,22 @@ def test_cli_model_mode_samples_and_scores(tmp_path):
     assert sample.shape == (32, 32, 3) and sample.std() > 0
     report = json.loads((out / "report.json").read_text())
     assert report["images"] == 4 and set(report["tasks"]) == {"single_object", "two_object"}
+
+
+def test_intervals_are_wilson_per_task_and_printed_with_the_score():
+    from nucleus_image.eval.compositional import format_summary, overall_interval, summarize, wilson_interval
+
+    # Reference values of the 95% Wilson score interval.
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(384, 384)[0] > 0.99 and wilson_interval(192, 384)[1] - 0.5 < 0.05
+    per_prompt = [{"tag": "single_object", "correct": [True] * 30 + [False] * 10},
+                  {"tag": "colors", "correct": [True] * 5 + [False] * 35}]
+    report = summarize(per_prompt)
+    assert report["tasks"]["single_object"]["interval"] == pytest.approx(list(wilson_interval(30, 40)))
+    lo, hi = report["overall_interval"]
+    assert report["overall"] == pytest.approx((0.75 + 0.125) / 2)
+    assert lo < report["overall"] < hi and hi - lo < 0.2
+    assert (lo, hi) == overall_interval(report["tasks"])
+    text = format_summary(report)
+    assert "[0.598, 0.858]" in text and "Wilson" in text

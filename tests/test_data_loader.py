@@ -92,8 +92,8 @@ def test_trainer_takes_its_batch_from_the_plan_and_checkpoints_the_position(tmp_
         trainer = Trainer(micro_config(checkpoint_every=2), plan.rows.paths[0].parent.parent, tmp_path / "run",
                           max_steps=2, progress=False)
         trainer._enter_stage(0)
-        latents, texts, captions = trainer._batch(4)
-        assert captions == plan.batch(0).captions and latents.shape[0] == 4 and texts[0][0].shape[0] == 4
+        latents, texts, item = trainer._batch(4)
+        assert item["captions"] == plan.batch(0).captions and latents.shape[0] == 4 and texts[0][0].shape[0] == 4
         trainer.step = 2  # the loader runs ahead of nothing: a fresh trainer resumes at its own step
         trainer._save()
         state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer.json").read_text())

@@ -162,3 +162,18 @@ def test_cli_synth_and_bad_input(tmp_path, capsys):
         capsys.readouterr()
         assert main(["data", "synth", "--out", str(tmp_path / "e"), *args]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_heldout_repeat_gives_every_task_about_the_same_number_of_records():
+    import collections
+
+    from nucleus_image.data.synthetic import TASKS, heldout_metadata
+
+    plain = heldout_metadata(0, 24)
+    assert len(plain) == 111  # 6 + 15 + 18 + 24 + 24 + 24: small pools listed once
+    records = heldout_metadata(0, 96, repeat=True)
+    per_task = collections.Counter(r["tag"] for r in records)
+    assert set(per_task) == set(TASKS) and all(96 <= n < 2 * 96 for n in per_task.values())
+    shapes = collections.Counter(r["include"][0]["class"] for r in records if r["tag"] == "single_object")
+    assert len(shapes) == 6 and set(shapes.values()) == {16}  # whole rounds: every shape equally often
+    assert heldout_metadata(0, 96, repeat=True) == records  # deterministic

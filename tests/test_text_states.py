@@ -28,6 +28,13 @@ class CountingEncoder:
         self.calls += 1
         return self.inner.encode_unique(prompts)
 
+    def token_lengths(self, prompts):
+        return self.inner.token_lengths(prompts)
+
+    @property
+    def device(self):
+        return self.inner.device
+
 
 def test_states_are_stored_once_and_read_back_exactly(tmp_path):
     enc = CountingEncoder()
@@ -43,6 +50,24 @@ def test_states_are_stored_once_and_read_back_exactly(tmp_path):
     states, mask = CaptionStates(again, torch.device("cpu")).batch(["a red circle", ""])
     assert states.shape[1] % 8 == 0 and mask is not None and mask[1].sum() < mask[0].sum()
     assert TextStateStore("other-encoder", root=tmp_path).missing(captions) == sorted(captions)
+
+
+def test_equal_length_batches_store_the_states_of_one_at_a_time(tmp_path):
+    """Captions of one token length are encoded together on the CPU, and what is stored is bitwise what
+    encoding each caption alone gives (no padding differs), including the empty prompt and a lone length."""
+    from nucleus_image.data.synthetic import make_example
+
+    enc = CountingEncoder()
+    captions = sorted({c for i in range(40) for c in make_example(0, i)[2][:2]}) + [""]
+    lengths = enc.token_lengths(captions)
+    assert len(set(lengths)) < len(captions) - 10  # many captions share a length: batches of several
+    store = TextStateStore("batched", root=tmp_path)
+    assert store.encode_missing(enc, captions, progress=False) == len(captions)
+    assert enc.calls == len(set(lengths)) < len(captions)
+    for c in captions:
+        with torch.no_grad():
+            alone, mask = enc.inner.encode_unique([c])
+        assert torch.equal(store.get(c), alone[0, : int(mask[0].sum())]), c
 
 
 def _add(root, start):

@@ -15,9 +15,11 @@ from nucleus_image.cli.arguments import add_threads_arg
 def register(subparsers) -> None:
     p = subparsers.add_parser("encode-captions", help="precompute caption text states into the shared cache",
                               description="Encode every caption of the dataset's latest manifest (and the empty "
-                                          "prompt) one at a time and store the states as safetensors shards under "
-                                          "the cache folder, keyed by (encoder, caption). Captions already stored "
-                                          "are skipped.")
+                                          "prompt) and store the states as safetensors shards under the cache "
+                                          "folder, keyed by (encoder, caption). The stored states are those of "
+                                          "encoding each caption alone (on the CPU, captions of one token length "
+                                          "are encoded together, which gives the same bits). Captions already "
+                                          "stored are skipped.")
     p.add_argument("data", help="dataset folder (with manifest-vNNNN/)")
     p.add_argument("--text-encoder", default="minilm",
                    help="'minilm' (default) or 'pipeline:DIR' (the text encoder of a pipeline folder), as in training")

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
                    help=f"comma-separated aspect ratios (default all: {','.join(ASPECT_RATIOS)})")
     p.add_argument("--textured-fraction", type=float, default=0.5, help="share of textured backgrounds")
     p.add_argument("--heldout-per-task", type=int, default=24, help="held-out prompts per task (default 24)")
+    p.add_argument("--heldout-repeat", action="store_true",
+                   help="tasks with fewer combinations than --heldout-per-task repeat them (whole rounds), so each "
+                        "task gets about as many scored images (for intervals of equal width)")
     p.set_defaults(func=run)
 
 
@@ -40,7 +43,8 @@ def run(args) -> int:
     config = SynthConfig(size=args.size, aspect_ratios=tuple(a.strip() for a in args.aspects.split(",") if a.strip()),
                          textured_fraction=args.textured_fraction)
     start = time.perf_counter()
-    version_dir = generate_dataset(args.out, args.num, args.seed, config, heldout_per_task=args.heldout_per_task)
+    version_dir = generate_dataset(args.out, args.num, args.seed, config, heldout_per_task=args.heldout_per_task,
+                                   heldout_repeat=args.heldout_repeat)
     import pyarrow.parquet as pq
 
     table = pq.read_table(version_dir)

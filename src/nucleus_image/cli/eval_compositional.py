@@ -31,6 +31,7 @@ from nucleus_image.eval.compositional import (
     validate_records,
     write_report,
 )
+from nucleus_image.timing import PhaseTimer
 
 
 def register(subparsers) -> None:
@@ -77,20 +78,25 @@ def run(args) -> int:
     check_out_folder(args.out)
     if args.images and not Path(args.images).is_dir():
         raise ValueError(f"--images {args.images!r} is not a folder")
+    timer = PhaseTimer()
     if args.model:
         from nucleus_image.data.synthetic import heldout_metadata
         from nucleus_image.pipeline import NucleusPipeline
 
         records = load_records(args.prompts) if args.prompts else heldout_metadata(0, args.per_task)
-        pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
-        with resumable(out / "images", "images"):
+        with timer.phase("model load"):
+            pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
+        with resumable(out / "images", "images"), timer.phase("sampling"):
             images_dir = generate_samples(pipeline, records, out / "images", args.samples, args.seed, args.steps,
                                           args.guidance, args.aspect, prompts_per_forward(args.batch_size, args.samples))
     else:
         images_dir = Path(args.images)
-    report = score_folder(images_dir)
+    with timer.phase("scoring"):
+        report = score_folder(images_dir)
     _, paths = read_geneval_folder(images_dir)
-    path = write_report(report, out, paths)
+    with timer.phase("report"):
+        path = write_report(report, out, paths)
+    timer.write(out / "timing.json", images=report["images"])
     print(format_summary(report))
     print(f"report: {path}")
     return 0

@@ -326,11 +326,14 @@ def make_example(seed: int, index: int, config: SynthConfig = SynthConfig()) -> 
     return scene, image, captions_for(scene, rng, scene_relations(scene))
 
 
-def heldout_metadata(seed: int = 0, per_task: int = 24, config: SynthConfig = SynthConfig()) -> list[dict]:
+def heldout_metadata(seed: int = 0, per_task: int = 24, config: SynthConfig = SynthConfig(),
+                     repeat: bool = False) -> list[dict]:
     """Held-out prompts in GenEval's metadata format (tag, include [{class, count, color?, position?}],
     exclude, prompt), shapes as classes, in GenEval's task order. Each task takes `per_task` of its
-    combinations (all of them when fewer), drawn with `seed`. Prompts use GenEval's "a photo of ..." phrasing,
-    which no training caption uses."""
+    combinations (all of them when fewer), drawn with `seed`. With `repeat`, a task with fewer combinations
+    lists all of them in as many whole rounds as reach `per_task` records (6 shapes -> 4 rounds of 6 for 24), so
+    every task gets about as many images and its score an interval of about the same width; a scorer samples each
+    record with its own seeds. Prompts use GenEval's "a photo of ..." phrasing, which no training caption uses."""
     from itertools import combinations, permutations, product
 
     if per_task < 1:
@@ -351,6 +354,8 @@ def heldout_metadata(seed: int = 0, per_task: int = 24, config: SynthConfig = Sy
     for tag in TASKS:
         pool = pools[tag]
         picks = sorted(rng.choice(len(pool), min(per_task, len(pool)), replace=False).tolist())
+        if repeat and len(pool) < per_task:
+            picks = picks * -(-per_task // len(pool))
         for k in picks:
             record = {"tag": tag, "include": pool[k]}
             if tag == "counting":
@@ -378,7 +383,7 @@ def preview_grid(images: list[Image.Image], cell: int = 96, cols: int = 8) -> Im
 
 
 def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConfig = SynthConfig(),
-                     heldout_per_task: int = 24, progress: bool = True) -> Path:
+                     heldout_per_task: int = 24, progress: bool = True, heldout_repeat: bool = False) -> Path:
     """Write `num` images to out/images (named by content hash, so older manifests stay valid), a new
     manifest version, the held-out prompts and a preview grid. Returns the manifest version folder."""
     import pyarrow as pa
@@ -423,7 +428,7 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConf
     for shard in range(num_shards):
         rows = np.flatnonzero(keys == shard)
         write_shard(table.take(pa.array(rows)), version_dir / f"part-{shard:05d}.parquet", provenance)
-    write_jsonl(heldout_metadata(0, heldout_per_task, config), out / "heldout_metadata.jsonl")
+    write_jsonl(heldout_metadata(0, heldout_per_task, config, heldout_repeat), out / "heldout_metadata.jsonl")
     preview_grid(previews).save(out / "preview.png")
     return version_dir
 

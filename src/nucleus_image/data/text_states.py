@@ -9,9 +9,12 @@ CACHE is $NUCLEUS_CACHE, else $XDG_CACHE_HOME/nucleus, else ~/.cache/nucleus.
 - The encoder id is a fingerprint of the encoder's files (small files whole; of large weight files the size,
   the safetensors header and 16 spread-out 64 KiB samples), so it is known without loading the encoder and
   changes when its weights do. A training process whose captions are all stored never loads it for them.
-- Each caption is encoded alone. Encoding in batches is faster but not exact: a caption's states then depend
-  on its neighbours' padded length (MiniLM differs by ~2e-6 between batched and single), and a cache shared
-  across runs sees different neighbours in every run; exact resume and run-to-run equality need the same states.
+- A caption's stored states are those of encoding it alone. Batches of mixed lengths are not exact (a caption's
+  states would depend on its neighbours' padded length: MiniLM differs by ~2e-6), and a cache shared across runs
+  sees different neighbours in every run; exact resume and run-to-run equality need the same states. Captions of
+  equal token length need no padding, so on the CPU they are encoded together, `ENCODE_BATCH` at a time: the
+  states are bitwise those of one at a time (tested), ~2.5-4x faster. Elsewhere (GPU kernels may change with
+  the batch size) and for encoders that cannot count tokens, each caption is encoded alone.
 - Concurrent runs: a shard is written under a unique temp name and renamed into place before its index lines
   are appended (one write under an exclusive lock), so a reader only ever sees complete shards; two runs that
   encode the same caption store identical states and the first index line wins.
@@ -33,7 +36,8 @@ from safetensors.torch import save_file
 
 from nucleus_image.progress import progress as progress_bar
 
-SHARD_CAPTIONS = 256  # captions per shard: few files, and an interrupted encoding loses at most this many
+ENCODE_BATCH = 64  # captions of one token length encoded together (CPU)
+SHARD_CAPTIONS = 256  # captions per shard (at least): few files, and an interrupted encoding loses at most a shard
 OPEN_SHARDS = 64  # memory-mapped shards kept open (least recently used closed first): bounded file handles
 _SMALL_FILE = 4 << 20
 _SAMPLES, _SAMPLE_BYTES = 16, 64 << 10
@@ -151,19 +155,38 @@ class TextStateStore:
         self.refresh()
 
     def encode_missing(self, text_encoder, captions, progress: bool = True) -> int:
-        """Encode (one at a time) and store the captions not yet stored; returns how many were encoded."""
+        """Encode and store the captions not yet stored (exactly as one at a time: see the module docstring);
+        returns how many were encoded."""
         todo = self.missing(captions)
         bar = progress_bar(total=len(todo), desc="encoding captions", unit="caption", disable=not progress or not todo)
-        for start in range(0, len(todo), SHARD_CAPTIONS):
-            chunk = {}
-            for caption in todo[start:start + SHARD_CAPTIONS]:
-                with torch.no_grad():
-                    states, mask = text_encoder.encode_unique([caption])
-                chunk[caption] = states[0, : int(mask[0].sum())]
-                bar.update(1)
+        chunk = {}
+        for group in equal_length_groups(text_encoder, todo):
+            with torch.no_grad():
+                states, mask = text_encoder.encode_unique(group)
+            for i, caption in enumerate(group):
+                chunk[caption] = states[i, : int(mask[i].sum())]
+            bar.update(len(group))
+            if len(chunk) >= SHARD_CAPTIONS:
+                self.add(chunk)
+                chunk = {}
+        if chunk:
             self.add(chunk)
         bar.close()
         return len(todo)
+
+
+def equal_length_groups(text_encoder, captions: list[str]) -> list[list[str]]:
+    """Captions split into groups that encode exactly as one at a time: on the CPU, up to ENCODE_BATCH captions
+    of one token length per group (in first-seen order); otherwise one caption per group."""
+    if not captions:
+        return []
+    lengths = text_encoder.token_lengths(captions) if text_encoder.device.type == "cpu" else None
+    if lengths is None:
+        return [[c] for c in captions]
+    by_length: dict[int, list[str]] = {}
+    for caption, length in zip(captions, lengths):
+        by_length.setdefault(length, []).append(caption)
+    return [group[i:i + ENCODE_BATCH] for group in by_length.values() for i in range(0, len(group), ENCODE_BATCH)]
 
 
 def pad_states(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -49,6 +49,9 @@ class MiniLMTextEncoder(TextEncoder):
         states = self.model(**inputs).last_hidden_state
         return states, inputs["attention_mask"].bool()
 
+    def token_lengths(self, prompts: list[str]) -> list[int]:
+        return [min(len(ids), self.max_length) for ids in self.tokenizer(prompts)["input_ids"]]
+
     def config(self) -> dict:
         return {"_class_name": type(self).__name__, "max_length": self.max_length}
 

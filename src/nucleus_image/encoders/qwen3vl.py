@@ -89,6 +89,10 @@ class Qwen3VLTextEncoder(TextEncoder):
                              return_dict=True, output_hidden_states=True)
         return outputs.hidden_states[self.hidden_state_index], inputs["attention_mask"].bool()
 
+    def token_lengths(self, prompts: list[str]) -> list[int]:
+        ids = self.tokenizer([self.format(p) for p in prompts])["input_ids"]
+        return [min(len(i), self.max_length) for i in ids]
+
     def config(self) -> dict:
         return {"_class_name": "Qwen3VLForConditionalGeneration", "max_length": self.max_length,
                 "hidden_state_index": self.hidden_state_index}

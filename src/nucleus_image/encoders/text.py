@@ -44,6 +44,12 @@ class TextEncoder(nn.Module):
     def encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Distinct prompts -> states (N, L, dim) and a bool mask (N, L), L a multiple of 8."""
 
+    def token_lengths(self, prompts: list[str]) -> list[int] | None:
+        """Each prompt's token count as `encode_unique` would see it (after truncation), or None when the backend
+        cannot tell. Prompts of equal length encode identically alone or together (no padding differs), which
+        lets a cache encode them in batches and still store exactly the states of one-at-a-time encoding."""
+        return None
+
     @abstractmethod
     def config(self) -> dict:
         """The JSON-able description `save_pretrained` records (class name and settings)."""

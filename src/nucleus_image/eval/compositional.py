@@ -101,19 +101,55 @@ def evaluate(record: dict, detections: list[Detection]) -> tuple[bool, list[str]
     return correct, reasons
 
 
+Z95 = 1.959963984540054
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share (95% by default): unlike p +- z*sqrt(p(1-p)/n) it stays
+    inside [0, 1] and does not collapse to zero width at 0 or n correct."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def overall_interval(tasks: dict, z: float = Z95) -> tuple[float, float]:
+    """95% interval of the mean of the task accuracies: normal, with each task's binomial variance (its Wilson
+    centre keeps the variance positive at 0 or all correct), the tasks independent."""
+    if not tasks:
+        return 0.0, 1.0
+    var = 0.0
+    for t in tasks.values():
+        lo, hi = wilson_interval(t["correct"], t["images"], z)
+        centre = (lo + hi) / 2
+        var += centre * (1 - centre) / t["images"]
+    mean = float(np.mean([t["accuracy"] for t in tasks.values()]))
+    half = z * np.sqrt(var) / len(tasks)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
 def summarize(per_prompt: list[dict]) -> dict:
-    """Task accuracies over images and the overall mean over the tasks present, as GenEval's summary prints."""
+    """Task accuracies over images and the overall mean over the tasks present, as GenEval's summary prints, each
+    with a 95% interval: Wilson over the task's images (`wilson_interval`), normal for the overall mean
+    (`overall_interval`). Images are counted as independent draws, which holds for the seeds of one prompt and
+    for tasks whose every combination is a prompt; where the prompts are a sample of the combinations, the
+    interval leaves out the prompt draw's own variance."""
     tasks = {}
     for tag in TASKS:
         rows = [p for p in per_prompt if p["tag"] == tag and p["correct"]]
         if rows:
             flags = [c for p in rows for c in p["correct"]]
             tasks[tag] = {"accuracy": float(np.mean(flags)), "correct": int(sum(flags)), "images": len(flags),
-                          "prompts": len(rows)}
+                          "prompts": len(rows), "interval": list(wilson_interval(int(sum(flags)), len(flags)))}
     flags = [c for p in per_prompt for c in p["correct"]]
     scored = [p for p in per_prompt if p["correct"]]
     return {
         "overall": float(np.mean([t["accuracy"] for t in tasks.values()])) if tasks else 0.0,
+        "overall_interval": list(overall_interval(tasks)),
+        "interval_method": "95%: Wilson score per task over images; normal for the mean of the tasks",
         "tasks": tasks,
         "tasks_missing": [t for t in TASKS if t not in tasks],
         "images": len(flags),
@@ -331,10 +367,13 @@ def write_report(report: dict, out: str | Path, images_per_prompt: list[list] | 
 
 
 def format_summary(report: dict) -> str:
-    lines = [f"{'task':<14} {'accuracy':>8}  correct/images"]
+    lines = [f"{'task':<14} {'accuracy':>8}  {'95% interval':>15}  correct/images"]
     for tag, t in report["tasks"].items():
-        lines.append(f"{tag:<14} {t['accuracy']:>8.3f}  {t['correct']}/{t['images']}")
-    lines.append(f"{'overall':<14} {report['overall']:>8.3f}  (mean of {len(report['tasks'])} tasks)")
+        lo, hi = t.get("interval") or wilson_interval(t["correct"], t["images"])
+        lines.append(f"{tag:<14} {t['accuracy']:>8.3f}  [{lo:.3f}, {hi:.3f}]  {t['correct']}/{t['images']}")
+    lo, hi = report.get("overall_interval") or overall_interval(report["tasks"])
+    lines.append(f"{'overall':<14} {report['overall']:>8.3f}  [{lo:.3f}, {hi:.3f}]  (mean of {len(report['tasks'])} tasks)")
+    lines.append("intervals: 95%, Wilson score per task over its images; overall: normal, from the tasks' variances")
     if report.get("skipped"):
         lines.append(f"skipped {len(report['skipped'])} unreadable images")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Every collective the training code runs, in one module, each on the group and the device it needs.
 
-Device collectives (the loss and routing-statistic means, the clipping norm's sum) take tensors on the training
+Device collectives (the loss and routing-statistic means, the clipping norm's sum, a replicated head's gradients) take tensors on the training
 device, `dims.device`, and refuse any other: an NCCL group serves GPU tensors only, so a CPU tensor handed to one
 stops the run at its first step ("No backend type associated with device type cpu"). Keeping them on the device
 also keeps them asynchronous: nothing is read back to the host here.
@@ -71,6 +71,23 @@ def all_to_all_split(send: torch.Tensor, recv_splits: list[int], send_splits: li
     recv = _on(send, device, "all_to_all_split").new_empty(sum(recv_splits))
     dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
     return recv
+
+
+@torch.no_grad()
+def average_gradients_(params, dims: ParallelDims) -> None:
+    """Average the gradients of replicated parameters (plain tensors every rank holds whole, e.g. a training-only
+    head outside the sharded model) over all ranks: each rank's gradient is that of its own rows' mean loss, so the
+    average is the whole batch's, as one process computes it. One all-reduce of the gradients flattened together."""
+    grads = [_on_device(p.grad, dims, "average_gradients_") for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dims.world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def barrier(dims: ParallelDims) -> None:

@@ -8,6 +8,8 @@ Layout of RUN_DIR/checkpoints/step-00001200/:
     rng.safetensors        torch CPU (and CUDA) RNG states and the run's torch generator state (if it has one)
     trainer.json           the run's `TrainState` (step, counters, sampler position, loss history) and the
                            numpy/python RNG states
+    heads.safetensors      training-only heads outside the model (an alignment head) and their optimizer's
+    heads.json             tensors / param groups, when the run's state has heads; never merged or exported
 
 A run of several processes (FSDP2 / expert parallelism) writes `dcp/` instead of the model and optimizer files:
 a `torch.distributed.checkpoint` of {"model", "optim"} from `get_state_dict` (keys are parameter FQNs, the same
@@ -40,6 +42,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 COMMON_FILES = ("config.json", "rng.safetensors", "trainer.json")
 FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json") + COMMON_FILES
 DCP_DIR = "dcp"
+HEADS_FILES = ("heads.safetensors", "heads.json")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -145,6 +148,31 @@ def _write_run_state(tmp: Path, model_config: dict, state: TrainState) -> None:
         host_rng["numpy_generator"] = state.np_rng.bit_generator.state
     trainer = dict(state.state_dict(), rng=host_rng)
     (tmp / "trainer.json").write_text(json.dumps(trainer, default=_json_default) + "\n")
+    if state.heads is not None:
+        _write_heads(tmp, state)
+
+
+def _write_heads(tmp: Path, state: TrainState) -> None:
+    """The training-only heads (replicated: every rank holds the same, so rank 0's are the run's) and their
+    optimizer, in files of their own: the model's weights never hold them."""
+    tensors = {f"module.{k}": v.detach().contiguous().cpu() for k, v in state.heads.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_to_flat({"heads": state.heads_optimizer} if state.heads_optimizer else {})
+    tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
+    save_file(tensors, tmp / HEADS_FILES[0])
+    (tmp / HEADS_FILES[1]).write_text(json.dumps(opt_meta) + "\n")
+
+
+def _load_heads(path: Path, state: TrainState) -> None:
+    if not all((path / f).is_file() for f in HEADS_FILES):
+        raise FileNotFoundError(f"checkpoint {str(path)!r} has no {HEADS_FILES[0]}: it was saved by a run without the "
+                                f"training-only heads this config trains (e.g. alignment_weight=0)")
+    device = str(next(state.heads.parameters()).device)
+    tensors = load_file(path / HEADS_FILES[0], device=device)
+    state.heads.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
+    if state.heads_optimizer is not None:
+        _optimizer_from_flat({"heads": state.heads_optimizer},
+                             {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")},
+                             json.loads((path / HEADS_FILES[1]).read_text()))
 
 
 def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> None:
@@ -229,6 +257,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[s
             torch.cuda.set_rng_state_all(states)
     trainer = json.loads((path / "trainer.json").read_text())
     state.load_state_dict(trainer)
+    if state.heads is not None:
+        _load_heads(path, state)
     if state.np_rng is not None:
         state.np_rng.bit_generator.state = trainer["rng"]["numpy_generator"]
     g = trainer["rng"]["numpy_global"]

@@ -18,10 +18,15 @@ logged values)`; fine-tuning uses it too, and another objective (distillation's)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..model.latents import unpack_latents
+
+if TYPE_CHECKING:
+    from .alignment import AlignmentTerm
+    from .binding import BindingTerm
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
@@ -40,6 +45,32 @@ def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torc
     return torch.mean((pred.float() - velocity_target(x0, noise).float()) ** 2)
 
 
+def contrastive_negatives(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For contrastive flow matching: each row's negative is the next row (a roll by one, so no random number
+    is drawn and the run's random streams are unchanged), and whether the pair counts. A pair does not count when
+    either caption is empty (an unconditional row has no condition to tell apart, and it is what classifier-free
+    guidance subtracts) or both captions are equal (in a small domain the same prompt recurs: pushing its two
+    images apart would push the model away from a correct answer). Returns (index (B,), weight (B,) float)."""
+    B = len(captions)
+    index = torch.roll(torch.arange(B), -1)
+    weight = torch.tensor([float(bool(a) and bool(b) and a != b)
+                           for a, b in zip(captions, (captions[int(j)] for j in index))])
+    return index, weight
+
+
+def contrastive_flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor,
+                          weight: torch.Tensor) -> torch.Tensor:
+    """The contrastive term of contrastive flow matching (DeltaFM, arXiv 2506.05350), to be *subtracted* with a
+    small weight lambda: the mean squared distance of the prediction from another sample's velocity target,
+    mean over the rows whose pair counts (`contrastive_negatives`). The paper's objective is
+    ||v - v+||^2 - lambda ||v - v-||^2 with lambda = 0.05: it pushes conditional predictions apart so that
+    different conditions give different flows. Rows are weighted, so the shape stays static (no host sync)."""
+    negative = velocity_target(x0, noise).float().index_select(0, index.to(pred.device))
+    per_row = (pred.float() - negative).pow(2).flatten(1).mean(1)
+    w = weight.to(per_row)
+    return (per_row * w).sum() / w.sum().clamp_min(1.0)
+
+
 @dataclass
 class FlowBatch:
     """One micro-batch of the flow objective: packed clean latents, their noise and sigmas, the text states."""
@@ -50,13 +81,25 @@ class FlowBatch:
     text_BLD: torch.Tensor
     text_mask_BL: torch.Tensor | None
     grid: tuple[int, int]  # the latent (height, width) the tokens were packed from
+    # Contrastive flow matching's pairs (`contrastive_negatives`): each row's negative row and whether it counts.
+    negatives: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The alignment head's per-token targets (`alignment.token_targets`), (B, S, K).
+    token_targets_BSK: torch.Tensor | None = None
+    # The binding loss's (cover (B, S, P), caption words (B, L, P)) (`binding.binding_targets`).
+    binding_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class FlowObjective:
     """The loss function of a training step: velocity MSE, plus the router z-loss and the Haar wavelet term when
     weighted. `routing_stats` adds the per-layer routing statistics (`monitor.routing_stats`, on the device) to
-    the logged values; `input_dtype` casts the model's inputs (a bf16 or 8-bit pipeline's transformer)."""
+    the logged values; `input_dtype` casts the model's inputs (a bf16 or 8-bit pipeline's transformer).
+
+    Training-only levers: `contrastive_weight` subtracts contrastive flow matching's term (`contrastive_flow_loss`,
+    on the batch's `negatives`); `alignment` (an `alignment.AlignmentTerm`: a head outside the model reading a
+    block's tokens) adds its weighted per-token loss against the batch's `token_targets_BSK` and logs it (a device
+    tensor) as "alignment"; `binding` (a `binding.BindingTerm`: taps on blocks' attention) adds the weighted loss
+    of their image-to-text attention against the batch's `binding_targets`, logged as "binding"."""
 
     patch: int
     z_loss_weight: float = 0.0
@@ -65,6 +108,9 @@ class FlowObjective:
     autocast: bool = False
     input_dtype: torch.dtype | None = None
     routing_stats: bool = False
+    contrastive_weight: float = 0.0
+    alignment: AlignmentTerm | None = None
+    binding: BindingTerm | None = None
 
     def __call__(self, model, batch: FlowBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from .monitor import routing_stats
@@ -80,12 +126,24 @@ class FlowObjective:
                         encoder_hidden_states=cast(batch.text_BLD), encoder_hidden_states_mask=batch.text_mask_BL,
                         timestep=cast(sigma), **({"return_routing": True} if routing else {}))
         loss = flow_loss(out.sample, x0, noise)
+        logged = {}
+        if self.contrastive_weight:
+            if batch.negatives is None:
+                raise ValueError("contrastive_weight > 0 needs the batch's negatives (FlowBatch.negatives)")
+            loss = loss - self.contrastive_weight * contrastive_flow_loss(out.sample, x0, noise, *batch.negatives)
+        if self.alignment is not None:
+            aligned = self.alignment.loss(batch.token_targets_BSK)
+            loss = loss + self.alignment.weight * aligned
+            logged["alignment"] = aligned.detach()
+        if self.binding is not None:
+            bound = self.binding.loss(batch.text_mask_BL, batch.binding_targets)
+            loss = loss + self.binding.weight * bound
+            logged["binding"] = bound.detach()
         if self.z_loss_weight:
             loss = loss + self.z_loss_weight * router_z_loss(out.router_logits)
         if self.wavelet_weight:
             loss = loss + self.wavelet_weight * wavelet_loss(out.sample, x0, noise, h, w, self.patch,
                                                              self.wavelet_levels)
-        logged = {}
         if self.routing_stats:
             logged["routing"] = routing_stats(out.router_logits, out.expert_indices, x0.shape[1])
         return loss, logged

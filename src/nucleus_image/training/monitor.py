@@ -45,9 +45,12 @@ class RunLogger:
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def scalars(self, step: int, loss: float, lr: float, grad_norm: float, images_per_s: float, nonfinite: int,
-                routing: dict | None) -> None:
+                routing: dict | None, extra: dict[str, float] | None = None) -> None:
+        """One logging step's scalars; `extra`: the loss function's other logged values (e.g. "alignment")."""
         w = self.writer
         w.add_scalar("train/loss", loss, step)
+        for name, value in (extra or {}).items():
+            w.add_scalar(f"train/{name}", value, step)
         w.add_scalar("train/lr", lr, step)
         w.add_scalar("train/grad_norm", grad_norm, step)
         w.add_scalar("train/images_per_s", images_per_s, step)

@@ -13,6 +13,9 @@ seeded by step has none.
 
 A step's numbers stay on the device until `flush`, which reads every step recorded since the last one back at once:
 a run reads its losses only on logging steps and at checkpoints, so its steps never wait for the host.
+
+`heads` / `heads_optimizer`: training-only modules outside the model (an alignment head), saved and restored with
+the state, never with the model's weights.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class TrainState:
     data: dict = field(default_factory=dict)  # how the run's sampler describes its position (for readers)
     generator: torch.Generator | None = None
     np_rng: np.random.Generator | None = None
+    # Training-only modules outside the model (the alignment head) and their optimizer: checkpoints save them
+    # beside the model's weights (heads.safetensors), never in them.
+    heads: torch.nn.Module | None = None
+    heads_optimizer: torch.optim.Optimizer | None = None
     _pending: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def record(self, loss: torch.Tensor, applied: torch.Tensor, grad_norm: torch.Tensor) -> None:

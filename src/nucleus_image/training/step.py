@@ -43,17 +43,22 @@ class StepOutput:
 
 def train_step(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], micro_batches: Iterable,
                loss_fn: LossFn, cfg: OptimizerConfig, step: int, dims=None,
-               params: list[torch.Tensor] | None = None) -> StepOutput:
+               params: list[torch.Tensor] | None = None, timer=None) -> StepOutput:
     """One optimizer step over `micro_batches` (see the module docstring). `dims`: the `ParallelDims` of a sharded
     model (the gradient norm then sums over the meshes); `params`: what is clipped (default: the model's
-    parameters with a gradient)."""
+    parameters with a gradient); `timer`: a `timing.PhaseTimer` whose laps split the step into forward, backward
+    and optimizer, the first counted from the timer's last mark or lap (host wall time: exact on the CPU, launch
+    time on a GPU)."""
+    lap = timer.lap if timer is not None else (lambda _name: None)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     batches = list(micro_batches)
     total, logged = None, {}
     for batch in batches:
         loss, values = loss_fn(model, batch)
+        lap("forward")
         (loss / len(batches)).backward()
+        lap("backward")
         total = loss.detach().float() if total is None else total + loss.detach().float()
         for key, value in values.items():
             logged[key] = value if key not in logged else logged[key] + value
@@ -71,6 +76,7 @@ def train_step(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], mi
             opt.step()
         finally:
             del opt.found_inf
+    lap("optimizer")
     return StepOutput(mean_loss, grad_norm, applied, logged)
 
 

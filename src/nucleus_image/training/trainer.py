@@ -32,7 +32,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ..model.latents import pack_latents
 from ..model.moe import MoELayer
 from ..progress import progress as progress_bar
+from ..timing import PhaseTimer
 from . import checkpoint as ckpt
+from .alignment import build_alignment, check_annotations
+from .binding import binding_targets, build_binding
 from .build import (
     build_model,
     build_parallel,
@@ -45,8 +48,8 @@ from .build import (
 )
 from .config import TrainConfig
 from .curriculum import share_by_bucket
-from .data_loader import BatchPlan, rank_loader, rank_rows, read_rows
-from .loss import FlowBatch, FlowObjective, decorrelate_router_rows_
+from .data_loader import BatchPlan, RankBatches, rank_loader, rank_rows, read_rows
+from .loss import FlowBatch, FlowObjective, contrastive_negatives, decorrelate_router_rows_
 from .monitor import RunLogger, routing_table
 from .noise import row_noise
 from .optim import build_optimizers, describe_groups
@@ -75,6 +78,7 @@ class Trainer:
                  resume: bool = False, progress: bool = True):
         cfg.validate()
         self.started = time.perf_counter()  # the time guard's budget counts start-up (caption encoding) too
+        self.timer = PhaseTimer()  # where the time goes (RUN/timing.json): setup, caption encoding, the step's parts
         self.cfg, self.run_dir, self.max_steps = cfg, Path(run_dir), max_steps
         self.total_steps = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.total_steps < 1:
@@ -95,19 +99,35 @@ class Trainer:
         self.state = TrainState()
         self.data_dir = Path(data_dir)
         self.rows = read_rows(self.data_dir)
+        for option in ("alignment_weight", "binding_weight"):
+            if getattr(cfg, option):
+                check_annotations(self.rows.annotations, option)
         self.data_record = data_record(self.data_dir, self.rows, self.run_dir, resume)
         # Encoders and captions first, so a run they cannot serve fails before the (possibly huge) model exists.
-        self.text_states, self.autoencoder = build_text_states(cfg, self.rows, self.device, self.is_main,
-                                                               self.progress, self._barrier)
+        with self.timer.phase("caption encoding"):
+            self.text_states, self.autoencoder = build_text_states(cfg, self.rows, self.device, self.is_main,
+                                                                   self.progress, self._barrier)
         self.model = build_model(cfg, self.dims, self.device, self.autocast)
         # Collected after sharding: FSDP2 replaces the Parameters.
         self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
         self.plan = BatchPlan(cfg, self.rows, self.autoencoder.scale_factor * cfg.model.patch_size)
-        self._batches = None
+        self._batches = self._dataset = None
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.muon, self.adamw, self.groups = build_optimizers(self.model, cfg.optimizer, ns_dtype)
         self.optimizers = {k: o for k, o in (("muon", self.muon), ("adamw", self.adamw)) if o is not None}
-        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast)
+        # The alignment head: outside the model, with its own optimizer; the state saves both beside the model.
+        self.alignment = None
+        built = build_alignment(cfg, self.model, self.device, self.dims)
+        if built is not None:
+            self.alignment, self.state.heads_optimizer = built
+            self.state.heads = self.alignment.head
+        # The binding loss: taps on blocks' attention (nothing to train or save besides the model).
+        self.binding, self.caption_words = build_binding(cfg, self.model) or (None, None)
+        # The step's loss function; each step sets its stage's wavelet weight and whether routing is logged.
+        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast,
+                                       contrastive_weight=cfg.contrastive_weight, alignment=self.alignment,
+                                       binding=self.binding)
+        self.timer.add("setup", time.perf_counter() - self.started - self.timer.seconds["caption encoding"])
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
         if self.is_main:
@@ -168,13 +188,17 @@ class Trainer:
 
     def _start_loader(self):
         """The data loader from the current step on (host work: it seeds its workers from a CPU generator)."""
+        if self._dataset is None:  # kept across loader restarts: its in-memory images stay decoded
+            self._dataset = RankBatches(self.plan, self.rank, self.world_size, self.cfg.grad_accum_steps,
+                                        self.text_states, self.cfg.image_cache_mb)
         return iter(rank_loader(self.plan, self.rank, self.world_size, self.step, self.total_steps,
-                                self.cfg.data_workers, self.cfg.grad_accum_steps, store=self.text_states,
-                                pin_memory=self.device.type == "cuda"))
+                                self.cfg.data_workers, self.cfg.grad_accum_steps, pin_memory=self.device.type == "cuda",
+                                dataset=self._dataset))
 
     def _batch(self, batch_size: int):
-        """Latents, per micro-batch text states and mask, and captions of this process's rows of the step's global
-        batch (all of it in one process), prepared ahead by the data workers."""
+        """Latents, per micro-batch text states and mask, and the loader's item (captions, and the maps the
+        alignment head and binding loss need) of this process's rows of the step's global batch (all of it in one
+        process), prepared ahead by the data workers."""
         if self._batches is None:  # started lazily, at the step a run starts or resumes from
             self._batches = self._start_loader()
         item = next(self._batches)
@@ -186,29 +210,46 @@ class Trainer:
             latents = self.autoencoder.encode(images)
         texts = [(states.to(self.device, non_blocking=True),
                   None if mask is None else mask.to(self.device, non_blocking=True)) for states, mask in item["texts"]]
-        return latents, texts, item["captions"]
+        return latents, texts, item
 
     def _micro_batches(self, batch_size: int) -> list[FlowBatch]:
         """This process's rows of the step's global batch as `grad_accum_steps` micro-batches, with the noise and
         sigmas of those rows only."""
-        latents, texts, _ = self._batch(batch_size)
+        latents, texts, item = self._batch(batch_size)
+        captions = item["captions"]
+        targets = item["targets"].to(self.device, non_blocking=True) if "targets" in item else None
         _, _, h, w = latents.shape
         x0 = pack_latents(latents, self.cfg.model.patch_size)
         noise, sigma = row_noise(self.cfg.seed, self.step, self._local_rows(batch_size), tuple(x0.shape[1:]),
                                  self.cfg.timesteps, self.device, x0.dtype)
         B = x0.shape[0] // len(texts)
-        return [FlowBatch(x0[m * B:(m + 1) * B], noise[m * B:(m + 1) * B], sigma[m * B:(m + 1) * B], text, mask,
-                          (h, w)) for m, (text, mask) in enumerate(texts)]
+        batches = []
+        for m, (text, mask) in enumerate(texts):
+            part = slice(m * B, (m + 1) * B)
+            negatives = contrastive_negatives(captions[part]) if self.cfg.contrastive_weight else None
+            bound = None
+            if self.binding is not None:
+                cover, named = binding_targets(self.caption_words, captions[part], item["shapes"][part],
+                                               item["coverage"][part], text.shape[1])
+                bound = (cover.to(self.device, non_blocking=True), named.to(self.device, non_blocking=True))
+            batches.append(FlowBatch(x0[part], noise[part], sigma[part], text, mask, (h, w), negatives,
+                                     None if targets is None else targets[part], bound))
+        return batches
 
     def _train_step(self, stage) -> StepOutput:
         """One step of the stage, recorded in the run's state (nothing read back)."""
         cfg = self.cfg
         objective = replace(self.objective, wavelet_weight=stage.wavelet_weight,
                             routing_stats=self._due(cfg.log_every))
-        out = train_step(self.model, list(self.optimizers.values()), self._micro_batches(stage.batch_size), objective,
-                         cfg.optimizer, self.step, dims=self.dims)
+        optimizers = list(self.optimizers.values()) + ([self.state.heads_optimizer] if self.alignment else [])
+        self.timer.mark()
+        micro_batches = self._micro_batches(stage.batch_size)
+        self.timer.lap("data")
+        out = train_step(self.model, optimizers, micro_batches, objective, cfg.optimizer, self.step, dims=self.dims,
+                         timer=self.timer)
         if cfg.orthogonality_step and self.router_gates:
             self._decorrelate_routers(cfg.orthogonality_step, out.applied)
+        self.timer.lap("optimizer")
         self.state.record(out.loss, out.applied, out.grad_norm)
         return out
 
@@ -291,12 +332,13 @@ class Trainer:
                     elif self.step > stage_start + self.GUARD_SKIP:
                         self._fit_to_budget(self.step - timed_from[0], time.perf_counter() - timed_from[1])
                         bar.total = self.total_steps
-                if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                    self._save()
-                if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == self.total_steps:
-                    grid = self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
-                    if logger:  # rank 0 of several, or the only process
-                        logger.sample_grid(self.step, grid)
+                with self.timer.phase("checkpoints and samples"):
+                    if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                        self._save()
+                    if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == self.total_steps:
+                        grid = self.sample_grid(self.run_dir / "samples" / f"step-{self.step:08d}.png")
+                        if logger:  # rank 0 of several, or the only process
+                            logger.sample_grid(self.step, grid)
         finally:
             if vote is not None:
                 self.stop_requested = vote.close() or self.stop_requested
@@ -308,19 +350,24 @@ class Trainer:
             return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
         logger.loss_curve(self.losses, self.run_dir / "loss_curve.png")
         (self.run_dir / "losses.json").write_text(json.dumps(self.losses) + "\n")
+        self.timer.add("loop (logging, progress, rest)", time.perf_counter() - t0 - sum(
+            v for k, v in self.timer.seconds.items() if k not in ("setup", "caption encoding")))
+        self.timer.write(self.run_dir / "timing.json", steps=self.step, images=images_seen, device=self.device.type)
         print(f"done: {self.step} steps, final loss {self.losses[-1]:.4f}, {ips:.1f} images/s, "
               f"{self.nonfinite} non-finite steps skipped; run folder {self.run_dir}")
         return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
 
     def _log_step(self, out: StepOutput, logger: RunLogger | None, bar, stage: str, ips: float) -> None:
         """A logging step: the recorded steps read back, TensorBoard scalars (loss and gradient norm of this step,
-        routing statistics averaged over processes), the progress bar's loss."""
+        routing statistics and the loss function's other terms averaged over processes), the progress bar's loss."""
         self._flush()
         routing = out.logged.get("routing")
         routing = None if routing is None else routing_table(self._mean_over_ranks(routing))
+        extra = {k: float(self._mean_over_ranks(v.double())) for k, v in out.logged.items() if k != "routing"}
         if logger:
             lr = wsm_lr(self.step - 1, self.cfg.optimizer.lr, self.cfg.optimizer.warmup_steps)
-            logger.scalars(self.step, self.losses[-1], lr, self.state.grad_norms[-1], ips, self.nonfinite, routing)
+            logger.scalars(self.step, self.losses[-1], lr, self.state.grad_norms[-1], ips, self.nonfinite, routing,
+                           extra)
         bar.set_postfix(loss=f"{self.losses[-1]:.4f}", img_s=f"{ips:.1f}", stage=stage)
 
     GUARD_SKIP = 3  # a stage's first steps (allocations, first batches) are not timed
