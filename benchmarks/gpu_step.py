@@ -101,8 +101,9 @@ def step_variants(args, device, dtype) -> tuple[dict, dict, float]:
     return results, errors, flops
 
 
-def qlora_step(args, device) -> None:
-    """One QLoRA training step of the preset at batch 1 (int8 base, rank-16 adapters, gradient checkpointing)."""
+def qlora_step(args, device) -> dict:
+    """One QLoRA training step of the preset at batch 1 (int8 base, rank-16 adapters, gradient checkpointing): its
+    median ms, peak memory (GiB; NaN on CPU) and adapter parameters."""
     from nucleus_image.adapters import add_lora
     from nucleus_image.quantization import quantize_transformer
     from nucleus_image.training.config import OptimizerConfig
@@ -138,6 +139,7 @@ def qlora_step(args, device) -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     print(f"QLoRA step (int8 base, rank 16, {trainable / 1e6:.1f}M adapter params, batch 1, {args.size}x{args.size}, "
           f"gradient checkpointing): {ms:.1f} ms, peak memory {peak:.1f} GiB")
+    return {"ms": ms, "peak_gib": peak, "adapter_params": trainable}
 
 
 def main(argv=None) -> int:

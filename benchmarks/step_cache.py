@@ -193,8 +193,9 @@ def print_table(rows: list[dict], steps: int) -> None:
               f"{r['psnr']:.1f} dB | {r['score']:.3f} | {loss} | {scores} |")
 
 
-def released(args) -> None:
-    """Seconds per image of the released preset, with and without each policy's default config."""
+def released(args) -> list[dict]:
+    """Seconds per image of the released preset, with and without each policy's default config (rows of policy,
+    seconds, speedup, full steps; printed as a table too)."""
     from generate import stand_in_vae, text_inputs
     from transformer_forward import build_models
 
@@ -213,7 +214,7 @@ def released(args) -> None:
     print(f"# {args.preset} preset, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {dtype}, "
           f"{size}x{size}, {steps} steps, CFG 4, batch 1, latent output, random weights, torch {torch.__version__}")
     print("| policy | s/image | speedup | full steps (cond/uncond) |\n|---|---|---|---|")
-    base = None
+    base, rows = None, []
     for cache in (None, FBCacheConfig(), TaylorSeerConfig()):
         with torch.inference_mode():
             pipe(**common, latents=latents, cache=cache)  # warmup
@@ -227,6 +228,8 @@ def released(args) -> None:
         base = base or seconds
         full = "/".join(str(v) for v in out.step_cache[0]["full_steps"].values()) if out.step_cache else f"{steps}"
         print(f"| {label(cache)} | {seconds:.2f} | {base / seconds:.2f}x | {full} |", flush=True)
+        rows.append({"policy": label(cache), "seconds": seconds, "speedup": base / seconds, "full_steps": full})
+    return rows
 
 
 def main(argv=None) -> None:

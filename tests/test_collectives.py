@@ -57,3 +57,10 @@ def test_device_collectives_refuse_a_tensor_off_the_training_device():
     weight.grad = torch.ones(2)
     with pytest.raises(ValueError, match=r"clip_grad_norm_: a tensor on cpu, but this run's collectives run on meta"):
         collectives.clip_grad_norm_([weight], 1.0, dims)
+
+
+def test_muon_exchange_refuses_a_buffer_off_its_parameters_device():
+    # Muon's all-to-all of row-split weights runs on the device of the parameters it updates; a buffer elsewhere is
+    # refused by name before the (here absent) process group is touched.
+    with pytest.raises(ValueError, match=r"all_to_all_split: a tensor on cpu, but this run's collectives run on meta"):
+        collectives.all_to_all_split(torch.zeros(4), [2, 2], [2, 2], None, torch.device("meta"))

@@ -161,8 +161,8 @@ def test_lora_on_quantized_experts_adds_per_expert_factors_inside_the_matmul():
         w2 = dequantize_columns(q.down_proj, q.down_proj_scale, "int8", torch.float32)
         a1, b1 = layer.lora_A["default"]["gate_up_proj"], layer.lora_B["default"]["gate_up_proj"]
         a2, b2 = layer.lora_A["default"]["down_proj"], layer.lora_B["default"]["down_proj"]
-        gate, up = x.bmm(w1 + a1.bmm(b1)).chunk(2, -1)
-        expected = (torch.nn.functional.silu(gate) * up).bmm(w2 + a2.bmm(b2))
+        gate, up = x.bmm(w1 + b1.bmm(a1)).chunk(2, -1)
+        expected = (torch.nn.functional.silu(gate) * up).bmm(w2 + b2.bmm(a2))
         torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(adapted(**inp).sample, base)
         set_lora_scale(adapted, 0.0)

@@ -1,13 +1,20 @@
 """Muon: per-expert orthogonalisation of stacked (E, rows, cols) weights, parity with torch.optim.Muon on 2-D
-weights, AdamW-matched update RMS, and the recipe's Muon/AdamW split on the real model."""
+weights, the grouped step equal to one matrix at a time, AdamW-matched update RMS, and the recipe's Muon/AdamW
+split on the real model."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from nucleus_image.model import NucleusConfig, NucleusTransformer
 from nucleus_image.training.config import OptimizerConfig
-from nucleus_image.training.muon import Muon, orthogonalize
+from nucleus_image.training.muon import ExpertFactor, Muon, orthogonalize
 from nucleus_image.training.optim import build_optimizers, describe_groups, split_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from muon_step import PerMatrixMuon  # noqa: E402  (the per-matrix reference, timed against in the benchmark)
 
 
 def test_orthogonalize_acts_per_expert_and_keeps_singular_vectors():
@@ -69,6 +76,34 @@ def test_expert_stack_equals_torch_muon_per_expert():
     for e in range(E):
         moved, ref_moved = (ours[e] - start[e]).detach(), (refs[e] - start[e]).detach()
         assert (moved - ref_moved).norm() / ref_moved.norm() < 0.05, e
+
+
+def test_grouped_step_equals_one_matrix_at_a_time():
+    """Matrices of one shape (transposed ones, experts of stacks and LoRA factors included) share one batched
+    Newton-Schulz; on one thread the result is the per-matrix reference's bit for bit, whatever the batch cap."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shapes = [(32, 64), (64, 32), (4, 32, 64), (3, 64, 32), (32, 32), (2, 32, 32), (8, 64), (64, 8), (12, 40)]
+        gen = torch.Generator().manual_seed(0)
+        init = [torch.randn(s, generator=gen) for s in shapes]
+        factors_at = {6: ExpertFactor(2, 0), 7: ExpertFactor(2, 1)}  # (2 experts x r=4, 64) and (64, r=4 x 2)
+        for cap in (2**30, 3 * 32 * 64 * 4):  # everything in one call per shape; at most 3 matrices per call
+            ours = [torch.nn.Parameter(t.clone()) for t in init]
+            ref = [torch.nn.Parameter(t.clone()) for t in init]
+            opt = Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, max_batch_bytes=cap,
+                       expert_factors={ours[i]: f for i, f in factors_at.items()})
+            reference = PerMatrixMuon(ref, lr=0.02, weight_decay=0.1, factors={ref[i]: f for i, f in factors_at.items()})
+            for _ in range(3):
+                grads = [torch.randn(s, generator=gen) for s in shapes]
+                for p, q, g in zip(ours, ref, grads):
+                    p.grad, q.grad = g.clone(), g.clone()
+                opt.step()
+                reference.step()
+            for p, q in zip(ours, ref):
+                assert torch.equal(p, q), (tuple(p.shape), (p - q).abs().max().item())
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("shape", [(64, 16), (4, 32, 96)])

@@ -3,12 +3,17 @@
 peft's `target_parameters` adapts plain (E, in, out) parameters, but QuantizedSwiGLUExperts holds int8 / e4m3 codes
 as buffers. This layer keeps them frozen and adds per-expert low-rank factors inside each batched matmul:
 
-    gate_up = bmm(x, codes) * scale + bmm(bmm(x, A_gate_up), B_gate_up) * alpha / r      A (E, D, r), B (E, r, 2F)
-    out     = bmm(h, codes) * scale + bmm(bmm(h, A_down), B_down) * alpha / r            A (E, F, r), B (E, r, D)
+    gate_up = bmm(x, codes) * scale + bmm(bmm(x, B_gate_up), A_gate_up) * alpha / r      B (E, D, r), A (E, r, 2F)
+    out     = bmm(h, codes) * scale + bmm(bmm(h, B_down), A_down) * alpha / r            B (E, F, r), A (E, r, D)
 
-so no full-size weight is ever formed. B starts at zero (the output starts as the base's). Its factors live in
-`lora_A` / `lora_B` like every peft LoRA layer, so they save and load in peft's format; merging into 8-bit codes is
-refused (merge the adapter into the high-precision model instead).
+so no full-size weight is ever formed. The factors are those peft's `ParamWrapper` keeps for a plain expert stack,
+seen per expert: peft treats an (E, in, out) stack as E (out, in)-style weights, so its lora_A (r*E, out) is E
+(r, out) matrices on the output side, initialised like peft's (uniform, bound 1/sqrt(out)), and its lora_B
+(in, r*E) is E zero (in, r) matrices on the input side (the output starts as the base's). Same names, same
+per-expert matrices, same init: a bf16 and an 8-bit base train the same adapter with the same optimizer (Muon
+orthogonalises each expert's factor on its own on both). The factors live in `lora_A` / `lora_B` like every peft
+LoRA layer, so they save and load in peft's format; merging into 8-bit codes is refused (merge the adapter into
+the high-precision model instead).
 """
 
 from __future__ import annotations
@@ -48,9 +53,9 @@ class QuantizedExpertsLora(nn.Module, LoraLayer):
         a, b = nn.ParameterDict(), nn.ParameterDict()
         for name in WEIGHTS:
             E, fan_in, fan_out = getattr(base, name).shape
-            bound = 1.0 / math.sqrt(fan_in)  # peft's kaiming-uniform(a=sqrt(5)) bound for lora_A
-            a[name] = nn.Parameter(torch.empty(E, fan_in, r, device=device).uniform_(-bound, bound))
-            b[name] = nn.Parameter(torch.zeros(E, r, fan_out, device=device))
+            bound = 1.0 / math.sqrt(fan_out)  # peft's kaiming-uniform(a=sqrt(5)) bound for its (r*E, out) lora_A
+            a[name] = nn.Parameter(torch.empty(E, r, fan_out, device=device).uniform_(-bound, bound))
+            b[name] = nn.Parameter(torch.zeros(E, fan_in, r, device=device))
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
         self.set_adapter(self.active_adapters)
 
@@ -65,7 +70,7 @@ class QuantizedExpertsLora(nn.Module, LoraLayer):
         for adapter in self.active_adapters:
             if adapter in self.lora_A:
                 a, b = self.lora_A[adapter][name].to(x_ETI.dtype), self.lora_B[adapter][name].to(x_ETI.dtype)
-                y = y + torch.bmm(torch.bmm(x_ETI, a), b) * self.scaling[adapter]
+                y = y + torch.bmm(torch.bmm(x_ETI, b), a) * self.scaling[adapter]
         return y
 
     def forward(self, x_ETD: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

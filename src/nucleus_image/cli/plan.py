@@ -18,7 +18,8 @@ TEXT_ENCODER_GB = {"released": 16.5}
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="per-GPU memory of training layouts or generation choices",
                               description="Per-rank memory of each training layout (parameters, gradients, optimizer "
-                                          "states, activations with and without checkpointing, all-to-all buffers) "
+                                          "states, activations with and without checkpointing, all-to-all buffers, "
+                                          "the optimizer step's workspace: Muon's gathers and Newton-Schulz, AdamW's) "
                                           "and the recommended one; or peak memory of generation choices.")
     p.add_argument("--task", choices=("train", "generate"), default="train", help="what to plan (default train)")
     p.add_argument("--preset", default="released", help="training preset (train) or model preset (generate); default released")
@@ -66,10 +67,10 @@ def _train(args, memory: int) -> int:
           f"{args.margin:g} GiB margin")
     shown = plans if args.all else [p for p in plans if p.fits]
     header = ["layout", "micro x accum", "params", "grads", "Muon mom.", "AdamW mom.", "FSDP buf", "act (no ckpt)",
-              "act (ckpt)", "all-to-all", "peak", "fits", "comm/step"]
+              "act (ckpt)", "all-to-all", "optimizer step", "peak", "fits", "comm/step"]
     rows = [[str(p.layout), f"{p.micro_batch} x {p.grad_accum}", *(f"{v / GIB:.2f}" for v in (
         p.parameters, p.gradients, p.muon_momentum, p.adamw_moments, p.fsdp_buffers, p.activations_no_checkpointing,
-        p.activations_checkpointing, p.all_to_all, p.peak)),
+        p.activations_checkpointing, p.all_to_all, p.optimizer_step, p.peak)),
         ("yes" if p.fits else "no") + (" (ckpt)" if p.checkpointing else ""), f"{p.comm_per_step / GIB:.1f}"]
         for p in shown]
     _table(header, rows)

@@ -32,6 +32,18 @@ class Routing:
     indices_BEC: torch.Tensor
 
 
+def expert_capacity(capacity_factor: float, seq_len: int, num_experts: int) -> int:
+    """C = max(1, ceil(CF * S / E)): the tokens each expert takes per sample of S image tokens."""
+    c = max(1, math.ceil(capacity_factor * seq_len / num_experts))
+    if c > seq_len:
+        raise ValueError(
+            f"capacity factor {capacity_factor} gives C={c} tokens per expert for a sequence of {seq_len} "
+            f"image tokens with {num_experts} experts; C must be <= {seq_len}, so use a capacity factor "
+            f"<= {num_experts} or a larger image"
+        )
+    return c
+
+
 class SwiGLUExperts(nn.Module):
     """E SwiGLU experts stored pre-transposed: gate_up_proj (E, D, 2F) = [gate | up], down_proj (E, F, D)."""
 
@@ -57,14 +69,7 @@ class MoELayer(nn.Module):
         self.shared_expert = SwiGLU(dim, inner)
 
     def capacity(self, seq_len: int) -> int:
-        c = max(1, math.ceil(self.capacity_factor * seq_len / self.num_experts))
-        if c > seq_len:
-            raise ValueError(
-                f"capacity factor {self.capacity_factor} gives C={c} tokens per expert for a sequence of {seq_len} "
-                f"image tokens with {self.num_experts} experts; C must be <= {seq_len}, so use a capacity factor "
-                f"<= {self.num_experts} or a larger image"
-            )
-        return c
+        return expert_capacity(self.capacity_factor, seq_len, self.num_experts)
 
     def forward(self, x_mod_BSD: torch.Tensor, router_in_BSD: torch.Tensor, temb_BD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, S, D = x_mod_BSD.shape

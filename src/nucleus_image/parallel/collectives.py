@@ -23,8 +23,12 @@ from .mesh import ParallelDims
 
 
 def _on_device(t: torch.Tensor, dims: ParallelDims, what: str) -> torch.Tensor:
-    if t.device != dims.device:
-        raise ValueError(f"{what}: a tensor on {t.device}, but this run's collectives run on {dims.device} (an NCCL "
+    return _on(t, dims.device, what)
+
+
+def _on(t: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    if t.device != device:
+        raise ValueError(f"{what}: a tensor on {t.device}, but this run's collectives run on {device} (an NCCL "
                          f"group serves only its GPU's tensors); create the tensor on the training device")
     return t
 
@@ -57,6 +61,16 @@ def clip_grad_norm_(params, max_norm: float, dims: ParallelDims) -> torch.Tensor
     for g in local + replicated:
         g.mul_(coef.to(g.dtype))
     return total
+
+
+def all_to_all_split(send: torch.Tensor, recv_splits: list[int], send_splits: list[int], group,
+                     device: torch.device) -> torch.Tensor:
+    """One all-to-all of a flat buffer cut into exact per-rank sizes (uneven splits, no padding) over `group`;
+    returns what the ranks sent here, a new tensor. Muon exchanges its row-split weights this way, on `device`,
+    the device its parameters live on (the training device under FSDP2), and refuses a buffer anywhere else."""
+    recv = _on(send, device, "all_to_all_split").new_empty(sum(recv_splits))
+    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+    return recv
 
 
 @torch.no_grad()

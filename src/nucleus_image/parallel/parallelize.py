@@ -30,11 +30,18 @@ from .mesh import ParallelDims
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPLinear\) returned a view tensor")
 
 
+def mixed_precision(bf16: bool) -> MixedPrecisionPolicy:
+    """bf16: parameters gathered in bf16 for compute, gradients reduce-scattered (and all-reduced across replicas)
+    in fp32; otherwise everything in the parameters' dtype. The planner counts FSDP's buffers and traffic from
+    this policy."""
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+
+
 def parallelize(model: NucleusTransformer, dims: ParallelDims, *, activation_checkpointing: bool, compile: bool,
                 bf16: bool) -> NucleusTransformer:
     """Shard `model` in place for `dims`; bf16 keeps parameters in bf16 for compute with fp32 gradient
     reduction (FSDP2 MixedPrecisionPolicy; the sharded master weights stay fp32)."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = mixed_precision(bf16)
     if activation_checkpointing:
         model.enable_gradient_checkpointing()
     backend = "inductor" if dims.device.type == "cuda" else "aot_eager"

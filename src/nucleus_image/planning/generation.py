@@ -1,6 +1,8 @@
 """Peak GPU memory of generation: transformer weights in bf16, int8 or fp8 (weight-only; one scale per output
-column, and per expert for expert tensors), the text encoder resident or offloaded, the autoencoder, and the
-activations of a batch at an image size, measured on the meta device (`activations.py`).
+column, and per expert for expert tensors; the layers quantization keeps in bf16, router gates, img_in and
+proj_out, counted at 2 bytes, from the same list `quantize_transformer` converts), the text encoder resident or
+offloaded, the autoencoder, and the activations of a batch at an image size, measured on the meta device
+(`activations.py`).
 
 Order of work in the pipeline: prompts are encoded first, then denoised. With `offload_text_encoder` the encoder
 leaves the GPU after encoding, before the transformer is placed there, so the two never share it; without it
@@ -50,7 +52,7 @@ def transformer_weight_bytes(config: NucleusConfig, weights: str = "bf16") -> in
     counts = count_params(config)
     if weights == "bf16":
         return 2 * counts.total
-    # Weight matrices in one byte plus their scales; biases and norm weights stay bf16.
+    # Quantized weights in one byte plus their fp32 scales; kept layers, biases and norm weights stay bf16.
     return counts.quantizable + SCALE_BYTES * counts.quant_scales + 2 * (counts.total - counts.quantizable)
 
 

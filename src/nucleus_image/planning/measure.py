@@ -10,6 +10,7 @@ the mode was entered (weights) are not counted.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,3 +51,22 @@ class LiveBytes(TorchDispatchMode):
 
     def _free(self, n: int) -> None:
         self.live -= n
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Peak bytes allocated inside the block, as {"peak": n} filled on exit: the CUDA caching allocator's
+    max_memory_allocated (reset on entry, relative to what was allocated then), or on the CPU the live tensor
+    bytes of `LiveBytes`."""
+    result = {"peak": 0}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["peak"] = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with LiveBytes() as live:
+            yield result
+        result["peak"] = live.peak

@@ -21,9 +21,10 @@ class ParamCounts:
     largest_block: int  # one block's parameters, experts included
     largest_block_experts: int
     largest_muon_matrix: int  # elements of the largest matrix Muon orthogonalises (one expert's, for experts)
-    quantizable: int  # elements of 2-D and 3-D weights (what int8 / fp8 weight-only quantization stores in 1 byte)
+    quantizable: int  # elements of the weights 8-bit quantization converts (`quantization_targets`): 1 byte each
     quant_scales: int  # one scale per output column (and per expert for expert tensors)
-    largest_quantizable: int  # the biggest single weight tensor (dequantized transiently in bf16)
+    largest_quantizable: int  # the biggest single quantized weight tensor (dequantized transiently in bf16)
+    muon_shapes: tuple[tuple[bool, tuple[int, ...]], ...]  # (routed expert?, shape) of every Muon tensor, in order
 
 
 def meta_model(config: NucleusConfig) -> NucleusTransformer:
@@ -37,6 +38,7 @@ def is_expert(name: str) -> bool:
 
 @lru_cache(maxsize=16)
 def count_params(config: NucleusConfig) -> ParamCounts:
+    from ..quantization.apply import quantization_targets
     from ..training.optim import split_params
 
     model = meta_model(config)
@@ -48,14 +50,16 @@ def count_params(config: NucleusConfig) -> ParamCounts:
     blocks = [(sum(p.numel() for p in b.parameters()), sum(p.numel() for n, p in b.named_parameters() if is_expert(n)))
               for b in model.transformer_blocks]
     block, block_experts = max(blocks)
-    weights = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2]
-    scales = sum(p.shape[0] * p.shape[-1] if p.ndim == 3 else p.shape[0] for _, p in weights)
+    # The router gates, img_in and proj_out stay in the model's dtype (quantization.apply.keeps_precision).
+    weights = [p for _, module in quantization_targets(model) for p in module.parameters(recurse=False) if p.ndim >= 2]
+    scales = sum(p.shape[0] * p.shape[-1] if p.ndim == 3 else p.shape[0] for p in weights)
     return ParamCounts(
         total=sum(p.numel() for p in model.parameters()),
         experts=sum(p.numel() for n, p in model.named_parameters() if is_expert(n)),
         muon=muon, adamw=adamw, muon_experts=muon_experts, largest_block=block, largest_block_experts=block_experts,
-        largest_muon_matrix=largest_muon, quantizable=sum(p.numel() for _, p in weights), quant_scales=scales,
-        largest_quantizable=max(p.numel() for _, p in weights),
+        largest_muon_matrix=largest_muon, quantizable=sum(p.numel() for p in weights), quant_scales=scales,
+        largest_quantizable=max(p.numel() for p in weights),
+        muon_shapes=tuple((is_expert(n), tuple(p.shape)) for n, p in groups["muon"]),
     )
 
 

@@ -7,12 +7,20 @@ over the dp_shard/ep ranks of their expert group) and replicated over dp_replica
 - parameters: fp32 master shards, 4 B x params / dp_shard;
 - gradients: fp32 shards of the same size;
 - optimizer states: Muon's momentum (one fp32 tensor per Muon matrix), AdamW's two fp32 moments;
-- FSDP buffers: the bf16 copy of the block being computed and of the prefetched next one (a block's experts
-  over ep only) and its fp32 unsharded gradient before the reduce-scatter;
+- FSDP buffers: the copy of the block being computed and of the prefetched next one (a block's experts over ep
+  only) in the compute dtype, and its unsharded gradient before the reduce-scatter in the reduce dtype, both
+  from the mixed-precision policy `parallel.parallelize` applies (bf16 and fp32). One process has no FSDP: its
+  fp32 weights are cast by autocast, which keeps a bf16 copy of every weight from the forward to the backward;
 - activations: measured per sample on the meta device (`activations.py`), times the micro-batch, with and
   without per-block activation checkpointing;
-- all-to-all buffers (ep > 1): the (E, b*C, D) bf16 token buffer out and back per MoE layer, held for
-  backward in every MoE layer without checkpointing, one layer's worth with it.
+- all-to-all buffers (ep > 1): the (E, b*C, D) token buffer out and back per MoE layer, with C from the model's
+  own `expert_capacity`, held for backward in every MoE layer without checkpointing, one layer's worth with it;
+- the optimizer step, after the backward has freed activations and FSDP buffers: Muon's (`training.muon.
+  step_peak_bytes` walking the step's own schedule on the rank's shards: one Newton-Schulz batch at a time, the
+  all-to-all buffers that bring a rank its share of the row-split matrices whole, the iteration's workspace) or
+  AdamW's (torch's foreach implementation on GPUs: one temporary per moment tensor), whichever is larger.
+
+Peak = parameters + gradients + optimizer states + max(FSDP buffers + activations + all-to-all, optimizer step).
 
 The global batch is split over dp_replicate * dp_shard ranks; when a rank's share does not fit, gradient
 accumulation halves the micro-batch until it does. Communication per step is estimated from the same shapes
@@ -22,8 +30,14 @@ accumulation halves the micro-batch until it does. Communication per step is est
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
 
 from ..model import NucleusConfig
+from ..model.moe import expert_capacity
+from ..parallel.parallelize import mixed_precision
+from ..training.muon import PlannedMatrix, row_splits, step_peak_bytes
 from .activations import training_activations
 from .shapes import count_params, latent_tokens
 
@@ -55,13 +69,19 @@ class TrainingPlan:
     activations_no_checkpointing: int
     activations_checkpointing: int
     all_to_all: int
+    muon_step: int
+    adamw_step: int
     comm_per_step: int
     gpu_memory: int
 
     @property
+    def optimizer_step(self) -> int:
+        return max(self.muon_step, self.adamw_step)
+
+    @property
     def peak(self) -> int:
-        return (self.parameters + self.gradients + self.muon_momentum + self.adamw_moments + self.fsdp_buffers
-                + self.activations + self.all_to_all)
+        return (self.parameters + self.gradients + self.muon_momentum + self.adamw_moments
+                + max(self.fsdp_buffers + self.activations + self.all_to_all, self.optimizer_step))
 
     @property
     def fits(self) -> bool:
@@ -76,10 +96,12 @@ class TrainingPlan:
             ("gradients (fp32 shards)", g(self.gradients)),
             ("optimizer: Muon momentum", g(self.muon_momentum)),
             ("optimizer: AdamW moments", g(self.adamw_moments)),
-            ("FSDP block buffers", g(self.fsdp_buffers)),
+            ("FSDP block buffers (one process: autocast's weight copies)", g(self.fsdp_buffers)),
             ("activations, no checkpointing", g(self.activations_no_checkpointing)),
             ("activations, checkpointing", g(self.activations_checkpointing)),
             ("all-to-all buffers", g(self.all_to_all)),
+            ("optimizer step: Muon (its gathers included)", g(self.muon_step)),
+            ("optimizer step: AdamW", g(self.adamw_step)),
             ("peak", f"{g(self.peak)} ({'checkpointing' if self.checkpointing else 'no checkpointing'}) "
                      f"of {g(self.gpu_memory)}: {'fits' if self.fits else 'does not fit'}"),
             ("communication per step", g(self.comm_per_step)),
@@ -99,9 +121,10 @@ def layouts(gpus: int, num_experts: int) -> list[Layout]:
 
 def plan_layout(config: NucleusConfig, layout: Layout, *, global_batch: int, height: int, width: int,
                 gpu_memory: int, text_tokens: int = 128, capacity_factor: float | None = None,
-                grad_accum: int | None = None, vae_factor: int = 8) -> TrainingPlan:
+                grad_accum: int | None = None, vae_factor: int = 8, ns_dtype: torch.dtype = torch.bfloat16) -> TrainingPlan:
     """The plan for one layout. Without `grad_accum`, the fewest accumulation steps that fit (checkpointing
-    only when needed); the smallest micro-batch if nothing fits."""
+    only when needed); the smallest micro-batch if nothing fits. `ns_dtype` is Muon's Newton-Schulz dtype (the
+    trainer's on GPUs: bfloat16)."""
     ranks = layout.dp_replicate * layout.dp_shard
     if global_batch % ranks:
         raise ValueError(f"global batch {global_batch} does not divide over dp_replicate*dp_shard={ranks} ranks")
@@ -111,18 +134,43 @@ def plan_layout(config: NucleusConfig, layout: Layout, *, global_batch: int, hei
     for accum in choices:
         for ckpt in (False, True):
             plan = _plan(config, layout, per_rank // accum, accum, ckpt, height, width, gpu_memory, text_tokens,
-                         capacity_factor, vae_factor)
+                         capacity_factor, vae_factor, ns_dtype)
             if plan.fits:
                 return plan
             best = plan
     return best
 
 
+@lru_cache(maxsize=256)
+def muon_step_bytes(config: NucleusConfig, layout: Layout, ns_dtype: torch.dtype = torch.bfloat16,
+                    rank: int | None = None) -> int:
+    """Peak bytes of Muon's step on `rank` of a shard group of `layout` (the largest over its ranks when None):
+    expert stacks held whole (E/ep experts, FSDP-split over the dp_shard/ep ranks of an expert group), every
+    other matrix split by rows over dp_shard (or whole when dp_shard is 1), walked through Muon's own schedule."""
+    ranks = range(layout.dp_shard) if rank is None else [rank]
+    return max(step_peak_bytes(_muon_matrices(config, layout, r), ns_dtype) for r in ranks)
+
+
+def _muon_matrices(config: NucleusConfig, layout: Layout, rank: int) -> list[PlannedMatrix]:
+    efsdp = layout.dp_shard // layout.ep
+    out = []
+    for expert, shape in count_params(config).muon_shapes:
+        if expert:
+            # The mesh is (efsdp, ep) row-major: rank = efsdp index * ep + ep index.
+            held = row_splits(shape[0] // layout.ep, efsdp)[rank // layout.ep]
+            out.append(PlannedMatrix(shape, n=held))
+        elif layout.dp_shard > 1:
+            out.append(PlannedMatrix(shape, row_splits=row_splits(shape[0], layout.dp_shard), rank=rank))
+        else:
+            out.append(PlannedMatrix(shape))
+    return out
+
+
 def plan_training(config, *, gpus: int, gpu_memory: int, global_batch: int | None = None, height: int | None = None,
                   width: int | None = None, text_tokens: int = 128, vae_factor: int = 8) -> list[TrainingPlan]:
     """Plans for every layout of `gpus`, the recommended one first: those that fit, by fewest accumulation
     steps, then without checkpointing, then least communication. `config` is a TrainConfig (its last stage
-    sets batch and resolution unless given) or a NucleusConfig (then batch and size are required).
+    sets batch, resolution and capacity factors unless given) or a NucleusConfig (then batch and size are required).
     `vae_factor` is the autoencoder's pixels per latent (8 for the Qwen-Image VAE)."""
     from ..training.config import TrainConfig
 
@@ -131,7 +179,9 @@ def plan_training(config, *, gpus: int, gpu_memory: int, global_batch: int | Non
         global_batch = global_batch or stage.batch_size
         height = height or stage.resolution
         width = width or stage.resolution
-        model = config.model
+        # The stage's capacity factors, as the trainer sets them (they size the expert buffers and activations).
+        model = config.model.replace(capacity_factors=tuple(stage.capacity_factors)) if stage.capacity_factors \
+            else config.model
     else:
         model = config
     if global_batch is None or height is None or width is None:
@@ -148,38 +198,42 @@ def plan_training(config, *, gpus: int, gpu_memory: int, global_batch: int | Non
     return sorted(plans, key=lambda p: (not p.fits, p.grad_accum, p.checkpointing, p.comm_per_step, p.peak))
 
 
-def _plan(config, layout, micro, accum, ckpt, height, width, gpu_memory, text_tokens, capacity_factor, vae_factor) -> TrainingPlan:
+def _plan(config, layout, micro, accum, ckpt, height, width, gpu_memory, text_tokens, capacity_factor, vae_factor,
+          ns_dtype) -> TrainingPlan:
     counts = count_params(config)
     grid = latent_tokens(config, height, width, vae_factor)
     shard, ep = layout.dp_shard, layout.ep
+    mp = mixed_precision(bf16=True)
+    compute, reduce = mp.param_dtype.itemsize, mp.reduce_dtype.itemsize
     dense = counts.total - counts.experts
     per_rank = lambda n: -(-n // shard)  # noqa: E731
     block_local = counts.largest_block - counts.largest_block_experts + counts.largest_block_experts // ep
-    # Two bf16 blocks gathered (current + prefetched) and the current block's fp32 gradient before reduce-scatter.
-    fsdp = (2 * 2 * block_local + 4 * block_local) if shard > 1 else 0
-    # Muon gathers each sharded matrix whole to orthogonalise it: one fp32 matrix and its bf16 iterates at a time.
-    fsdp += (4 + 3 * 2) * counts.largest_muon_matrix if shard > 1 else 0
+    if layout.dp_replicate * shard > 1:
+        # Two blocks gathered (current + prefetched), the current block's unsharded gradient before reduce-scatter.
+        fsdp = 2 * compute * block_local + reduce * block_local
+    else:
+        fsdp = compute * counts.total  # autocast's copy of every weight
     no_ckpt = training_activations(config, grid, text_tokens, False)
     with_ckpt = training_activations(config, grid, text_tokens, True)
-    a2a_layer = 0
     moe = config.moe_layers
-    if ep > 1 and moe:
-        S = grid[0] * grid[1]
-        cf = capacity_factor or max(config.capacity_factors[i] for i in moe)
-        C = max(1, -(-int(cf * S) // config.num_experts))
-        a2a_layer = 2 * config.num_experts * micro * C * config.hidden_size * 2
-    a2a = a2a_layer * (1 if ckpt else len(moe))
+    a2a_layers = []  # per MoE layer: its (E, b*C, D) token buffer out and back
+    if ep > 1:
+        for i in moe:
+            C = expert_capacity(capacity_factor or config.capacity_factors[i], grid[0] * grid[1], config.num_experts)
+            a2a_layers.append(2 * config.num_experts * micro * C * config.hidden_size * compute)
+    a2a = max(a2a_layers, default=0) if ckpt else sum(a2a_layers)
     fsdp_comm = 0  # per micro-batch: FSDP gathers again for each
     if shard > 1:
         frac = (shard - 1) / shard
-        fsdp_comm += int(3 * 2 * dense * frac)  # all-gather forward + backward, reduce-scatter, bf16 on the wire
+        per_param = 2 * compute + reduce  # all-gather forward + backward, reduce-scatter
+        fsdp_comm += int(per_param * dense * frac)
         expert_group = shard // ep
         if expert_group > 1:
-            fsdp_comm += int(3 * 2 * counts.experts / ep * (expert_group - 1) / expert_group)
-    a2a_comm = int(2 * a2a_layer * len(moe) * (ep - 1) / ep)  # per micro-batch, forward and backward
+            fsdp_comm += int(per_param * counts.experts / ep * (expert_group - 1) / expert_group)
+    a2a_comm = int(2 * sum(a2a_layers) * (ep - 1) / ep)  # per micro-batch, forward and backward
     replicate_comm = 0
     if layout.dp_replicate > 1:
-        replicate_comm = int(2 * 4 * per_rank(counts.total) * (layout.dp_replicate - 1) / layout.dp_replicate)
+        replicate_comm = int(2 * reduce * per_rank(counts.total) * (layout.dp_replicate - 1) / layout.dp_replicate)
     comm = (fsdp_comm + a2a_comm) * accum + replicate_comm
     return TrainingPlan(
         layout=layout, micro_batch=micro, grad_accum=accum, checkpointing=ckpt,
@@ -187,5 +241,6 @@ def _plan(config, layout, micro, accum, ckpt, height, width, gpu_memory, text_to
         muon_momentum=4 * per_rank(counts.muon), adamw_moments=8 * per_rank(counts.adamw),
         fsdp_buffers=fsdp, activations=micro * (with_ckpt.peak if ckpt else no_ckpt.peak),
         activations_no_checkpointing=micro * no_ckpt.peak, activations_checkpointing=micro * with_ckpt.peak,
-        all_to_all=a2a, comm_per_step=comm, gpu_memory=gpu_memory,
+        all_to_all=a2a, muon_step=muon_step_bytes(config, layout, ns_dtype), adamw_step=4 * per_rank(counts.adamw),
+        comm_per_step=comm, gpu_memory=gpu_memory,
     )

@@ -26,6 +26,13 @@ def keeps_precision(fqn: str) -> bool:
     return any(fqn == name or fqn.endswith("." + name) for name in HIGH_PRECISION)
 
 
+def quantization_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of what 8-bit quantization converts: every stacked-expert module and every nn.Linear but the
+    ones `keeps_precision` names. The memory planner counts weight bytes from this same list."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, SwiGLUExperts) or (isinstance(module, nn.Linear) and not keeps_precision(name))]
+
+
 def torchao_config(method: str):
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
@@ -46,11 +53,11 @@ def quantize_transformer(model: nn.Module, method: str) -> nn.Module:
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization}); load the high-precision weights "
                          f"to quantize them as {method}")
-    for name, module in list(model.named_modules()):
+    for name, module in quantization_targets(model):
         if isinstance(module, SwiGLUExperts):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, QuantizedSwiGLUExperts.from_float(module, method))
-        elif isinstance(module, nn.Linear) and not keeps_precision(name):
+        else:
             quantize_linear(module, method)
     model.requires_grad_(False)
     model.quantization = method

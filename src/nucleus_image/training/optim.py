@@ -12,6 +12,12 @@ AdamW keeps what the recipe names and what Muon's reasoning does not cover: the 
 `norm_out` (they produce per-channel scales/gates, where per-coordinate adaptivity matters), the output head
 `proj_out`, the router `gate` (logits over experts, whose scale Muon would fix), the timestep embedder, and
 every vector (norm weights, biases).
+
+LoRA (peft) adapters follow the same rules by name: a factor of an attention or MLP matrix is a Muon matrix. The
+factors peft puts on a routed-expert stack are 2-D tensors holding one small matrix per expert ((r*E, cols) and
+(rows, r*E)); Muon gets them as views of E matrices (`expert_factors`), so each expert's factor is orthogonalised
+and scaled on its own, exactly as the 8-bit experts' (E, ., r) / (E, r, .) factors are, and as one expert alone
+would be.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .config import OptimizerConfig
-from .muon import Muon
+from .muon import ExpertFactor, Muon
 
 # Matrices that stay on AdamW, by name (diffusers key names, which our model shares).
 ADAMW_MATRIX_PATTERNS = (
@@ -59,6 +65,23 @@ def split_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return groups
 
 
+def expert_factors(model: nn.Module) -> dict[nn.Parameter, ExpertFactor]:
+    """peft's LoRA factors of stacked-expert weights (`ParamWrapper` with more than one expert), each with its
+    per-expert view: lora_A (r*E, cols) -> (E, r, cols), lora_B (rows, r*E) -> (E, rows, r), as peft itself
+    splits them (`ParamWrapper.get_delta_factors`)."""
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:  # without peft there are no peft adapters
+        return {}
+    found = {}
+    for module in model.modules():
+        if isinstance(module, ParamWrapper) and module.num_experts > 1:
+            for adapter in module.lora_A:
+                found[module.lora_A[adapter].weight] = ExpertFactor(module.num_experts, dim=0)
+                found[module.lora_B[adapter].weight] = ExpertFactor(module.num_experts, dim=1)
+    return found
+
+
 def describe_groups(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> str:
     """A table of the split, by role, with parameter counts: printed at the start of training."""
     rows = []
@@ -78,7 +101,7 @@ def describe_groups(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> str:
 def _role(name: str, p: nn.Parameter, opt: str) -> str:
     if opt == "muon":
         role = next(r for r, pat in MUON_ROLES if re.search(pat, name))
-        return role + (" (per expert)" if p.dim() == 3 else "")
+        return role + (" (per expert)" if role == "routed experts" else "")
     if p.dim() < 2:
         return "vectors (norms, biases)"
     for label, key in (("patch embedding", "img_in"), ("timestep embedder", "time_text_embed"), ("modulation", "img_mod"),
@@ -100,7 +123,7 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig,
         groups = {"muon": [], "adamw": groups["adamw"] + groups["muon"]}
     muon = None if not groups["muon"] else Muon(
         [p for _, p in groups["muon"]], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-        nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, ns_dtype=ns_dtype)
+        nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, ns_dtype=ns_dtype, expert_factors=expert_factors(model))
     decay = [p for _, p in groups["adamw"] if p.dim() >= 2]
     no_decay = [p for _, p in groups["adamw"] if p.dim() < 2]
     adamw = torch.optim.AdamW(
