@@ -10,19 +10,30 @@ adapted: routing and timestep conditioning stay the base model's.
 On a quantized base (QLoRA: `quantize_transformer(model, "int8")` first) the torchao linears take peft's torchao
 LoRA layers and the 8-bit experts a custom peft layer (quantized_experts.py) with the same per-expert factors.
 
+An adapter may carry the sampler settings it is meant for (a few-step student from `nucleus distill`: steps, noise
+levels, guidance) under the key `nucleus_sampler` of its adapter_config.json; `read_sampler_settings` returns them
+and `NucleusPipeline.load_lora` makes them the pipeline's defaults. peft itself ignores the key.
+
     model = add_lora(transformer, rank=16)             # a peft PeftModel; only the adapters train
     model.save_pretrained("run/adapter")
+    write_sampler_settings("run/adapter", SamplerSettings(num_inference_steps=4, guidance_scale=1.0))
     load_lora(other_transformer, "run/adapter", scale=0.8)
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch.nn as nn
 
+from nucleus_image.diffusion.sampler_settings import SamplerSettings
+
 ATTENTION_AND_DENSE = r".*\.attn\.(to_q|to_k|to_v|add_k_proj|add_v_proj|to_out\.0)|.*\.img_mlp\.(shared_expert\.)?net\.(0\.proj|2)"
 EXPERT_PARAMETERS = ("img_mlp.experts.gate_up_proj", "img_mlp.experts.down_proj")
+CONFIG_FILE = "adapter_config.json"
+SAMPLER_KEY = "nucleus_sampler"
 QUANTIZED_EXPERTS = r"|.*\.img_mlp\.experts"
 
 
@@ -62,9 +73,9 @@ def load_lora(model: nn.Module, path, scale: float = 1.0):
     from peft import LoraConfig, PeftModel
 
     path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a LoRA adapter folder: no adapter_config.json")
-    config = LoraConfig.from_pretrained(str(path))
+    fields = _read_config(path)
+    fields.pop(SAMPLER_KEY, None)  # ours: read by read_sampler_settings, unknown to peft
+    config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**fields))
     if getattr(model, "quantization", None) is not None:
         config = _with_quantized_experts(config)
     peft_model = PeftModel.from_pretrained(model, str(path), config=config, is_trainable=False)
@@ -80,3 +91,29 @@ def set_lora_scale(peft_model, scale: float) -> None:
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
                 module.set_scale(adapter, scale)
+
+
+def _read_config(path: Path) -> dict:
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a LoRA adapter folder: no {CONFIG_FILE}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(file)!r} is not JSON: {err.msg} at line {err.lineno}") from None
+
+
+def read_sampler_settings(path) -> SamplerSettings | None:
+    """The sampler settings an adapter folder carries, or None (an adapter that keeps the base's sampler)."""
+    data = _read_config(Path(path)).get(SAMPLER_KEY)
+    return None if data is None else SamplerSettings.from_dict(data)
+
+
+def write_sampler_settings(path, settings: SamplerSettings) -> None:
+    """Record `settings` in an adapter folder's adapter_config.json (rewritten atomically)."""
+    file = Path(path) / CONFIG_FILE
+    data = _read_config(Path(path))
+    data[SAMPLER_KEY] = settings.to_dict()
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, file)

@@ -19,7 +19,7 @@ from nucleus_image.progress import is_terminal
 from nucleus_image.threads import check_threads, prepare_process, threads_for_command
 
 # Modules under nucleus_image.cli, each adding one top-level subcommand.
-COMMANDS = ("model", "data", "eval", "generate", "train", "finetune", "merge", "inspect_routing", "ablate", "bench", "plan", "serve")
+COMMANDS = ("model", "data", "eval", "generate", "train", "finetune", "distill", "merge", "inspect_routing", "ablate", "bench", "plan", "serve")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -4,12 +4,14 @@
     nucleus generate --model runs/tiny/merged --prompts prompts.txt --aspect 16:9 --steps 30 --out samples/
     nucleus generate --model NucleusAI/NucleusMoE-Image --prompt "a lighthouse at dusk" --device cuda --out samples/
     nucleus generate --model NucleusAI/NucleusMoE-Image --prompts prompts.txt --cuda-graph --fp8-compute --out samples/
+    nucleus generate --model runs/tiny/merged --lora runs/distill/adapter --prompt "a red circle" --out samples/
 
 Image k (counting over prompts, then images per prompt) is drawn with seed `--seed + k` on a CPU generator, so
 every image is reproducible on its own: its sidecar and its PNG text metadata hold the exact settings and a
 command that regenerates it. Work is streamed batch by batch (memory does not grow with --num-images), each file
 is written atomically, and OUT/generate.json records the job: rerunning the same command after an interrupt
-continues it; a different job into the same --out is refused.
+continues it; a different job into the same --out is refused. `--lora ADAPTER` attaches a LoRA adapter; one that
+carries sampler settings (a `nucleus distill` student) sets the default --steps, --guidance and noise levels.
 """
 
 from __future__ import annotations
@@ -56,8 +58,11 @@ def register(subparsers) -> None:
                    help="aspect preset at the model's native size (default: square, 1:1)")
     p.add_argument("--width", type=int, default=None, help="width in pixels (with --height; not with --aspect)")
     p.add_argument("--height", type=int, default=None, help="height in pixels (with --width; not with --aspect)")
-    p.add_argument("--steps", type=int, default=GENERATE_STEPS, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale; <= 1 disables it")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default: {GENERATE_STEPS}); a --lora adapter with sampler settings sets its own")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; <= 1 disables it (default: 4.0); a --lora adapter with "
+                        "sampler settings sets its own")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     p.add_argument("--num-images", type=int, default=1, help=f"images per prompt (at most {MAX_IMAGES} in all)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward (bitwise results depend on it)")
@@ -68,6 +73,10 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
                    help="8-bit transformer weights, quantized while loading; the text encoder and VAE are unchanged "
                         "(default: none, full precision)")
+    p.add_argument("--lora", metavar="ADAPTER", default=None,
+                   help="LoRA adapter folder (peft's format, from `nucleus finetune` or `nucleus distill`); its "
+                        "sampler settings, if it carries any, become the default --steps and --guidance")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplier of the adapter's update")
     add_acceleration_args(p)
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
     step_cache_args.add_arguments(p)
@@ -76,12 +85,15 @@ def register(subparsers) -> None:
 
 
 def check_args(args, prompts: list[str]) -> tuple[int, int]:
-    """Everything checkable before the model loads; returns the image (height, width)."""
+    """Everything checkable before the model loads; returns the image (height, width). Fills in args.steps and
+    args.guidance (given, else the --lora adapter's, else the release's)."""
     from nucleus_image.pipeline.folder import read_geometry
     from nucleus_image.pipeline.presets import resolve_size
 
     check_positive(args, "steps", "num_images", "batch_size")
+    args.guidance, args.steps, _ = sampler_defaults(args.lora).resolve(args.guidance, args.steps, None)
     check_guidance(args.guidance)
+    check_guidance(args.lora_scale, "--lora-scale")
     if len(prompts) * args.num_images > MAX_IMAGES:
         raise ValueError(f"--num-images {args.num_images} x {len(prompts)} prompt(s) = "
                          f"{len(prompts) * args.num_images} images; one run writes at most {MAX_IMAGES} (split the "
@@ -97,6 +109,33 @@ def check_args(args, prompts: list[str]) -> tuple[int, int]:
     except ValueError as err:
         raise ValueError(str(err).replace("aspect_ratio", "--aspect").replace("height/width", "--width/--height")) \
             from None
+
+
+def sampler_defaults(lora: str | None):
+    """The sampler settings of the --lora adapter (read from its config, before any model loads), else the
+    release's defaults."""
+    from nucleus_image.diffusion.sampler_settings import SamplerSettings
+
+    if lora is None:
+        return SamplerSettings(num_inference_steps=GENERATE_STEPS)
+    from nucleus_image.adapters import read_sampler_settings
+
+    try:
+        return read_sampler_settings(lora) or SamplerSettings(num_inference_steps=GENERATE_STEPS)
+    except FileNotFoundError as err:
+        raise ValueError(f"--lora {lora!r}: {err}") from None
+
+
+def lora_record(args) -> dict | None:
+    """What identifies the adapter of a job: its absolute path, the hash of its weights and the scale."""
+    if args.lora is None:
+        return None
+    folder = Path(args.lora).resolve()
+    weights = sorted(folder.glob("adapter_model.*"))
+    if not weights:
+        raise ValueError(f"--lora {args.lora!r} holds no adapter_model.safetensors")
+    return {"path": str(folder), "sha256": hashlib.sha256(weights[0].read_bytes()).hexdigest(),
+            "scale": args.lora_scale}
 
 
 def claim_folder(out: Path, job: dict) -> set[int]:
@@ -155,6 +194,8 @@ def run(args) -> int:
            "cache": cache.to_dict() if cache else None}
     # Recorded only when on, so jobs written before these flags existed still continue.
     job.update({name: True for name in ("fp8_compute", "cuda_graph") if getattr(args, name)})
+    if args.lora is not None:
+        job["lora"] = lora_record(args)
     done = claim_folder(out, job)
     if len(done) >= total:
         print(f"nothing to do: all {total} images are already in {out}", file=sys.stderr)
@@ -171,7 +212,10 @@ def run(args) -> int:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
                                            cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute)
-    sigmas = pipe.schedule.sigmas(args.steps, (height // pipe.granularity) * (width // pipe.granularity))
+    if args.lora is not None:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
+    _, _, sigma_list = pipe.sampler_defaults.resolve(args.guidance, args.steps, None)
+    sigmas = pipe.schedule.sigmas(args.steps, (height // pipe.granularity) * (width // pipe.granularity), sigma_list)
     settings = {
         "model": job["model"],
         "negative_prompt": args.negative,
@@ -188,6 +232,7 @@ def run(args) -> int:
         "quantize": pipe.transformer.quantization,
         "fp8_compute": pipe.fp8_compute,
         "cuda_graph": pipe.cuda_graph,
+        "lora": job.get("lora"),
         "nucleus_image_version": nucleus_image.__version__,
         "torch_version": torch.__version__,
     }
@@ -223,7 +268,8 @@ def run(args) -> int:
                                                dtype=args.dtype, device=args.device, quantize=args.quantize,
                                                cache=cache, cuda_graph=args.cuda_graph,
                                                fp8_compute=args.fp8_compute,
-                                               aspect=getattr(args, "aspect", None))
+                                               aspect=getattr(args, "aspect", None), lora=args.lora,
+                                               lora_scale=args.lora_scale)
                     sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
                                "batch_size": len(numbers), "step_cache": report, "command": command}
                     write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))

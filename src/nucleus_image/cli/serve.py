@@ -1,6 +1,7 @@
 """`nucleus serve`: an HTTP API with request batching and a web page for a pipeline folder.
 
     nucleus serve --model runs/demo/merged            # then open http://127.0.0.1:8000/
+    nucleus serve --model runs/demo/merged --lora runs/distill/adapter     # a few-step student at its own steps
     curl -s 127.0.0.1:8000/v1/images/generations -d '{"prompt": "a red circle", "n": 2, "steps": 16}'
 
 Queued images with the same size, steps and guidance run together, up to --max-batch per pipeline call
@@ -15,7 +16,7 @@ import socket
 import sys
 
 from nucleus_image.cli.arguments import add_acceleration_args, add_threads_arg, check_acceleration
-from nucleus_image.cli.generate import DTYPES
+from nucleus_image.cli.generate import DTYPES, sampler_defaults
 from nucleus_image.serve.request import Limits
 
 
@@ -35,8 +36,16 @@ def register(subparsers) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt, in characters")
     p.add_argument("--max-side", type=int, default=None, help="largest image side in pixels (default: twice the "
                                                               "model's native size)")
-    p.add_argument("--default-steps", type=int, default=50, help="steps when a request names none (default 50)")
-    p.add_argument("--default-guidance", type=float, default=4.0, help="guidance when a request names none")
+    p.add_argument("--default-steps", type=int, default=None,
+                   help="steps when a request names none (default: 50); a --lora adapter with sampler "
+                        "settings sets its own")
+    p.add_argument("--default-guidance", type=float, default=None,
+                   help="guidance when a request names none (default: 4.0); a --lora adapter with sampler "
+                        "settings sets its own")
+    p.add_argument("--lora", metavar="ADAPTER", default=None,
+                   help="LoRA adapter folder to serve with (peft's format); its sampler settings, if it carries any, "
+                        "become the default steps and guidance")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplier of the adapter's update")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
@@ -53,6 +62,8 @@ def check_args(args) -> None:
     """Everything checkable before the model loads."""
     from nucleus_image.pipeline.folder import read_geometry
 
+    args.default_guidance, args.default_steps, _ = sampler_defaults(args.lora).resolve(args.default_guidance,
+                                                                                       args.default_steps, None)
     for name in ("max_batch", "max_queue", "max_images", "max_steps", "max_prompt_chars", "default_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -95,10 +106,12 @@ def run(args) -> int:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
                                            cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute)
+    if args.lora is not None:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
     config = ServeConfig(
         model_path=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
         batch_wait=args.batch_wait_ms / 1000, dtype=args.dtype, device=args.device, quantize=args.quantize,
-        cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute,
+        cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute, lora=args.lora, lora_scale=args.lora_scale,
         limits=Limits(max_prompt_chars=args.max_prompt_chars, max_images=args.max_images, max_steps=args.max_steps,
                       max_side=args.max_side),
         defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),

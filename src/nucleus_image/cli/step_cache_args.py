@@ -21,7 +21,11 @@ FIELDS = {"threshold": float, "order": int, "interval": int, "warmup": int}
 def add_arguments(parser) -> None:
     fb, ts = FBCacheConfig(), TaylorSeerConfig()
     parser.add_argument("--cache", choices=CACHE_POLICIES, default=None,
-                        help="reuse transformer work across steps (default: none, every step in full)")
+                        help="reuse transformer work across steps (default: none, every step in full). Measured on "
+                             "the make demo model at 16 steps, CFG 4 (111 prompts x 8, seeds the pick never saw): "
+                             "taylorseer's defaults save 2.29x block work at a score loss of +0.011 (95%%: -0.001 "
+                             "to +0.024); fbcache's save 1.51x at +0.026 (+0.010 to +0.044, on the picking seeds: "
+                             "above the 0.03 bound)")
     parser.add_argument("--cache-threshold", type=float, default=None, metavar="X",
                         help="fbcache: relative change of the first block's residual below which a step is skipped "
                              f"(default: {fb.threshold})")

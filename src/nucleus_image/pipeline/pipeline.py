@@ -26,6 +26,7 @@ from PIL import Image
 
 from nucleus_image.diffusion.flow import FlowSchedule, validate_sigmas
 from nucleus_image.diffusion.guidance import uses_cfg
+from nucleus_image.diffusion.sampler_settings import SamplerSettings
 from nucleus_image.encoders.autoencoder import Autoencoder
 from nucleus_image.encoders.text import TextEncoder, check_prompts
 from nucleus_image.model.latents import pack_latents, unpack_latents
@@ -79,6 +80,8 @@ class NucleusPipeline:
                              f"joint_attention_dim is {cfg.joint_attention_dim}")
         self.transformer = transformer
         self.lora = None  # the peft model of an adapter attached by load_lora
+        # Steps, noise levels and guidance a call uses when it names none: the release's, or a loaded adapter's.
+        self.sampler_defaults = SamplerSettings()
         self.vae = vae
         self.text_encoder = text_encoder
         self.schedule = schedule or FlowSchedule()
@@ -140,16 +143,20 @@ class NucleusPipeline:
         return self
 
     def load_lora(self, path, scale: float = 1.0) -> NucleusPipeline:
-        """Attach a LoRA adapter (peft's format, as `nucleus finetune` writes it) to the transformer, its update
-        multiplied by `scale`."""
-        from nucleus_image.adapters import load_lora
+        """Attach a LoRA adapter (peft's format, as `nucleus finetune` and `nucleus distill` write it) to the
+        transformer, its update multiplied by `scale`. An adapter that carries sampler settings (a few-step
+        student: steps, sigmas, guidance) makes them this pipeline's defaults; arguments a call passes still win."""
+        from nucleus_image.adapters import load_lora, read_sampler_settings
 
         if self.lora is not None:
             raise ValueError("a LoRA adapter is already loaded; merge_lora() it first or load a fresh pipeline")
         if self.fp8_compute:
             raise ValueError("a LoRA adapter cannot attach to fp8-compute layers: load it (and merge_lora()) before "
                              "enabling fp8 compute")
+        settings = read_sampler_settings(path)
         self.lora = load_lora(self.transformer, path, scale)
+        if settings is not None:
+            self.sampler_defaults = settings
         self._graphs.clear()
         return self
 
@@ -335,10 +342,10 @@ class NucleusPipeline:
         self,
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         sigmas: Sequence[float] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -353,16 +360,22 @@ class NucleusPipeline:
         offload_text_encoder: bool = False,
         progress: bool = True,
         cache=None,
+        callback_on_step_end=None,
     ):
         """Generate images. Keywords follow diffusers' NucleusMoEImagePipeline; in addition `aspect_ratio`
         picks a preset size (1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3), `offload_text_encoder` runs the text encoder
         on the pipeline's device and moves it back to the CPU once prompts are encoded (freeing its accelerator
         memory for the denoising loop), `progress` toggles the step progress bar, and `cache` reuses work across
         steps: "fbcache", "taylorseer" or a config from `nucleus_image.pipeline.step_cache` (None: every step in full;
-        not with `cuda_graph`).
+        not with `cuda_graph`). `guidance_scale`, `num_inference_steps` and `sigmas` left out come from
+        `self.sampler_defaults`: the release's 4.0 and 50 steps, or a loaded adapter's settings.
+        `callback_on_step_end(pipe, i, t, {"latents": latents})` runs after each step, as diffusers calls it; a
+        returned "latents" replaces the latents.
 
         Unlike the reference, guidance runs conditional and unconditional rows in one forward, a single
         negative string applies to every prompt, and bad input raises ValueError before any model work."""
+        guidance_scale, num_inference_steps, sigmas = self.sampler_defaults.resolve(guidance_scale,
+                                                                                     num_inference_steps, sigmas)
         prompts, negatives, batch = self._check_inputs(
             prompt, negative_prompt, guidance_scale, num_inference_steps, sigmas, num_images_per_prompt, generator,
             prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask, output_type)
@@ -400,6 +413,8 @@ class NucleusPipeline:
         for i in progress_bar(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
             seam = {} if step_cache is None else {"block_stack": step_cache.block_stack(i)}
             latents = step(latents, t_N[i].expand(rows), sigma_N1[i], sigma_N1[i + 1], **seam)
+            if callback_on_step_end is not None:
+                latents = (callback_on_step_end(self, i, t_N[i], {"latents": latents}) or {}).get("latents", latents)
         if self.cuda_graph:
             latents = latents.clone()  # the graph's output buffer: its next replay would overwrite these
 

@@ -46,6 +46,8 @@ class ServeConfig:
     quantize: str | None = None  # as given to `nucleus serve`, repeated in each image's command
     cuda_graph: bool = False  # likewise
     fp8_compute: bool = False  # likewise
+    lora: str | None = None  # the adapter folder loaded into the pipeline, repeated in each image's command
+    lora_scale: float = 1.0
     keep_images: int = 512  # PNGs kept for response_format "url"
     keep_jobs: int = 256  # finished jobs kept for polling
 
@@ -115,7 +117,8 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
             command = generate_command(config.model_path, r.prompt, seed=seed, width=r.width, height=r.height,
                                        steps=r.steps, guidance=r.guidance_scale, negative=r.negative_prompt,
                                        dtype=config.dtype, device=config.device, quantize=config.quantize,
-                                       cuda_graph=config.cuda_graph, fp8_compute=config.fp8_compute)
+                                       cuda_graph=config.cuda_graph, fp8_compute=config.fp8_compute,
+                                       lora=config.lora, lora_scale=config.lora_scale)
             item = {"seed": seed, "batch_size": job.batch_sizes[k], "command": command}
             if r.response_format == "url":
                 name = f"{job.id}-{k}.png"
@@ -194,6 +197,7 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         return {"object": "list", "data": [{
             "id": config.model_id, "object": "model", "owned_by": "nucleus-image",
             "path": str(Path(config.model_path).resolve()),
+            "lora": None if config.lora is None else str(Path(config.lora).resolve()),
             "sample_size": geometry.sample_size, "granularity": geometry.granularity,
             "aspect_sizes": {a: f"{w}x{h}" for a, (w, h) in geometry.aspect_sizes().items()},
             "max_side": config.limits.max_side or 2 * geometry.sample_size,

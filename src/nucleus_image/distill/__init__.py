@@ -1,0 +1,9 @@
+"""Few-step, guidance-free students of a pipeline, trained as LoRA adapters (`nucleus distill`): the teacher's
+trajectories (trajectories.py), the objective (objective.py) and the run (distiller.py)."""
+
+from .distiller import DistillConfig, Distiller
+from .objective import trajectory_loss
+from .trajectories import TrajectoryPlan, TrajectoryStore, generate_trajectories
+
+__all__ = ["DistillConfig", "Distiller", "TrajectoryPlan", "TrajectoryStore", "generate_trajectories",
+           "trajectory_loss"]
