@@ -44,16 +44,20 @@ def bench_engine(n_images: int, size: tuple[int, int]) -> None:
             result = curate([src], Path(tmp) / f"out{workers}", cfg, progress=False)
             seconds = time.perf_counter() - start
             rates[workers] = n_images / seconds
-            print(f"local engine, {workers} worker(s): {n_images} images {size[0]}x{size[1]} in {seconds:.2f} s = "
-                  f"{rates[workers]:.1f} images/s = {rates[workers] / workers:.1f} images/s per core "
-                  f"(kept {result.kept})")
+            print(
+                f"local engine, {workers} worker(s): {n_images} images {size[0]}x{size[1]} in {seconds:.2f} s = "
+                f"{rates[workers]:.1f} images/s = {rates[workers] / workers:.1f} images/s per core "
+                f"(kept {result.kept})"
+            )
         if cores > 1:
             print(f"scaling {cores} cores vs 1: {rates[cores] / rates[1]:.2f}x")
 
 
 def bench_near_duplicates(n: int, subsample: int, max_dist: int = 4) -> None:
     rng = np.random.default_rng(0)
-    h = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, n).astype(np.uint64)
+    h = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, n).astype(
+        np.uint64
+    )
     planted = min(1000, n // 10)
     flips = rng.integers(0, 64, (planted, 3))
     for k in range(planted):  # near copies at distance <= 3 of the first hashes
@@ -68,8 +72,10 @@ def bench_near_duplicates(n: int, subsample: int, max_dist: int = 4) -> None:
     all_pairs_near(sub, max_dist)
     brute_sub_s = time.perf_counter() - start
     brute_s = brute_sub_s * (n / subsample) ** 2
-    print(f"near duplicates (Hamming <= {max_dist}) among {n} hashes: multi-index hashing "
-          f"({choose_bands(n, max_dist)} bands) {index_s:.2f} s, {len(pairs)} pairs (planted {planted})")
+    print(
+        f"near duplicates (Hamming <= {max_dist}) among {n} hashes: multi-index hashing "
+        f"({choose_bands(n, max_dist)} bands) {index_s:.2f} s, {len(pairs)} pairs (planted {planted})"
+    )
     print(f"all pairs: {brute_sub_s:.2f} s on a {subsample} subsample, extrapolated to {n}: {brute_s:.0f} s")
     print(f"speed-up of the index over all pairs: {brute_s / index_s:.0f}x")
 

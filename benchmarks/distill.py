@@ -48,14 +48,32 @@ TEACHER = ("teacher", 16, 4.0)
 
 
 def arms(teacher_steps: int, teacher_guidance: float, student_steps: list[int], reference_steps: int) -> list[dict]:
-    out = [{"name": f"teacher {teacher_steps} steps, CFG {teacher_guidance:g}", "pipe": "base",
-            "steps": teacher_steps, "guidance": teacher_guidance}]
-    out += [{"name": f"student {k} step{'s' if k > 1 else ''}", "pipe": "student", "steps": k, "guidance": 1.0}
-            for k in student_steps]
-    out += [{"name": f"base {reference_steps} steps, CFG {teacher_guidance:g}", "pipe": "base",
-             "steps": reference_steps, "guidance": teacher_guidance},
-            {"name": f"base {reference_steps} steps, no guidance", "pipe": "base", "steps": reference_steps,
-             "guidance": 1.0}]
+    out = [
+        {
+            "name": f"teacher {teacher_steps} steps, CFG {teacher_guidance:g}",
+            "pipe": "base",
+            "steps": teacher_steps,
+            "guidance": teacher_guidance,
+        }
+    ]
+    out += [
+        {"name": f"student {k} step{'s' if k > 1 else ''}", "pipe": "student", "steps": k, "guidance": 1.0}
+        for k in student_steps
+    ]
+    out += [
+        {
+            "name": f"base {reference_steps} steps, CFG {teacher_guidance:g}",
+            "pipe": "base",
+            "steps": reference_steps,
+            "guidance": teacher_guidance,
+        },
+        {
+            "name": f"base {reference_steps} steps, no guidance",
+            "pipe": "base",
+            "steps": reference_steps,
+            "guidance": 1.0,
+        },
+    ]
     return out
 
 
@@ -84,36 +102,67 @@ def quality(args) -> None:
 
     torch.set_num_threads(args.threads)
     records = load_records(args.prompts, args.per_task)
-    pipes = {"base": NucleusPipeline.from_pretrained(args.model, device=args.device),
-             "student": NucleusPipeline.from_pretrained(args.model, device=args.device).load_lora(args.adapter)}
+    pipes = {
+        "base": NucleusPipeline.from_pretrained(args.model, device=args.device),
+        "student": NucleusPipeline.from_pretrained(args.model, device=args.device).load_lora(args.adapter),
+    }
     pipes["student"].merge_lora()  # the deployed student: the base model's cost per row
     counters = {key: RowCounter(p.transformer) for key, p in pipes.items()}
     plan = arms(args.teacher_steps, args.teacher_guidance, args.student_steps, args.reference_steps)
     out = Path(args.out)
-    claim(out, {"model": str(Path(args.model).resolve()), "adapter": adapter_identity(args.adapter),
-                "prompts": [r["prompt"] for r in records], "samples": args.samples, "seed": args.seed, "arms": plan})
-    print(f"# {args.model} + {args.adapter}: {len(records)} prompts x {args.samples} samples, seed {args.seed}, "
-          f"{pipes['base'].device}, threads {torch.get_num_threads()}, torch {torch.__version__}", flush=True)
+    claim(
+        out,
+        {
+            "model": str(Path(args.model).resolve()),
+            "adapter": adapter_identity(args.adapter),
+            "prompts": [r["prompt"] for r in records],
+            "samples": args.samples,
+            "seed": args.seed,
+            "arms": plan,
+        },
+    )
+    print(
+        f"# {args.model} + {args.adapter}: {len(records)} prompts x {args.samples} samples, seed {args.seed}, "
+        f"{pipes['base'].device}, threads {torch.get_num_threads()}, torch {torch.__version__}",
+        flush=True,
+    )
     reports = []
     for k, arm in enumerate(plan):
         counter = counters[arm["pipe"]]
         counter.rows = 0
         folder = out / "images" / f"{k:02d}"
         start = time.perf_counter()
-        generate_samples(pipes[arm["pipe"]], records, folder, args.samples, args.seed, arm["steps"], arm["guidance"],
-                         batch_prompts=args.batch_size, progress=False)
+        generate_samples(
+            pipes[arm["pipe"]],
+            records,
+            folder,
+            args.samples,
+            args.seed,
+            arm["steps"],
+            arm["guidance"],
+            batch_prompts=args.batch_size,
+            progress=False,
+        )
         arm["rows_per_image"] = counter.rows / (len(records) * args.samples) if counter.rows else None
         reports.append(score_folder(folder, progress=False))
         arm["score"] = reports[-1]["overall"]
         arm["tasks"] = {t: v["accuracy"] for t, v in reports[-1]["tasks"].items()}
-        print(f"  {arm['name']}: score {arm['score']:.3f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
-              flush=True)
+        print(
+            f"  {arm['name']}: score {arm['score']:.3f} ({time.perf_counter() - start:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     if any(a["rows_per_image"] is None for a in plan):  # images from an earlier run: count on one prompt
         for arm in plan:
             counter = counters[arm["pipe"]]
             counter.rows = 0
-            pipes[arm["pipe"]]([records[0]["prompt"]], num_inference_steps=arm["steps"],
-                               guidance_scale=arm["guidance"], progress=False, output_type="latent")
+            pipes[arm["pipe"]](
+                [records[0]["prompt"]],
+                num_inference_steps=arm["steps"],
+                guidance_scale=arm["guidance"],
+                progress=False,
+                output_type="latent",
+            )
             arm["rows_per_image"] = counter.rows
 
     draws = bootstrap_overall(reports, seed=args.seed)
@@ -123,12 +172,19 @@ def quality(args) -> None:
         arm["ratio_interval"] = interval(d / np.maximum(draws[0], 1e-12))
         arm["difference_interval"] = interval(d - draws[0])
 
-    timing = [r["prompt"] for r in records[:args.timing_prompts]]
+    timing = [r["prompt"] for r in records[: args.timing_prompts]]
 
     def call(arm):
         pipe = pipes[arm["pipe"]]
-        return lambda: pipe(timing, num_inference_steps=arm["steps"], guidance_scale=arm["guidance"],
-                            generator=torch.Generator().manual_seed(args.seed), progress=False).images
+        return lambda: (
+            pipe(
+                timing,
+                num_inference_steps=arm["steps"],
+                guidance_scale=arm["guidance"],
+                generator=torch.Generator().manual_seed(args.seed),
+                progress=False,
+            ).images
+        )
 
     with torch.inference_mode():
         times, _ = time_interleaved({k: call(arm) for k, arm in enumerate(plan)}, pipes["base"].device, args.rounds)
@@ -137,9 +193,21 @@ def quality(args) -> None:
     print_table(plan, len(records), args.samples)
     grid(out / "images", plan, records, out / "grid.png", args.grid_per_task)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"model": args.model, "adapter": args.adapter,
-                                                 "prompts": len(records), "samples": args.samples, "seed": args.seed,
-                                                 "threads": torch.get_num_threads(), "arms": plan}, indent=1) + "\n")
+    (out / "report.json").write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "adapter": args.adapter,
+                "prompts": len(records),
+                "samples": args.samples,
+                "seed": args.seed,
+                "threads": torch.get_num_threads(),
+                "arms": plan,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"grid: {out / 'grid.png'}  report: {out / 'report.json'}")
 
 
@@ -147,7 +215,10 @@ def adapter_identity(adapter: str) -> dict:
     import hashlib
 
     folder = Path(adapter).resolve()
-    return {"path": str(folder), "sha256": hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()}
+    return {
+        "path": str(folder),
+        "sha256": hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest(),
+    }
 
 
 def claim(out: Path, job: dict) -> None:
@@ -163,18 +234,22 @@ def print_table(plan: list[dict], prompts: int, samples: int) -> None:
     teacher = plan[0]
     tasks = list(teacher["tasks"])
     print(f"\n{prompts} prompts x {samples} samples; intervals: 95%, bootstrap over prompts (paired)\n")
-    print(f"| sampler | rows/image | fewer rows | s/image | wall ratio | overall [95%] | / teacher [95%] | "
-          f"{' | '.join(tasks)} |")
+    print(
+        f"| sampler | rows/image | fewer rows | s/image | wall ratio | overall [95%] | / teacher [95%] | "
+        f"{' | '.join(tasks)} |"
+    )
     print("|" + "---|" * (7 + len(tasks)))
     for a in plan:
         lo, hi = a["score_interval"]
         rlo, rhi = a["ratio_interval"]
         per_task = " | ".join(f"{a['tasks'].get(t, 0.0):.3f}" for t in tasks)
         ratio = "-" if a is teacher else f"{a['ratio_to_teacher']:.2f} [{rlo:.2f}, {rhi:.2f}]"
-        print(f"| {a['name']} | {a['rows_per_image']:g} | {teacher['rows_per_image'] / a['rows_per_image']:.1f}x | "
-              f"{a['seconds_per_image']:.4f} | {teacher['seconds_per_image'] / a['seconds_per_image']:.2f}x | "
-              f"{a['score']:.3f} [{lo:.3f}, {hi:.3f}] | {ratio} | "
-              f"{per_task} |")
+        print(
+            f"| {a['name']} | {a['rows_per_image']:g} | {teacher['rows_per_image'] / a['rows_per_image']:.1f}x | "
+            f"{a['seconds_per_image']:.4f} | {teacher['seconds_per_image'] / a['seconds_per_image']:.2f}x | "
+            f"{a['score']:.3f} [{lo:.3f}, {hi:.3f}] | {ratio} | "
+            f"{per_task} |"
+        )
 
 
 def grid(images: Path, plan: list[dict], records: list[dict], path: Path, per_task: int, cell: int = 96) -> None:
@@ -212,9 +287,15 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [line] if line else lines
 
 
-def released_seconds_per_image(device: str = "cuda", preset: str = "released", size: int = 1024,
-                               teacher_steps: int = 50, student_steps: int = 4, guidance: float = 4.0,
-                               lora_rank: int = 32) -> list[dict]:
+def released_seconds_per_image(
+    device: str = "cuda",
+    preset: str = "released",
+    size: int = 1024,
+    teacher_steps: int = 50,
+    student_steps: int = 4,
+    guidance: float = 4.0,
+    lora_rank: int = 32,
+) -> list[dict]:
     """Seconds per image (transformer part, latent output, random weights, bf16 on GPU) of the teacher's
     `teacher_steps` steps with CFG against the student's `student_steps` steps without guidance, merged and with
     a rank-`lora_rank` adapter attached. Each: one warmup call, then one timed call. Rows: {name, steps,
@@ -232,8 +313,7 @@ def released_seconds_per_image(device: str = "cuda", preset: str = "released", s
     _, transformer = build_models(cfg, dev, dtype)
     pipe = NucleusPipeline(transformer, QwenImageAutoencoder(stand_in_vae(cfg.latent_channels, dev, dtype)))
     latents = torch.randn(1, (size // 16) ** 2, cfg.in_channels, generator=torch.Generator().manual_seed(2))
-    common = dict(height=size, width=size, output_type="latent", progress=False,
-                  **text_inputs(cfg, 1, 128, dev, dtype))
+    common = dict(height=size, width=size, output_type="latent", progress=False, **text_inputs(cfg, 1, 128, dev, dtype))
 
     def seconds(steps: int, g: float) -> float:
         with torch.inference_mode():
@@ -246,13 +326,29 @@ def released_seconds_per_image(device: str = "cuda", preset: str = "released", s
                 torch.cuda.synchronize()
             return time.perf_counter() - start
 
-    rows = [{"name": f"teacher {teacher_steps} steps, CFG {guidance:g}", "steps": teacher_steps,
-             "rows_per_image": 2 * teacher_steps, "seconds": seconds(teacher_steps, guidance)},
-            {"name": f"student {student_steps} steps, adapter merged", "steps": student_steps,
-             "rows_per_image": student_steps, "seconds": seconds(student_steps, 1.0)}]
+    rows = [
+        {
+            "name": f"teacher {teacher_steps} steps, CFG {guidance:g}",
+            "steps": teacher_steps,
+            "rows_per_image": 2 * teacher_steps,
+            "seconds": seconds(teacher_steps, guidance),
+        },
+        {
+            "name": f"student {student_steps} steps, adapter merged",
+            "steps": student_steps,
+            "rows_per_image": student_steps,
+            "seconds": seconds(student_steps, 1.0),
+        },
+    ]
     pipe.lora = add_lora(transformer, lora_rank)
-    rows.append({"name": f"student {student_steps} steps, rank-{lora_rank} adapter attached", "steps": student_steps,
-                 "rows_per_image": student_steps, "seconds": seconds(student_steps, 1.0)})
+    rows.append(
+        {
+            "name": f"student {student_steps} steps, rank-{lora_rank} adapter attached",
+            "steps": student_steps,
+            "rows_per_image": student_steps,
+            "seconds": seconds(student_steps, 1.0),
+        }
+    )
     for row in rows:
         row["speedup"] = rows[0]["seconds"] / row["seconds"]
     return rows
@@ -280,14 +376,23 @@ def cost(args) -> None:
     torch.set_num_threads(args.threads)
     fields = json.loads(args.config)
     fields.setdefault("caption_weights", teacher_caption_weights(Path(args.model)))  # as `nucleus distill` does
-    planned = DistillConfig.from_dict({"model": str(Path(args.model).resolve()),
-                                       "data": str(Path(args.data).resolve()), "cpu_threads": args.threads, **fields})
+    planned = DistillConfig.from_dict(
+        {
+            "model": str(Path(args.model).resolve()),
+            "data": str(Path(args.data).resolve()),
+            "cpu_threads": args.threads,
+            **fields,
+        }
+    )
     demo = TrainConfig.preset("tiny")
     tmp = Path(tempfile.mkdtemp(prefix="distill-cost-"))
     try:
         # A run of the same config with one batch of trajectories: its step is the step being predicted.
-        distiller = Distiller(DistillConfig.from_dict({**planned.to_dict(), "trajectories": planned.batch_size}),
-                              tmp / "run", progress=False)
+        distiller = Distiller(
+            DistillConfig.from_dict({**planned.to_dict(), "trajectories": planned.batch_size}),
+            tmp / "run",
+            progress=False,
+        )
         store = distiller.store
         model = NucleusTransformer(demo.model)
         muon, adamw, _ = build_optimizers(model, demo.optimizer, torch.float32)
@@ -299,15 +404,28 @@ def cost(args) -> None:
             side = stage.resolution // 2  # pixel autoencoder latents: 12 channels per 2 x 2 pixels
             x0 = pack_latents(torch.randn(stage.batch_size, 12, side, side, generator=g), 2)
             text = torch.randn(stage.batch_size, 16, demo.model.joint_attention_dim, generator=g)
-            batch = FlowBatch(x0, torch.randn(x0.shape, generator=g), torch.rand(stage.batch_size, generator=g), text,
-                              None, (side, side))
+            batch = FlowBatch(
+                x0,
+                torch.randn(x0.shape, generator=g),
+                torch.rand(stage.batch_size, generator=g),
+                text,
+                None,
+                (side, side),
+            )
             return lambda: train_step(model, [muon, adamw], [batch], objective, demo.optimizer, 10_000)
 
         def distill_step():  # the run's own step, without advancing its state
-            train_step(distiller.model, list(distiller.optimizers.values()), [distiller._micro_batch()],
-                       distiller.objective, planned.optimizer, distiller.step, params=list(distiller.adapters.values()))
+            train_step(
+                distiller.model,
+                list(distiller.optimizers.values()),
+                [distiller._micro_batch()],
+                distiller.objective,
+                planned.optimizer,
+                distiller.step,
+                params=list(distiller.adapters.values()),
+            )
 
-        captions = (store.captions * planned.teacher_batch_size)[:planned.teacher_batch_size]
+        captions = (store.captions * planned.teacher_batch_size)[: planned.teacher_batch_size]
         noise = packed_noise(distiller.pipe, store.plan, 0, len(captions))
 
         def teacher_batch():
@@ -317,27 +435,41 @@ def cost(args) -> None:
 
         encoder = distiller.pipe.text_encoder
         fns = {f"demo step {s.name}": demo_step(s) for s in demo.stages}
-        fns.update({"distill step": distill_step, f"teacher batch of {len(captions)}": teacher_batch,
-                    "one caption's encoding": lambda: encoder.encode_unique([captions[0]])})
+        fns.update(
+            {
+                "distill step": distill_step,
+                f"teacher batch of {len(captions)}": teacher_batch,
+                "one caption's encoding": lambda: encoder.encode_unique([captions[0]]),
+            }
+        )
         times, _ = time_interleaved(fns, torch.device("cpu"), args.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     rows = [[c for c in caps if c] for caps in read_manifest(args.data).column("captions").to_pylist()]
     weights = np.array([float(bool(c)) for c in rows])
-    plan = store.plan.__class__(**{**store.plan.to_dict(), "trajectories": planned.trajectories,
-                                   "student_sigmas": store.plan.student_sigmas,
-                                   "caption_weights": tuple(planned.caption_weights)})
+    plan = store.plan.__class__(
+        **{
+            **store.plan.to_dict(),
+            "trajectories": planned.trajectories,
+            "student_sigmas": store.plan.student_sigmas,
+            "caption_weights": tuple(planned.caption_weights),
+        }
+    )
     distill_captions = len({c for k in range(plan.num_shards) for c in shard_captions(plan, k, rows, weights)})
-    demo_captions = len({c for caps in rows
-                         for c, p in zip(caps, caption_probabilities(demo.caption_weights, len(caps))) if p > 0})
+    demo_captions = len(
+        {c for caps in rows for c, p in zip(caps, caption_probabilities(demo.caption_weights, len(caps))) if p > 0}
+    )
     caption_s = times["one caption's encoding"]
     demo_parts = {f"{demo_captions} captions encoded": demo_captions * caption_s}
     demo_parts.update({f"{s.steps} steps at {s.name}": s.steps * times[f"demo step {s.name}"] for s in demo.stages})
-    parts = {f"{distill_captions} captions encoded": distill_captions * caption_s,
-             f"{planned.trajectories} teacher trajectories":
-                 planned.trajectories / len(captions) * times[f"teacher batch of {len(captions)}"],
-             f"{planned.steps} student steps of {planned.batch_size}": planned.steps * times["distill step"]}
+    parts = {
+        f"{distill_captions} captions encoded": distill_captions * caption_s,
+        f"{planned.trajectories} teacher trajectories": planned.trajectories
+        / len(captions)
+        * times[f"teacher batch of {len(captions)}"],
+        f"{planned.steps} student steps of {planned.batch_size}": planned.steps * times["distill step"],
+    }
     print(f"# one process, {torch.get_num_threads()} thread(s), median of {args.rounds} interleaved rounds")
     for name, t in times.items():
         print(f"  {name}: {t:.4f} s")
@@ -350,8 +482,10 @@ def cost(args) -> None:
 def released(args) -> None:
     rows = released_seconds_per_image(args.device, args.preset, args.size, args.released_steps, 4, 4.0)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"# {args.preset} preset, {name}, {args.size}x{args.size}, batch 1, latent output, random weights, "
-          f"torch {torch.__version__}")
+    print(
+        f"# {args.preset} preset, {name}, {args.size}x{args.size}, batch 1, latent output, random weights, "
+        f"torch {torch.__version__}"
+    )
     print("| sampler | rows/image | s/image | speedup |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['rows_per_image']} | {r['seconds']:.3f} | {r['speedup']:.1f}x |")
@@ -359,7 +493,9 @@ def released(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="runs/demo/merged", help="teacher pipeline folder (default: the make demo model)")
+    ap.add_argument(
+        "--model", default="runs/demo/merged", help="teacher pipeline folder (default: the make demo model)"
+    )
     ap.add_argument("--adapter", default="runs/distill/adapter", help="the student's adapter (nucleus distill)")
     ap.add_argument("--prompts", default=None, help="GenEval metadata .jsonl (default: heldout_metadata(0, 24))")
     ap.add_argument("--per-task", type=int, default=24, help="held-out prompts per task without --prompts")
@@ -367,8 +503,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher-steps", type=int, default=TEACHER[1])
     ap.add_argument("--teacher-guidance", type=float, default=TEACHER[2])
-    ap.add_argument("--student-steps", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8],
-                    help="comma-separated step counts of the student (default 1,2,4,8)")
+    ap.add_argument(
+        "--student-steps",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 2, 4, 8],
+        help="comma-separated step counts of the student (default 1,2,4,8)",
+    )
     ap.add_argument("--reference-steps", type=int, default=4, help="the base model's reference arms' steps")
     ap.add_argument("--batch-size", type=int, default=12, help="prompts per pipeline call")
     ap.add_argument("--timing-prompts", type=int, default=12, help="prompts in the timed batch")
@@ -379,10 +519,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="runs/distill/bench", help="output folder (images, grid.png, report.json)")
     ap.add_argument("--cost", action="store_true", help="predict the distillation's time against the demo training's")
     ap.add_argument("--data", default="runs/demo/data", help="with --cost: the dataset distilled on")
-    ap.add_argument("--config", default="{}", help='with --cost: distill config fields as JSON, e.g. \'{"steps": 400}\'')
+    ap.add_argument(
+        "--config", default="{}", help="with --cost: distill config fields as JSON, e.g. '{\"steps\": 400}'"
+    )
     ap.add_argument("--released", action="store_true", help="time the released preset at 1024 px")
-    ap.add_argument("--preset", default="released", choices=["tiny", "small", "released"],
-                    help="with --released: the preset to time (a smaller one checks the command on a CPU)")
+    ap.add_argument(
+        "--preset",
+        default="released",
+        choices=["tiny", "small", "released"],
+        help="with --released: the preset to time (a smaller one checks the command on a CPU)",
+    )
     ap.add_argument("--size", type=int, default=1024, help="with --released: image side in pixels")
     ap.add_argument("--released-steps", type=int, default=50, help="with --released: the teacher's steps")
     args = ap.parse_args(argv)

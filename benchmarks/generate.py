@@ -41,9 +41,15 @@ def stand_in_vae(latent_channels: int, device, dtype, base_dim: int = 8):
 
     torch.manual_seed(0)
     with torch.device(device):
-        vae = AutoencoderKLQwenImage(base_dim=base_dim, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True],
-                                     latents_mean=[0.0] * latent_channels, latents_std=[1.0] * latent_channels)
+        vae = AutoencoderKLQwenImage(
+            base_dim=base_dim,
+            z_dim=latent_channels,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * latent_channels,
+            latents_std=[1.0] * latent_channels,
+        )
     return (vae if dtype == torch.float32 else vae.to(dtype=dtype)).eval()
 
 
@@ -53,10 +59,14 @@ def text_inputs(cfg: NucleusConfig, batch: int, length: int, device, dtype):
     g = torch.Generator(device="cpu").manual_seed(1)
     pos = torch.randn(batch, length, cfg.joint_attention_dim, generator=g).to(device, dtype)
     mask = torch.ones(batch, length, dtype=torch.long, device=device)
-    mask[:, length * 3 // 4:] = 0
+    mask[:, length * 3 // 4 :] = 0
     neg = torch.randn(batch, max(8, length // 4), cfg.joint_attention_dim, generator=g).to(device, dtype)
-    return dict(prompt_embeds=pos, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
-                negative_prompt_embeds_mask=torch.ones(neg.shape[:2], dtype=torch.long, device=device))
+    return dict(
+        prompt_embeds=pos,
+        prompt_embeds_mask=mask,
+        negative_prompt_embeds=neg,
+        negative_prompt_embeds_mask=torch.ones(neg.shape[:2], dtype=torch.long, device=device),
+    )
 
 
 def time_interleaved(fns: dict, device, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
@@ -106,8 +116,13 @@ def main(argv=None) -> None:
     vae = stand_in_vae(cfg.latent_channels, device, dtype)
     from diffusers import FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline
 
-    ref = NucleusMoEImagePipeline(transformer=ref_transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                                  text_encoder=None, processor=None)
+    ref = NucleusMoEImagePipeline(
+        transformer=ref_transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        processor=None,
+    )
     ref.set_progress_bar_config(disable=True)
     ours = NucleusPipeline(transformer, QwenImageAutoencoder(vae))
 
@@ -115,12 +130,20 @@ def main(argv=None) -> None:
     texts = text_inputs(cfg, args.batch, args.text_len, device, dtype)
     tokens = (size // 16) ** 2
     latents = torch.randn(args.batch, tokens, cfg.in_channels, generator=torch.Generator().manual_seed(2))
-    common = dict(guidance_scale=args.guidance, height=size, width=size, num_inference_steps=steps,
-                  output_type=output_type, **texts)
-    print(f"# {preset} preset, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"{dtype}, {size}x{size} = {tokens} image tokens, {args.text_len} text tokens, {steps} steps, "
-          f"CFG {args.guidance}, batch {args.batch}, {output_type} output, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+    common = dict(
+        guidance_scale=args.guidance,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        output_type=output_type,
+        **texts,
+    )
+    print(
+        f"# {preset} preset, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+        f"{dtype}, {size}x{size} = {tokens} image tokens, {args.text_len} text tokens, {steps} steps, "
+        f"CFG {args.guidance}, batch {args.batch}, {output_type} output, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
 
     variants = {
         "ref": lambda: ref(**common, latents=latents.to(device, dtype)).images,
@@ -128,7 +151,9 @@ def main(argv=None) -> None:
     }
     if args.compile:
         # The compiled wrapper forwards attribute access (config, dtype, encode_text) to the model it wraps.
-        ours_compiled = NucleusPipeline(torch.compile(transformer, fullgraph=True, dynamic=False), QwenImageAutoencoder(vae))
+        ours_compiled = NucleusPipeline(
+            torch.compile(transformer, fullgraph=True, dynamic=False), QwenImageAutoencoder(vae)
+        )
         variants["ours compiled"] = lambda: ours_compiled(**common, latents=latents, progress=False).images
     with torch.inference_mode():
         times, outputs = time_interleaved(variants, device, repeats)
@@ -140,12 +165,16 @@ def main(argv=None) -> None:
     print(f"{'nucleus_image NucleusPipeline':44s} {per_ours:9.3f} {1000 * t_ours / steps:9.1f}")
     if args.compile:
         t_comp = times["ours compiled"]
-        print(f"{'nucleus_image NucleusPipeline, compiled':44s} {t_comp / args.batch:9.3f} {1000 * t_comp / steps:9.1f}")
+        print(
+            f"{'nucleus_image NucleusPipeline, compiled':44s} {t_comp / args.batch:9.3f} {1000 * t_comp / steps:9.1f}"
+        )
         per_ours = min(per_ours, t_comp / args.batch)
     print(f"speedup (diffusers / ours): {per_ref / per_ours:.2f}x   max |output difference|: {diff:.3g}")
     if preset == "released" and size == 1024 and steps == 50:
-        print(f"vs the ~{RELEASED_ANCHOR_S} s/image REFERENCE.md section 5 implies for diffusers: "
-              f"{RELEASED_ANCHOR_S / per_ours:.2f}x")
+        print(
+            f"vs the ~{RELEASED_ANCHOR_S} s/image REFERENCE.md section 5 implies for diffusers: "
+            f"{RELEASED_ANCHOR_S / per_ours:.2f}x"
+        )
 
 
 if __name__ == "__main__":

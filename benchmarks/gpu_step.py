@@ -54,8 +54,10 @@ def step_variants(args, device, dtype) -> tuple[dict, dict, float]:
     call = (latents, t_R, sigma, sigma_next)
     flops = flops_per_forward(cfg, rows, seq, args.text_len)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"# {args.preset} preset, {name}, {dtype}, CFG step of 1 image = {rows} rows, {args.size}x{args.size} = "
-          f"{seq} image tokens, {args.text_len} text tokens, {flops / 1e12:.2f} TFLOP per step, torch {torch.__version__}")
+    print(
+        f"# {args.preset} preset, {name}, {dtype}, CFG step of 1 image = {rows} rows, {args.size}x{args.size} = "
+        f"{seq} image tokens, {args.text_len} text tokens, {flops / 1e12:.2f} TFLOP per step, torch {torch.__version__}"
+    )
 
     with torch.inference_mode():
         kv = ours.encode_text(txt, None, shapes)
@@ -67,20 +69,31 @@ def step_variants(args, device, dtype) -> tuple[dict, dict, float]:
 
         def ref_step(latents, t_R, sigma, sigma_next):
             x = latents.to(dtype)
-            pred = ref(hidden_states=torch.cat([x, x]), img_shapes=shapes, encoder_hidden_states=txt, timestep=t_R,
-                       return_dict=False)[0]
+            pred = ref(
+                hidden_states=torch.cat([x, x]),
+                img_shapes=shapes,
+                encoder_hidden_states=txt,
+                timestep=t_R,
+                return_dict=False,
+            )[0]
             return euler_step(latents, guided(pred.float(), GUIDANCE), sigma, sigma_next)
 
-        steps = {"diffusers reference (grouped_mm)": ref_step,
-                 "ours eager": partial(denoise_step, ours, text_kv=kv, img_shapes=shapes, guidance_scale=GUIDANCE),
-                 "ours fp8 eager": partial(denoise_step, fp8_model, text_kv=fp8_kv, img_shapes=shapes,
-                                           guidance_scale=GUIDANCE)}
+        steps = {
+            "diffusers reference (grouped_mm)": ref_step,
+            "ours eager": partial(denoise_step, ours, text_kv=kv, img_shapes=shapes, guidance_scale=GUIDANCE),
+            "ours fp8 eager": partial(
+                denoise_step, fp8_model, text_kv=fp8_kv, img_shapes=shapes, guidance_scale=GUIDANCE
+            ),
+        }
         if args.compile:
             compiled = torch.compile(ours, fullgraph=True, dynamic=False)
             compiled_fp8 = torch.compile(fp8_model, fullgraph=True, dynamic=False)
-            steps["ours compiled"] = partial(denoise_step, compiled, text_kv=kv, img_shapes=shapes, guidance_scale=GUIDANCE)
-            steps["ours fp8 compiled"] = partial(denoise_step, compiled_fp8, text_kv=fp8_kv, img_shapes=shapes,
-                                                 guidance_scale=GUIDANCE)
+            steps["ours compiled"] = partial(
+                denoise_step, compiled, text_kv=kv, img_shapes=shapes, guidance_scale=GUIDANCE
+            )
+            steps["ours fp8 compiled"] = partial(
+                denoise_step, compiled_fp8, text_kv=fp8_kv, img_shapes=shapes, guidance_scale=GUIDANCE
+            )
         if device.type == "cuda":
             for base in [k for k in list(steps) if k.startswith("ours")]:
                 t0 = time.perf_counter()
@@ -94,6 +107,7 @@ def step_variants(args, device, dtype) -> tuple[dict, dict, float]:
         errors = {k: rel_l2(fn(*call), expected) for k, fn in steps.items()}
         try:
             from diffusers import TextKVCacheConfig
+
             ref.enable_cache(TextKVCacheConfig())  # the reference at its best: text K/V reused like ours
         except ImportError:
             pass
@@ -137,8 +151,10 @@ def qlora_step(args, device) -> dict:
     ms = timeit({"qlora": train_step}, device, 1, max(2, args.iters // 4))["qlora"]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    print(f"QLoRA step (int8 base, rank 16, {trainable / 1e6:.1f}M adapter params, batch 1, {args.size}x{args.size}, "
-          f"gradient checkpointing): {ms:.1f} ms, peak memory {peak:.1f} GiB")
+    print(
+        f"QLoRA step (int8 base, rank 16, {trainable / 1e6:.1f}M adapter params, batch 1, {args.size}x{args.size}, "
+        f"gradient checkpointing): {ms:.1f} ms, peak memory {peak:.1f} GiB"
+    )
     return {"ms": ms, "peak_gib": peak, "adapter_params": trainable}
 
 
@@ -166,8 +182,10 @@ def main(argv=None) -> int:
         bound = 0.1 if "fp8" in name else 2e-2
         ok = errors[name] <= bound
         failed += [] if ok else [name]
-        print(f"{name:44s} {ms:9.2f} {flops / ms / 1e9:8.1f} {baseline / ms:11.2f}x {errors[name]:15.4f}"
-              f"{'' if ok else f'  CHECK FAILED (> {bound})'}")
+        print(
+            f"{name:44s} {ms:9.2f} {flops / ms / 1e9:8.1f} {baseline / ms:11.2f}x {errors[name]:15.4f}"
+            f"{'' if ok else f'  CHECK FAILED (> {bound})'}"
+        )
     if not args.skip_qlora:
         del results
         if device.type == "cuda":

@@ -96,8 +96,9 @@ class Check:
     needs: str = ""  # "cuda": the row says so on the CPU
 
 
-def row(check: str, status: str, value: float | None = None, unit: str = "", target: str = "", detail: str = "",
-        **extra) -> dict:
+def row(
+    check: str, status: str, value: float | None = None, unit: str = "", target: str = "", detail: str = "", **extra
+) -> dict:
     return {"check": check, "status": status, "value": value, "unit": unit, "target": target, "detail": detail, **extra}
 
 
@@ -114,9 +115,11 @@ def sync(ctx: Context) -> None:
 def check_environment(ctx: Context) -> list[dict]:
     if ctx.cuda:
         props = torch.cuda.get_device_properties(ctx.device)
-        detail = (f"{props.name}, sm_{props.major}{props.minor}, {props.total_memory / GIB:.0f} GiB, "
-                  f"{torch.cuda.device_count()} GPU(s), CUDA {torch.version.cuda}, NCCL "
-                  f"{'.'.join(map(str, torch.cuda.nccl.version()))}")
+        detail = (
+            f"{props.name}, sm_{props.major}{props.minor}, {props.total_memory / GIB:.0f} GiB, "
+            f"{torch.cuda.device_count()} GPU(s), CUDA {torch.version.cuda}, NCCL "
+            f"{'.'.join(map(str, torch.cuda.nccl.version()))}"
+        )
     else:
         detail = f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     return [row("environment", "info", detail=f"torch {torch.__version__}; {detail}; preset {ctx.preset}")]
@@ -138,14 +141,27 @@ def check_parity(ctx: Context) -> list[dict]:
     txt = torch.randn(2, 24, cfg.joint_attention_dim, device=ctx.device, generator=g)
     mask = torch.ones(2, 24, dtype=torch.bool, device=ctx.device)
     mask[1, -5:] = False  # one padded prompt: the masked path too
-    kw = dict(hidden_states=x, img_shapes=[(1, h, w)] * 2, encoder_hidden_states=txt, encoder_hidden_states_mask=mask,
-              timestep=torch.tensor([0.25, 0.75], device=ctx.device))
+    kw = dict(
+        hidden_states=x,
+        img_shapes=[(1, h, w)] * 2,
+        encoder_hidden_states=txt,
+        encoder_hidden_states_mask=mask,
+        timestep=torch.tensor([0.25, 0.75], device=ctx.device),
+    )
     with torch.no_grad():
         ours_out = ours(**kw).sample
         ref_out = ref(**kw, return_dict=False)[0]
     err = ((ours_out - ref_out).abs().max() / ref_out.abs().max()).item()
-    return [row("parity vs diffusers (fp32)", "pass" if err <= 1e-5 else "fail", err, "rel max err", "<= 1e-5",
-                f"{preset} preset, {h * w} image + 24 text tokens, batch 2 (one prompt padded)")]
+    return [
+        row(
+            "parity vs diffusers (fp32)",
+            "pass" if err <= 1e-5 else "fail",
+            err,
+            "rel max err",
+            "<= 1e-5",
+            f"{preset} preset, {h * w} image + 24 text tokens, batch 2 (one prompt padded)",
+        )
+    ]
 
 
 def _train_step(argv: list[str], parallel: bool) -> dict:
@@ -156,8 +172,22 @@ def _train_step(argv: list[str], parallel: bool) -> dict:
 
 
 def _train_argv(ctx: Context, preset: str, size: int, text: int, steps: int, *extra: str) -> list[str]:
-    return ["--device", ctx.device.type, "--preset", preset, "--size", str(size), "--text-tokens", str(text),
-            "--steps", str(steps), "--threads", str(torch.get_num_threads()), "--losses", *extra]
+    return [
+        "--device",
+        ctx.device.type,
+        "--preset",
+        preset,
+        "--size",
+        str(size),
+        "--text-tokens",
+        str(text),
+        "--steps",
+        str(steps),
+        "--threads",
+        str(torch.get_num_threads()),
+        "--losses",
+        *extra,
+    ]
 
 
 def check_fsdp_nccl(ctx: Context) -> list[dict]:
@@ -168,33 +198,64 @@ def check_fsdp_nccl(ctx: Context) -> list[dict]:
     worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
     tol = 2e-2 if ctx.cuda else 1e-5
     backend = "NCCL" if ctx.cuda else "gloo"
-    return [row(f"FSDP2 path, torchrun 1 process ({backend})", "pass" if worst <= tol and len(a) == len(b) else "fail",
-                worst, "rel loss diff", f"<= {tol:g}",
-                f"tiny preset, {len(a)} steps, bf16 mixed precision and per-block compile"
-                f"{'' if ctx.cuda else ' (aot_eager, fp32 on CPU)'}: losses {', '.join(f'{v:.4f}' for v in a)} vs "
-                f"plain {', '.join(f'{v:.4f}' for v in b)}")]
+    return [
+        row(
+            f"FSDP2 path, torchrun 1 process ({backend})",
+            "pass" if worst <= tol and len(a) == len(b) else "fail",
+            worst,
+            "rel loss diff",
+            f"<= {tol:g}",
+            f"tiny preset, {len(a)} steps, bf16 mixed precision and per-block compile"
+            f"{'' if ctx.cuda else ' (aot_eager, fp32 on CPU)'}: losses {', '.join(f'{v:.4f}' for v in a)} vs "
+            f"plain {', '.join(f'{v:.4f}' for v in b)}",
+        )
+    ]
 
 
 def check_expert_parallel(ctx: Context) -> list[dict]:
     import train_step
 
     if torch.cuda.device_count() < 2:
-        return [row("FSDP2 + EP on NCCL, 2 processes", "not run",
-                    detail=f"expert parallelism needs >= 2 GPUs; this machine has {torch.cuda.device_count()}")]
+        return [
+            row(
+                "FSDP2 + EP on NCCL, 2 processes",
+                "not run",
+                detail=f"expert parallelism needs >= 2 GPUs; this machine has {torch.cuda.device_count()}",
+            )
+        ]
     argv = _train_argv(ctx, "tiny", 64, 16, 1, "--batch", "4", "--ep")
     result = train_step.launch(train_step.parse_args(argv), 2, argv)
     ok = all(math.isfinite(v) for v in result["losses"])
-    return [row("FSDP2 + EP on NCCL, 2 processes", "pass" if ok else "fail", result["losses"][-1], "loss",
-                detail=f"tiny preset, ep=2: losses {', '.join(f'{v:.4f}' for v in result['losses'])}")]
+    return [
+        row(
+            "FSDP2 + EP on NCCL, 2 processes",
+            "pass" if ok else "fail",
+            result["losses"][-1],
+            "loss",
+            detail=f"tiny preset, ep=2: losses {', '.join(f'{v:.4f}' for v in result['losses'])}",
+        )
+    ]
 
 
 def check_cfg_step(ctx: Context) -> list[dict]:
     import gpu_step
 
-    args = Namespace(preset=ctx.preset, size=ctx.size, text_len=ctx.text_len, iters=2 if ctx.tiny else 20,
-                     warmup=1 if ctx.tiny else 3, compile=ctx.cuda)
+    args = Namespace(
+        preset=ctx.preset,
+        size=ctx.size,
+        text_len=ctx.text_len,
+        iters=2 if ctx.tiny else 20,
+        warmup=1 if ctx.tiny else 3,
+        compile=ctx.cuda,
+    )
     results, errors, flops = gpu_step.step_variants(args, ctx.device, torch.bfloat16)
-    expected = ["diffusers reference (grouped_mm)", "ours eager", "ours fp8 eager", "ours compiled", "ours fp8 compiled"]
+    expected = [
+        "diffusers reference (grouped_mm)",
+        "ours eager",
+        "ours fp8 eager",
+        "ours compiled",
+        "ours fp8 compiled",
+    ]
     expected += [f"{k} + CUDA graph" for k in expected[1:]]
     baseline = results["diffusers reference (grouped_mm)"]
     rows = []
@@ -206,15 +267,31 @@ def check_cfg_step(ctx: Context) -> list[dict]:
             continue
         bound = 0.1 if "fp8" in name else 2e-2
         ok = errors[name] <= bound
-        rows.append(row(label, "pass" if ok else "fail", results[name], "ms", f"rel L2 vs eager <= {bound:g}",
-                        f"rel L2 {errors[name]:.4f}, {baseline / results[name]:.2f}x diffusers, "
-                        f"{flops / results[name] / 1e9:.1f} TFLOP/s"))
+        rows.append(
+            row(
+                label,
+                "pass" if ok else "fail",
+                results[name],
+                "ms",
+                f"rel L2 vs eager <= {bound:g}",
+                f"rel L2 {errors[name]:.4f}, {baseline / results[name]:.2f}x diffusers, "
+                f"{flops / results[name] / 1e9:.1f} TFLOP/s",
+            )
+        )
     for kind, target in STEP_TARGET_MS.items():
-        fast = {k: v for k, v in results.items() if ("compiled" in k or "graph" in k) and ("fp8" in k) == (kind == "fp8")}
+        fast = {
+            k: v for k, v in results.items() if ("compiled" in k or "graph" in k) and ("fp8" in k) == (kind == "fp8")
+        }
         label = f"CFG step target, best {kind}"
         if ctx.tiny or not fast:
-            rows.append(row(label, "not run", target=f"<= {target:g} ms",
-                            detail="the targets are for the released preset at 1024x1024 on H100/H200"))
+            rows.append(
+                row(
+                    label,
+                    "not run",
+                    target=f"<= {target:g} ms",
+                    detail="the targets are for the released preset at 1024x1024 on H100/H200",
+                )
+            )
             continue
         best = min(fast, key=fast.get)
         rows.append(row(label, "pass" if fast[best] <= target else "slow", fast[best], "ms", f"<= {target:g} ms", best))
@@ -251,10 +328,12 @@ def check_generation(ctx: Context) -> list[dict]:
     tokens = (size // 16) ** 2
     latents = torch.randn(1, tokens, cfg.in_channels, generator=torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(3)
-    probe = dict(hidden_states=torch.randn(2, tokens, cfg.in_channels, generator=g).to(ctx.device, dtype),
-                 img_shapes=[(1, size // 16, size // 16)] * 2,
-                 encoder_hidden_states=torch.randn(2, ctx.text_len, cfg.joint_attention_dim, generator=g).to(ctx.device, dtype),
-                 timestep=torch.full((2,), 0.7, device=ctx.device, dtype=dtype))
+    probe = dict(
+        hidden_states=torch.randn(2, tokens, cfg.in_channels, generator=g).to(ctx.device, dtype),
+        img_shapes=[(1, size // 16, size // 16)] * 2,
+        encoder_hidden_states=torch.randn(2, ctx.text_len, cfg.joint_attention_dim, generator=g).to(ctx.device, dtype),
+        timestep=torch.full((2,), 0.7, device=ctx.device, dtype=dtype),
+    )
     common = dict(guidance_scale=4.0, height=size, width=size, output_type="latent", progress=False, **texts)
     rows, reference = [], None
     for weights in ("bf16", "int8", "fp8"):
@@ -270,8 +349,11 @@ def check_generation(ctx: Context) -> list[dict]:
             out = model(**probe).sample.float()
             layer_err = _quantized_layers_error(model, dtype) if weights != "bf16" else 0.0
             pipe(**common, latents=latents, num_inference_steps=1)  # warm-up: kernels, workspaces
-        resident = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else \
-            _tensor_bytes(model.state_dict().values()) + vae_bytes
+        resident = (
+            torch.cuda.memory_allocated(ctx.device)
+            if ctx.cuda
+            else _tensor_bytes(model.state_dict().values()) + vae_bytes
+        )
         with torch.inference_mode(), peak_memory(ctx.device) as peak:
             sync(ctx)
             t0 = time.perf_counter()
@@ -282,18 +364,41 @@ def check_generation(ctx: Context) -> list[dict]:
         label = f"generation {weights}, {size}x{size}, {steps} steps, CFG"
         if reference is None:
             reference = out
-            rows.append(row(label, "pass" if finite else "fail", seconds, "s/image", "finite latents",
-                            f"{ctx.preset} preset, random weights"))
+            rows.append(
+                row(
+                    label,
+                    "pass" if finite else "fail",
+                    seconds,
+                    "s/image",
+                    "finite latents",
+                    f"{ctx.preset} preset, random weights",
+                )
+            )
         else:
             ok = finite and layer_err <= 2e-2
-            rows.append(row(label, "pass" if ok else "fail", seconds, "s/image",
-                            "each 8-bit layer within 2e-2 of its dequantized weights; finite latents",
-                            f"worst 8-bit layer rel L2 {layer_err:.4f}; whole guided forward vs the bf16 model "
-                            f"{rel_l2(out, reference):.3f} (routing ties of random weights)"))
-        plan = plan_generation(cfg, weights=weights, height=size, width=size, batch=2, vae_bytes=vae_bytes,
-                               text_tokens=ctx.text_len)
-        rows.append(_plan_row(ctx, f"planner vs measured: generation {weights}", plan.peak, resident + peak["peak"],
-                              why="" if ctx.cuda else "; float32 where the plan counts bf16 (a CPU run)"))
+            rows.append(
+                row(
+                    label,
+                    "pass" if ok else "fail",
+                    seconds,
+                    "s/image",
+                    "each 8-bit layer within 2e-2 of its dequantized weights; finite latents",
+                    f"worst 8-bit layer rel L2 {layer_err:.4f}; whole guided forward vs the bf16 model "
+                    f"{rel_l2(out, reference):.3f} (routing ties of random weights)",
+                )
+            )
+        plan = plan_generation(
+            cfg, weights=weights, height=size, width=size, batch=2, vae_bytes=vae_bytes, text_tokens=ctx.text_len
+        )
+        rows.append(
+            _plan_row(
+                ctx,
+                f"planner vs measured: generation {weights}",
+                plan.peak,
+                resident + peak["peak"],
+                why="" if ctx.cuda else "; float32 where the plan counts bf16 (a CPU run)",
+            )
+        )
         del pipe, model, out
     return rows
 
@@ -316,8 +421,9 @@ def _quantized_layers_error(model, dtype) -> float:
             E, D, F2 = module.gate_up_proj.shape
             dense = SwiGLUExperts(D, F2 // 2, E).to(device)
             for name in ("gate_up_proj", "down_proj"):
-                getattr(dense, name).data = dequantize_columns(getattr(module, name), getattr(module, f"{name}_scale"),
-                                                               module.method, torch.float32)
+                getattr(dense, name).data = dequantize_columns(
+                    getattr(module, name), getattr(module, f"{name}_scale"), module.method, torch.float32
+                )
             x = torch.randn(E, 16, D, generator=g).to(device, dtype)
             worst = max(worst, rel_l2(module(x), dense(x.float())))
         elif isinstance(module, torch.nn.Linear) and hasattr(module.weight, "dequantize"):
@@ -332,8 +438,14 @@ def _plan_row(ctx: Context, label: str, planned: int, measured: int, bounds=(0.9
     detail = f"planned {planned / GIB:.3f} GiB, measured {measured / GIB:.3f} GiB{why}"
     target = f"{bounds[0]:g}-{bounds[1]:g}"
     if not ctx.cuda:
-        return row(label, "info", ratio, "planned/measured", f"{target} on GPUs",
-                   detail + " (checked on GPUs: the plan counts a GPU's kernels, e.g. flash attention)")
+        return row(
+            label,
+            "info",
+            ratio,
+            "planned/measured",
+            f"{target} on GPUs",
+            detail + " (checked on GPUs: the plan counts a GPU's kernels, e.g. flash attention)",
+        )
     return row(label, "pass" if bounds[0] <= ratio <= bounds[1] else "fail", ratio, "planned/measured", target, detail)
 
 
@@ -376,31 +488,61 @@ def check_few_step_student(ctx: Context) -> list[dict]:
         seconds, outputs = time_interleaved({"teacher": teacher, "student": few_step}, ctx.device, 1 if ctx.tiny else 2)
     finite = all(bool(torch.isfinite(v).all()) for v in outputs.values())
     status, where = "pass" if finite else "fail", f"{ctx.preset} preset, {size}x{size}, random weights"
-    return [row(f"seconds per image: teacher, {teacher_steps} steps with CFG", status, seconds["teacher"], "s/image",
-                "finite latents", f"{where}, guidance 4"),
-            row(f"seconds per image: {student_steps}-step student (LoRA rank 16, no CFG)", status, seconds["student"],
-                "s/image", "finite latents", f"{where}, {adapter / 1e6:.2f}M adapter parameters; "
-                f"{seconds['teacher'] / seconds['student']:.1f}x the teacher")]
+    return [
+        row(
+            f"seconds per image: teacher, {teacher_steps} steps with CFG",
+            status,
+            seconds["teacher"],
+            "s/image",
+            "finite latents",
+            f"{where}, guidance 4",
+        ),
+        row(
+            f"seconds per image: {student_steps}-step student (LoRA rank 16, no CFG)",
+            status,
+            seconds["student"],
+            "s/image",
+            "finite latents",
+            f"{where}, {adapter / 1e6:.2f}M adapter parameters; "
+            f"{seconds['teacher'] / seconds['student']:.1f}x the teacher",
+        ),
+    ]
 
 
 def check_step_cache(ctx: Context) -> list[dict]:
     import step_cache
 
-    rows = step_cache.released(Namespace(device=str(ctx.device), preset=ctx.preset, size=ctx.size,
-                                         released_steps=ctx.steps))
-    return [row(f"generation, step cache {r['policy']}, {ctx.size}x{ctx.size}, {ctx.steps} steps", "info",
-                r["seconds"], "s/image", detail=f"{r['speedup']:.2f}x uncached, full steps {r['full_steps']}")
-            for r in rows]
+    rows = step_cache.released(
+        Namespace(device=str(ctx.device), preset=ctx.preset, size=ctx.size, released_steps=ctx.steps)
+    )
+    return [
+        row(
+            f"generation, step cache {r['policy']}, {ctx.size}x{ctx.size}, {ctx.steps} steps",
+            "info",
+            r["seconds"],
+            "s/image",
+            detail=f"{r['speedup']:.2f}x uncached, full steps {r['full_steps']}",
+        )
+        for r in rows
+    ]
 
 
 def check_qlora(ctx: Context) -> list[dict]:
     import gpu_step
 
-    result = gpu_step.qlora_step(Namespace(preset=ctx.preset, size=ctx.size, text_len=ctx.text_len,
-                                           iters=4 if ctx.tiny else 12), ctx.device)
+    result = gpu_step.qlora_step(
+        Namespace(preset=ctx.preset, size=ctx.size, text_len=ctx.text_len, iters=4 if ctx.tiny else 12), ctx.device
+    )
     peak = f"peak {result['peak_gib']:.1f} GiB, " if ctx.cuda else ""
-    return [row(f"QLoRA step (int8 base, rank 16), {ctx.size}x{ctx.size}", "info", result["ms"], "ms",
-                detail=f"{peak}{result['adapter_params'] / 1e6:.1f}M adapter params, batch 1, gradient checkpointing")]
+    return [
+        row(
+            f"QLoRA step (int8 base, rank 16), {ctx.size}x{ctx.size}",
+            "info",
+            result["ms"],
+            "ms",
+            detail=f"{peak}{result['adapter_params'] / 1e6:.1f}M adapter params, batch 1, gradient checkpointing",
+        )
+    ]
 
 
 def check_training_plan(ctx: Context) -> list[dict]:
@@ -416,13 +558,32 @@ def check_training_plan(ctx: Context) -> list[dict]:
     cfg = NucleusConfig.preset(ctx.preset)
     cfg = cfg.replace(num_layers=layers) if layers else cfg
     _, side = train_step.latent_shape(cfg, size, ctx.device.type)
-    plan = plan_layout(cfg, Layout(1, 1, 1), global_batch=1, height=size, width=size, gpu_memory=2**50,
-                       text_tokens=text, grad_accum=1, vae_factor=size // side,
-                       ns_dtype=torch.bfloat16 if ctx.cuda else torch.float32)
-    label = f"planner vs measured: training step, {ctx.preset}{f' cut to {layers} blocks' if layers else ''}, " \
-            f"{size}x{size}, batch 1"
-    return [_plan_row(ctx, label, plan.peak, result["peak_bytes"], (0.95, 1.25),
-                      "; an upper bound: the plan counts every gradient beside the activations' peak")]
+    plan = plan_layout(
+        cfg,
+        Layout(1, 1, 1),
+        global_batch=1,
+        height=size,
+        width=size,
+        gpu_memory=2**50,
+        text_tokens=text,
+        grad_accum=1,
+        vae_factor=size // side,
+        ns_dtype=torch.bfloat16 if ctx.cuda else torch.float32,
+    )
+    label = (
+        f"planner vs measured: training step, {ctx.preset}{f' cut to {layers} blocks' if layers else ''}, "
+        f"{size}x{size}, batch 1"
+    )
+    return [
+        _plan_row(
+            ctx,
+            label,
+            plan.peak,
+            result["peak_bytes"],
+            (0.95, 1.25),
+            "; an upper bound: the plan counts every gradient beside the activations' peak",
+        )
+    ]
 
 
 CHECKS = [
@@ -459,8 +620,10 @@ def run_suite(ctx: Context, only: set[str] | None = None) -> list[dict]:
             tail = traceback.format_exc().strip().splitlines()[-1]
             found = [row(check.name, "fail", detail=f"{type(err).__name__}: {tail}")]
         seconds = time.perf_counter() - t0
-        print(f"[gpu_suite] {check.name}: {seconds:.1f} s ({time.process_time() - cpu0:.1f} s CPU in this process)",
-              flush=True)
+        print(
+            f"[gpu_suite] {check.name}: {seconds:.1f} s ({time.process_time() - cpu0:.1f} s CPU in this process)",
+            flush=True,
+        )
         for r in found:
             r.setdefault("seconds", round(seconds / len(found), 1))
             print(f"[gpu_suite]   {r['status']:8s} {r['check']}: {_value(r)} {r['detail']}", flush=True)
@@ -492,7 +655,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny preset at 256x256, 2 steps: a dry run of every check")
     ap.add_argument("--out", default="gpu_report", help="folder for gpu_report.json and gpu_report.md")
     ap.add_argument("--budget-s", type=float, default=480.0, help="no check starts after this many seconds (480)")
-    ap.add_argument("--only", default="", help=f"comma-separated checks (default all: {', '.join(c.name for c in CHECKS)})")
+    ap.add_argument(
+        "--only", default="", help=f"comma-separated checks (default all: {', '.join(c.name for c in CHECKS)})"
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -501,7 +666,9 @@ def main(argv=None) -> int:
     only = {c for c in args.only.split(",") if c}
     unknown = only - {c.name for c in CHECKS}
     if unknown:
-        print(f"gpu_suite: error: unknown checks {sorted(unknown)}; accepted: {[c.name for c in CHECKS]}", file=sys.stderr)
+        print(
+            f"gpu_suite: error: unknown checks {sorted(unknown)}; accepted: {[c.name for c in CHECKS]}", file=sys.stderr
+        )
         return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -510,16 +677,25 @@ def main(argv=None) -> int:
     total = time.perf_counter() - ctx.started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"device": str(device), "preset": ctx.preset, "torch": torch.__version__, "seconds": round(total, 1),
-              "budget_s": args.budget_s, "rows": rows}
+    report = {
+        "device": str(device),
+        "preset": ctx.preset,
+        "torch": torch.__version__,
+        "seconds": round(total, 1),
+        "budget_s": args.budget_s,
+        "rows": rows,
+    }
     (out / "gpu_report.json").write_text(json.dumps(report, indent=1) + "\n")
     table = markdown(rows)
-    (out / "gpu_report.md").write_text(f"# GPU suite: {ctx.preset} preset on {device}, torch {torch.__version__}, "
-                                       f"{total:.0f} s\n\n{table}")
+    (out / "gpu_report.md").write_text(
+        f"# GPU suite: {ctx.preset} preset on {device}, torch {torch.__version__}, {total:.0f} s\n\n{table}"
+    )
     print(table)
     failed = [r["check"] for r in rows if r["status"] == "fail"]
-    print(f"[gpu_suite] {len(rows)} rows in {total:.0f} s; {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
-          f"report in {out}/")
+    print(
+        f"[gpu_suite] {len(rows)} rows in {total:.0f} s; {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+        f"report in {out}/"
+    )
     return 1 if failed else 0
 
 

@@ -60,24 +60,54 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
     return out / arm / f"seed{seed}"
 
 
-def job(out: Path, data: Path, arm: str, seed: int, steps: list[int], samples: int, keep: int,
-        prompts: Path) -> list[list[str]]:
+def job(
+    out: Path, data: Path, arm: str, seed: int, steps: list[int], samples: int, keep: int, prompts: Path
+) -> list[list[str]]:
     """The commands of one run: train, merge, score (each skipped by `run_jobs` when its output exists)."""
     d = run_dir(out, arm, seed)
-    sets = [f"seed={seed}", "cpu_threads=1", "data_workers=0", "image_cache_mb=64", f"keep_last={keep}", "sample_every=0"]
+    sets = [
+        f"seed={seed}",
+        "cpu_threads=1",
+        "data_workers=0",
+        "image_cache_mb=64",
+        f"keep_last={keep}",
+        "sample_every=0",
+    ]
     sets += [f"stages.{i}.steps={s}" for i, s in enumerate(steps)]
     sets += ARMS[arm]
     train = ["train", "--preset", "tiny", "--data", str(data), "--out", str(d / "run"), "--no-progress"]
     for item in sets:
         train += ["--set", item]
     merge = ["merge", str(d / "run"), "--out", str(d / "merged")]
-    score = ["eval", "compositional", "--model", str(d / "merged"), "--prompts", str(prompts),
-             "--out", str(d / "eval"), "--samples", str(samples), "--steps", "16", "--batch-size", "48"]
+    score = [
+        "eval",
+        "compositional",
+        "--model",
+        str(d / "merged"),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(d / "eval"),
+        "--samples",
+        str(samples),
+        "--steps",
+        "16",
+        "--batch-size",
+        "48",
+    ]
     return [train, merge, score]
 
 
-def run_jobs(out: Path, data: Path, plan: list[tuple[str, int]], steps: list[int], samples: int, keep: int,
-             parallel: int, prompts: Path) -> None:
+def run_jobs(
+    out: Path,
+    data: Path,
+    plan: list[tuple[str, int]],
+    steps: list[int],
+    samples: int,
+    keep: int,
+    parallel: int,
+    prompts: Path,
+) -> None:
     pending = [(arm, seed) for arm, seed in plan if not (run_dir(out, arm, seed) / "eval" / "report.json").exists()]
     running: dict[tuple[str, int], tuple[subprocess.Popen, list]] = {}
     while pending or running:
@@ -97,7 +127,9 @@ def run_jobs(out: Path, data: Path, plan: list[tuple[str, int]], steps: list[int
             if proc is not None and proc.poll() is None:
                 continue
             if proc is not None and proc.returncode:
-                print(f"{key}: {cmds[0][:2]} failed ({proc.returncode}); see {run_dir(out, *key) / 'log.txt'}", flush=True)
+                print(
+                    f"{key}: {cmds[0][:2]} failed ({proc.returncode}); see {run_dir(out, *key) / 'log.txt'}", flush=True
+                )
                 del running[key]
                 continue
             if proc is not None:
@@ -108,8 +140,9 @@ def run_jobs(out: Path, data: Path, plan: list[tuple[str, int]], steps: list[int
                 continue
             # The child holds its own copy of the log's descriptor: ours closes at once.
             with open(run_dir(out, *key) / "log.txt", "a") as log:
-                proc = subprocess.Popen(cli(*cmds[0]), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env(),
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    cli(*cmds[0]), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env(), start_new_session=True
+                )
             running[key] = (proc, cmds)
             print(f"{key}: {cmds[0][0]} started", flush=True)
         time.sleep(2)
@@ -139,14 +172,26 @@ def summarize(out: Path, arms: list[str], seeds: list[int]) -> list[dict]:
         if not reports:
             continue
         overall = np.array([r["overall"] for r in reports])
-        half = T95.get(len(overall) - 1, 2.0) * overall.std(ddof=1) / math.sqrt(len(overall)) if len(overall) > 1 else float("nan")
+        half = (
+            T95.get(len(overall) - 1, 2.0) * overall.std(ddof=1) / math.sqrt(len(overall))
+            if len(overall) > 1
+            else float("nan")
+        )
         tasks = {}
         for t in reports[0]["tasks"]:
             k = sum(r["tasks"][t]["correct"] for r in reports)
             n = sum(r["tasks"][t]["images"] for r in reports)
             tasks[t] = (k / n, *wilson(k, n))
-        rows.append({"arm": arm, "seeds": len(reports), "overall": float(overall.mean()), "half": half,
-                     "per_seed": overall.round(3).tolist(), "tasks": tasks})
+        rows.append(
+            {
+                "arm": arm,
+                "seeds": len(reports),
+                "overall": float(overall.mean()),
+                "half": half,
+                "per_seed": overall.round(3).tolist(),
+                "tasks": tasks,
+            }
+        )
     return rows
 
 
@@ -157,8 +202,11 @@ def table(rows: list[dict]) -> str:
     head = "| arm | seeds | overall (95% t) | per seed | " + " | ".join(tasks) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['arm']} | {r['seeds']} | {r['overall']:.3f} +- {r['half']:.3f} | {r['per_seed']} | "
-                     + " | ".join(f"{r['tasks'][t][0]:.2f}" for t in tasks) + " |")
+        lines.append(
+            f"| {r['arm']} | {r['seeds']} | {r['overall']:.3f} +- {r['half']:.3f} | {r['per_seed']} | "
+            + " | ".join(f"{r['tasks'][t][0]:.2f}" for t in tasks)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -184,8 +232,9 @@ def main() -> None:
         # Seeds outer, arms inner: the first finished runs already compare every arm on one seed.
         plan = [(arm, seed) for seed in seeds for arm in arms]
         prompts = Path(args.prompts) if args.prompts else data / "heldout_metadata.jsonl"
-        run_jobs(out, data, plan, [int(s) for s in args.steps.split(",")], args.samples, args.keep, args.parallel,
-                 prompts)
+        run_jobs(
+            out, data, plan, [int(s) for s in args.steps.split(",")], args.samples, args.keep, args.parallel, prompts
+        )
     text = table(summarize(out, arms, seeds))
     print(text)
 

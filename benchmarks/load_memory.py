@@ -54,18 +54,24 @@ def main(argv=None) -> None:
         model.save_pretrained(path, max_shard_size="1GB")
         del model
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        print(f"# checkpoint: {cfg.param_counts()['total'] / 1e9:.2f}B parameters, {size / 2**30:.2f} GiB bf16 in "
-              f"{len(list(path.glob('*.safetensors')))} shards")
+        print(
+            f"# checkpoint: {cfg.param_counts()['total'] / 1e9:.2f}B parameters, {size / 2**30:.2f} GiB bf16 in "
+            f"{len(list(path.glob('*.safetensors')))} shards"
+        )
         for name, load in LOADERS.items():
-            out = subprocess.run([sys.executable, "-c", PROBE.format(load=load), str(path)], capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", PROBE.format(load=load), str(path)], capture_output=True, text=True
+            )
             if out.returncode:
                 print(f"{name:10s} failed: {out.stderr.strip().splitlines()[-1]}")
                 continue
             before, loaded, peak, n = map(int, out.stdout.split()[-4:])
             gib = lambda kib: kib * 1024 / 2**30  # noqa: E731 (VmHWM is in KiB)
-            print(f"{name:10s} peak RSS after load {gib(loaded):6.2f} GiB, after reading every weight {gib(peak):6.2f} GiB "
-                  f"= {peak * 1024 / size:4.2f}x the checkpoint (interpreter + imports {gib(before):.2f} GiB), "
-                  f"{n / 1e9:.2f}B parameters")
+            print(
+                f"{name:10s} peak RSS after load {gib(loaded):6.2f} GiB, after reading every weight {gib(peak):6.2f} GiB "
+                f"= {peak * 1024 / size:4.2f}x the checkpoint (interpreter + imports {gib(before):.2f} GiB), "
+                f"{n / 1e9:.2f}B parameters"
+            )
         print(json.dumps({"checkpoint_gib": round(size / 2**30, 3)}))
 
 

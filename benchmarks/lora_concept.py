@@ -33,20 +33,30 @@ NEW_WORD, MEANING = "blicket", "purple"
 
 def concept_data(out: Path, num: int, seed: int) -> Path:
     """Synthesize `num` images, then a manifest version whose captions say NEW_WORD for MEANING in even rows."""
-    generate_dataset(out, num, seed=seed, config=SynthConfig(size=64, aspect_ratios=("1:1", "4:3", "3:4")),
-                     progress=False)
+    generate_dataset(
+        out, num, seed=seed, config=SynthConfig(size=64, aspect_ratios=("1:1", "4:3", "3:4")), progress=False
+    )
     table = read_manifest(out)
     word = re.compile(rf"\b{MEANING}\b")
-    captions = [[word.sub(NEW_WORD, c) for c in caps] if i % 2 == 0 else caps
-                for i, caps in enumerate(table.column("captions").to_pylist())]
-    table = table.set_column(table.schema.get_field_index("captions"), "captions", pa.array(captions, pa.list_(pa.string())))
-    write_shard(table, next_version_dir(out) / "part-00000.parquet", {"derived": f"{MEANING} -> {NEW_WORD} in even rows"})
+    captions = [
+        [word.sub(NEW_WORD, c) for c in caps] if i % 2 == 0 else caps
+        for i, caps in enumerate(table.column("captions").to_pylist())
+    ]
+    table = table.set_column(
+        table.schema.get_field_index("captions"), "captions", pa.array(captions, pa.list_(pa.string()))
+    )
+    write_shard(
+        table, next_version_dir(out) / "part-00000.parquet", {"derived": f"{MEANING} -> {NEW_WORD} in even rows"}
+    )
     return out
 
 
 def concept_records(per_task: int) -> list[dict]:
-    records = [r for r in heldout_metadata(0, 10_000) if r["tag"] in ("colors", "color_attr")
-               and any(e.get("color") == MEANING for e in r["include"])][:per_task * 2]
+    records = [
+        r
+        for r in heldout_metadata(0, 10_000)
+        if r["tag"] in ("colors", "color_attr") and any(e.get("color") == MEANING for e in r["include"])
+    ][: per_task * 2]
     return [dict(r, prompt=re.sub(rf"\b{MEANING}\b", NEW_WORD, r["prompt"])) for r in records]
 
 
@@ -74,37 +84,58 @@ def main(argv=None) -> None:
     data = concept_data(out / "data", args.num, seed=4242)
     concept = concept_records(args.per_task)
     original = heldout_metadata(0, args.per_task)
-    print(f"data: {args.num} images, {len(concept)} concept prompts (e.g. {concept[0]['prompt']!r}), "
-          f"{len(original)} original prompts ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"data: {args.num} images, {len(concept)} concept prompts (e.g. {concept[0]['prompt']!r}), "
+        f"{len(original)} original prompts ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
 
     scores = {}
     base = NucleusPipeline.from_pretrained(args.model, device="cpu", quantize=args.quantize)
     for name, records in (("concept", concept), ("original", original)):
-        scores[("before", name)] = evaluate(base, records, out / "eval" / f"before-{name}", args.samples, args.sample_steps)
-    print(f"before: concept {scores[('before', 'concept')]['overall']:.3f}, original "
-          f"{scores[('before', 'original')]['overall']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        scores[("before", name)] = evaluate(
+            base, records, out / "eval" / f"before-{name}", args.samples, args.sample_steps
+        )
+    print(
+        f"before: concept {scores[('before', 'concept')]['overall']:.3f}, original "
+        f"{scores[('before', 'original')]['overall']:.3f} ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
 
-    cfg = FinetuneConfig(model=str(Path(args.model).resolve()), data=str(data.resolve()), lora_rank=args.rank,
-                         quantize=args.quantize, steps=args.steps, batch_size=args.batch_size,
-                         optimizer=replace(default_optimizer(), lr=args.lr),
-                         checkpoint_every=max(1, args.steps // 3))
+    cfg = FinetuneConfig(
+        model=str(Path(args.model).resolve()),
+        data=str(data.resolve()),
+        lora_rank=args.rank,
+        quantize=args.quantize,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        optimizer=replace(default_optimizer(), lr=args.lr),
+        checkpoint_every=max(1, args.steps // 3),
+    )
     losses = Finetuner(cfg, out / "run", progress=False).train()
     k = min(20, len(losses))
-    print(f"fine-tuned {args.steps} steps: mean loss {sum(losses[:k]) / k:.4f} (first {k}) -> "
-          f"{sum(losses[-k:]) / k:.4f} (last {k}) ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"fine-tuned {args.steps} steps: mean loss {sum(losses[:k]) / k:.4f} (first {k}) -> "
+        f"{sum(losses[-k:]) / k:.4f} (last {k}) ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
 
     tuned = NucleusPipeline.from_pretrained(args.model, device="cpu", quantize=args.quantize)
     tuned.load_lora(out / "run" / "adapter")
     for name, records in (("concept", concept), ("original", original)):
-        scores[("after", name)] = evaluate(tuned, records, out / "eval" / f"after-{name}", args.samples, args.sample_steps)
+        scores[("after", name)] = evaluate(
+            tuned, records, out / "eval" / f"after-{name}", args.samples, args.sample_steps
+        )
 
     print(f"\n{'prompts':10s} {'when':7s} {'overall':>8s} " + " ".join(f"{t:>13s}" for t in TASKS))
     for name in ("concept", "original"):
         for when in ("before", "after"):
             report = scores[(when, name)]
             cells = [report["tasks"].get(t, {}).get("accuracy") for t in TASKS]
-            print(f"{name:10s} {when:7s} {report['overall']:8.3f} " +
-                  " ".join(f"{c:13.3f}" if c is not None else f"{'':13s}" for c in cells))
+            print(
+                f"{name:10s} {when:7s} {report['overall']:8.3f} "
+                + " ".join(f"{c:13.3f}" if c is not None else f"{'':13s}" for c in cells)
+            )
     summary = {f"{w}-{n}": scores[(w, n)]["overall"] for (w, n) in scores}
     (out / "summary.json").write_text(json.dumps({"scores": summary, "args": vars(args)}, indent=2) + "\n")
     print(f"total {time.perf_counter() - t0:.0f} s; summary in {out / 'summary.json'}")

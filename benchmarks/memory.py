@@ -72,8 +72,10 @@ def measure(preset: str, weights: str, size: int, checkpoint: str) -> dict:
 
 
 def measured(preset: str, weights: str, size: int, checkpoint: str) -> dict:
-    code = (f"import json, sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); from memory import measure; "
-            f"print(json.dumps(measure({preset!r}, {weights!r}, {size}, {checkpoint!r})))")
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); from memory import measure; "
+        f"print(json.dumps(measure({preset!r}, {weights!r}, {size}, {checkpoint!r})))"
+    )
     # glibc serves freed blocks under its (growing) mmap threshold from the heap and keeps them resident; a fixed
     # 64 KiB threshold returns large transients to the system, so the peak tracks live tensor bytes more closely.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -98,31 +100,59 @@ def main(argv=None) -> None:
     tmp = tempfile.TemporaryDirectory()
     torch.manual_seed(0)
     NucleusTransformer(cfg).bfloat16().save_pretrained(tmp.name, max_shard_size="32MB")
-    print(f"# {args.preset} preset on the CPU, bf16 compute, batch 2 (one CFG image), {args.size}x{args.size}, "
-          f"prompt states given (no text encoder)")
-    print(f"{'weights':8s} {'planned weights':>16s} {'measured':>10s} {'ratio':>6s} {'planned peak':>13s} "
-          f"{'measured RSS peak':>18s} {'ratio':>6s}")
+    print(
+        f"# {args.preset} preset on the CPU, bf16 compute, batch 2 (one CFG image), {args.size}x{args.size}, "
+        f"prompt states given (no text encoder)"
+    )
+    print(
+        f"{'weights':8s} {'planned weights':>16s} {'measured':>10s} {'ratio':>6s} {'planned peak':>13s} "
+        f"{'measured RSS peak':>18s} {'ratio':>6s}"
+    )
     for weights in FORMATS:
         plan = plan_generation(cfg, weights=weights, height=args.size, width=args.size, batch=2)
         m = measured(args.preset, weights, args.size, tmp.name)
-        print(f"{weights:8s} {plan.transformer_weights / 2**20:13.1f} MiB {m['weight_bytes'] / 2**20:6.1f} MiB "
-              f"{m['weight_bytes'] / plan.transformer_weights:6.3f} {plan.peak / 2**20:9.1f} MiB "
-              f"{m['peak_rss_growth'] / 2**20:14.1f} MiB {m['peak_rss_growth'] / plan.peak:6.3f}")
+        print(
+            f"{weights:8s} {plan.transformer_weights / 2**20:13.1f} MiB {m['weight_bytes'] / 2**20:6.1f} MiB "
+            f"{m['weight_bytes'] / plan.transformer_weights:6.3f} {plan.peak / 2**20:9.1f} MiB "
+            f"{m['peak_rss_growth'] / 2**20:14.1f} MiB {m['peak_rss_growth'] / plan.peak:6.3f}"
+        )
 
     released = NucleusConfig.preset("released")
-    print("\n# released preset, planned: one 1024x1024 image with CFG (batch 2), 128 text tokens, Qwen3-VL text "
-          "encoder 16.5 GB")
-    print(f"{'weights':8s} {'transformer':>12s} {'activations':>12s} {'peak, encoder offloaded':>24s} "
-          f"{'peak, encoder resident':>23s}  targets")
+    print(
+        "\n# released preset, planned: one 1024x1024 image with CFG (batch 2), 128 text tokens, Qwen3-VL text "
+        "encoder 16.5 GB"
+    )
+    print(
+        f"{'weights':8s} {'transformer':>12s} {'activations':>12s} {'peak, encoder offloaded':>24s} "
+        f"{'peak, encoder resident':>23s}  targets"
+    )
     for weights in FORMATS:
-        off = plan_generation(released, weights=weights, height=1024, width=1024, batch=2,
-                              text_encoder_bytes=QWEN3_VL_BYTES, offload_text_encoder=True)
-        on = plan_generation(released, weights=weights, height=1024, width=1024, batch=2,
-                             text_encoder_bytes=QWEN3_VL_BYTES, offload_text_encoder=False)
-        verdict = (f"transformer <= 18 GB: {'yes' if off.transformer_weights <= 18 * GB else 'NO'}, "
-                   f"fits 24 GB: {'yes' if off.peak <= 24 * GB else 'NO'}")
-        print(f"{weights:8s} {off.transformer_weights / GB:9.2f} GB {off.activations / GB:9.2f} GB "
-              f"{off.peak / GB:21.2f} GB {on.peak / GB:20.2f} GB  {verdict}")
+        off = plan_generation(
+            released,
+            weights=weights,
+            height=1024,
+            width=1024,
+            batch=2,
+            text_encoder_bytes=QWEN3_VL_BYTES,
+            offload_text_encoder=True,
+        )
+        on = plan_generation(
+            released,
+            weights=weights,
+            height=1024,
+            width=1024,
+            batch=2,
+            text_encoder_bytes=QWEN3_VL_BYTES,
+            offload_text_encoder=False,
+        )
+        verdict = (
+            f"transformer <= 18 GB: {'yes' if off.transformer_weights <= 18 * GB else 'NO'}, "
+            f"fits 24 GB: {'yes' if off.peak <= 24 * GB else 'NO'}"
+        )
+        print(
+            f"{weights:8s} {off.transformer_weights / GB:9.2f} GB {off.activations / GB:9.2f} GB "
+            f"{off.peak / GB:21.2f} GB {on.peak / GB:20.2f} GB  {verdict}"
+        )
 
 
 if __name__ == "__main__":

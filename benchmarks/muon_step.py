@@ -29,8 +29,15 @@ class PerMatrixMuon:
     expert's, for stacks and `factors`) orthogonalised alone, decoupled weight decay. The reference the grouped
     step is tested against (tests/test_muon.py) and timed against here."""
 
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95, ns_dtype=torch.float32,
-                 factors: dict | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        weight_decay: float,
+        momentum: float = 0.95,
+        ns_dtype=torch.float32,
+        factors: dict | None = None,
+    ):
         self.params, self.lr, self.wd, self.mu, self.dtype = list(params), lr, weight_decay, momentum, ns_dtype
         self.factors = factors or {}
         self.state: dict[torch.Tensor, torch.Tensor] = {}
@@ -60,8 +67,11 @@ def compare(preset: str, device: torch.device, ns_dtype: torch.dtype, repeats: i
     arms = {}
     for name in ("grouped", "per matrix"):
         params = [torch.nn.Parameter(t.clone()) for t in init]
-        opt = (Muon(params, lr=0.02, weight_decay=0.1, ns_dtype=ns_dtype) if name == "grouped"
-               else PerMatrixMuon(params, lr=0.02, weight_decay=0.1, ns_dtype=ns_dtype))
+        opt = (
+            Muon(params, lr=0.02, weight_decay=0.1, ns_dtype=ns_dtype)
+            if name == "grouped"
+            else PerMatrixMuon(params, lr=0.02, weight_decay=0.1, ns_dtype=ns_dtype)
+        )
         arms[name] = (params, opt)
     times = {name: [] for name in arms}
     order = list(arms)
@@ -82,9 +92,16 @@ def compare(preset: str, device: torch.device, ns_dtype: torch.dtype, repeats: i
         order.reverse()
     diff = max((a - b).abs().max().item() for a, b in zip(arms["grouped"][0], arms["per matrix"][0]))
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    return {"preset": preset, "matrices": sum(s[0] if len(s) == 3 else 1 for s in shapes), "tensors": len(shapes),
-            "shapes": len({tuple(sorted(s[-2:])) for s in shapes}), "grouped_ms": ms["grouped"],
-            "per_matrix_ms": ms["per matrix"], "speedup": ms["per matrix"] / ms["grouped"], "max_abs_diff": diff}
+    return {
+        "preset": preset,
+        "matrices": sum(s[0] if len(s) == 3 else 1 for s in shapes),
+        "tensors": len(shapes),
+        "shapes": len({tuple(sorted(s[-2:])) for s in shapes}),
+        "grouped_ms": ms["grouped"],
+        "per_matrix_ms": ms["per matrix"],
+        "speedup": ms["per matrix"] / ms["grouped"],
+        "max_abs_diff": diff,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -97,17 +114,24 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    ns_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.ns_dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    print(f"# Muon step, {device}, {args.threads} thread(s), Newton-Schulz in {ns_dtype}, {args.repeats} interleaved "
-          f"steps per arm, torch {torch.__version__}")
+    ns_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
+        args.ns_dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    print(
+        f"# Muon step, {device}, {args.threads} thread(s), Newton-Schulz in {ns_dtype}, {args.repeats} interleaved "
+        f"steps per arm, torch {torch.__version__}"
+    )
     print("| preset | Muon tensors | matrices | matrix shapes | per matrix ms | grouped ms | speedup | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for preset in args.presets.split(","):
         r = compare(preset, device, ns_dtype, args.repeats)
         rows.append(r)
-        print(f"| {preset} | {r['tensors']} | {r['matrices']} | {r['shapes']} | {r['per_matrix_ms']:.2f} | "
-              f"{r['grouped_ms']:.2f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.2g} |", flush=True)
+        print(
+            f"| {preset} | {r['tensors']} | {r['matrices']} | {r['shapes']} | {r['per_matrix_ms']:.2f} | "
+            f"{r['grouped_ms']:.2f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.2g} |",
+            flush=True,
+        )
     return rows
 
 

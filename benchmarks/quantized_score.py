@@ -43,10 +43,21 @@ def main(argv=None) -> int:
     reports = {}
     for variant in ("full", "int8", "fp8"):
         t0 = time.perf_counter()
-        pipe = NucleusPipeline.from_pretrained(args.model, device="cpu",
-                                               quantize=None if variant == "full" else variant)
-        folder = generate_samples(pipe, records, Path(args.out) / variant / "images", args.samples, 0, args.steps,
-                                  4.0, "1:1", args.batch_size, progress=False)
+        pipe = NucleusPipeline.from_pretrained(
+            args.model, device="cpu", quantize=None if variant == "full" else variant
+        )
+        folder = generate_samples(
+            pipe,
+            records,
+            Path(args.out) / variant / "images",
+            args.samples,
+            0,
+            args.steps,
+            4.0,
+            "1:1",
+            args.batch_size,
+            progress=False,
+        )
         reports[variant] = score_folder(folder, progress=False)
         write_report(reports[variant], Path(args.out) / variant)
         print(f"{variant}: overall {reports[variant]['overall']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -60,8 +71,10 @@ def main(argv=None) -> int:
         if variant != "full":
             diff = report["overall"] - reports["full"]["overall"]
             failed |= abs(diff) > args.tolerance
-            print(f"{'':6s} {diff:+8.4f} vs full precision ({'within' if abs(diff) <= args.tolerance else 'OUTSIDE'} "
-                  f"{args.tolerance})")
+            print(
+                f"{'':6s} {diff:+8.4f} vs full precision ({'within' if abs(diff) <= args.tolerance else 'OUTSIDE'} "
+                f"{args.tolerance})"
+            )
     return 1 if failed else 0
 
 

@@ -36,10 +36,19 @@ NO_MOE = "[0.0, 0.0, 0.0, 0.0]"
 
 def arms(adamw_lr: float) -> dict[str, list[str]]:
     adamw = ["optimizer.kind=adamw", f"optimizer.lr={adamw_lr}"]
-    dense = ["model.dense_moe_strategy=all_dense", "model.mlp_ratio=6", f"model.capacity_factors={NO_MOE}",
-             f"stages.0.capacity_factors={NO_MOE}", f"stages.1.capacity_factors={NO_MOE}"]
-    return {"moe_muon_wsm": [], "moe_muon_no_ortho": ["orthogonality_step=0"], "moe_adamw": adamw,
-            "dense_adamw": adamw + dense}
+    dense = [
+        "model.dense_moe_strategy=all_dense",
+        "model.mlp_ratio=6",
+        f"model.capacity_factors={NO_MOE}",
+        f"stages.0.capacity_factors={NO_MOE}",
+        f"stages.1.capacity_factors={NO_MOE}",
+    ]
+    return {
+        "moe_muon_wsm": [],
+        "moe_muon_no_ortho": ["orthogonality_step=0"],
+        "moe_adamw": adamw,
+        "dense_adamw": adamw + dense,
+    }
 
 
 def cli(*args: str) -> list[str]:
@@ -52,7 +61,9 @@ def encode_captions_once(data: Path) -> None:
     subprocess.run(cli("data", "encode-captions", str(data), "--no-progress"), check=True, stdout=subprocess.DEVNULL)
 
 
-def train_all(data: Path, out: Path, budget: float, adamw_lr: float, threads: int, chosen: list[str]) -> dict[str, float]:
+def train_all(
+    data: Path, out: Path, budget: float, adamw_lr: float, threads: int, chosen: list[str]
+) -> dict[str, float]:
     encode_captions_once(data)
     procs = {}
     for arm, sets in arms(adamw_lr).items():
@@ -63,8 +74,20 @@ def train_all(data: Path, out: Path, budget: float, adamw_lr: float, threads: in
             continue
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
-        args = ["train", "--preset", "tiny", "--data", str(data), "--out", str(run), "--no-progress",
-                "--set", f"cpu_threads={threads}", "--set", f"time_budget_s={budget}"]
+        args = [
+            "train",
+            "--preset",
+            "tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--no-progress",
+            "--set",
+            f"cpu_threads={threads}",
+            "--set",
+            f"time_budget_s={budget}",
+        ]
         for item in sets:
             args += ["--set", item]
         with open(out / arm / "train.log", "w") as log:  # the child keeps its own descriptor
@@ -87,10 +110,25 @@ def evaluate(out: Path, arm: str, data: Path, samples: int) -> dict:
 
     arm_dir = out / arm
     if not (arm_dir / "eval" / "report.json").exists():
-        for args in (["merge", str(arm_dir / "run"), "--out", str(arm_dir / "merged")],
-                     ["eval", "compositional", "--model", str(arm_dir / "merged"), "--prompts",
-                      str(data / "heldout_metadata.jsonl"), "--out", str(arm_dir / "eval"), "--samples", str(samples),
-                      "--steps", "16", "--batch-size", "12"]):
+        for args in (
+            ["merge", str(arm_dir / "run"), "--out", str(arm_dir / "merged")],
+            [
+                "eval",
+                "compositional",
+                "--model",
+                str(arm_dir / "merged"),
+                "--prompts",
+                str(data / "heldout_metadata.jsonl"),
+                "--out",
+                str(arm_dir / "eval"),
+                "--samples",
+                str(samples),
+                "--steps",
+                "16",
+                "--batch-size",
+                "12",
+            ],
+        ):
             subprocess.run(cli(*args), check=True, stdout=subprocess.DEVNULL)
     report = json.loads((arm_dir / "eval" / "report.json").read_text())
     losses = json.loads((arm_dir / "run" / "losses.json").read_text())
@@ -118,8 +156,11 @@ def table(results: dict) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm, r in results.items():
         cos2 = "-" if r["router_row_cos2"] is None else f"{r['router_row_cos2']:.4f}"
-        lines.append(f"| {arm} | {r['wall_s']:.0f} | {r['steps']} | {r['images']} | {r['final_loss']:.4f} | {cos2} | "
-                     + " | ".join(f"{r['tasks'][t]:.3f}" for t in tasks) + f" | **{r['overall']:.3f}** |")
+        lines.append(
+            f"| {arm} | {r['wall_s']:.0f} | {r['steps']} | {r['images']} | {r['final_loss']:.4f} | {cos2} | "
+            + " | ".join(f"{r['tasks'][t]:.3f}" for t in tasks)
+            + f" | **{r['overall']:.3f}** |"
+        )
     return "\n".join(lines)
 
 
@@ -145,8 +186,12 @@ def main() -> None:
     loss_overlay({arm: r.pop("losses") for arm, r in results.items()}, out / "loss_curves.png")
     text = table(results)
     (out / "comparison.md").write_text(text + "\n")
-    (out / "comparison.json").write_text(json.dumps({"budget_s": args.budget, "adamw_lr": args.adamw_lr,
-                                                     "threads": args.threads, "arms": results}, indent=1) + "\n")
+    (out / "comparison.json").write_text(
+        json.dumps(
+            {"budget_s": args.budget, "adamw_lr": args.adamw_lr, "threads": args.threads, "arms": results}, indent=1
+        )
+        + "\n"
+    )
     print(text)
 
 

@@ -25,8 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from serve_helpers import call, running_server  # noqa: E402  (the API tests' server launcher and client)
 
-PROMPTS = ("a red circle", "two blue squares", "a green triangle left of a yellow star", "three purple circles",
-           "a small orange square above a large blue circle", "a grey triangle")
+PROMPTS = (
+    "a red circle",
+    "two blue squares",
+    "a green triangle left of a yellow star",
+    "three purple circles",
+    "a small orange square above a large blue circle",
+    "a grey triangle",
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -45,9 +51,12 @@ def load(base: str, clients: int, requests: int, steps: int, time_limit: float) 
                 return
             seed = 1_000_000 * (k + 1) + j
             start = time.perf_counter()
-            status, _, body = call(base, "/v1/images/generations",
-                                   {"prompt": PROMPTS[(k + j) % len(PROMPTS)], "seed": seed, "steps": steps},
-                                   timeout=max(1.0, deadline - time.monotonic()))
+            status, _, body = call(
+                base,
+                "/v1/images/generations",
+                {"prompt": PROMPTS[(k + j) % len(PROMPTS)], "seed": seed, "steps": steps},
+                timeout=max(1.0, deadline - time.monotonic()),
+            )
             latencies.append(time.perf_counter() - start)
             if status != 200:
                 failures.append(f"client {k} request {j}: HTTP {status} {body}")
@@ -65,9 +74,16 @@ def load(base: str, clients: int, requests: int, steps: int, time_limit: float) 
         thread.join()
     wall = time.perf_counter() - start
     metrics = call(base, "/metrics")[2]
-    return {"images": len(seeds), "expected": clients * requests, "wall": wall, "latencies": latencies,
-            "duplicate_seeds": len(seeds) - len(set(seeds)), "failures": failures,
-            "mean_batch": metrics["mean_batch_size"], "batch_sizes": metrics["batch_sizes"]}
+    return {
+        "images": len(seeds),
+        "expected": clients * requests,
+        "wall": wall,
+        "latencies": latencies,
+        "duplicate_seeds": len(seeds) - len(set(seeds)),
+        "failures": failures,
+        "mean_batch": metrics["mean_batch_size"],
+        "batch_sizes": metrics["batch_sizes"],
+    }
 
 
 def main() -> int:
@@ -90,24 +106,30 @@ def main() -> int:
             tiny_own_pipeline().save_pretrained(model)
         results = {}
         for name, max_batch, wait in (("batching on", args.max_batch, args.batch_wait_ms), ("batching off", 1, 0)):
-            with running_server(model, "--max-batch", str(max_batch), "--max-queue", str(4 * args.clients),
-                                "--batch-wait-ms", str(wait)) as (base, _):
+            with running_server(
+                model, "--max-batch", str(max_batch), "--max-queue", str(4 * args.clients), "--batch-wait-ms", str(wait)
+            ) as (base, _):
                 call(base, "/v1/images/generations", {"prompt": "warm up", "steps": args.steps})  # first-call costs
                 results[name] = r = load(base, args.clients, args.requests, args.steps, args.time_limit)
             lat = r["latencies"]
-            print(f"{name:13s} (--max-batch {max_batch}): {r['images']}/{r['expected']} images in {r['wall']:.1f} s "
-                  f"= {r['images'] / r['wall']:.2f} images/s; latency p50 {statistics.median(lat):.2f} s, "
-                  f"p95 {percentile(lat, 0.95):.2f} s; mean batch {r['mean_batch']} {r['batch_sizes']}; "
-                  f"duplicate seeds {r['duplicate_seeds']}; failures {len(r['failures'])}", flush=True)
+            print(
+                f"{name:13s} (--max-batch {max_batch}): {r['images']}/{r['expected']} images in {r['wall']:.1f} s "
+                f"= {r['images'] / r['wall']:.2f} images/s; latency p50 {statistics.median(lat):.2f} s, "
+                f"p95 {percentile(lat, 0.95):.2f} s; mean batch {r['mean_batch']} {r['batch_sizes']}; "
+                f"duplicate seeds {r['duplicate_seeds']}; failures {len(r['failures'])}",
+                flush=True,
+            )
             for failure in r["failures"][:5]:
                 print("   ", failure)
 
     on, off = results["batching on"], results["batching off"]
     ratio = (on["images"] / on["wall"]) / (off["images"] / off["wall"])
     p50 = statistics.median(off["latencies"]) / statistics.median(on["latencies"])
-    print(f"ratio batching on / off: throughput x{ratio:.2f}, p50 latency {p50:.2f}x lower "
-          f"({args.clients} clients x {args.requests} requests, {args.steps} steps, --batch-wait-ms "
-          f"{args.batch_wait_ms}, model {model if args.model else 'tiny'})")
+    print(
+        f"ratio batching on / off: throughput x{ratio:.2f}, p50 latency {p50:.2f}x lower "
+        f"({args.clients} clients x {args.requests} requests, {args.steps} steps, --batch-wait-ms "
+        f"{args.batch_wait_ms}, model {model if args.model else 'tiny'})"
+    )
     ok = all(r["images"] == r["expected"] and not r["duplicate_seeds"] and not r["failures"] for r in results.values())
     print("every request got its own image" if ok else "LOST OR WRONG IMAGES: see failures above")
     return 0 if ok else 1

@@ -47,11 +47,21 @@ from nucleus_image.pipeline.step_cache import FBCacheConfig, TaylorSeerConfig  #
 
 # The first block's residual changes by 0.1-0.3 of itself per step at 16 steps on the `make demo` model, hence the
 # thresholds; TaylorSeer's warmup keeps the first, most-changing steps exact.
-POLICIES = [None] + [FBCacheConfig(threshold=t) for t in (0.05, 0.1, 0.15, 0.25)] + [
-    TaylorSeerConfig(order=o, interval=n, warmup=w) for o, n, w in
-    ((1, 2, 1), (2, 2, 1), (1, 3, 3), (1, 3, 2), (1, 3, 1), (2, 3, 1))]
-QUICK_POLICIES = [None, FBCacheConfig(), FBCacheConfig(threshold=0.25), TaylorSeerConfig(order=1, interval=2),
-                  TaylorSeerConfig(order=1, interval=3, warmup=1)]
+POLICIES = (
+    [None]
+    + [FBCacheConfig(threshold=t) for t in (0.05, 0.1, 0.15, 0.25)]
+    + [
+        TaylorSeerConfig(order=o, interval=n, warmup=w)
+        for o, n, w in ((1, 2, 1), (2, 2, 1), (1, 3, 3), (1, 3, 2), (1, 3, 1), (2, 3, 1))
+    ]
+)
+QUICK_POLICIES = [
+    None,
+    FBCacheConfig(),
+    FBCacheConfig(threshold=0.25),
+    TaylorSeerConfig(order=1, interval=2),
+    TaylorSeerConfig(order=1, interval=3, warmup=1),
+]
 MAX_SCORE_LOSS = 0.03
 
 
@@ -81,15 +91,24 @@ def wall_times(pipe: NucleusPipeline, policies: list, prompts: list[str], args) 
     from generate import time_interleaved
 
     def call(cache):
-        return lambda: pipe(prompts, generator=torch.Generator().manual_seed(args.seed), cache=cache,
-                            num_inference_steps=args.steps, guidance_scale=args.guidance, progress=False).images
+        return lambda: (
+            pipe(
+                prompts,
+                generator=torch.Generator().manual_seed(args.seed),
+                cache=cache,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                progress=False,
+            ).images
+        )
 
     times, _ = time_interleaved({k: call(cache) for k, cache in enumerate(policies)}, pipe.device, args.rounds)
     return [times[k] / len(prompts) for k in range(len(policies))]
 
 
-def sample_and_score(pipe: NucleusPipeline, policies: list, records: list[dict], samples: int, seed: int, args,
-                     tmp: Path) -> list[dict]:
+def sample_and_score(
+    pipe: NucleusPipeline, policies: list, records: list[dict], samples: int, seed: int, args, tmp: Path
+) -> list[dict]:
     """Each policy's images of every prompt (seeds from `seed`), scored; the loss and its paired 95% interval
     against the first policy (uncached)."""
     from nucleus_image.eval.compositional import generate_samples, score_folder
@@ -97,16 +116,36 @@ def sample_and_score(pipe: NucleusPipeline, policies: list, records: list[dict],
     rows, reports = [], []
     for k, cache in enumerate(policies):
         sampler = CachedSampler(pipe, cache)
-        folder = generate_samples(sampler, records, tmp / f"{seed}-{k}", samples, seed, args.steps, args.guidance,
-                                  batch_prompts=args.batch_size, progress=False)
+        folder = generate_samples(
+            sampler,
+            records,
+            tmp / f"{seed}-{k}",
+            samples,
+            seed,
+            args.steps,
+            args.guidance,
+            batch_prompts=args.batch_size,
+            progress=False,
+        )
         reports.append(score_folder(folder, progress=False))
         work = (sum(r["block_work"] for r in sampler.reports) / len(sampler.reports)) if sampler.reports else 1.0
-        rows.append({"policy": label(cache), "config": None if cache is None else cache.to_dict(), "cache": cache,
-                     "work": work, "forwards_per_image": work * args.steps, "score": reports[-1]["overall"],
-                     "psnr": mean_psnr(tmp / f"{seed}-0", folder),
-                     "tasks": {t: v["accuracy"] for t, v in reports[-1]["tasks"].items()}})
-        print(f"  seed {seed}: {rows[-1]['policy']}: work {work:.3f}, score {rows[-1]['score']:.3f}", file=sys.stderr,
-              flush=True)
+        rows.append(
+            {
+                "policy": label(cache),
+                "config": None if cache is None else cache.to_dict(),
+                "cache": cache,
+                "work": work,
+                "forwards_per_image": work * args.steps,
+                "score": reports[-1]["overall"],
+                "psnr": mean_psnr(tmp / f"{seed}-0", folder),
+                "tasks": {t: v["accuracy"] for t, v in reports[-1]["tasks"].items()},
+            }
+        )
+        print(
+            f"  seed {seed}: {rows[-1]['policy']}: work {work:.3f}, score {rows[-1]['score']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     draws = bootstrap_overall(reports, seed=seed)
     for row, d in zip(rows, draws):
         row["loss"] = rows[0]["score"] - row["score"]
@@ -116,8 +155,11 @@ def sample_and_score(pipe: NucleusPipeline, policies: list, records: list[dict],
 
 def pick(rows: list[dict], family=None) -> dict | None:
     """The largest saving (then the best score) whose loss's upper bound is within MAX_SCORE_LOSS."""
-    ok = [r for r in rows[1:] if r["loss_interval"][1] <= MAX_SCORE_LOSS
-          and (family is None or isinstance(r["cache"], family))]
+    ok = [
+        r
+        for r in rows[1:]
+        if r["loss_interval"][1] <= MAX_SCORE_LOSS and (family is None or isinstance(r["cache"], family))
+    ]
     return max(ok, key=lambda r: (1 / r["work"], r["score"])) if ok else None
 
 
@@ -137,15 +179,19 @@ def quality(args) -> None:
         records = kept
     pipe = NucleusPipeline.from_pretrained(args.model, device=args.device)
     policies = QUICK_POLICIES if args.quick else POLICIES
-    print(f"# {args.model}: {len(records)} prompts x {samples} samples, {args.steps} steps, CFG {args.guidance}, "
-          f"{pipe.transformer.config.num_layers} blocks, {pipe.device}, threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}; pick on seed {args.seed}, confirm on seed {args.confirm_seed}", flush=True)
+    print(
+        f"# {args.model}: {len(records)} prompts x {samples} samples, {args.steps} steps, CFG {args.guidance}, "
+        f"{pipe.transformer.config.num_layers} blocks, {pipe.device}, threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}; pick on seed {args.seed}, confirm on seed {args.confirm_seed}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         rows = sample_and_score(pipe, policies, records, samples, args.seed, args, Path(tmp))
         picks = [p for p in (pick(rows, FBCacheConfig), pick(rows, TaylorSeerConfig)) if p is not None]
-        confirm = sample_and_score(pipe, [None] + [p["cache"] for p in picks], records, samples, args.confirm_seed,
-                                   args, Path(tmp))
-    timing_prompts = [r["prompt"] for r in records[:args.batch_size]]
+        confirm = sample_and_score(
+            pipe, [None] + [p["cache"] for p in picks], records, samples, args.confirm_seed, args, Path(tmp)
+        )
+    timing_prompts = [r["prompt"] for r in records[: args.batch_size]]
     for row, seconds in zip(rows, wall_times(pipe, policies, timing_prompts, args)):
         row["seconds_per_image"] = seconds
     print(f"\n## picking: seed {args.seed}, {len(records)} prompts x {samples} samples")
@@ -157,10 +203,12 @@ def quality(args) -> None:
     best = pick(rows)
     for row in confirm[1:]:
         held = row["loss_interval"][1] <= MAX_SCORE_LOSS
-        print(f"pick{' (overall)' if best and row['policy'] == best['policy'] else ''}: {row['policy']}: "
-              f"{1 / row['work']:.2f}x less block work; loss on fresh seeds {row['loss']:+.3f} "
-              f"[{row['loss_interval'][0]:+.3f}, {row['loss_interval'][1]:+.3f}] "
-              f"({'within' if held else 'ABOVE'} the {MAX_SCORE_LOSS} bound)")
+        print(
+            f"pick{' (overall)' if best and row['policy'] == best['policy'] else ''}: {row['policy']}: "
+            f"{1 / row['work']:.2f}x less block work; loss on fresh seeds {row['loss']:+.3f} "
+            f"[{row['loss_interval'][0]:+.3f}, {row['loss_interval'][1]:+.3f}] "
+            f"({'within' if held else 'ABOVE'} the {MAX_SCORE_LOSS} bound)"
+        )
     if args.json:
         strip = lambda rs: [{k: v for k, v in r.items() if k != "cache"} for r in rs]  # noqa: E731
         Path(args.json).write_text(json.dumps({"pick": strip(rows), "confirm": strip(confirm)}, indent=1) + "\n")
@@ -181,16 +229,20 @@ def mean_psnr(reference: Path, folder: Path) -> float:
 def print_table(rows: list[dict], steps: int) -> None:
     base = rows[0]
     tasks = list(base["tasks"])
-    print(f"| policy | forwards/image | work saved | s/image | wall ratio | PSNR vs uncached | score | loss [95%] | "
-          f"{' | '.join(tasks)} |")
+    print(
+        f"| policy | forwards/image | work saved | s/image | wall ratio | PSNR vs uncached | score | loss [95%] | "
+        f"{' | '.join(tasks)} |"
+    )
     print("|" + "---|" * (8 + len(tasks)))
     for r in rows:
         scores = " | ".join(f"{r['tasks'].get(t, 0.0):.3f}" for t in tasks)
         lo, hi = r["loss_interval"]
         loss = "-" if r is base else f"{r['loss']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-        print(f"| {r['policy']} | {r['forwards_per_image']:.2f} / {steps} | {1 / r['work']:.2f}x | "
-              f"{r['seconds_per_image']:.3f} | {base['seconds_per_image'] / r['seconds_per_image']:.2f}x | "
-              f"{r['psnr']:.1f} dB | {r['score']:.3f} | {loss} | {scores} |")
+        print(
+            f"| {r['policy']} | {r['forwards_per_image']:.2f} / {steps} | {1 / r['work']:.2f}x | "
+            f"{r['seconds_per_image']:.3f} | {base['seconds_per_image'] / r['seconds_per_image']:.2f}x | "
+            f"{r['psnr']:.1f} dB | {r['score']:.3f} | {loss} | {scores} |"
+        )
 
 
 def released(args) -> list[dict]:
@@ -209,10 +261,19 @@ def released(args) -> list[dict]:
     pipe = NucleusPipeline(transformer, QwenImageAutoencoder(stand_in_vae(cfg.latent_channels, device, dtype)))
     size, steps = args.size, args.released_steps
     latents = torch.randn(1, (size // 16) ** 2, cfg.in_channels, generator=torch.Generator().manual_seed(2))
-    common = dict(guidance_scale=4.0, height=size, width=size, num_inference_steps=steps, output_type="latent",
-                  progress=False, **text_inputs(cfg, 1, 128, device, dtype))
-    print(f"# {args.preset} preset, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {dtype}, "
-          f"{size}x{size}, {steps} steps, CFG 4, batch 1, latent output, random weights, torch {torch.__version__}")
+    common = dict(
+        guidance_scale=4.0,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        output_type="latent",
+        progress=False,
+        **text_inputs(cfg, 1, 128, device, dtype),
+    )
+    print(
+        f"# {args.preset} preset, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {dtype}, "
+        f"{size}x{size}, {steps} steps, CFG 4, batch 1, latent output, random weights, torch {torch.__version__}"
+    )
     print("| policy | s/image | speedup | full steps (cond/uncond) |\n|---|---|---|---|")
     base, rows = None, []
     for cache in (None, FBCacheConfig(), TaylorSeerConfig()):
@@ -241,8 +302,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0, help="first seed of the set the defaults are picked on")
-    ap.add_argument("--confirm-seed", type=int, default=1_000_000,
-                    help="first seed of the fresh set the picks are confirmed on")
+    ap.add_argument(
+        "--confirm-seed", type=int, default=1_000_000, help="first seed of the fresh set the picks are confirmed on"
+    )
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of the wall-time batch per policy")
@@ -250,8 +312,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="2 prompts per task, 2 samples, 5 policies")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--released", action="store_true", help="time the released preset at 1024 px, 50 steps")
-    ap.add_argument("--preset", default="released", choices=["tiny", "small", "released"],
-                    help="with --released: the preset to time (a smaller one checks the command on a CPU)")
+    ap.add_argument(
+        "--preset",
+        default="released",
+        choices=["tiny", "small", "released"],
+        help="with --released: the preset to time (a smaller one checks the command on a CPU)",
+    )
     ap.add_argument("--size", type=int, default=1024, help="with --released: image side in pixels")
     ap.add_argument("--released-steps", type=int, default=50, help="with --released: denoising steps")
     args = ap.parse_args(argv)

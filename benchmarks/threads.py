@@ -29,8 +29,11 @@ import urllib.request
 from pathlib import Path
 
 CLEAN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
-ARMS = {"default": ({}, []), "1-thread": ({}, ["--threads", "1"]),
-        "spinning": ({"GOMP_SPINCOUNT": "300000"}, ["--threads", str(len(os.sched_getaffinity(0)))])}
+ARMS = {
+    "default": ({}, []),
+    "1-thread": ({}, ["--threads", "1"]),
+    "spinning": ({"GOMP_SPINCOUNT": "300000"}, ["--threads", str(len(os.sched_getaffinity(0)))]),
+}
 PROMPTS = ("a red circle", "two blue squares", "a green triangle left of a yellow star", "three purple circles")
 
 
@@ -51,14 +54,19 @@ def time_generate(model: str, env: dict, flags: list[str], steps: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         prompts = [part for p in PROMPTS for part in ("--prompt", p)]
         start = time.perf_counter()
-        subprocess.run(nucleus("generate", "--model", model, *prompts, "--steps", str(steps), "--out", out, *flags),
-                       env=env, check=True, capture_output=True)
+        subprocess.run(
+            nucleus("generate", "--model", model, *prompts, "--steps", str(steps), "--out", out, *flags),
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         return time.perf_counter() - start
 
 
 def post(base: str, body: dict) -> dict:
-    request = urllib.request.Request(base + "/v1/images/generations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base + "/v1/images/generations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())
 
@@ -67,8 +75,12 @@ def time_serve(model: str, env: dict, flags: list[str], steps: int) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen(nucleus("serve", "--model", model, "--port", str(port), "--log-level", "warning",
-                                      *flags), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        nucleus("serve", "--model", model, "--port", str(port), "--log-level", "warning", *flags),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -92,9 +104,25 @@ def time_serve(model: str, env: dict, flags: list[str], steps: int) -> float:
 def time_train(data: str, env: dict, flags: list[str], steps: int) -> float:
     """Images per second over the run's steps, as `nucleus train` reports it (higher is better)."""
     with tempfile.TemporaryDirectory() as out:
-        result = subprocess.run(nucleus("train", "--preset", "tiny", "--data", data, "--out", out, "--max-steps",
-                                        str(steps), "--no-progress", *flags), env=env, check=True,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            nucleus(
+                "train",
+                "--preset",
+                "tiny",
+                "--data",
+                data,
+                "--out",
+                out,
+                "--max-steps",
+                str(steps),
+                "--no-progress",
+                *flags,
+            ),
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     return float(re.search(r"([\d.]+) images/s", result.stdout).group(1))
 
 
@@ -127,10 +155,15 @@ def main() -> None:
                 else:
                     value = time_train(args.data, env, flags, args.train_steps)
                 results.setdefault((task, arm), []).append(value)
-                print(f"round {round_} {task:8s} {arm:9s} {value:8.2f} {'images/s' if task == 'train' else 's'}"
-                      f"  (load average {loads[-1]:.2f})", flush=True)
-    print(f"\nload average (1 min) before the runs: {min(loads):.2f}-{max(loads):.2f} on "
-          f"{len(os.sched_getaffinity(0))} cores; medians over {args.rounds} rounds")
+                print(
+                    f"round {round_} {task:8s} {arm:9s} {value:8.2f} {'images/s' if task == 'train' else 's'}"
+                    f"  (load average {loads[-1]:.2f})",
+                    flush=True,
+                )
+    print(
+        f"\nload average (1 min) before the runs: {min(loads):.2f}-{max(loads):.2f} on "
+        f"{len(os.sched_getaffinity(0))} cores; medians over {args.rounds} rounds"
+    )
     print("| task | " + " | ".join(arms) + " |")
     print("|---|" + "---|" * len(arms))
     for task in tasks:

@@ -117,8 +117,14 @@ def _train(args, rank: int, world: int, device: torch.device, dims) -> dict:
     objective = FlowObjective(cfg.patch_size, autocast=device.type == "cuda")
 
     def step():
-        batch = FlowBatch(x0, torch.randn(x0.shape, generator=g, device=device),
-                          torch.rand(local, generator=g, device=device), text, None, (side, side))
+        batch = FlowBatch(
+            x0,
+            torch.randn(x0.shape, generator=g, device=device),
+            torch.rand(local, generator=g, device=device),
+            text,
+            None,
+            (side, side),
+        )
         # no warmup: any step's lr
         return train_step(model, [muon, adamw], [batch], objective, opt_cfg, step=0, dims=dims).loss
 
@@ -153,8 +159,16 @@ def launch(args, procs: int, argv: list[str]) -> dict:
     """One row: in this process, or under torchrun for N > 1 processes or the FSDP2 path (`--parallel`)."""
     if procs == 1 and not args.parallel:
         return worker(args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
-           str(Path(__file__).resolve()), *[a for a in argv if a != "--worker"], "--worker"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={procs}",
+        str(Path(__file__).resolve()),
+        *[a for a in argv if a != "--worker"],
+        "--worker",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{procs}-process run failed:\n{done.stderr[-3000:]}")
@@ -170,15 +184,19 @@ def main(argv=None) -> None:
             print(json.dumps(result))
         return
     peak = args.peak_tflops or (989.0 if args.device == "cuda" else cpu_peak_tflops(args.threads))
-    print(f"{args.preset} preset{' (FSDP2 + EP when N > 1)' if args.ep else ' (FSDP2 when N > 1)'}, global batch {args.batch} at {args.size}px, {args.steps} steps, {args.device}, "
-          f"{args.threads} threads; peak {peak:.3f} TFLOP/s ({'stated' if args.peak_tflops or args.device == 'cuda' else 'fp32 2048^3 matmul, measured now'})")
+    print(
+        f"{args.preset} preset{' (FSDP2 + EP when N > 1)' if args.ep else ' (FSDP2 when N > 1)'}, global batch {args.batch} at {args.size}px, {args.steps} steps, {args.device}, "
+        f"{args.threads} threads; peak {peak:.3f} TFLOP/s ({'stated' if args.peak_tflops or args.device == 'cuda' else 'fp32 2048^3 matmul, measured now'})"
+    )
     rows = [launch(args, int(n), argv) for n in args.procs.split(",")]
     base = rows[0]["images_per_s"]
     print("| processes | images/s | TFLOP/s | MFU | vs first |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['procs']} | {r['images_per_s']:.1f} | {r['tflops']:.4f} | {100 * r['tflops'] / peak:.1f}% | "
-              f"{r['images_per_s'] / base:.2f}x |")
+        print(
+            f"| {r['procs']} | {r['images_per_s']:.1f} | {r['tflops']:.4f} | {100 * r['tflops'] / peak:.1f}% | "
+            f"{r['images_per_s'] / base:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

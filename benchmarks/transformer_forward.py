@@ -38,6 +38,7 @@ def flops_per_forward(cfg: NucleusConfig, batch: int, seq: int, text: int) -> fl
 
 def timeit(fns: dict, device, warmup: int, iters: int) -> dict[str, float]:
     """Median ms per call. Variants run interleaved, round by round, so a busy machine slows them alike."""
+
     def once(fn) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -117,9 +118,11 @@ def main(argv=None) -> None:
     shapes = [(1, h, w)] * args.batch
     kw = dict(hidden_states=x, img_shapes=shapes, encoder_hidden_states=txt, timestep=t)
     flops = flops_per_forward(cfg, args.batch, seq, args.text_len)
-    print(f"# {args.preset} preset, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"{dtype}, batch {args.batch}, {size}x{size} = {seq} image tokens, {args.text_len} text tokens, "
-          f"{flops / 1e12:.2f} TFLOP per forward, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"# {args.preset} preset, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+        f"{dtype}, batch {args.batch}, {size}x{size} = {seq} image tokens, {args.text_len} text tokens, "
+        f"{flops / 1e12:.2f} TFLOP per forward, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
 
     def ref_call(grouped: bool):
         return lambda: (set_expert_path(ref, grouped), ref(**kw, return_dict=False))
@@ -128,8 +131,13 @@ def main(argv=None) -> None:
         text_kv = ours.encode_text(txt, None, shapes)
         cached = dict(hidden_states=x, img_shapes=shapes, timestep=t, text_kv=text_kv)
         phase_a = {} if args.skip_loop else {"reference for-loop": ref_call(False)}
-        phase_a.update({"reference grouped_mm": ref_call(True), "ours": lambda: ours(**kw),
-                        "ours + text_kv once": lambda: ours(**cached)})
+        phase_a.update(
+            {
+                "reference grouped_mm": ref_call(True),
+                "ours": lambda: ours(**kw),
+                "ours + text_kv once": lambda: ours(**cached),
+            }
+        )
         if args.compile:
             compiled = torch.compile(ours, fullgraph=True, dynamic=False)
             phase_a["ours + text_kv once, compiled"] = lambda: compiled(**cached)
@@ -143,7 +151,10 @@ def main(argv=None) -> None:
             # every timed call after warmup is a cache hit, like denoising steps 2..N. Timed in a second phase,
             # interleaved with ours again, because the hook stays on the module while enabled.
             ref.enable_cache(TextKVCacheConfig())
-            phase_b = {"reference grouped_mm + TextKVCache": ref_call(True), "ours + text_kv once (phase 2)": lambda: ours(**cached)}
+            phase_b = {
+                "reference grouped_mm + TextKVCache": ref_call(True),
+                "ours + text_kv once (phase 2)": lambda: ours(**cached),
+            }
             results.update(timeit(phase_b, device, args.warmup, iters))
             ref.disable_cache()
     baseline = min(v for k, v in results.items() if k.startswith("reference"))

@@ -54,8 +54,9 @@ class Nucleus:
         self.scratch = scratch
         self.count = 0
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-        self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
 
     def run(self, *argv: str) -> Result:
         self.count += 1

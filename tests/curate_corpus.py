@@ -19,9 +19,11 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
 GOOD_CAPTION = "A {c} kite flies above a sandy beach while two children run along the waterline at sunset."
-PARAGRAPH = ("A red bicycle leans against a brick wall in a narrow street. Morning light falls across the cobbles. "
-             "A cat sleeps on the window ledge above it. Flower pots line the doorstep to the left. "
-             "A blue door stands half open behind the bicycle. Shadows of a balcony stretch over the pavement.")
+PARAGRAPH = (
+    "A red bicycle leans against a brick wall in a narrow street. Morning light falls across the cobbles. "
+    "A cat sleeps on the window ledge above it. Flower pots line the doorstep to the left. "
+    "A blue door stands half open behind the bicycle. Shadows of a balcony stretch over the pavement."
+)
 
 
 def scene(seed: int, size=(288, 272)) -> Image.Image:
@@ -48,6 +50,7 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height, with almost no pixel data (a decompression bomb shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -70,14 +73,17 @@ def build(root: Path) -> dict:
         return str(path.resolve())
 
     colours = ["red", "green", "blue", "yellow", "orange", "purple"]
-    good = [put(photos / f"good{i}.jpg", encode(scene(i), "JPEG", quality=92), "kept", GOOD_CAPTION.format(c=c))
-            for i, c in enumerate(colours)]
+    good = [
+        put(photos / f"good{i}.jpg", encode(scene(i), "JPEG", quality=92), "kept", GOOD_CAPTION.format(c=c))
+        for i, c in enumerate(colours)
+    ]
     # Several captions with sources, in JSON, plus a paragraph that gets derived shorter variants.
     put(photos / "multi.png", encode(scene(10), "PNG"), "kept")
     (photos / "multi.json").write_text(
         '{"captions": [{"text": "IMG_0042.jpg", "source": "alt-text"}, '
         '{"text": "a kite", "source": "user"}, '
-        '{"text": "A green kite with a long tail over a crowded summer beach near the pier.", "source": "vlm:qwen"}]}')
+        '{"text": "A green kite with a long tail over a crowded summer beach near the pier.", "source": "vlm:qwen"}]}'
+    )
     paragraph = put(photos / "sub" / "paragraph.png", encode(scene(11), "PNG"), "kept", PARAGRAPH)
     # Modes that need normalising; all kept.
     cmyk = put(photos / "cmyk.jpg", encode(scene(12).convert("CMYK"), "JPEG"), "kept", GOOD_CAPTION.format(c="cyan"))
@@ -92,8 +98,9 @@ def build(root: Path) -> dict:
     # EXIF orientation 6 (rotate 90): stored 320x272, shown 272x320.
     exif = Image.Exif()
     exif[0x0112] = 6
-    rotated = put(photos / "rotated.jpg", encode(scene(16, (320, 272)), "JPEG", exif=exif), "kept",
-                  GOOD_CAPTION.format(c="brown"))
+    rotated = put(
+        photos / "rotated.jpg", encode(scene(16, (320, 272)), "JPEG", exif=exif), "kept", GOOD_CAPTION.format(c="brown")
+    )
     # Wrong extension: a PNG named .jpg (kept) and text named .png (refused).
     put(photos / "actually_png.jpg", encode(scene(17), "PNG"), "kept", GOOD_CAPTION.format(c="black"))
     put(photos / "text.png", b"hello, I am not an image\n" * 4, "not_an_image", "a caption")
@@ -107,10 +114,15 @@ def build(root: Path) -> dict:
     put(photos / "tiny.png", encode(scene(19, (120, 120)), "PNG"), "too_small", "tiny")
     put(photos / "wide.png", encode(scene(20, (1100, 260)), "PNG"), "aspect_ratio", "wide")
     # Duplicates: an exact byte copy, and a slightly smaller re-encode (the larger original survives).
-    dup_exact = put(photos / "sub" / "copy_of_good0.jpg", (photos / "good0.jpg").read_bytes(), "duplicate_exact",
-                    "copy")
-    dup_near = put(photos / "sub" / "near_good1.jpg", encode(scene(1).resize((280, 264)), "JPEG", quality=70),
-                   "duplicate_near", GOOD_CAPTION.format(c="green"))
+    dup_exact = put(
+        photos / "sub" / "copy_of_good0.jpg", (photos / "good0.jpg").read_bytes(), "duplicate_exact", "copy"
+    )
+    dup_near = put(
+        photos / "sub" / "near_good1.jpg",
+        encode(scene(1).resize((280, 264)), "JPEG", quality=70),
+        "duplicate_near",
+        GOOD_CAPTION.format(c="green"),
+    )
     # Quality filters.
     put(photos / "blank.png", encode(Image.new("RGB", (280, 280), (128, 128, 128)), "PNG"), "blank", "grey")
     blurry = scene(21).filter(ImageFilter.GaussianBlur(6))
@@ -119,10 +131,19 @@ def build(root: Path) -> dict:
     ImageDraw.Draw(white).text((20, 20), "page 1", fill=0)
     put(photos / "overexposed.png", encode(white.convert("RGB"), "PNG"), "histogram_anomaly", "page")
     dim = np.clip(np.random.default_rng(5).normal(20, 6, (272, 288)), 0, 255).astype(np.uint8)
-    put(photos / "dim.png", encode(Image.fromarray(dim).convert("RGB"), "PNG"), "low_quality", GOOD_CAPTION.format(c="x"))
+    put(
+        photos / "dim.png",
+        encode(Image.fromarray(dim).convert("RGB"), "PNG"),
+        "low_quality",
+        GOOD_CAPTION.format(c="x"),
+    )
     # Captions: Windows-1252 bytes (repaired, kept), undecodable bytes (no caption left), none at all.
-    cp1252 = put(photos / "cafe.jpg", encode(scene(22), "JPEG"), "kept",
-                 "Café crème on a wooden table by the window, with a croissant and a folded newspaper.".encode("cp1252"))
+    cp1252 = put(
+        photos / "cafe.jpg",
+        encode(scene(22), "JPEG"),
+        "kept",
+        "Café crème on a wooden table by the window, with a croissant and a folded newspaper.".encode("cp1252"),
+    )
     put(photos / "badbytes.jpg", encode(scene(23), "JPEG"), "no_caption", b"\x81\x8d\xff\xfe\x00garbage\x90")
     put(photos / "nocaption.jpg", encode(scene(24), "JPEG"), "no_caption")
     put(photos / "badcaption.jpg", encode(scene(25), "JPEG"), "no_caption", "DSC_0001")
@@ -132,7 +153,8 @@ def build(root: Path) -> dict:
     # A WebDataset shard: two samples with captions, one caption without an image, one corrupt image.
     tar_path = extra / "shard-000000.tar"
     members = {
-        "s0001.jpg": encode(scene(30), "JPEG"), "s0001.txt": GOOD_CAPTION.format(c="teal").encode(),
+        "s0001.jpg": encode(scene(30), "JPEG"),
+        "s0001.txt": GOOD_CAPTION.format(c="teal").encode(),
         "s0002.png": encode(scene(31), "PNG"),
         "s0002.json": b'{"caption": "A lighthouse on a rocky cliff under a stormy grey sky with waves below."}',
         "s0003.txt": b"caption only",
@@ -145,8 +167,12 @@ def build(root: Path) -> dict:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     shard = str(tar_path.resolve())
-    for member, outcome in (("s0001.jpg", "kept"), ("s0002.png", "kept"), ("s0003", "no_image"),
-                            ("s0004.jpg", "truncated")):
+    for member, outcome in (
+        ("s0001.jpg", "kept"),
+        ("s0002.png", "kept"),
+        ("s0003", "no_image"),
+        ("s0004.jpg", "truncated"),
+    ):
         expect[f"tar:{shard}#{member}"] = outcome
 
     # A Parquet table of paths and captions, one path missing.
@@ -154,13 +180,28 @@ def build(root: Path) -> dict:
         (tabled / f"t{i}.jpg").write_bytes(encode(scene(40 + i), "JPEG"))
         expect[str((tabled / f"t{i}.jpg").resolve())] = "kept"
     expect[str((tabled / "gone.jpg").resolve())] = "missing_file"
-    pq.write_table(pa.table({
-        "image_path": ["t0.jpg", "t1.jpg", "gone.jpg"],
-        "caption": ["A snowy mountain ridge under a clear blue sky with pine trees below.",
+    pq.write_table(
+        pa.table(
+            {
+                "image_path": ["t0.jpg", "t1.jpg", "gone.jpg"],
+                "caption": [
+                    "A snowy mountain ridge under a clear blue sky with pine trees below.",
                     "Three sailboats race across a choppy bay in bright afternoon sunlight.",
-                    "A caption for a file that does not exist anywhere on disk."],
-    }), tabled / "table.parquet")
+                    "A caption for a file that does not exist anywhere on disk.",
+                ],
+            }
+        ),
+        tabled / "table.parquet",
+    )
 
-    return {"inputs": [str(photos), str(tar_path), str(tabled / "table.parquet")], "expect": expect,
-            "good": good, "paragraph": paragraph, "cmyk": cmyk, "rotated": rotated, "dup_exact": dup_exact,
-            "dup_near": dup_near, "cp1252": cp1252}
+    return {
+        "inputs": [str(photos), str(tar_path), str(tabled / "table.parquet")],
+        "expect": expect,
+        "good": good,
+        "paragraph": paragraph,
+        "cmyk": cmyk,
+        "rotated": rotated,
+        "dup_exact": dup_exact,
+        "dup_near": dup_near,
+        "cp1252": cp1252,
+    }

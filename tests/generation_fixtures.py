@@ -11,8 +11,7 @@ CHAT_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                  "<|video_pad|>"]
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 TEXT_DIM = 32
 
 
@@ -25,8 +24,9 @@ def tiny_qwen_tokenizer():
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE)
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     tokenizer.padding_side = "right"
     return tokenizer
@@ -37,12 +37,30 @@ def tiny_qwen3vl(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=9,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
-                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_DIM,
-                           deepstack_visual_indexes=[0], patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=vocab_size - 2, video_token_id=vocab_size - 1,
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=9,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=2048,
+            rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True},
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=TEXT_DIM,
+            deepstack_visual_indexes=[0],
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=vocab_size - 2,
+        video_token_id=vocab_size - 1,
     )
     return Qwen3VLForConditionalGeneration(config).eval()
 
@@ -51,8 +69,15 @@ def tiny_qwen_vae(seed: int = 0):
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
-    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
-                                  latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0]).eval()
+    return AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    ).eval()
 
 
 def tiny_diffusers_transformer(joint_attention_dim: int = TEXT_DIM, latent_channels: int = 4, seed: int = 0):
@@ -61,10 +86,21 @@ def tiny_diffusers_transformer(joint_attention_dim: int = TEXT_DIM, latent_chann
 
     torch.manual_seed(seed)
     model = NucleusMoEImageTransformer2DModel(
-        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=3,
-        attention_head_dim=24, num_attention_heads=4, num_key_value_heads=2, joint_attention_dim=joint_attention_dim,
-        axes_dims_rope=(4, 10, 10), moe_enabled=True, dense_moe_strategy="leave_first_block_dense", num_experts=4,
-        moe_intermediate_dim=32, capacity_factors=[0.0, 2.0, 1.0], use_grouped_mm=False,
+        patch_size=2,
+        in_channels=4 * latent_channels,
+        out_channels=latent_channels,
+        num_layers=3,
+        attention_head_dim=24,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        joint_attention_dim=joint_attention_dim,
+        axes_dims_rope=(4, 10, 10),
+        moe_enabled=True,
+        dense_moe_strategy="leave_first_block_dense",
+        num_experts=4,
+        moe_intermediate_dim=32,
+        capacity_factors=[0.0, 2.0, 1.0],
+        use_grouped_mm=False,
     ).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -9,9 +9,18 @@ from nucleus_image.model import NucleusConfig, NucleusTransformer
 
 def micro_config(**overrides) -> NucleusConfig:
     base = dict(
-        in_channels=16, out_channels=4, num_layers=4, attention_head_dim=16, num_attention_heads=4,
-        num_key_value_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), num_experts=4,
-        moe_intermediate_dim=24, capacity_factors=(0.0, 2.0, 3.0, 1.5), dense_moe_strategy="leave_first_block_dense",
+        in_channels=16,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        joint_attention_dim=24,
+        axes_dims_rope=(4, 6, 6),
+        num_experts=4,
+        moe_intermediate_dim=24,
+        capacity_factors=(0.0, 2.0, 3.0, 1.5),
+        dense_moe_strategy="leave_first_block_dense",
         mlp_ratio=4.0 * 128 / 64,  # hidden 64: lift the dense width past the reference's 128-rounding
     )
     base.update(overrides)
@@ -51,8 +60,13 @@ def inputs(cfg: NucleusConfig, batch=2, grid=(4, 6), text_len=7, seed=1, pad=Non
         for i, n in enumerate(pad):
             if n:
                 mask[i, -n:] = False
-    return dict(hidden_states=x, img_shapes=[(1, h, w)] * batch, encoder_hidden_states=txt,
-                encoder_hidden_states_mask=mask, timestep=t)
+    return dict(
+        hidden_states=x,
+        img_shapes=[(1, h, w)] * batch,
+        encoder_hidden_states=txt,
+        encoder_hidden_states_mask=mask,
+        timestep=t,
+    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

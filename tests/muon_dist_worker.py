@@ -34,8 +34,9 @@ from training_helpers import MICRO_MODEL  # noqa: E402
 
 # Heads of 30 channels: 90-wide hidden states and 30-row k/v projections, which 4 ranks split unevenly; 4 blocks,
 # so that the matrices outnumber their shapes.
-CONFIG = MICRO_MODEL.replace(attention_head_dim=30, axes_dims_rope=(4, 12, 14), num_layers=4,
-                             capacity_factors=(0.0, 2.0, 1.0, 2.0))
+CONFIG = MICRO_MODEL.replace(
+    attention_head_dim=30, axes_dims_rope=(4, 12, 14), num_layers=4, capacity_factors=(0.0, 2.0, 1.0, 2.0)
+)
 LAYOUTS = [dict(dp_shard=4), dict(dp_shard=4, ep=2), dict(dp_replicate=2, dp_shard=2, ep=2)]  # 4 processes
 STEPS = 5
 
@@ -61,14 +62,21 @@ def run_layout(layout: dict) -> dict:
     parallelize(model, dims, activation_checkpointing=False, compile=False, bf16=False)
     muon, ref = optimizer(model), optimizer(plain)
     params = dict(model.named_parameters())
-    split = [tuple(p.shape) for g in muon.param_groups for p in g["params"]
-             if p.dim() == 2 and any(pl.is_shard() for pl in p.placements)]
+    split = [
+        tuple(p.shape)
+        for g in muon.param_groups
+        for p in g["params"]
+        if p.dim() == 2 and any(pl.is_shard() for pl in p.placements)
+    ]
     counts, peaks, planned = {}, [], 0
     for step in range(STEPS):
         grads = grads_for(step)
         for name, p in params.items():
-            p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements, src_data_rank=None) \
-                if isinstance(p, DTensor) else grads[name].clone()
+            p.grad = (
+                distribute_tensor(grads[name], p.device_mesh, p.placements, src_data_rank=None)
+                if isinstance(p, DTensor)
+                else grads[name].clone()
+            )
         for name, p in plain.named_parameters():
             p.grad = grads[name]
         ref.step()
@@ -81,8 +89,12 @@ def run_layout(layout: dict) -> dict:
             # step's own allocation.
             peaks.append(live.peak)
             lay = dims.layout
-            planned = muon_step_bytes(CONFIG, Layout(lay.dp_replicate, lay.dp_shard, lay.ep), torch.float32,
-                                      rank=dist.get_rank(dims.shard_group))
+            planned = muon_step_bytes(
+                CONFIG,
+                Layout(lay.dp_replicate, lay.dp_shard, lay.ep),
+                torch.float32,
+                rank=dist.get_rank(dims.shard_group),
+            )
         else:
             muon.step()
     diffs = {}
@@ -92,10 +104,16 @@ def run_layout(layout: dict) -> dict:
     peak = min(peaks)
     peaks = [torch.zeros(2, dtype=torch.int64) for _ in range(dist.get_world_size())]
     dist.all_gather(peaks, torch.tensor([peak, planned]))
-    return {"layout": layout, "max_diff": max(diffs.values()), "bitwise": all(d == 0 for d in diffs.values()),
-            "worst": max(diffs, key=diffs.get), "collectives": counts, "split_shapes": split,
-            "muon_tensors": sum(len(g["params"]) for g in muon.param_groups),
-            "peaks": [[int(a), int(b)] for a, b in peaks]}
+    return {
+        "layout": layout,
+        "max_diff": max(diffs.values()),
+        "bitwise": all(d == 0 for d in diffs.values()),
+        "worst": max(diffs, key=diffs.get),
+        "collectives": counts,
+        "split_shapes": split,
+        "muon_tensors": sum(len(g["params"]) for g in muon.param_groups),
+        "peaks": [[int(a), int(b)] for a, b in peaks],
+    }
 
 
 def main() -> None:

@@ -26,8 +26,9 @@ def free_port() -> int:
 def call(base: str, path: str, body=None, method: str | None = None, timeout: float = 120):
     """(status, headers, parsed JSON or raw bytes) of one request; `body` is sent as JSON unless it is bytes."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, headers, raw = response.status, response.headers, response.read()
@@ -46,8 +47,23 @@ def running_server(model_dir, *args: str, startup_timeout: float = 120):
     # The server holds its own copy of the log's descriptor; ours closes at once.
     with tempfile.NamedTemporaryFile("w", prefix=f"nucleus-serve-{port}-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
-        process = subprocess.Popen(cli("serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                                       "--log-level", "warning", *args), stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            cli(
+                "serve",
+                "--model",
+                str(model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                *args,
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout

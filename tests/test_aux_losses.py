@@ -23,7 +23,9 @@ def test_orthogonality_is_zero_for_orthogonal_rows_and_one_for_parallel_rows():
     q, _ = torch.linalg.qr(torch.randn(16, 8))
     assert router_orthogonality_loss([q.T * torch.arange(1, 9).unsqueeze(1)]).item() == pytest.approx(0, abs=1e-6)
     row = torch.randn(1, 16)
-    assert router_orthogonality_loss([row.repeat(4, 1) * torch.tensor([[1.0], [2.0], [3.0], [0.5]])]).item() == pytest.approx(1.0, rel=1e-6)
+    assert router_orthogonality_loss(
+        [row.repeat(4, 1) * torch.tensor([[1.0], [2.0], [3.0], [0.5]])]
+    ).item() == pytest.approx(1.0, rel=1e-6)
     # Two rows at 60 degrees: cos^2 = 1/4 for each of the 2 ordered pairs out of 2.
     w = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])
     assert router_orthogonality_loss([w]).item() == pytest.approx(0.25, rel=1e-6)
@@ -87,8 +89,13 @@ def test_trainer_applies_the_wavelet_term_only_in_stages_that_ask(tmp_path):
     try:
         plain_run = Trainer(micro_config(), data, tmp_path / "plain", max_steps=3, progress=False)
         plain = plain_run.train().losses
-        wave = Trainer(micro_config(**{"stages.0.wavelet_weight": 5.0}), data, tmp_path / "wave", max_steps=3,
-                       progress=False).train().losses
+        wave = (
+            Trainer(
+                micro_config(**{"stages.0.wavelet_weight": 5.0}), data, tmp_path / "wave", max_steps=3, progress=False
+            )
+            .train()
+            .losses
+        )
         no_ortho_run = Trainer(micro_config(orthogonality_step=0.0), data, tmp_path / "no", max_steps=3, progress=False)
         no_ortho = no_ortho_run.train().losses
         strong = Trainer(micro_config(orthogonality_step=0.2), data, tmp_path / "strong", max_steps=3, progress=False)
@@ -123,8 +130,12 @@ def test_time_guard_fits_the_steps_to_the_budget(tmp_path, capsys):
         per_step = (time.perf_counter() - start) / 24
         budget = 60 * per_step  # far below the 800 planned steps
         started = time.perf_counter()
-        run = Trainer(micro_config(**{"stages.0.steps": 400, "stages.1.steps": 400, "time_budget_s": budget}),
-                      data, tmp_path / "run", progress=False)
+        run = Trainer(
+            micro_config(**{"stages.0.steps": 400, "stages.1.steps": 400, "time_budget_s": budget}),
+            data,
+            tmp_path / "run",
+            progress=False,
+        )
         result = run.train()
         wall = time.perf_counter() - started
     finally:

@@ -31,12 +31,20 @@ def model_dir(tmp_path_factory):
 def test_packaged_geneval_prompts():
     records = read_prompts()
     assert len(records) == NUM_GENEVAL_PROMPTS
-    assert {r["tag"] for r in records} == {"single_object", "two_object", "counting", "colors", "position",
-                                           "color_attr"}
+    assert {r["tag"] for r in records} == {
+        "single_object",
+        "two_object",
+        "counting",
+        "colors",
+        "position",
+        "color_attr",
+    }
     assert "MIT License" in packaged_file(GENEVAL_LICENSE).read_text()
     if (SHARED / "evaluation_metadata.jsonl").exists():  # the vendored copy is the benchmark's file, byte for byte
-        assert packaged_file("geneval_evaluation_metadata.jsonl").read_bytes() == \
-               (SHARED / "evaluation_metadata.jsonl").read_bytes()
+        assert (
+            packaged_file("geneval_evaluation_metadata.jsonl").read_bytes()
+            == (SHARED / "evaluation_metadata.jsonl").read_bytes()
+        )
     assert not scorable_here(records[:5])  # COCO classes: GenEval's own detector scores these
 
 
@@ -47,9 +55,24 @@ def digest(path: Path) -> str:
 def test_geneval_layout_seeds_and_exact_resume(model_dir, tmp_path, capsys):
     assert is_synthetic_domain(model_dir)
     out = tmp_path / "geneval"
-    args = ["bench", "geneval", "--model", str(model_dir), "--out", str(out), "--prompts",
-            str(packaged_file("geneval_evaluation_metadata.jsonl")), "--limit", "3", "--samples", "2", "--steps", "2",
-            "--device", "cpu"]
+    args = [
+        "bench",
+        "geneval",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--prompts",
+        str(packaged_file("geneval_evaluation_metadata.jsonl")),
+        "--limit",
+        "3",
+        "--samples",
+        "2",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     records = read_prompts()[:3]
     for i, record in enumerate(records):
@@ -71,10 +94,46 @@ def test_geneval_layout_seeds_and_exact_resume(model_dir, tmp_path, capsys):
 
 def test_synthetic_model_is_scored_with_the_compositional_scorer(model_dir, tmp_path, capsys):
     out = tmp_path / "synthetic"
-    assert main(["bench", "geneval", "--model", str(model_dir), "--out", str(out), "--per-task", "1", "--samples", "1",
-                 "--steps", "2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "geneval",
+                "--model",
+                str(model_dir),
+                "--out",
+                str(out),
+                "--per-task",
+                "1",
+                "--samples",
+                "1",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["images"] == 6 and len(report["per_prompt"]) == 6 and 0.0 <= report["overall"] <= 1.0
     assert "overall" in capsys.readouterr().out
-    assert main(["bench", "geneval", "--model", str(model_dir), "--out", str(tmp_path / "x"), "--score",
-                 "compositional", "--limit", "1", "--prompts", str(packaged_file("geneval_evaluation_metadata.jsonl"))]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "geneval",
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "x"),
+                "--score",
+                "compositional",
+                "--limit",
+                "1",
+                "--prompts",
+                str(packaged_file("geneval_evaluation_metadata.jsonl")),
+            ]
+        )
+        == 2
+    )

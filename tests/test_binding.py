@@ -42,7 +42,7 @@ def test_caption_words_name_each_shape_with_its_modifiers_in_mention_order(words
     # "square" as the framing is not the square object; a caption without shapes names nothing.
     framed = "A render of one shape. A large red square sits in the upper left. The picture is square, 1:1."
     ids = words.tokenizer(framed)["input_ids"]
-    (shape, t), = words.slots(framed)
+    ((shape, t),) = words.slots(framed)
     assert shape == "square" and tokens([ids[i] for i in t]) == ["large", "red", "square"]
     assert words.slots("") == [] and words.slots("a plain picture") == []
 
@@ -81,8 +81,13 @@ def test_tapped_queries_and_text_keys_reproduce_the_attention(words):
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[1, 5:] = False
     with torch.no_grad():
-        model(hidden_states=x, img_shapes=[(1, h, w)] * B, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
-              timestep=torch.tensor([0.3, 0.8]))
+        model(
+            hidden_states=x,
+            img_shapes=[(1, h, w)] * B,
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=mask,
+            timestep=torch.tensor([0.3, 0.8]),
+        )
         q, txt_k = tap.take()
         x_in, img_rot, _, txt_v, _ = seen["args"]
         k_img = apply_rope(attn.norm_k(attn.to_k(x_in).unflatten(-1, (attn.kv_heads, -1))).transpose(1, 2), img_rot)
@@ -101,7 +106,7 @@ def test_tapped_queries_and_text_keys_reproduce_the_attention(words):
         cover[0, :, 0] = 1.0
         named = torch.zeros(B, L, 2)
         named[0, [2, 3], 0] = 1.0
-        text_probs = probs[..., h * w:]
+        text_probs = probs[..., h * w :]
         share = (text_probs[..., [2, 3]].sum(-1) / text_probs.sum(-1)).mean(1)  # mean over heads, (B, S)
         expected = -torch.log(share[0]).mean()
         torch.testing.assert_close(binding_loss(q, txt_k, mask, cover, named), expected, rtol=1e-5, atol=1e-6)
@@ -134,8 +139,13 @@ def test_trainer_adds_the_binding_term_and_saves_nothing_beside_the_model(tmp_pa
     threads = torch.get_num_threads()
     try:
         plain = Trainer(micro_config(), data, tmp_path / "plain", max_steps=1, progress=False).train().losses
-        bound = Trainer(micro_config(binding_weight=1.0, binding_blocks=[0, 1]), data, tmp_path / "bound",
-                        max_steps=5, progress=False).train()
+        bound = Trainer(
+            micro_config(binding_weight=1.0, binding_blocks=[0, 1]),
+            data,
+            tmp_path / "bound",
+            max_steps=5,
+            progress=False,
+        ).train()
     finally:
         torch.set_num_threads(threads)
     # Same batch, noise and weights at step 0: the difference is the (positive) binding loss.

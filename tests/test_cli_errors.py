@@ -26,15 +26,24 @@ def env(tmp_path_factory):
 
 BAD = [
     # (arguments, with {root} for the fixture folder; the subcommand as printed; text the message must hold)
-    ("generate --model {root}/model --prompt x --num-images 100000000 --out {root}/o", "nucleus generate",
-     "--num-images 100000000"),
+    (
+        "generate --model {root}/model --prompt x --num-images 100000000 --out {root}/o",
+        "nucleus generate",
+        "--num-images 100000000",
+    ),
     ("generate --model {root}/model --prompt x --device cuda --out {root}/o", "nucleus generate", "--device cuda"),
     ("generate --model {root}/model --prompt x --device tpu9 --out {root}/o", "nucleus generate", "--device 'tpu9'"),
     ("generate --model {root}/model --prompt x --out {root}/a_file", "nucleus generate", "--out"),
-    ("generate --model {root}/model --prompts {root}/latin1.txt --out {root}/o", "nucleus generate",
-     "--prompts {root}/latin1.txt:2: not UTF-8"),
-    ("generate --model {root}/model --prompts {root}/bad.jsonl --out {root}/o", "nucleus generate",
-     "--prompts {root}/bad.jsonl:2: not JSON"),
+    (
+        "generate --model {root}/model --prompts {root}/latin1.txt --out {root}/o",
+        "nucleus generate",
+        "--prompts {root}/latin1.txt:2: not UTF-8",
+    ),
+    (
+        "generate --model {root}/model --prompts {root}/bad.jsonl --out {root}/o",
+        "nucleus generate",
+        "--prompts {root}/bad.jsonl:2: not JSON",
+    ),
     ("generate --model {root}/model --prompts {root}/missing.txt --out {root}/o", "nucleus generate", "--prompts"),
     ("generate --model {root}/model --out {root}/o", "nucleus generate", "--prompt"),
     ("generate --model {root}/model --prompt x --steps 0 --out {root}/o", "nucleus generate", "--steps"),
@@ -50,23 +59,41 @@ BAD = [
     ("data curate {root}/empty --out {root}/curated --quiet", "nucleus data curate", "no images in"),
     ("model info --preset huge", "nucleus model info", "--preset 'huge'"),
     ("model init --out {root}/init --dtype fp32", "nucleus model init", "--dtype"),
-    ("eval compositional --model {root}/model --prompts {root}/plain.txt --out {root}/ev", "nucleus eval compositional",
-     "--prompts"),
-    ("eval compositional --images {root}/o --out {root}/ev --batch-size 0", "nucleus eval compositional",
-     "--batch-size"),
-    ("eval fid --images {root}/empty --reference {root}/missing --out {root}/fid.json", "nucleus eval fid",
-     "--reference"),
-    ("eval fid --model {root}/model --reference {root}/empty --out {root}/f --device cuda", "nucleus eval fid",
-     "--device cuda"),
+    (
+        "eval compositional --model {root}/model --prompts {root}/plain.txt --out {root}/ev",
+        "nucleus eval compositional",
+        "--prompts",
+    ),
+    (
+        "eval compositional --images {root}/o --out {root}/ev --batch-size 0",
+        "nucleus eval compositional",
+        "--batch-size",
+    ),
+    (
+        "eval fid --images {root}/empty --reference {root}/missing --out {root}/fid.json",
+        "nucleus eval fid",
+        "--reference",
+    ),
+    (
+        "eval fid --model {root}/model --reference {root}/empty --out {root}/f --device cuda",
+        "nucleus eval fid",
+        "--device cuda",
+    ),
     ("inspect-routing --model {root}/model --out {root}/r --sigmas 2", "nucleus inspect-routing", "--sigmas '2'"),
     ("inspect-routing --model {root}/model --out {root}/a_file", "nucleus inspect-routing", "--out"),
     ("eval compositional --model {root}/model --out {root}/a_file", "nucleus eval compositional", "--out"),
     ("merge {root}/empty --out {root}/m", "nucleus merge", "not a training run folder"),
     ("bench geneval --model {root}/model --out {root}/g --steps 0", "nucleus bench geneval", "--steps"),
-    ("train --data {root}/empty --out {root}/fresh --set parallel.ep=2", "nucleus train",
-     "--set parallel.ep=2 needs several processes, but this is one: add --nproc N"),
-    ("train --data {root}/empty --out {root}/fresh --set lr=1e-3 warmup_steps=2", "nucleus train",
-     "unrecognized arguments: warmup_steps=2 (--set takes one KEY=VALUE: repeat --set for each)"),
+    (
+        "train --data {root}/empty --out {root}/fresh --set parallel.ep=2",
+        "nucleus train",
+        "--set parallel.ep=2 needs several processes, but this is one: add --nproc N",
+    ),
+    (
+        "train --data {root}/empty --out {root}/fresh --set lr=1e-3 warmup_steps=2",
+        "nucleus train",
+        "unrecognized arguments: warmup_steps=2 (--set takes one KEY=VALUE: repeat --set for each)",
+    ),
     ("generate --model {root}/model --prompt x --out {root}/o --threads 0", "nucleus generate", "--threads 0"),
     ("plan --gpu-memory 80 --margin 80", "nucleus plan", "--margin 80 GiB"),
 ]
@@ -100,8 +127,18 @@ def test_version_bare_command_and_help(env):
     assert version.returncode == 0 and re.fullmatch(r"nucleus-image \d+\.\d+\.\d+\n", version.stdout)
     bare = nucleus.run()
     assert bare.returncode == 0 and "usage: nucleus" in bare.stdout and "generate" in bare.stdout
-    for command in (["generate"], ["train"], ["eval", "compositional"], ["eval", "fid"], ["data", "synth"],
-                    ["model", "init"], ["merge"], ["inspect-routing"], ["bench", "geneval"], ["ablate", "routing"]):
+    for command in (
+        ["generate"],
+        ["train"],
+        ["eval", "compositional"],
+        ["eval", "fid"],
+        ["data", "synth"],
+        ["model", "init"],
+        ["merge"],
+        ["inspect-routing"],
+        ["bench", "geneval"],
+        ["ablate", "routing"],
+    ):
         text = nucleus.run(*command, "--help").stdout
         assert "examples:\n  nucleus " + " ".join(command) in text, command
         assert "(default: " in text, command
@@ -115,9 +152,21 @@ def test_inspect_routing_on_plain_prompts_reports_timestep_and_token_metrics(env
     import json
 
     root, nucleus = env
-    result = nucleus.run("inspect-routing", "--model", str(root / "model"), "--out", str(root / "routing"),
-                         "--prompt", "a red circle", "--prompt", "two blue squares", "--steps", "2",
-                         "--sigmas", "0.2,0.8")
+    result = nucleus.run(
+        "inspect-routing",
+        "--model",
+        str(root / "model"),
+        "--out",
+        str(root / "routing"),
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "two blue squares",
+        "--steps",
+        "2",
+        "--sigmas",
+        "0.2,0.8",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the shape, colour and region columns need scenes" in result.stdout
     assert "var_t / var_tok / var_int:" in result.stdout  # the columns are explained under the table
@@ -144,8 +193,12 @@ def test_every_option_with_a_default_shows_it_in_help():
     for name, parser in parsers(build_parser()):
         formatter = parser._get_formatter()
         for action in parser._actions:
-            if not action.option_strings or action.required or action.default in (None, False, []) \
-                    or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            if (
+                not action.option_strings
+                or action.required
+                or action.default in (None, False, [])
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+            ):
                 continue
             text = formatter._expand_help(action) if action.help else ""
             if "default" not in text:

@@ -28,9 +28,31 @@ def test_generate_writes_images_and_sidecars_that_reproduce_them(model_dir, tmp_
     out = tmp_path / "out"
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(json.dumps({"prompt": "a blue sphere", "tag": "x"}) + "\n")
-    argv = ["generate", "--model", str(model_dir), "--prompt", "a red cube", "--prompts", str(prompts_file),
-            "--num-images", "2", "--steps", "3", "--guidance", "3.0", "--seed", "10", "--aspect", "16:9",
-            "--negative", "noise", "--batch-size", "2", "--out", str(out)]
+    argv = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "a red cube",
+        "--prompts",
+        str(prompts_file),
+        "--num-images",
+        "2",
+        "--steps",
+        "3",
+        "--guidance",
+        "3.0",
+        "--seed",
+        "10",
+        "--aspect",
+        "16:9",
+        "--negative",
+        "noise",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == ["00000.png", "00001.png", "00002.png", "00003.png"]
@@ -67,8 +89,28 @@ def test_sidecar_command_regenerates_the_same_png_bytes(model_dir, tmp_path):
     """An image drawn alone (--batch-size 1, the default) comes back byte for byte, metadata included: the PNG's
     text chunks hold the settings and the command, not the file name (the command writes 00000.png)."""
     out = tmp_path / "out"
-    assert main(["generate", "--model", str(model_dir), "--prompt", "a red cube", "--num-images", "2", "--steps", "2",
-                 "--aspect", "16:9", "--seed", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--prompt",
+                "a red cube",
+                "--num-images",
+                "2",
+                "--steps",
+                "2",
+                "--aspect",
+                "16:9",
+                "--seed",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     command = shlex.split(json.loads((out / "00001.json").read_text())["command"])
     assert "--aspect" in command and "--width" not in command
     command[-1] = str(tmp_path / "again")
@@ -76,14 +118,17 @@ def test_sidecar_command_regenerates_the_same_png_bytes(model_dir, tmp_path):
     assert (tmp_path / "again" / "00000.png").read_bytes() == (out / "00001.png").read_bytes()
 
 
-@pytest.mark.parametrize("extra, message", [
-    ([], "no prompts"),
-    (["--prompt", "x", "--width", "30", "--height", "32"], "width 30 is not a positive multiple of 4"),
-    (["--prompt", "x", "--aspect", "1:1", "--width", "32"], "not both"),
-    (["--prompt", "x", "--steps", "0"], "--steps 0 must be >= 1"),
-    (["--prompt", "x", "--width", "32"], "pass both --width and --height"),
-    (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "no prompts"),
+        (["--prompt", "x", "--width", "30", "--height", "32"], "width 30 is not a positive multiple of 4"),
+        (["--prompt", "x", "--aspect", "1:1", "--width", "32"], "not both"),
+        (["--prompt", "x", "--steps", "0"], "--steps 0 must be >= 1"),
+        (["--prompt", "x", "--width", "32"], "pass both --width and --height"),
+        (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_message(model_dir, tmp_path, capsys, monkeypatch, extra, message):
     from nucleus_image.pipeline import NucleusPipeline
 

@@ -57,12 +57,16 @@ def test_train_fresh_runs_agree_and_interrupt_resumes_exactly(tmp_path):
     events.Reload()
     assert [e.step for e in events.Images("samples")] == [STEPS]  # the sample grid, in TensorBoard too
     merged = run_cli("merge", str(tmp_path / "first"), "--last", "5", "--out", str(tmp_path / "merged"))
-    assert merged.returncode == 0 and "asked for the last 5 checkpoints" in merged.stdout and "(steps 20, 25, 30)" \
-        in merged.stdout, merged.stdout + merged.stderr[-2000:]
+    assert (
+        merged.returncode == 0
+        and "asked for the last 5 checkpoints" in merged.stdout
+        and "(steps 20, 25, 30)" in merged.stdout
+    ), merged.stdout + merged.stderr[-2000:]
 
     stopped = tmp_path / "stopped"
-    result = interrupt_when(cli(*args, "--out", str(stopped)),
-                            lambda: (stopped / "checkpoints" / "step-00000010").is_dir())
+    result = interrupt_when(
+        cli(*args, "--out", str(stopped)), lambda: (stopped / "checkpoints" / "step-00000010").is_dir()
+    )
     assert result.returncode == 130, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     resume = [line for line in result.stderr.splitlines() if line.startswith("resume with: ")]
@@ -74,7 +78,9 @@ def test_train_fresh_runs_agree_and_interrupt_resumes_exactly(tmp_path):
 
     resumed = subprocess.run(cli(*command[1:]), capture_output=True, text=True, timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((stopped / "losses.json").read_text()) == json.loads((tmp_path / "first" / "losses.json").read_text())
+    assert json.loads((stopped / "losses.json").read_text()) == json.loads(
+        (tmp_path / "first" / "losses.json").read_text()
+    )
     again = final_weights(stopped)
     assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in first)
     umask = os.umask(0)
@@ -91,8 +97,23 @@ def model_dir(tmp_path_factory):
 
 
 def test_generate_interrupt_continues_to_the_uninterrupted_result(model_dir, tmp_path):
-    args = ["generate", "--model", str(model_dir), "--prompt", "a red cube", "--prompt", "a blue sphere",
-            "--num-images", "60", "--steps", "3", "--batch-size", "4", "--seed", "3"]
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "a red cube",
+        "--prompt",
+        "a blue sphere",
+        "--num-images",
+        "60",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--seed",
+        "3",
+    ]
     out = tmp_path / "out"
     result = interrupt_when(cli(*args, "--out", str(out)), lambda: (out / "00007.json").exists())
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -110,7 +131,9 @@ def test_generate_interrupt_continues_to_the_uninterrupted_result(model_dir, tmp
     assert len(names) == 241 and names == sorted(p.name for p in out.iterdir())
     assert all((out / n).read_bytes() == (straight / n).read_bytes() for n in names)
 
-    other = subprocess.run(cli(*args[:-1], "4", "--out", str(out)), capture_output=True, text=True, timeout=300, env=ENV)
+    other = subprocess.run(
+        cli(*args[:-1], "4", "--out", str(out)), capture_output=True, text=True, timeout=300, env=ENV
+    )
     assert other.returncode == 2 and "holds another generate job (different seed)" in other.stderr
 
     image = Image.open(out / "00005.png")
@@ -134,13 +157,27 @@ def test_hub_id_loads_from_the_hub_cache_offline(model_dir, tmp_path):
     env = dict(ENV, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
     args = ["generate", "--prompt", "a red cube", "--steps", "2"]
     for model, out in (("someone/tiny-nucleus", "hub"), (str(model_dir), "local")):
-        done = subprocess.run(cli(*args, "--model", model, "--out", str(tmp_path / out)), capture_output=True,
-                              text=True, timeout=300, env=env)
+        done = subprocess.run(
+            cli(*args, "--model", model, "--out", str(tmp_path / out)),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "hub" / "00000.png")),
-                          np.asarray(Image.open(tmp_path / "local" / "00000.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "hub" / "00000.png")), np.asarray(Image.open(tmp_path / "local" / "00000.png"))
+    )
     assert json.loads((tmp_path / "hub" / "00000.json").read_text())["model"] == "someone/tiny-nucleus"
-    missing = subprocess.run(cli(*args, "--model", "someone/absent", "--out", str(tmp_path / "x")),
-                             capture_output=True, text=True, timeout=300, env=env)
-    assert missing.returncode == 2 and "'someone/absent' is neither a local folder nor a Hugging Face Hub" in \
-        missing.stderr and "Traceback" not in missing.stderr
+    missing = subprocess.run(
+        cli(*args, "--model", "someone/absent", "--out", str(tmp_path / "x")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert (
+        missing.returncode == 2
+        and "'someone/absent' is neither a local folder nor a Hugging Face Hub" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )

@@ -18,9 +18,26 @@ import torch
 from nucleus_image.parallel import collectives
 
 SRC = Path(collectives.__file__).resolve().parents[1]
-COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all",
-               "all_to_all_single", "barrier", "broadcast", "broadcast_object_list", "gather", "gather_object",
-               "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter", "send", "recv", "monitored_barrier"}
+COLLECTIVES = {
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "gather_object",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+    "send",
+    "recv",
+    "monitored_barrier",
+}
 
 
 def distributed_calls(path: Path) -> list[str]:
@@ -32,8 +49,12 @@ def distributed_calls(path: Path) -> list[str]:
             aliases |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
     found = []
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES
-                and ast.unparse(node.func.value) in aliases):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in COLLECTIVES
+            and ast.unparse(node.func.value) in aliases
+        ):
             found.append(f"{path.relative_to(SRC)}:{node.lineno} {ast.unparse(node.func)}")
     return found
 

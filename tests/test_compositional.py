@@ -25,8 +25,10 @@ def test_ground_truth_scores_at_least_098_on_every_task(heldout):
     assert report["overall"] >= 0.98, report["tasks"]
     assert min(t["accuracy"] for t in report["tasks"].values()) >= 0.95
     # Blurred and halved (what a small model's samples look like) the ground truth still scores high.
-    soft = [[im.resize((im.width // 2, im.height // 2), Image.BILINEAR).filter(ImageFilter.GaussianBlur(1.0))
-             for im in ims] for ims in images]
+    soft = [
+        [im.resize((im.width // 2, im.height // 2), Image.BILINEAR).filter(ImageFilter.GaussianBlur(1.0)) for im in ims]
+        for ims in images
+    ]
     assert score(records, soft)["overall"] >= 0.95
 
 
@@ -45,8 +47,9 @@ def test_pure_noise_scores_about_zero(heldout):
         grid = np.full((8, 8, 3), 235.0) + rng.normal(0, 6, (8, 8, 3))
         spots = rng.random((8, 8)) < 0.3
         grid[spots] = rng.uniform(0, 255, (int(spots.sum()), 3))
-        blobs.append([Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8)).resize((32, 32), Image.NEAREST)
-                      for _ in range(2)])
+        blobs.append(
+            [Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8)).resize((32, 32), Image.NEAREST) for _ in range(2)]
+        )
     assert score(records, blobs)["overall"] <= 0.03
 
 
@@ -115,8 +118,11 @@ def _det(shape, color, cx, cy, size=20.0, score=0.9):
 
 
 def test_geneval_rules():
-    two = {"tag": "counting", "include": [{"class": "circle", "count": 2}],
-           "exclude": [{"class": "circle", "count": 3}]}
+    two = {
+        "tag": "counting",
+        "include": [{"class": "circle", "count": 2}],
+        "exclude": [{"class": "circle", "count": 3}],
+    }
     assert evaluate(two, [_det("circle", "red", 20, 20), _det("circle", "blue", 80, 20)]) == (True, [])
     ok, reasons = evaluate(two, [_det("circle", "red", 20, 20)] * 3)
     assert not ok and reasons == ["expected circle<3, found 3"]
@@ -125,8 +131,10 @@ def test_geneval_rules():
     color = {"tag": "colors", "include": [{"class": "star", "count": 1, "color": "green"}]}
     assert evaluate(color, [_det("star", "green", 20, 20, score=0.95), _det("star", "red", 80, 20, score=0.8)])[0]
     assert not evaluate(color, [_det("star", "red", 20, 20, score=0.95), _det("star", "green", 80, 20, score=0.8)])[0]
-    pos = {"tag": "position", "include": [{"class": "square", "count": 1},
-                                          {"class": "star", "count": 1, "position": ["left of", 0]}]}
+    pos = {
+        "tag": "position",
+        "include": [{"class": "square", "count": 1}, {"class": "star", "count": 1, "position": ["left of", 0]}],
+    }
     assert evaluate(pos, [_det("square", "red", 90, 50), _det("star", "blue", 20, 55)])[0]
     ok, reasons = evaluate(pos, [_det("square", "red", 20, 50), _det("star", "blue", 90, 50)])
     assert not ok and "expected star left of target" in reasons[0]
@@ -144,8 +152,15 @@ def test_bad_metadata_is_refused_before_scoring():
     with pytest.raises(ValueError, match=r"tag 'shapes'"):
         score([{"tag": "shapes", "include": [{"class": "star", "count": 1}]}], [[]])
     with pytest.raises(ValueError, match=r"position \['near', 0\]"):
-        score([{"tag": "position", "include": [{"class": "star", "count": 1},
-                                               {"class": "cross", "count": 1, "position": ["near", 0]}]}], [[]])
+        score(
+            [
+                {
+                    "tag": "position",
+                    "include": [{"class": "star", "count": 1}, {"class": "cross", "count": 1, "position": ["near", 0]}],
+                }
+            ],
+            [[]],
+        )
     with pytest.raises(ValueError, match="image lists for 2 prompts but 1"):
         score(heldout_metadata(0, 1)[:1], [[], []])
 
@@ -167,8 +182,9 @@ def test_folder_round_trip_cli_and_corrupt_images(heldout, tmp_path, capsys):
     assert Image.open(tmp_path / "report" / "detections.png").size[0] > 0
     assert "overall" in capsys.readouterr().out
 
-    (folder / "00001" / "metadata.jsonl").write_text(json.dumps({"tag": "colors", "include": [
-        {"class": "star", "count": 1, "color": "teal"}]}) + "\n")
+    (folder / "00001" / "metadata.jsonl").write_text(
+        json.dumps({"tag": "colors", "include": [{"class": "star", "count": 1, "color": "teal"}]}) + "\n"
+    )
     assert main(["eval", "compositional", "--images", str(folder), "--out", str(tmp_path / "r2")]) == 2
     assert "'teal' not one of" in capsys.readouterr().err
 
@@ -193,8 +209,25 @@ def test_cli_model_mode_samples_and_scores(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in heldout_metadata(0, 1)[:2]))
     out = tmp_path / "eval"
-    assert main(["eval", "compositional", "--model", str(tmp_path / "model"), "--prompts", str(prompts),
-                 "--samples", "2", "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "compositional",
+                "--model",
+                str(tmp_path / "model"),
+                "--prompts",
+                str(prompts),
+                "--samples",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     records, paths = read_geneval_folder(out / "images")
     assert len(records) == 2 and all(len(p) == 2 for p in paths)
     sample = np.asarray(Image.open(paths[0][0]))
@@ -210,8 +243,10 @@ def test_intervals_are_wilson_per_task_and_printed_with_the_score():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(384, 384)[0] > 0.99 and wilson_interval(192, 384)[1] - 0.5 < 0.05
-    per_prompt = [{"tag": "single_object", "correct": [True] * 30 + [False] * 10},
-                  {"tag": "colors", "correct": [True] * 5 + [False] * 35}]
+    per_prompt = [
+        {"tag": "single_object", "correct": [True] * 30 + [False] * 10},
+        {"tag": "colors", "correct": [True] * 5 + [False] * 35},
+    ]
     report = summarize(per_prompt)
     assert report["tasks"]["single_object"]["interval"] == pytest.approx(list(wilson_interval(30, 40)))
     lo, hi = report["overall_interval"]

@@ -81,8 +81,12 @@ def test_manifest_content(corpus):
     routes = [c["route"] for c in json.loads(multi["annotations"])["curation"]["captions"]]
     assert routes == ["synthesize", "refine", "keep"]
     para = rows[corpus["paragraph"]]
-    assert para["caption_sources"] == ["derived:1-sentence:from:original", "derived:2-sentence:from:original",
-                                       "derived:3-5-sentence:from:original", "original"]
+    assert para["caption_sources"] == [
+        "derived:1-sentence:from:original",
+        "derived:2-sentence:from:original",
+        "derived:3-5-sentence:from:original",
+        "original",
+    ]
     assert para["captions"][-1] == curate_corpus.PARAGRAPH and para["captions"][0].count(".") == 1
     cafe = rows[corpus["cp1252"]]
     assert cafe["captions"][0].startswith("Café crème")
@@ -134,14 +138,21 @@ def test_cli_curate_and_stats(corpus, tmp_path, capsys, monkeypatch):
     main = cli.main
     cfg = tmp_path / "c.toml"
     cfg.write_text('preset = "recipe"\nworkers = 1\n[buckets]\nsoft_cap = 0.5\n')
-    assert main(["data", "curate", *corpus["inputs"], "--out", str(tmp_path / "ds"), "--config", str(cfg),
-                 "--quiet"]) == 0
+    assert (
+        main(["data", "curate", *corpus["inputs"], "--out", str(tmp_path / "ds"), "--config", str(cfg), "--quiet"]) == 0
+    )
     assert main(["data", "stats", str(tmp_path / "ds")]) == 0
     text = capsys.readouterr().out
     assert f"inputs {len(corpus['expect'])}" in text and "duplicate_near" in text and "A5" in text
     charts = sorted(p.name for p in (tmp_path / "ds" / "manifest-v0001" / "stats").glob("*.png"))
-    assert charts == ["buckets.png", "captions_per_image.png", "image_size.png", "quality_score.png",
-                      "reject_reasons.png", "tiers.png"]
+    assert charts == [
+        "buckets.png",
+        "captions_per_image.png",
+        "image_size.png",
+        "quality_score.png",
+        "reject_reasons.png",
+        "tiers.png",
+    ]
     assert main(["data", "curate", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "nope" in capsys.readouterr().err
     assert main(["data", "curate", corpus["inputs"][0], "--out", corpus["inputs"][0] + "/inner"]) == 2
@@ -152,8 +163,19 @@ def test_resume_after_kill_matches_uninterrupted_run(corpus, tmp_path):
     cfg.write_text(json.dumps({"chunk_size": 1, "workers": 1}))
     out = tmp_path / "out"
     script = "import sys; from nucleus_image import cli; cli.COMMANDS = ('data',); sys.exit(cli.main(sys.argv[1:]))"
-    cmd = [sys.executable, "-c", script,
-           "data", "curate", *corpus["inputs"], "--out", str(out), "--config", str(cfg), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-c",
+        script,
+        "data",
+        "curate",
+        *corpus["inputs"],
+        "--out",
+        str(out),
+        "--config",
+        str(cfg),
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob(".curate-work/*/chunks/chunk-*.parquet"))) < 5:

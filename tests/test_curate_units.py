@@ -19,7 +19,9 @@ from nucleus_image.data.curate.validate import Rejected, decode
 def _planted(n: int, seed: int = 0) -> tuple[np.ndarray, dict[int, int]]:
     """n random hashes, the last ones copies of earlier ones with 0..7 bits flipped; {copy: distance}."""
     rng = np.random.default_rng(seed)
-    h = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, n).astype(np.uint64)
+    h = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, n).astype(
+        np.uint64
+    )
     dist = {}
     for k, row in enumerate(range(n - 64, n)):
         d = k % 8
@@ -57,11 +59,13 @@ def test_survivor_rule_and_chains():
     assert reasons == ["duplicate_near", "duplicate_near", None, None, "duplicate_near"]
     assert survivor.tolist() == [2, 2, 2, 3, 2]
     # Equal pixels: the larger file survives; then input order.
-    reasons, survivor = dedup.deduplicate(["x", "y", "z"], np.array([1, 1, 1], np.uint64), np.array([9, 9, 9]),
-                                          np.array([5, 7, 7]), np.arange(3), 5)
+    reasons, survivor = dedup.deduplicate(
+        ["x", "y", "z"], np.array([1, 1, 1], np.uint64), np.array([9, 9, 9]), np.array([5, 7, 7]), np.arange(3), 5
+    )
     assert reasons == ["duplicate_near", None, "duplicate_near"] and survivor.tolist() == [1, 1, 1]
-    reasons, _ = dedup.deduplicate(["x", "x"], np.array([0, 0], np.uint64), np.array([9, 9]), np.array([5, 5]),
-                                   np.arange(2), 5)
+    reasons, _ = dedup.deduplicate(
+        ["x", "x"], np.array([0, 0], np.uint64), np.array([9, 9]), np.array([5, 5]), np.arange(2), 5
+    )
     assert reasons == [None, "duplicate_exact"]
 
 
@@ -112,8 +116,12 @@ def test_caption_routing_order_and_variants():
     assert [r["route"] for r in records] == ["synthesize", "refine", "keep"]
     para = "One cat sits. It is grey. The sofa is red. A lamp glows. Rain falls outside. The clock says nine."
     kept, sources, records = captions.curate_captions([para], ["original"], [0.9], cfg)
-    assert kept == ["One cat sits.", "One cat sits. It is grey.",
-                    "One cat sits. It is grey. The sofa is red. A lamp glows. Rain falls outside.", para]
+    assert kept == [
+        "One cat sits.",
+        "One cat sits. It is grey.",
+        "One cat sits. It is grey. The sofa is red. A lamp glows. Rain falls outside.",
+        para,
+    ]
     assert [captions.granularity(k) for k in kept] == list(captions.GRANULARITIES)
     assert sources[-1] == "original" and sources[0] == "derived:1-sentence:from:original"
     assert len(records) == 4
@@ -128,7 +136,9 @@ def test_caption_decoding_and_json_forms():
     assert decode_caption_bytes(b"\x81\x8d\xff")[0] is None
     assert decode_caption_bytes(b"abc\x00def")[0] is None
     assert parse_caption_doc("a.json", json.dumps({"captions": ["x", "y"], "caption_sources": ["s1", "s2"]})) == [
-        ("x", "s1"), ("y", "s2")]
+        ("x", "s1"),
+        ("y", "s2"),
+    ]
     assert parse_caption_doc("a.json", '[{"text": "x", "source": "v"}, "y"]') == [("x", "v"), ("y", "original")]
     assert parse_caption_doc("a.json", "{not json") == []
     assert parse_caption_doc("a.txt", "{not json") == [("{not json", "original")]
@@ -149,8 +159,13 @@ def test_decode_normalises_modes_and_orientation():
     cfg = ValidateConfig()
     base = scene(7)
     grey16 = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 100)
-    for img, fmt in ((base.convert("CMYK"), "JPEG"), (base.convert("P"), "PNG"), (grey16, "PNG"),
-                     (base.convert("LA"), "PNG"), (base.convert("1"), "PNG")):
+    for img, fmt in (
+        (base.convert("CMYK"), "JPEG"),
+        (base.convert("P"), "PNG"),
+        (grey16, "PNG"),
+        (base.convert("LA"), "PNG"),
+        (base.convert("1"), "PNG"),
+    ):
         rgb, info = decode(encode(img, fmt), cfg)
         assert rgb.mode == "RGB" and rgb.size == base.size, info
     rgb, _ = decode(encode(grey16, "PNG"), cfg)
@@ -168,8 +183,9 @@ def test_decode_normalises_modes_and_orientation():
 
 def test_config_files_presets_and_errors(tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('preset = "lenient"\nchunk_size = 7\n[quality]\ntier_edges = [5.4, 5.9, 6.4, 6.7]\n'
-                    '[buckets]\nsoft_cap = 0.5\n')
+    toml.write_text(
+        'preset = "lenient"\nchunk_size = 7\n[quality]\ntier_edges = [5.4, 5.9, 6.4, 6.7]\n[buckets]\nsoft_cap = 0.5\n'
+    )
     cfg = CurateConfig.from_file(toml)
     assert cfg.chunk_size == 7 and cfg.quality.min_score == 0.0 and cfg.quality.tier_edges == (5.4, 5.9, 6.4, 6.7)
     assert cfg.buckets.soft_cap == 0.5 and cfg.dedup.hamming_below == 5

@@ -81,16 +81,22 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
 def test_config_overrides_round_trip_and_refusals(tmp_path):
     from nucleus_image.training.config import TrainConfig
 
-    cfg = TrainConfig.preset("tiny").override(["lr=3e-3", "stages.1.steps=7", "model.num_experts=16",
-                                               "timesteps.uniform_share=0.2", "caption_weights=[1,0]"])
+    cfg = TrainConfig.preset("tiny").override(
+        ["lr=3e-3", "stages.1.steps=7", "model.num_experts=16", "timesteps.uniform_share=0.2", "caption_weights=[1,0]"]
+    )
     assert cfg.optimizer.lr == 3e-3 and cfg.stages[1].steps == 7 and cfg.model.num_experts == 16
     assert cfg.timesteps.uniform_share == 0.2 and cfg.caption_weights == (1.0, 0.0)
     cfg.save_json(tmp_path / "c.json")
     assert TrainConfig.from_json(tmp_path / "c.json") == cfg
     assert cfg.stage_at(0)[0] == 0 and cfg.stage_at(cfg.stages[0].steps)[0] == 1
-    for bad, message in (("lr=abc", "expected a number"), ("nope=1", "no field 'nope'"),
-                         ("stages.9.steps=1", "out of range"), ("merge_weights=ema", "accepted: inverse-sqrt"),
-                         ("stages.0.capacity_factors=[1,2]", "model has 4 layers"), ("lr", "not key=value")):
+    for bad, message in (
+        ("lr=abc", "expected a number"),
+        ("nope=1", "no field 'nope'"),
+        ("stages.9.steps=1", "out of range"),
+        ("merge_weights=ema", "accepted: inverse-sqrt"),
+        ("stages.0.capacity_factors=[1,2]", "model has 4 layers"),
+        ("lr", "not key=value"),
+    ):
         with pytest.raises(ValueError, match=message):
             TrainConfig.preset("tiny").override([bad])
 
@@ -100,19 +106,23 @@ def test_optimizer_section_reads_the_old_flat_layout_and_aliases(tmp_path):
 
     from nucleus_image.training.config import OptimizerConfig, TrainConfig, changed_fields
 
-    cfg = TrainConfig.preset("tiny").override(["optimizer.kind=adamw", "optimizer.betas=[0.8,0.9]",
-                                               "optimizer.grad_clip=0.5"])
+    cfg = TrainConfig.preset("tiny").override(
+        ["optimizer.kind=adamw", "optimizer.betas=[0.8,0.9]", "optimizer.grad_clip=0.5"]
+    )
     old = legacy_layout(cfg.to_dict())
     assert old["optimizer"] == "adamw" and old["adam_betas"] == [0.8, 0.9] and "grad_clip" in old and "lr" in old
     assert TrainConfig.from_dict(old) == cfg
     # The flat names stay aliases of the nested keys in --set.
     aliased = TrainConfig.preset("tiny").override(["optimizer=adamw", "adam_betas=[0.8,0.9]", "grad_clip=0.5"])
-    assert aliased == cfg and aliased.optimizer == OptimizerConfig(kind="adamw", lr=6e-3, warmup_steps=50,
-                                                                   betas=(0.8, 0.9), grad_clip=0.5)
+    assert aliased == cfg and aliased.optimizer == OptimizerConfig(
+        kind="adamw", lr=6e-3, warmup_steps=50, betas=(0.8, 0.9), grad_clip=0.5
+    )
     assert changed_fields(cfg.to_dict(), cfg.override(["lr=1e-3"]).to_dict()) == ["optimizer.lr"]
-    for bad, message in (("optimizer.kind=sgd", r"optimizer.kind 'sgd'; accepted: muon, adamw"),
-                         ("optimizer.lrr=1", r"no field 'lrr'; accepted here: betas, eps, grad_clip"),
-                         ("adam_betas=[0.9]", r"optimizer.betas=\[0.9\]: expected 2 entries"),
-                         ("grad_clip=0", "grad_clip > 0")):
+    for bad, message in (
+        ("optimizer.kind=sgd", r"optimizer.kind 'sgd'; accepted: muon, adamw"),
+        ("optimizer.lrr=1", r"no field 'lrr'; accepted here: betas, eps, grad_clip"),
+        ("adam_betas=[0.9]", r"optimizer.betas=\[0.9\]: expected 2 entries"),
+        ("grad_clip=0", "grad_clip > 0"),
+    ):
         with pytest.raises(ValueError, match=message):
             TrainConfig.preset("tiny").override([bad])

@@ -60,7 +60,7 @@ def test_workers_decode_the_same_batches_and_resume_is_the_step(plan, tmp_path):
         per = len(item["captions"]) // 2
         assert len(item["texts"]) == 2
         for m, (states, mask) in enumerate(item["texts"]):
-            ref_states, ref_mask = on_thread.batch(item["captions"][m * per:(m + 1) * per])
+            ref_states, ref_mask = on_thread.batch(item["captions"][m * per : (m + 1) * per])
             assert torch.equal(states, ref_states) and same_mask(mask, ref_mask)
     assert any(mask is not None for item in inline for _, mask in item["texts"])
 
@@ -71,7 +71,8 @@ def same_mask(a, b) -> bool:
 
 def same_texts(a: dict, b: dict) -> bool:
     return len(a["texts"]) == len(b["texts"]) and all(
-        torch.equal(sa, sb) and same_mask(ma, mb) for (sa, ma), (sb, mb) in zip(a["texts"], b["texts"]))
+        torch.equal(sa, sb) and same_mask(ma, mb) for (sa, ma), (sb, mb) in zip(a["texts"], b["texts"])
+    )
 
 
 def test_drawable_captions_follow_the_caption_weights(plan):
@@ -89,8 +90,13 @@ def test_trainer_takes_its_batch_from_the_plan_and_checkpoints_the_position(tmp_
 
     threads = torch.get_num_threads()
     try:
-        trainer = Trainer(micro_config(checkpoint_every=2), plan.rows.paths[0].parent.parent, tmp_path / "run",
-                          max_steps=2, progress=False)
+        trainer = Trainer(
+            micro_config(checkpoint_every=2),
+            plan.rows.paths[0].parent.parent,
+            tmp_path / "run",
+            max_steps=2,
+            progress=False,
+        )
         trainer._enter_stage(0)
         latents, texts, item = trainer._batch(4)
         assert item["captions"] == plan.batch(0).captions and latents.shape[0] == 4 and texts[0][0].shape[0] == 4

@@ -88,7 +88,8 @@ def test_token_targets_mark_each_objects_tokens_with_its_shape_and_colour():
         assert targets[:, n + COLOR_CLASSES.index(obj.color)].max() > 0.5
     perfect = torch.log(torch.from_numpy(targets).clamp_min(1e-9))  # logits = log targets: the loss is the entropy
     assert alignment_loss(perfect[None], torch.from_numpy(targets)[None]) < alignment_loss(
-        torch.zeros_like(perfect)[None], torch.from_numpy(targets)[None])
+        torch.zeros_like(perfect)[None], torch.from_numpy(targets)[None]
+    )
 
 
 def fit_image_from(image, width, height):
@@ -160,11 +161,17 @@ def test_phase_table_lists_each_command_and_its_inner_phases(tmp_path):
     (demo / "eval").mkdir()
     import time
 
-    for name, seconds in (("setup", 10.0), ("synthesis", 20.0), ("training", 60.0), ("merge", 2.0),
-                          ("sampling and scoring", 8.0)):
+    for name, seconds in (
+        ("setup", 10.0),
+        ("synthesis", 20.0),
+        ("training", 60.0),
+        ("merge", 2.0),
+        ("sampling and scoring", 8.0),
+    ):
         record(demo, name, time.time_ns() - int(seconds * 1e9))
-    (demo / "run" / "timing.json").write_text(json.dumps({"seconds": {"forward": 30.0, "backward": 20.0},
-                                                          "steps": 100, "images": 6400}))
+    (demo / "run" / "timing.json").write_text(
+        json.dumps({"seconds": {"forward": 30.0, "backward": 20.0}, "steps": 100, "images": 6400})
+    )
     (demo / "eval" / "timing.json").write_text(json.dumps({"seconds": {"sampling": 5.0, "scoring": 2.0}}))
     lines = phase_table(demo).splitlines()
     rows = {}
@@ -201,15 +208,29 @@ def test_tiny_preset_under_two_processes_trains_as_one(data, tmp_path):
 
     from nucleus_image.training.checkpoint import list_checkpoints, load_model_state
 
-    shrink = ["stages.0.steps=2", "stages.1.steps=1", "stages.0.batch_size=4", "stages.1.batch_size=4",
-              "optimizer.warmup_steps=1", "checkpoint_every=2", "keep_last=2", "sample_every=0", "sample_steps=2",
-              "cpu_threads=1"]
+    shrink = [
+        "stages.0.steps=2",
+        "stages.1.steps=1",
+        "stages.0.batch_size=4",
+        "stages.1.batch_size=4",
+        "optimizer.warmup_steps=1",
+        "checkpoint_every=2",
+        "keep_last=2",
+        "sample_every=0",
+        "sample_steps=2",
+        "cpu_threads=1",
+    ]
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
 
     def train(out, *args):
         sets = [a for item in shrink for a in ("--set", item)]
-        done = subprocess.run(cli("train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--no-progress",
-                                  *sets, *args), capture_output=True, text=True, timeout=400, env=env)
+        done = subprocess.run(
+            cli("train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--no-progress", *sets, *args),
+            capture_output=True,
+            text=True,
+            timeout=400,
+            env=env,
+        )
         assert done.returncode == 0, done.stderr[-4000:]
 
     train(tmp_path / "one")
@@ -231,5 +252,6 @@ def test_tiny_preset_under_two_processes_trains_as_one(data, tmp_path):
     # Without the averaging rank 0's head would follow its own half-batch and differ from the one-process head;
     # the comparison means something only if the head moved well beyond the tolerance.
     first = load_file(one / "heads.safetensors")["module.net.0.weight"]
-    assert (first - load_file(list_checkpoints(tmp_path / "one")[0][1] / "heads.safetensors")["module.net.0.weight"]
-            ).abs().max() > 1e-3  # the head moved
+    assert (
+        first - load_file(list_checkpoints(tmp_path / "one")[0][1] / "heads.safetensors")["module.net.0.weight"]
+    ).abs().max() > 1e-3  # the head moved

@@ -27,10 +27,39 @@ from nucleus_image.pipeline import NucleusPipeline
 def distill(model, data, out, *extra):
     """`nucleus distill` in-process: a 2-step student of a 4-step teacher (guidance 4) on 16 trajectories, 16
     updates of 8 (a short warmup, so the few updates move the adapter)."""
-    return main(["distill", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "2",
-                 "--teacher-steps", "4", "--trajectories", "16", "--train-steps", "16", "--batch-size", "8",
-                 "--lora-rank", "8", "--lr", "1e-2", "--no-progress", "--set", "checkpoint_every=8",
-                 "--set", "teacher_batch_size=8", "--set", "optimizer.warmup_steps=2", *extra])
+    return main(
+        [
+            "distill",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--teacher-steps",
+            "4",
+            "--trajectories",
+            "16",
+            "--train-steps",
+            "16",
+            "--batch-size",
+            "8",
+            "--lora-rank",
+            "8",
+            "--lr",
+            "1e-2",
+            "--no-progress",
+            "--set",
+            "checkpoint_every=8",
+            "--set",
+            "teacher_batch_size=8",
+            "--set",
+            "optimizer.warmup_steps=2",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +101,30 @@ def test_teacher_trajectories_are_the_pipelines_guided_sampler(run):
     states, mask = text.batch(store.captions[:8])
     negative, negative_mask = text.batch([""] * 8)
     seen = []
-    final = pipe(prompt_embeds=states, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
-                 negative_prompt_embeds_mask=negative_mask, guidance_scale=4.0, num_inference_steps=4,
-                 latents=store.states[:8, 0], output_type="latent", progress=False,
-                 callback_on_step_end=lambda p, i, t, v: seen.append(v["latents"].clone()) or v).images
+    final = pipe(
+        prompt_embeds=states,
+        prompt_embeds_mask=mask,
+        negative_prompt_embeds=negative,
+        negative_prompt_embeds_mask=negative_mask,
+        guidance_scale=4.0,
+        num_inference_steps=4,
+        latents=store.states[:8, 0],
+        output_type="latent",
+        progress=False,
+        callback_on_step_end=lambda p, i, t, v: seen.append(v["latents"].clone()) or v,
+    ).images
     assert torch.equal(final, store.states[:8, 2]) and torch.equal(seen[1], store.states[:8, 1])
     with pytest.raises(ValueError, match="multiple of the student's steps"):
-        TrajectoryPlan((1.0, 0.5, 0.25), teacher_steps=8, teacher_guidance=4.0, height=32, width=32,
-                       trajectories=4, shard_size=4, seed=0)
+        TrajectoryPlan(
+            (1.0, 0.5, 0.25),
+            teacher_steps=8,
+            teacher_guidance=4.0,
+            height=32,
+            width=32,
+            trajectories=4,
+            shard_size=4,
+            seed=0,
+        )
 
 
 def test_adapter_carries_sampler_settings_and_load_lora_takes_them_as_defaults(run):
@@ -92,16 +137,22 @@ def test_adapter_carries_sampler_settings_and_load_lora_takes_them_as_defaults(r
 
     pipe = NucleusPipeline.from_pretrained(model, device="cpu")
     rows = []
-    pipe.transformer.register_forward_hook(lambda m, args, kwargs, out: rows.append(kwargs["hidden_states"].shape[0]),
-                                           with_kwargs=True)
+    pipe.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
     kwargs = dict(prompt="a red circle", output_type="latent", progress=False)
     pipe.load_lora(adapter)
     assert pipe.sampler_defaults.num_inference_steps == 2
     student = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     assert rows == [1, 1]  # its 2 steps, one row each: no guidance
     rows.clear()
-    explicit = pipe(**kwargs, num_inference_steps=2, guidance_scale=1.0, sigmas=[1.0, 0.5],
-                    generator=torch.Generator().manual_seed(0)).images
+    explicit = pipe(
+        **kwargs,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        sigmas=[1.0, 0.5],
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert torch.equal(student, explicit) and rows == [1, 1]
     rows.clear()
     pipe(**kwargs, num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(0))
@@ -145,8 +196,26 @@ def test_generate_and_serve_with_lora_reproduce_the_students_images(run, tmp_pat
     model, _, folder = run
     adapter = folder / "adapter"
     out = tmp_path / "out"
-    assert main(["generate", "--model", str(model), "--lora", str(adapter), "--prompt", "a red circle",
-                 "--num-images", "2", "--seed", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model),
+                "--lora",
+                str(adapter),
+                "--prompt",
+                "a red circle",
+                "--num-images",
+                "2",
+                "--seed",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     sidecar = json.loads((out / "00001.json").read_text())
     assert (sidecar["num_inference_steps"], sidecar["guidance_scale"]) == (2, 1.0)  # the adapter's settings
     assert sidecar["lora"]["path"] == str(adapter.resolve()) and len(sidecar["lora"]["sha256"]) == 64

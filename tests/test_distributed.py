@@ -51,8 +51,9 @@ def setup(tmp_path_factory):
     data = micro_dataset(root / "data")
     config = root / "micro.json"
     # Batches divisible by 4 processes; checkpoints every 3 steps so runs can stop and resume mid-stage.
-    micro_config(**{"stages.0.steps": 8, "stages.1.steps": 2, "stages.1.batch_size": 4, "checkpoint_every": 3,
-                    "keep_last": 8}).save_json(config)
+    micro_config(
+        **{"stages.0.steps": 8, "stages.1.steps": 2, "stages.1.batch_size": 4, "checkpoint_every": 3, "keep_last": 8}
+    ).save_json(config)
     straight = root / "one"
     done = run_cli("train", "--config", str(config), "--data", str(data), "--out", str(straight), "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -63,8 +64,13 @@ def _train(data, out, *args, config=None, guard=False):
     """`nucleus train` in a subprocess; `guard`: every process under the host-sync guard (tests/test_step.py)."""
     extra = ("--config", str(config)) if config else ("--resume",)
     guarded = {"PYTHONPATH": str(HOOKS), "NUCLEUS_HOST_SYNC_GUARD": "1"} if guard else {}
-    done = subprocess.run(cli("train", *extra, "--data", str(data), "--out", str(out), "--no-progress", *args),
-                          capture_output=True, text=True, timeout=400, env=env(**guarded))
+    done = subprocess.run(
+        cli("train", *extra, "--data", str(data), "--out", str(out), "--no-progress", *args),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env(**guarded),
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -78,8 +84,10 @@ def _assert_matches(run: Path, straight: Path, step: int = STEPS):
     # Every step's gradient norm, the segments of a resumed run included.
     norms, ref_norms = torch.tensor(saved["grad_norms"]), torch.tensor(ref_saved["grad_norms"])
     assert len(norms) == step and bool((norms > 0).all())
-    print(f"{run.name}: gradient norms of {step} steps, max relative difference "
-          f"{float(((norms - ref_norms).abs() / ref_norms).max()):.2e}")
+    print(
+        f"{run.name}: gradient norms of {step} steps, max relative difference "
+        f"{float(((norms - ref_norms).abs() / ref_norms).max()):.2e}"
+    )
     torch.testing.assert_close(norms, ref_norms, rtol=GRAD_RTOL, atol=0)
     a, b = load_model_state(final), load_model_state(ref)
     assert set(a) == set(b)
@@ -103,9 +111,12 @@ def test_fsdp_two_processes_sigkill_of_one_rank_then_resume(setup):
     both processes drew from the sharded model is the one-process run's."""
     root, data, config, straight = setup
     out = root / "fsdp"
-    launcher = subprocess.Popen(cli("train", "--config", str(config), "--data", str(data), "--out", str(out),
-                                    "--no-progress", "--nproc", "2"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    launcher = subprocess.Popen(
+        cli("train", "--config", str(config), "--data", str(data), "--out", str(out), "--no-progress", "--nproc", "2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env(),
+    )
     deadline = time.time() + 300
     while not list_checkpoints(out):
         assert launcher.poll() is None, launcher.stderr.read().decode()[-3000:]
@@ -122,8 +133,9 @@ def test_fsdp_two_processes_sigkill_of_one_rank_then_resume(setup):
     done = _train(data, out, "--nproc", "2", "--set", "grad_accum_steps=2")
     assert f"at step {max(left)}" in done.stdout
     _assert_matches(out, straight)
-    grid, ref = (np.asarray(Image.open(run / "samples" / f"step-{STEPS:08d}.png"), dtype=np.int16)
-                 for run in (out, straight))
+    grid, ref = (
+        np.asarray(Image.open(run / "samples" / f"step-{STEPS:08d}.png"), dtype=np.int16) for run in (out, straight)
+    )
     assert grid.shape == ref.shape and np.abs(grid - ref).max() <= 2 and np.abs(grid - ref).mean() < 0.05
 
 
@@ -160,10 +172,26 @@ def test_one_process_checkpoint_resumes_at_2_processes_with_ep_through_a_ctrl_c(
     for step, path in list_checkpoints(out):
         if step > 3:
             shutil.rmtree(path)
-    run = subprocess.Popen(cli("train", "--resume", "--data", str(data), "--out", str(out), "--no-progress",
-                               "--nproc", "2", "--set", "parallel.ep=2"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           env=env(PYTHONPATH=str(HOOKS), NUCLEUS_STEP_DELAY="0.5"))
+    run = subprocess.Popen(
+        cli(
+            "train",
+            "--resume",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--nproc",
+            "2",
+            "--set",
+            "parallel.ep=2",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env(PYTHONPATH=str(HOOKS), NUCLEUS_STEP_DELAY="0.5"),
+    )
     deadline = time.time() + 300
     while 6 not in dict(list_checkpoints(out)):
         assert run.poll() is None and time.time() < deadline, run.communicate()[1][-3000:]
@@ -184,8 +212,20 @@ def test_hsdp_x_ep_at_4_processes(setup):
     read no tensor back outside logging steps and checkpoints (steps 1 and 2 here), FSDP and EP included."""
     root, data, config, straight = setup
     out = root / "hsdp"
-    done = _train(data, out, "--nproc", "4", "--set", "parallel.dp_replicate=2", "--set", "parallel.ep=2",
-                  "--max-steps", "3", config=config, guard=True)
+    done = _train(
+        data,
+        out,
+        "--nproc",
+        "4",
+        "--set",
+        "parallel.dp_replicate=2",
+        "--set",
+        "parallel.ep=2",
+        "--max-steps",
+        "3",
+        config=config,
+        guard=True,
+    )
     assert done.stderr.count("host-sync guard: on") >= 4  # the launcher's and every worker's
     _assert_matches(out, straight, step=3)
 
@@ -204,15 +244,26 @@ def test_meta_init_materialises_distinct_shards(setup):
     another (on CPU each rank draws its shards itself)."""
     root, data, config, straight = setup
     out = root / "meta"
-    _train(data, out, "--nproc", "2", "--set", "parallel.init=meta", "--set", "parallel.ep=2", "--max-steps", "1",
-           config=config)
-    (step, path), = list_checkpoints(out)
+    _train(
+        data,
+        out,
+        "--nproc",
+        "2",
+        "--set",
+        "parallel.init=meta",
+        "--set",
+        "parallel.ep=2",
+        "--max-steps",
+        "1",
+        config=config,
+    )
+    ((step, path),) = list_checkpoints(out)
     state = load_model_state(path)
     experts = state["transformer_blocks.1.img_mlp.experts.gate_up_proj"]  # experts 0-1 on rank 0, 2-3 on rank 1
     assert abs(float(experts.std()) * experts.shape[1] ** 0.5 - 1.0) < 0.05
     assert not torch.allclose(experts[:2], experts[2:], atol=0.05)
     q = state["transformer_blocks.0.attn.to_q.weight"]  # rows split over the 2 ranks
-    assert not torch.allclose(q[: q.shape[0] // 2], q[q.shape[0] // 2:], atol=0.05)
+    assert not torch.allclose(q[: q.shape[0] // 2], q[q.shape[0] // 2 :], atol=0.05)
     assert math.isfinite(json.loads((path / "trainer.json").read_text())["losses"][0])
 
 

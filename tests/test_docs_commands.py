@@ -93,7 +93,7 @@ def words_of(command: str) -> list[str]:
     """The arguments after `nucleus`: [optional parts] included, `...` ends them, --help checks the path only."""
     words = [w for w in (w.strip("[]") for w in shlex.split(command, comments=True)[1:]) if w]
     if "..." in words:  # "the rest as before"
-        words = words[:words.index("...")]
+        words = words[: words.index("...")]
     return [w for w in words if w not in ("--help", "-h")]
 
 

@@ -76,13 +76,45 @@ def test_cli_eval_fid_skips_unreadable_and_reuses_saved_statistics(tmp_path, cap
             im.save(tmp_path / name / "sub" / f"{i:04d}.png")
     (tmp_path / "gen" / "broken.png").write_bytes(b"not a png")
     stats = tmp_path / "real_stats.npz"
-    assert main(["eval", "fid", "--images", str(tmp_path / "gen"), "--reference", str(tmp_path / "real"),
-                 "--out", str(tmp_path / "fid.json"), "--save-reference-stats", str(stats), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "fid",
+                "--images",
+                str(tmp_path / "gen"),
+                "--reference",
+                str(tmp_path / "real"),
+                "--out",
+                str(tmp_path / "fid.json"),
+                "--save-reference-stats",
+                str(stats),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "fid.json").read_text())
     assert report["images"]["count"] == 5 and report["reference"]["count"] == 5 and report["fid"] > 0
     assert len(report["skipped"]) == 1 and "broken.png" in report["skipped"][0]["image"]
-    assert main(["eval", "fid", "--images", str(tmp_path / "gen"), "--reference", str(stats),
-                 "--out", str(tmp_path / "again.json"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "fid",
+                "--images",
+                str(tmp_path / "gen"),
+                "--reference",
+                str(stats),
+                "--out",
+                str(tmp_path / "again.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "again.json").read_text())["fid"] == pytest.approx(report["fid"], rel=1e-6)
     assert main(["eval", "fid", "--images", str(tmp_path / "gen"), "--reference", str(tmp_path / "nope")]) == 2
     assert "--reference" in capsys.readouterr().err

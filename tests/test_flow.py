@@ -25,15 +25,22 @@ SCHEDULER_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", SCHEDULER_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "released")
+@pytest.mark.parametrize(
+    "config", SCHEDULER_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "released"
+)
 @pytest.mark.parametrize("steps", [2, 7, 50])
 @pytest.mark.parametrize("seq_len", [256, 1024, 4096])
 def test_sigmas_match_diffusers_bitwise(config, steps, seq_len):
     scheduler = FlowMatchEulerDiscreteScheduler(**config)
     ours = FlowSchedule.from_config(dict(scheduler.config))
     # What the released pipeline does: its own linspace and mu, handed to the scheduler.
-    mu = resolution_shift_mu(seq_len, scheduler.config.base_image_seq_len, scheduler.config.max_image_seq_len,
-                             scheduler.config.base_shift, scheduler.config.max_shift)
+    mu = resolution_shift_mu(
+        seq_len,
+        scheduler.config.base_image_seq_len,
+        scheduler.config.max_image_seq_len,
+        scheduler.config.base_shift,
+        scheduler.config.max_shift,
+    )
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     sigmas = ours.sigmas(steps, image_seq_len=seq_len)
     assert sigmas.dtype == torch.float32 and sigmas.shape == (steps + 1,)
@@ -64,16 +71,29 @@ def test_custom_sigmas_are_shifted_and_terminated_like_diffusers():
     assert torch.equal(FlowSchedule(shift=2.5).sigmas(sigmas=custom), scheduler.sigmas)
 
 
-@pytest.mark.parametrize("bad, match", [([], "empty"), ([1.0, 0.0], r"\(0, 1\]"), ([1.2, 0.5], r"\(0, 1\]"),
-                                        ([0.5, 0.7], "non-increasing"), ([float("nan")], r"\(0, 1\]")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([], "empty"),
+        ([1.0, 0.0], r"\(0, 1\]"),
+        ([1.2, 0.5], r"\(0, 1\]"),
+        ([0.5, 0.7], "non-increasing"),
+        ([float("nan")], r"\(0, 1\]"),
+    ],
+)
 def test_bad_custom_sigmas_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         validate_sigmas(bad)
 
 
-@pytest.mark.parametrize("config, match", [({"use_karras_sigmas": True}, "use_karras_sigmas"),
-                                           ({"time_shift_type": "cubic"}, "cubic"),
-                                           ({"shift": 0.0}, "shift must be > 0")])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"use_karras_sigmas": True}, "use_karras_sigmas"),
+        ({"time_shift_type": "cubic"}, "cubic"),
+        ({"shift": 0.0}, "shift must be > 0"),
+    ],
+)
 def test_unsupported_scheduler_configs_are_refused(config, match):
     with pytest.raises(ValueError, match=match):
         FlowSchedule.from_config(config)

@@ -72,8 +72,10 @@ def test_fp8_compute_model_close_to_bf16():
                     p.normal_(0.0, 0.02)
         return m.eval().bfloat16()
 
-    inp = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
-           for k, v in inputs(cfg, grid=(8, 8), text_len=8).items()}
+    inp = {
+        k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in inputs(cfg, grid=(8, 8), text_len=8).items()
+    }
     with torch.no_grad():
         bf16 = model()(**inp).sample.float()
         fp8_model = enable_fp8_compute(model())
@@ -102,8 +104,9 @@ def test_the_pipeline_loop_is_denoise_step_and_the_graph_step_is_the_same_functi
     with torch.no_grad():
         for i in range(3):
             latents = step(latents, t_N[i].expand(2), sigmas[i], sigmas[i + 1])
-            latents_graph_form = tensor_step(latents_graph_form, t_N[i].expand(2), sigmas[i], sigmas[i + 1],
-                                             *kv_tensors)
+            latents_graph_form = tensor_step(
+                latents_graph_form, t_N[i].expand(2), sigmas[i], sigmas[i + 1], *kv_tensors
+            )
     assert torch.equal(latents, expected) and torch.equal(latents_graph_form, expected)
     with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors; the step's inputs are on cpu"):
         GraphedStep(step)(latents, t_N[0].expand(2), sigmas[0], sigmas[1])
@@ -118,7 +121,9 @@ def test_fp8_support_is_decided_by_compute_capability():
     ampere = fp8_support_problem("cuda", (8, 0), "NVIDIA A100-SXM4-80GB")
     assert "compute capability >= 8.9" in ampere and "NVIDIA A100-SXM4-80GB has compute capability 8.0" in ampere
     assert "no CUDA GPU is available" in fp8_support_problem("cuda", None)
-    assert "the model is on cpu" in fp8_support_problem("cpu", None) and "quantize='fp8'" in fp8_support_problem("cpu", None)
+    assert "the model is on cpu" in fp8_support_problem("cpu", None) and "quantize='fp8'" in fp8_support_problem(
+        "cpu", None
+    )
 
 
 def test_cuda_graph_and_fp8_compute_options_refuse_the_cpu_before_loading(tmp_path):
@@ -146,8 +151,7 @@ def test_cuda_graph_and_fp8_compute_options_refuse_the_cpu_before_loading(tmp_pa
 def test_fp8_compute_pipeline_runs_emulated_on_cpu_as_close_as_bf16():
     """fp8 compute's matmuls run on CPU too (torch's _scaled_mm), which checks the pipeline path end to end; the
     option itself refuses the CPU, so the conversion is applied here with the function the option calls."""
-    kwargs = dict(prompt="a red cube", num_inference_steps=4, height=32, width=32, output_type="latent",
-                  progress=False)
+    kwargs = dict(prompt="a red cube", num_inference_steps=4, height=32, width=32, output_type="latent", progress=False)
 
     def latents(convert=None):
         pipe = tiny_own_pipeline()
@@ -175,10 +179,16 @@ def test_generate_and_serve_flags_refuse_the_cpu_and_clashing_options(tmp_path, 
     tiny_own_pipeline().save_pretrained(tmp_path / "model")
     base = ["generate", "--model", str(tmp_path / "model"), "--prompt", "a red cube", "--out", str(tmp_path / "out")]
     refusals = [
-        (["--cuda-graph"], "nucleus generate: error: --cuda-graph: CUDA graphs replay the denoising step on a CUDA "
-                           "GPU; the model is on cpu"),
-        (["--fp8-compute"], "nucleus generate: error: --fp8-compute: fp8 compute runs its matmuls on fp8 tensor "
-                            "cores: it needs a CUDA GPU of compute capability >= 8.9"),
+        (
+            ["--cuda-graph"],
+            "nucleus generate: error: --cuda-graph: CUDA graphs replay the denoising step on a CUDA "
+            "GPU; the model is on cpu",
+        ),
+        (
+            ["--fp8-compute"],
+            "nucleus generate: error: --fp8-compute: fp8 compute runs its matmuls on fp8 tensor "
+            "cores: it needs a CUDA GPU of compute capability >= 8.9",
+        ),
         (["--cuda-graph", "--cache", "fbcache"], "--cuda-graph replays one fixed step; --cache fbcache changes"),
         (["--fp8-compute", "--quantize", "int8"], "--fp8-compute computes with fp8 copies of high-precision weights"),
     ]
@@ -193,12 +203,24 @@ def test_generate_and_serve_flags_refuse_the_cpu_and_clashing_options(tmp_path, 
 def test_reproduce_command_records_the_options_and_parses():
     from nucleus_image.cli import build_parser
 
-    command = generate_command("a/hub-model", "a red cube", seed=7, width=64, height=32, steps=4, guidance=4.0,
-                               dtype="bfloat16", device="cuda", cuda_graph=True, fp8_compute=True)
+    command = generate_command(
+        "a/hub-model",
+        "a red cube",
+        seed=7,
+        width=64,
+        height=32,
+        steps=4,
+        guidance=4.0,
+        dtype="bfloat16",
+        device="cuda",
+        cuda_graph=True,
+        fp8_compute=True,
+    )
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert (args.cuda_graph, args.fp8_compute, args.seed, args.width, args.height) == (True, True, 7, 64, 32)
-    plain = build_parser().parse_args(shlex.split(generate_command("m", "x", seed=0, width=32, height=32, steps=2,
-                                                                   guidance=1.0))[1:])
+    plain = build_parser().parse_args(
+        shlex.split(generate_command("m", "x", seed=0, width=32, height=32, steps=2, guidance=1.0))[1:]
+    )
     assert (plain.cuda_graph, plain.fp8_compute) == (False, False)
 
 
@@ -226,8 +248,14 @@ def test_graphed_step_replays_the_eager_step_on_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_pipeline_equals_the_eager_one_and_keeps_its_graphs_on_gpu():
     pipe = tiny_own_pipeline().to("cuda")
-    kwargs = dict(prompt=["a red cube", "a blue star"], num_inference_steps=6, height=32, width=32,
-                  output_type="latent", progress=False)
+    kwargs = dict(
+        prompt=["a red cube", "a blue star"],
+        num_inference_steps=6,
+        height=32,
+        width=32,
+        output_type="latent",
+        progress=False,
+    )
     eager = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     graphed = NucleusPipeline(pipe.transformer, pipe.vae, pipe.text_encoder, sample_size=32, cuda_graph=True)
     first = graphed(**kwargs, generator=torch.Generator().manual_seed(0)).images
@@ -249,8 +277,12 @@ def test_block_offload_keeps_blocks_in_storage_and_the_output():
     handles = offload_blocks(pipe.transformer, device)
     pipe.vae.to(device)
     pipe.text_encoder.to(device)
-    assert len(handles) == 2 * sum(1 for b in pipe.transformer.transformer_blocks for m in b.modules()
-                                   if any(True for _ in m.parameters(recurse=False)))
+    assert len(handles) == 2 * sum(
+        1
+        for b in pipe.transformer.transformer_blocks
+        for m in b.modules()
+        if any(True for _ in m.parameters(recurse=False))
+    )
     got = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images.cpu()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert all(p.device.type == "cpu" for p in pipe.transformer.transformer_blocks.parameters())

@@ -22,8 +22,9 @@ GOLDEN = Path(__file__).parent / "data" / "golden_loss_micro.json"
 def test_first_30_steps_match_the_stored_curve(tmp_path):
     threads = torch.get_num_threads()
     try:
-        result = Trainer(micro_config(), micro_dataset(tmp_path / "data"), tmp_path / "run", max_steps=30,
-                         progress=False).train()
+        result = Trainer(
+            micro_config(), micro_dataset(tmp_path / "data"), tmp_path / "run", max_steps=30, progress=False
+        ).train()
     finally:
         torch.set_num_threads(threads)
     losses = np.array(result.losses)

@@ -16,8 +16,16 @@ def _pair(cfg, dtype):
 
 
 def _cuda(kw, dtype):
-    return {k: (v.to("cuda", dtype) if torch.is_tensor(v) and v.is_floating_point() else v.to("cuda") if torch.is_tensor(v) else v)
-            for k, v in kw.items()}
+    return {
+        k: (
+            v.to("cuda", dtype)
+            if torch.is_tensor(v) and v.is_floating_point()
+            else v.to("cuda")
+            if torch.is_tensor(v)
+            else v
+        )
+        for k, v in kw.items()
+    }
 
 
 @pytest.mark.parametrize("pad", [None, (0, 3)])
@@ -46,7 +54,9 @@ def test_bf16_small_preset_on_gpu_no_worse_than_reference_bf16():
         our_err = rel_err(ours(**kw16).sample.float(), oracle)
         text_kv = ours.encode_text(kw16["encoder_hidden_states"], None, kw16["img_shapes"])
         compiled = torch.compile(ours, fullgraph=True, dynamic=False)
-        compiled_err = rel_err(compiled(**{**kw16, "encoder_hidden_states": None}, text_kv=text_kv).sample.float(), oracle)
+        compiled_err = rel_err(
+            compiled(**{**kw16, "encoder_hidden_states": None}, text_kv=text_kv).sample.float(), oracle
+        )
     print(f"bf16 relative error vs fp32: reference {ref_err:.4f}, ours {our_err:.4f}, ours compiled {compiled_err:.4f}")
     assert our_err <= 1.5 * ref_err + 0.01
     assert compiled_err <= 1.5 * ref_err + 0.01

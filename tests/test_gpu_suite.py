@@ -17,8 +17,13 @@ SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONHASHSEED="0")
-    done = subprocess.run([sys.executable, str(SUITE), "--device", "cpu", "--tiny", "--out", str(out),
-                           "--budget-s", "900"], capture_output=True, text=True, timeout=900, env=env)
+    done = subprocess.run(
+        [sys.executable, str(SUITE), "--device", "cpu", "--tiny", "--out", str(out), "--budget-s", "900"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "gpu_report.json").read_text()), (out / "gpu_report.md").read_text()
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from importlinter.api import read_configuration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +39,7 @@ def test_public_api_type_checks():
     assert result.stdout.startswith("Success: no issues found")
 
 
-# Enable once the tree has been formatted in one go (`ruff format src tests benchmarks`, settings in
-# pyproject.toml): from then on it stays formatted.
-@pytest.mark.skip(reason="the one-time `ruff format src tests benchmarks` of the tree has not been run yet")
 def test_ruff_format_is_clean():
+    """The tree stays as `ruff format src tests benchmarks` leaves it (settings in pyproject.toml)."""
     result = run("ruff", "format", "--check", "--no-cache", "src", "tests", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr

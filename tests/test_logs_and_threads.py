@@ -38,16 +38,34 @@ def test_progress_writes_plain_periodic_lines_when_not_a_terminal(monkeypatch):
 def test_a_command_in_a_pipe_logs_lines_not_carriage_returns(tmp_path):
     """`nucleus data synth` with stdout and stderr captured (not a terminal): no carriage returns."""
     env = dict(os.environ, NUCLEUS_PROGRESS_INTERVAL="0")
-    result = subprocess.run([sys.executable, "-m", "nucleus_image", "data", "synth", "--out", str(tmp_path / "d"),
-                             "--num", "8", "--size", "32"], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nucleus_image",
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "d"),
+            "--num",
+            "8",
+            "--size",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr and "synthesizing: 100% 8/8" in result.stderr
 
 
 def test_torchao_cpu_only_load_failures_are_not_printed():
     pytest.importorskip("peft")
-    result = subprocess.run([sys.executable, "-c", "import nucleus_image, peft, torchao"], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", "import nucleus_image, peft, torchao"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     if torch.version.cuda is None:
         assert "Failed to load" not in result.stderr and "Enum subclass" not in result.stderr, result.stderr
@@ -61,7 +79,7 @@ def test_fsdp2_view_warning_comes_only_from_the_text_projection_and_is_filtered(
     from torch.distributed.fsdp import fully_shard
 
     from nucleus_image.model import NucleusConfig, NucleusTransformer
-    from nucleus_image.parallel import parallelize
+    from nucleus_image.parallel.parallelize import ignore_view_warning
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,14 +96,19 @@ def test_fsdp2_view_warning_comes_only_from_the_text_projection_and_is_filtered(
         fully_shard(model, mesh=mesh)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = model(hidden_states=torch.randn(2, 16, cfg.in_channels), img_shapes=[(1, 4, 4)] * 2,
-                        encoder_hidden_states=torch.randn(2, 8, cfg.joint_attention_dim),
-                        encoder_hidden_states_mask=torch.ones(2, 8, dtype=torch.bool), timestep=torch.rand(2)).sample
+            out = model(
+                hidden_states=torch.randn(2, 16, cfg.in_channels),
+                img_shapes=[(1, 4, 4)] * 2,
+                encoder_hidden_states=torch.randn(2, 8, cfg.joint_attention_dim),
+                encoder_hidden_states_mask=torch.ones(2, 8, dtype=torch.bool),
+                timestep=torch.rand(2),
+            ).sample
             out.square().mean().backward()
         views = [str(w.message) for w in caught if "returned a view tensor" in str(w.message)]
         assert views and all(m.startswith("FSDP2-wrapped module (FSDPLinear)") for m in views), views
-        assert any(f[0] == "ignore" and f[1] is not None and f[1].match(views[0]) for f in warnings.filters)
-        assert parallelize.__name__  # the filter is installed by importing the module that shards
+        with warnings.catch_warnings():
+            ignore_view_warning()  # what parallelize() installs (on import and on every call)
+            assert any(f[0] == "ignore" and f[1] is not None and f[1].match(views[0]) for f in warnings.filters)
     finally:
         dist.destroy_process_group()
 
@@ -103,12 +126,19 @@ def test_threads_default_and_restore(monkeypatch):
 
 
 def test_the_command_sets_its_threads_and_the_wait_policy():
-    script = ("import os, sys; from nucleus_image.cli import main; import nucleus_image.cli.generate as g;"
-              "g.run = lambda args: print(args.threads_used, os.environ['OMP_NUM_THREADS'], "
-              "os.environ['OMP_WAIT_POLICY'], __import__('torch').get_num_threads()) or 0;"
-              "sys.exit(main(sys.argv[1:]))")
+    script = (
+        "import os, sys; from nucleus_image.cli import main; import nucleus_image.cli.generate as g;"
+        "g.run = lambda args: print(args.threads_used, os.environ['OMP_NUM_THREADS'], "
+        "os.environ['OMP_WAIT_POLICY'], __import__('torch').get_num_threads()) or 0;"
+        "sys.exit(main(sys.argv[1:]))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    result = subprocess.run([sys.executable, "-c", script, "generate", "--model", "m", "--prompt", "x", "--out", "o",
-                             "--threads", "1"], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, "generate", "--model", "m", "--prompt", "x", "--out", "o", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "1", "PASSIVE", "1"]

@@ -93,8 +93,29 @@ def pipeline_and_data(tmp_path_factory):
 
 def finetune(model, data, out, *extra):
     """`nucleus finetune` in-process."""
-    return main(["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--lora-rank", "4",
-                 "--batch-size", "2", "--steps", "4", "--checkpoint-every", "2", "--lr", "1e-2", "--no-progress", *extra])
+    return main(
+        [
+            "finetune",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--lora-rank",
+            "4",
+            "--batch-size",
+            "2",
+            "--steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--lr",
+            "1e-2",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_finetune_resume_is_exact_and_adapter_loads_in_the_pipeline(pipeline_and_data, tmp_path, capsys):
@@ -136,7 +157,8 @@ def test_qlora_finetune_on_int8_base(pipeline_and_data, tmp_path):
     assert any(state[k].abs().sum() > 0 for k in expert_keys if "lora_B" in k)  # the 8-bit experts' adapters trained
     kwargs = dict(prompt="a red circle", num_inference_steps=2, output_type="latent", progress=False)
     base = NucleusPipeline.from_pretrained(model, device="cpu", quantize="int8")(
-        **kwargs, generator=torch.Generator().manual_seed(0)).images
+        **kwargs, generator=torch.Generator().manual_seed(0)
+    ).images
     pipe = NucleusPipeline.from_pretrained(model, device="cpu", quantize="int8").load_lora(tmp_path / "q" / "adapter")
     latents = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     assert torch.isfinite(latents).all() and not torch.equal(latents, base)
@@ -175,6 +197,8 @@ def test_finetune_refuses_bad_input_in_one_line(pipeline_and_data, tmp_path, cap
     assert "--model and --data are required" in capsys.readouterr().err
     assert finetune(model, data, tmp_path / "b", "--lora-rank", "0") == 2
     assert "lora_rank=0 must be a positive integer" in capsys.readouterr().err
-    assert main(["finetune", "--model", str(tmp_path / "missing"), "--data", str(data), "--out", str(tmp_path / "c")]) == 2
+    assert (
+        main(["finetune", "--model", str(tmp_path / "missing"), "--data", str(data), "--out", str(tmp_path / "c")]) == 2
+    )
     assert "is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -34,7 +34,9 @@ def expert_wrappers(peft_model):
     """(layer name, outer ParamWrapper) of each MoE layer: the outer wraps down_proj, its base_layer gate_up_proj."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    return [(n, m) for n, m in peft_model.named_modules() if isinstance(m, ParamWrapper) and m.parameter_name == "down_proj"]
+    return [
+        (n, m) for n, m in peft_model.named_modules() if isinstance(m, ParamWrapper) and m.parameter_name == "down_proj"
+    ]
 
 
 def test_the_split_sees_per_expert_views_of_the_expert_factors():
@@ -87,6 +89,7 @@ def test_each_expert_factor_update_equals_that_expert_trained_alone():
             record = {"x": args[0].detach().clone()}
             out.register_hook(lambda g: record.__setitem__("g", g.detach().clone()))
             captured[name].append(record)
+
         return hook
 
     for name, outer in wrappers:
@@ -108,12 +111,19 @@ def test_each_expert_factor_update_equals_that_expert_trained_alone():
             "down": (outer.lora_A["default"].weight, outer.lora_B["default"].weight),
         }
         for e in range(cfg.num_experts):
-            alone = get_peft_model(_OneExpert(base.gate_up_proj[e:e + 1].detach(), base.down_proj[e:e + 1].detach()),
-                                   LoraConfig(r=RANK, lora_alpha=RANK, target_parameters=[
-                                       "img_mlp.experts.gate_up_proj", "img_mlp.experts.down_proj"]))
+            alone = get_peft_model(
+                _OneExpert(base.gate_up_proj[e : e + 1].detach(), base.down_proj[e : e + 1].detach()),
+                LoraConfig(
+                    r=RANK,
+                    lora_alpha=RANK,
+                    target_parameters=["img_mlp.experts.gate_up_proj", "img_mlp.experts.down_proj"],
+                ),
+            )
             one = alone.base_model.model.img_mlp.experts  # outer wrapper (down_proj)
-            mine = {"gate_up": (one.base_layer.lora_A["default"].weight, one.base_layer.lora_B["default"].weight),
-                    "down": (one.lora_A["default"].weight, one.lora_B["default"].weight)}
+            mine = {
+                "gate_up": (one.base_layer.lora_A["default"].weight, one.base_layer.lora_B["default"].weight),
+                "down": (one.lora_A["default"].weight, one.lora_B["default"].weight),
+            }
             with torch.no_grad():
                 for key, (a, b) in params.items():
                     a0 = start[_name(model, a)]
@@ -124,14 +134,24 @@ def test_each_expert_factor_update_equals_that_expert_trained_alone():
             assert not expert_factors(alone)  # one expert: plain matrices
             for record in captured[name]:
                 solo.zero_grad(set_to_none=True)
-                alone(record["x"][e:e + 1]).backward(record["g"][e:e + 1])
+                alone(record["x"][e : e + 1]).backward(record["g"][e : e + 1])
                 solo.step()
             for key, (a, b) in params.items():
                 where = f"{name} expert {e} {key}"
-                torch.testing.assert_close(mine[key][0], ExpertFactor(cfg.num_experts, 0).matrices(a)[e].detach(),
-                                           rtol=0, atol=2e-6, msg=lambda m, where=where: f"{where} A: {m}")
-                torch.testing.assert_close(mine[key][1], ExpertFactor(cfg.num_experts, 1).matrices(b)[e].detach(),
-                                           rtol=0, atol=2e-6, msg=lambda m, where=where: f"{where} B: {m}")
+                torch.testing.assert_close(
+                    mine[key][0],
+                    ExpertFactor(cfg.num_experts, 0).matrices(a)[e].detach(),
+                    rtol=0,
+                    atol=2e-6,
+                    msg=lambda m, where=where: f"{where} A: {m}",
+                )
+                torch.testing.assert_close(
+                    mine[key][1],
+                    ExpertFactor(cfg.num_experts, 1).matrices(b)[e].detach(),
+                    rtol=0,
+                    atol=2e-6,
+                    msg=lambda m, where=where: f"{where} B: {m}",
+                )
     # The same step with each factor taken as one matrix (no views) is a different update.
     factors = expert_factors(model)
     grads = {p: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(factors)}
@@ -144,13 +164,20 @@ def _one_step(grads: dict, factors: dict) -> list[torch.Tensor]:
     copies = {p: nn.Parameter(p.detach().clone()) for p in grads}
     for p, c in copies.items():
         c.grad = grads[p].clone()
-    Muon(list(copies.values()), lr=2e-2, weight_decay=0.1, ns_dtype=torch.float32,
-         expert_factors={copies[p]: f for p, f in factors.items()}).step()
+    Muon(
+        list(copies.values()),
+        lr=2e-2,
+        weight_decay=0.1,
+        ns_dtype=torch.float32,
+        expert_factors={copies[p]: f for p, f in factors.items()},
+    ).step()
     return [c.detach() for c in copies.values()]
 
 
 def _name(model, param) -> str:
     return next(n for n, p in model.named_parameters() if p is param)
+
+
 def test_8bit_base_trains_the_same_adapter_as_a_high_precision_base():
     """QLoRA on int8 weights vs LoRA on a float32 twin holding exactly the weights the int8 codes stand for: the
     8-bit experts' (E, r, out) / (E, in, r) factors are the same per-expert matrices as peft's 2-D factors (same
@@ -165,8 +192,9 @@ def test_8bit_base_trains_the_same_adapter_as_a_high_precision_base():
             if type(module).__name__ == "QuantizedSwiGLUExperts":
                 target = twin.get_submodule(name)
                 for w in ("gate_up_proj", "down_proj"):
-                    getattr(target, w).copy_(dequantize_columns(getattr(module, w), getattr(module, f"{w}_scale"),
-                                                                "int8", torch.float32))
+                    getattr(target, w).copy_(
+                        dequantize_columns(getattr(module, w), getattr(module, f"{w}_scale"), "int8", torch.float32)
+                    )
             elif isinstance(module, nn.Linear) and hasattr(module.weight, "dequantize"):
                 twin.get_submodule(name).weight.copy_(module.weight.dequantize())
     q_model, t_model = add_lora(quantized, rank=RANK), add_lora(twin, rank=RANK)
@@ -180,8 +208,12 @@ def test_8bit_base_trains_the_same_adapter_as_a_high_precision_base():
             weight = "down_proj" if ".experts.lora_" in name else "gate_up_proj"
             kind = "lora_A" if ".lora_A." in name else "lora_B"
             layer = name.split(".experts.")[0]
-            pairs.append((q_params[f"{layer}.experts.{kind}.default.{weight}"],
-                          lambda t, p=p, k=kind: ExpertFactor(E, 0 if k == "lora_A" else 1).matrices(t)))
+            pairs.append(
+                (
+                    q_params[f"{layer}.experts.{kind}.default.{weight}"],
+                    lambda t, p=p, k=kind: ExpertFactor(E, 0 if k == "lora_A" else 1).matrices(t),
+                )
+            )
         else:
             pairs.append((q_params[name], lambda t: t))
         pairs[-1] = (*pairs[-1], p)

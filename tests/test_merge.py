@@ -68,13 +68,19 @@ def test_nucleus_merge_writes_a_loadable_pipeline(tmp_path):
     assert [s for s, _ in list_checkpoints(run)] == [5, 10, 12]  # keep_last=3 of every 5 steps + the final one
     assert main(["merge", str(run), "--last", "3", "--weights", "inverse-sqrt", "--out", str(tmp_path / "merged")]) == 0
 
-    expected = merge_state_dicts([load_file(p / "model.safetensors") for _, p in list_checkpoints(run)],
-                                 merge_coefficients(3, "inverse-sqrt"))
+    expected = merge_state_dicts(
+        [load_file(p / "model.safetensors") for _, p in list_checkpoints(run)], merge_coefficients(3, "inverse-sqrt")
+    )
     pipe = NucleusPipeline.from_pretrained(tmp_path / "merged", device="cpu")
     got = pipe.transformer.state_dict()
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
-    image = pipe(["a red circle"], num_inference_steps=2, guidance_scale=2.0, progress=False,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        ["a red circle"],
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     # Stopped at step 12, inside the 16 px stage: that stage's resolution is the native size, not the last one's.
     assert image.size == (16, 16) and json.loads((tmp_path / "merged" / "merge.json").read_text())["resolution"] == 16
 

@@ -11,14 +11,21 @@ from nucleus_image.model import NucleusTransformer
 CASES = {
     "gqa-first-dense-padded": dict(cfg={}, batch=2, grid=(4, 6), pad=(0, 3)),
     "mha-all-moe-sigmoid": dict(
-        cfg=dict(num_key_value_heads=4, dense_moe_strategy="all_moe", use_sigmoid=True, capacity_factors=(2.0, 4.0, 1.0, 2.5)),
-        batch=3, grid=(6, 4), pad=None,
+        cfg=dict(
+            num_key_value_heads=4, dense_moe_strategy="all_moe", use_sigmoid=True, capacity_factors=(2.0, 4.0, 1.0, 2.5)
+        ),
+        batch=3,
+        grid=(6, 4),
+        pad=None,
     ),
 }
 
 
 def _grads(model, kw, target):
-    kw = {k: (v.clone().requires_grad_(True) if k in ("hidden_states", "encoder_hidden_states") else v) for k, v in kw.items()}
+    kw = {
+        k: (v.clone().requires_grad_(True) if k in ("hidden_states", "encoder_hidden_states") else v)
+        for k, v in kw.items()
+    }
     out = model(**kw, return_dict=False)[0] if not isinstance(model, NucleusTransformer) else model(**kw).sample
     ((out - target) ** 2).mean().backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -34,8 +41,12 @@ def test_gradients_match_reference(case):
     ours = randomize(NucleusTransformer(micro_config(**spec["cfg"])), seed=3).train()
     ref = reference_twin(ours).train()
     kw = inputs(ours.config, batch=spec["batch"], grid=spec["grid"], pad=spec["pad"])
-    target = torch.randn(kw["hidden_states"].shape[0], kw["hidden_states"].shape[1], ours.config.out_channels * 4,
-                         generator=torch.Generator().manual_seed(5))
+    target = torch.randn(
+        kw["hidden_states"].shape[0],
+        kw["hidden_states"].shape[1],
+        ours.config.out_channels * 4,
+        generator=torch.Generator().manual_seed(5),
+    )
     got, want = _grads(ours, kw, target), _grads(ref, kw, target)
     assert set(got) == set(want)
     missing = sorted(k for k in want if (want[k] is None) != (got[k] is None))

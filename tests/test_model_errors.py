@@ -82,8 +82,10 @@ def test_released_preset_matches_shared_config():
     assert sum(p.numel() for p in meta.parameters()) == counts["total"]
 
 
-@pytest.mark.parametrize("img_shapes", [(4, 6), [(4, 6)] * 2, 5, [], [(1, 4.0, 6)] * 2, [(1, "4", 6)] * 2,
-                                        [(1, 0, 24)] * 2, [(1, 4, 6), (1, 4)]])
+@pytest.mark.parametrize(
+    "img_shapes",
+    [(4, 6), [(4, 6)] * 2, 5, [], [(1, 4.0, 6)] * 2, [(1, "4", 6)] * 2, [(1, 0, 24)] * 2, [(1, 4, 6), (1, 4)]],
+)
 def test_img_shapes_in_the_wrong_form(model, img_shapes):
     kw = inputs(model.config)
     kw["img_shapes"] = img_shapes

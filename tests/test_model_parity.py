@@ -9,20 +9,38 @@ from nucleus_image.model import NucleusTransformer
 CASES = {
     "gqa-first-dense": dict(cfg={}, batch=2, grid=(4, 6), pad=None),
     "mha-all-moe-sigmoid-padded": dict(
-        cfg=dict(num_key_value_heads=4, dense_moe_strategy="all_moe", use_sigmoid=True, capacity_factors=(2.0, 4.0, 1.0, 2.5)),
-        batch=3, grid=(6, 4), pad=(0, 3, 6),
+        cfg=dict(
+            num_key_value_heads=4, dense_moe_strategy="all_moe", use_sigmoid=True, capacity_factors=(2.0, 4.0, 1.0, 2.5)
+        ),
+        batch=3,
+        grid=(6, 4),
+        pad=(0, 3, 6),
     ),
     "three-and-last-dense": dict(
-        cfg=dict(num_layers=6, dense_moe_strategy="leave_first_three_and_last_block_dense",
-                 capacity_factors=(0, 0, 0, 4.0, 2.0, 0)),
-        batch=2, grid=(5, 5), pad=(2, 0),
+        cfg=dict(
+            num_layers=6,
+            dense_moe_strategy="leave_first_three_and_last_block_dense",
+            capacity_factors=(0, 0, 0, 4.0, 2.0, 0),
+        ),
+        batch=2,
+        grid=(5, 5),
+        pad=(2, 0),
     ),
     "released-strategy": dict(
-        cfg=dict(num_layers=5, dense_moe_strategy="leave_first_three_blocks_dense",
-                 capacity_factors=(0, 0, 0, 4.0, 2.0), route_scale=1.7, num_experts=6),
-        batch=2, grid=(4, 8), pad=None,
+        cfg=dict(
+            num_layers=5,
+            dense_moe_strategy="leave_first_three_blocks_dense",
+            capacity_factors=(0, 0, 0, 4.0, 2.0),
+            route_scale=1.7,
+            num_experts=6,
+        ),
+        batch=2,
+        grid=(4, 8),
+        pad=None,
     ),
-    "all-dense": dict(cfg=dict(dense_moe_strategy="all_dense", capacity_factors=(0.0,) * 4), batch=2, grid=(3, 5), pad=(1, 0)),
+    "all-dense": dict(
+        cfg=dict(dense_moe_strategy="all_dense", capacity_factors=(0.0,) * 4), batch=2, grid=(3, 5), pad=(1, 0)
+    ),
 }
 
 
@@ -58,9 +76,13 @@ def test_text_kv_reuse_is_exact():
         text_kv = model.encode_text(kw["encoder_hidden_states"], kw["encoder_hidden_states_mask"], kw["img_shapes"])
         for t in (0.1, 0.5, 0.9):  # several denoising steps reuse one text_kv
             kw_t = {**kw, "timestep": torch.full((3,), t)}
-            again = model(**{**kw_t, "encoder_hidden_states": None, "encoder_hidden_states_mask": None}, text_kv=text_kv).sample
+            again = model(
+                **{**kw_t, "encoder_hidden_states": None, "encoder_hidden_states_mask": None}, text_kv=text_kv
+            ).sample
             assert torch.equal(again, model(**kw_t).sample)
-        kw_direct = model(**{**kw, "encoder_hidden_states": None, "encoder_hidden_states_mask": None}, text_kv=text_kv).sample
+        kw_direct = model(
+            **{**kw, "encoder_hidden_states": None, "encoder_hidden_states_mask": None}, text_kv=text_kv
+        ).sample
     assert torch.equal(kw_direct, direct)
 
 

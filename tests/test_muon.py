@@ -44,7 +44,9 @@ def test_matches_torch_muon_on_matrices(shape):
     ours, ref = _pair(shape)
     start = ours.detach().clone()
     opt = Muon([ours], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_dtype=torch.float32)
-    ref_opt = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    ref_opt = torch.optim.Muon(
+        [ref], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"
+    )
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         grad = torch.randn(shape, generator=gen)
@@ -91,9 +93,17 @@ def test_grouped_step_equals_one_matrix_at_a_time():
         for cap in (2**30, 3 * 32 * 64 * 4):  # everything in one call per shape; at most 3 matrices per call
             ours = [torch.nn.Parameter(t.clone()) for t in init]
             ref = [torch.nn.Parameter(t.clone()) for t in init]
-            opt = Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, max_batch_bytes=cap,
-                       expert_factors={ours[i]: f for i, f in factors_at.items()})
-            reference = PerMatrixMuon(ref, lr=0.02, weight_decay=0.1, factors={ref[i]: f for i, f in factors_at.items()})
+            opt = Muon(
+                ours,
+                lr=0.02,
+                weight_decay=0.1,
+                ns_dtype=torch.float32,
+                max_batch_bytes=cap,
+                expert_factors={ours[i]: f for i, f in factors_at.items()},
+            )
+            reference = PerMatrixMuon(
+                ref, lr=0.02, weight_decay=0.1, factors={ref[i]: f for i, f in factors_at.items()}
+            )
             for _ in range(3):
                 grads = [torch.randn(s, generator=gen) for s in shapes]
                 for p, q, g in zip(ours, ref, grads):
@@ -130,7 +140,9 @@ def test_grouping_follows_the_recipe_on_our_model_and_the_reference():
     where = {n: g for g, members in groups.items() for n, _ in members}
     assert set(where) == {n for n, _ in model.named_parameters()}  # every parameter, exactly once
     for name, p in model.named_parameters():
-        if p.dim() < 2 or any(k in name for k in ("img_in", "time_text_embed", "img_mod", "norm_out", "proj_out", "img_mlp.gate.")):
+        if p.dim() < 2 or any(
+            k in name for k in ("img_in", "time_text_embed", "img_mod", "norm_out", "proj_out", "img_mlp.gate.")
+        ):
             assert where[name] == "adamw", name
         else:
             assert where[name] == "muon", name
@@ -141,7 +153,9 @@ def test_grouping_follows_the_recipe_on_our_model_and_the_reference():
     assert "routed experts (per expert)" in table and "router" in table and "patch embedding" in table
 
     # The diffusers reference uses the same key names, so the same rules split it the same way.
-    ref = NucleusMoEImageTransformer2DModel(**{k: v for k, v in cfg.to_dict().items() if not k.startswith("_") and k != "router_input"})
+    ref = NucleusMoEImageTransformer2DModel(
+        **{k: v for k, v in cfg.to_dict().items() if not k.startswith("_") and k != "router_input"}
+    )
     ref_where = {n: g for g, members in split_params(ref).items() for n, _ in members}
     assert ref_where == where
 

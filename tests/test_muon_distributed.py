@@ -24,15 +24,23 @@ WORKER = Path(__file__).with_name("muon_dist_worker.py")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("muon") / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                           str(WORKER), str(out)], capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(WORKER), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
 
 
 def test_every_layout_equals_one_process_bitwise(results):
-    assert [r["layout"] for r in results] == [dict(dp_shard=4), dict(dp_shard=4, ep=2),
-                                              dict(dp_replicate=2, dp_shard=2, ep=2)]
+    assert [r["layout"] for r in results] == [
+        dict(dp_shard=4),
+        dict(dp_shard=4, ep=2),
+        dict(dp_replicate=2, dp_shard=2, ep=2),
+    ]
     for r in results:
         assert r["bitwise"], (r["layout"], r["worst"], r["max_diff"])
 

@@ -44,9 +44,13 @@ def parts(tmp_path_factory):
 
 
 def make_pipes(parts, text=False):
-    ref = NucleusMoEImagePipeline(transformer=parts["ref_transformer"], scheduler=FlowMatchEulerDiscreteScheduler(),
-                                  vae=parts["vae"], text_encoder=parts["qwen"] if text else None,
-                                  processor=parts["tokenizer"] if text else None)
+    ref = NucleusMoEImagePipeline(
+        transformer=parts["ref_transformer"],
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=parts["vae"],
+        text_encoder=parts["qwen"] if text else None,
+        processor=parts["tokenizer"] if text else None,
+    )
     ref.set_progress_bar_config(disable=True)
     encoder = Qwen3VLTextEncoder(parts["qwen"], parts["tokenizer"]) if text else None
     return ref, NucleusPipeline(parts["transformer"], QwenImageAutoencoder(parts["vae"]), encoder)
@@ -57,7 +61,7 @@ def embeds(batch, length, seed, pad_rows=()):
     states = torch.randn(batch, length, TEXT_DIM, generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
     for row in pad_rows:
-        mask[row, length // 2:] = 0
+        mask[row, length // 2 :] = 0
     return states, mask
 
 
@@ -69,9 +73,16 @@ def test_parity_with_diffusers_pipeline(parts, batch, guidance):
     pos, pos_mask = embeds(batch, 8, 0, pad_rows=(1,) if batch > 1 else ())
     neg, neg_mask = embeds(batch, 16, 1, pad_rows=(0, 2) if batch > 1 else ())
     latents = torch.randn(batch, (SIZE // 4) ** 2, 16, generator=torch.Generator().manual_seed(2))
-    kwargs = dict(prompt_embeds=pos, prompt_embeds_mask=pos_mask, negative_prompt_embeds=neg,
-                  negative_prompt_embeds_mask=neg_mask, guidance_scale=guidance, height=SIZE, width=SIZE,
-                  num_inference_steps=STEPS)
+    kwargs = dict(
+        prompt_embeds=pos,
+        prompt_embeds_mask=pos_mask,
+        negative_prompt_embeds=neg,
+        negative_prompt_embeds_mask=neg_mask,
+        guidance_scale=guidance,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+    )
     for output_type in ("latent", "np"):
         expected = ref(**kwargs, latents=latents.clone(), output_type=output_type).images
         got = ours(**kwargs, latents=latents.clone(), output_type=output_type, progress=False).images
@@ -85,10 +96,13 @@ def test_parity_with_diffusers_pipeline(parts, batch, guidance):
 def test_same_generator_same_noise_as_diffusers(parts):
     ref, ours = make_pipes(parts)
     pos, _ = embeds(2, 8, 0)
-    kwargs = dict(prompt_embeds=pos, guidance_scale=1.0, height=SIZE, width=SIZE, num_inference_steps=2,
-                  output_type="latent")
-    for generator in (lambda: torch.Generator().manual_seed(7),
-                      lambda: [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]):
+    kwargs = dict(
+        prompt_embeds=pos, guidance_scale=1.0, height=SIZE, width=SIZE, num_inference_steps=2, output_type="latent"
+    )
+    for generator in (
+        lambda: torch.Generator().manual_seed(7),
+        lambda: [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)],
+    ):
         expected = ref(**kwargs, generator=generator()).images
         got = ours(**kwargs, generator=generator(), progress=False).images
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -97,8 +111,9 @@ def test_same_generator_same_noise_as_diffusers(parts):
 def test_text_prompts_parity_and_string_negative_broadcast(parts):
     ref, ours = make_pipes(parts, text=True)
     latents = torch.randn(3, (SIZE // 4) ** 2, 16, generator=torch.Generator().manual_seed(3))
-    kwargs = dict(prompt=PROMPTS, guidance_scale=5.0, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                  output_type="latent")
+    kwargs = dict(
+        prompt=PROMPTS, guidance_scale=5.0, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent"
+    )
     # The reference needs the negative spelled out per prompt (a single string crashes it); ours takes either.
     expected = ref(**kwargs, negative_prompt=["blurry"] * 3, latents=latents.clone()).images
     for negative in ("blurry", ["blurry"] * 3):
@@ -115,8 +130,11 @@ def test_text_prompts_parity_and_string_negative_broadcast(parts):
 def test_work_is_done_once_per_call(parts, monkeypatch):
     _, ours = make_pipes(parts, text=True)
     calls = {"encode_unique": [], "encode_text": 0, "forward_rows": []}
-    encode_unique, encode_text, forward = ours.text_encoder.encode_unique, ours.transformer.encode_text, \
-        ours.transformer.forward
+    encode_unique, encode_text, forward = (
+        ours.text_encoder.encode_unique,
+        ours.transformer.encode_text,
+        ours.transformer.forward,
+    )
 
     def spy_unique(prompts):
         calls["encode_unique"].append(list(prompts))
@@ -134,22 +152,39 @@ def test_work_is_done_once_per_call(parts, monkeypatch):
     monkeypatch.setattr(ours.text_encoder, "encode_unique", spy_unique)
     monkeypatch.setattr(ours.transformer, "encode_text", spy_text)
     monkeypatch.setattr(ours.transformer, "forward", spy_forward)
-    ours(prompt=PROMPTS, negative_prompt="", guidance_scale=4.0, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-         num_images_per_prompt=2, output_type="latent", progress=False)
+    ours(
+        prompt=PROMPTS,
+        negative_prompt="",
+        guidance_scale=4.0,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        num_images_per_prompt=2,
+        output_type="latent",
+        progress=False,
+    )
     # 3 prompts x 2 images + their negatives: 3 distinct texts, one encoder call, one text K/V, one CFG batch.
     assert calls["encode_unique"] == [[PROMPTS[0], PROMPTS[1], ""]]
     assert calls["encode_text"] == 1
     assert calls["forward_rows"] == [12] * STEPS
     calls["forward_rows"].clear()
-    ours(prompt=PROMPTS, guidance_scale=1.0, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-         output_type="latent", progress=False)
+    ours(
+        prompt=PROMPTS,
+        guidance_scale=1.0,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        output_type="latent",
+        progress=False,
+    )
     assert calls["forward_rows"] == [3] * STEPS  # guidance <= 1: no unconditional rows
 
 
 def test_images_are_independent_of_batch_mates(parts):
     _, ours = make_pipes(parts, text=True)
-    kwargs = dict(guidance_scale=4.0, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np",
-                  progress=False)
+    kwargs = dict(
+        guidance_scale=4.0, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np", progress=False
+    )
     together = ours(prompt=PROMPTS[:2], generator=[torch.Generator().manual_seed(s) for s in (5, 6)], **kwargs).images
     alone = ours(prompt=PROMPTS[1:2], generator=torch.Generator().manual_seed(6), **kwargs).images
     np.testing.assert_allclose(together[1], alone[0], atol=1e-5)
@@ -161,8 +196,15 @@ def test_diffusers_folder_loads_and_generates_the_same(parts, tmp_path):
     ref.save_pretrained(tmp_path / "pipe")
     loaded = NucleusPipeline.from_pretrained(tmp_path / "pipe", device="cpu")
     assert loaded.transformer.dtype == torch.float32 and loaded.sample_size == 128 * 2
-    kwargs = dict(prompt=PROMPTS[:2], guidance_scale=4.0, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                  output_type="pt", progress=False)
+    kwargs = dict(
+        prompt=PROMPTS[:2],
+        guidance_scale=4.0,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        output_type="pt",
+        progress=False,
+    )
     expected = ours(**kwargs, generator=torch.Generator().manual_seed(0)).images
     got = loaded(**kwargs, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -183,9 +225,16 @@ def test_own_folder_round_trip_and_aspect_presets(tmp_path):
     assert index["text_encoder"] == ["nucleus_image", "MiniLMTextEncoder"]
     loaded = NucleusPipeline.from_pretrained(tmp_path / "model", device="cpu")
     assert loaded.sample_size == 32 and loaded.granularity == 4
-    kwargs = dict(prompt=["a red cube", "a blue sphere"], negative_prompt="noise", guidance_scale=3.0,
-                  aspect_ratio="16:9", num_inference_steps=3, output_type="pil", offload_text_encoder=True,
-                  progress=False)
+    kwargs = dict(
+        prompt=["a red cube", "a blue sphere"],
+        negative_prompt="noise",
+        guidance_scale=3.0,
+        aspect_ratio="16:9",
+        num_inference_steps=3,
+        output_type="pil",
+        offload_text_encoder=True,
+        progress=False,
+    )
     expected = pipe(**kwargs, generator=torch.Generator().manual_seed(1)).images
     got = loaded(**kwargs, generator=torch.Generator().manual_seed(1)).images
     assert [im.size for im in got] == [pipe.aspect_size("16:9")] * 2 == [(40, 24)] * 2
@@ -197,8 +246,15 @@ def test_own_folder_round_trip_and_aspect_presets(tmp_path):
 
 def test_released_aspect_presets():
     sizes = preset_sizes(1024, 16)
-    assert sizes == {"1:1": (1024, 1024), "16:9": (1344, 768), "9:16": (768, 1344), "4:3": (1152, 896),
-                     "3:4": (896, 1152), "3:2": (1216, 832), "2:3": (832, 1216)}
+    assert sizes == {
+        "1:1": (1024, 1024),
+        "16:9": (1344, 768),
+        "9:16": (768, 1344),
+        "4:3": (1152, 896),
+        "3:4": (896, 1152),
+        "3:2": (1216, 832),
+        "2:3": (832, 1216),
+    }
     for base, granularity in ((1024, 16), (256, 16), (64, 4), (32, 4)):
         for aspect, (w, h) in preset_sizes(base, granularity).items():
             rw, rh = map(int, aspect.split(":"))
@@ -214,8 +270,10 @@ BAD_CALLS = [
     (dict(aspect_ratio="1:1", height=32), "aspect_ratio"),
     (dict(prompt=[]), "prompt list is empty"),
     (dict(prompt=None), "exactly one of prompt and prompt_embeds"),
-    (dict(prompt=None, prompt_embeds=torch.zeros(2, 8, TEXT_DIM), prompt_embeds_mask=torch.ones(2, 9)),
-     r"prompt_embeds_mask has shape \(2, 9\); expected \(2, 8\)"),
+    (
+        dict(prompt=None, prompt_embeds=torch.zeros(2, 8, TEXT_DIM), prompt_embeds_mask=torch.ones(2, 9)),
+        r"prompt_embeds_mask has shape \(2, 9\); expected \(2, 8\)",
+    ),
     (dict(prompt=None, prompt_embeds=torch.zeros(2, 8, 7)), rf"\(batch, tokens, {TEXT_DIM}\) tensor, got \(2, 8, 7\)"),
     (dict(negative_prompt=["x"]), "negative_prompt has 1 entries for 2 prompts"),
     (dict(negative_prompt_embeds=torch.zeros(3, 8, TEXT_DIM)), "negative_prompt_embeds has batch 3; expected 2"),

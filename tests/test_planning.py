@@ -31,20 +31,27 @@ def test_states_match_the_real_optimizers_after_a_step():
     muon.step()
     adamw.step()
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    plan = plan_layout(MICRO_MODEL, Layout(1, 1, 1), global_batch=2, height=16, width=16, gpu_memory=GB,
-                       text_tokens=8, vae_factor=4)
+    plan = plan_layout(
+        MICRO_MODEL, Layout(1, 1, 1), global_batch=2, height=16, width=16, gpu_memory=GB, text_tokens=8, vae_factor=4
+    )
     assert plan.muon_momentum == nbytes(s["momentum_buffer"] for s in muon.state.values())
     # The text-query norms (kept for checkpoint compatibility: text makes no queries) get no gradient, so AdamW
     # never allocates their moments; the plan counts them, an upper bound by exactly that much.
     unused = [p for p in model.parameters() if p.grad is None]
-    assert plan.adamw_moments == nbytes(t for s in adamw.state.values() for k, t in s.items() if k.startswith("exp_avg")) \
-        + 2 * nbytes(unused)
-    assert plan.gradients == plan.parameters == nbytes(p.grad for p in model.parameters() if p.grad is not None) + nbytes(unused)
+    assert plan.adamw_moments == nbytes(
+        t for s in adamw.state.values() for k, t in s.items() if k.startswith("exp_avg")
+    ) + 2 * nbytes(unused)
+    assert (
+        plan.gradients
+        == plan.parameters
+        == nbytes(p.grad for p in model.parameters() if p.grad is not None) + nbytes(unused)
+    )
     # One process: no FSDP, autocast's bf16 copy of every weight instead.
     assert plan.micro_batch == 2 and plan.fsdp_buffers == plan.parameters // 2 and plan.all_to_all == 0
     # Sharding over 2 ranks halves every state (rounded up per rank).
-    half = plan_layout(MICRO_MODEL, Layout(1, 2, 2), global_batch=2, height=16, width=16, gpu_memory=GB,
-                       text_tokens=8, vae_factor=4)
+    half = plan_layout(
+        MICRO_MODEL, Layout(1, 2, 2), global_batch=2, height=16, width=16, gpu_memory=GB, text_tokens=8, vae_factor=4
+    )
     assert abs(half.muon_momentum - plan.muon_momentum / 2) <= 4 and half.micro_batch == 1 and half.all_to_all > 0
 
 
@@ -75,8 +82,12 @@ def test_generation_weight_bytes_and_offload():
     model = NucleusTransformer(MICRO_MODEL).to(torch.bfloat16)
     assert transformer_weight_bytes(MICRO_MODEL, "bf16") == sum(p.numel() * 2 for p in model.parameters())
     assert transformer_weight_bytes(MICRO_MODEL, "int8") < 0.6 * transformer_weight_bytes(MICRO_MODEL, "bf16")
-    kept = plan_generation(MICRO_MODEL, height=32, width=32, text_encoder_bytes=10**6, offload_text_encoder=False, vae_factor=4)
-    freed = plan_generation(MICRO_MODEL, height=32, width=32, text_encoder_bytes=10**6, offload_text_encoder=True, vae_factor=4)
+    kept = plan_generation(
+        MICRO_MODEL, height=32, width=32, text_encoder_bytes=10**6, offload_text_encoder=False, vae_factor=4
+    )
+    freed = plan_generation(
+        MICRO_MODEL, height=32, width=32, text_encoder_bytes=10**6, offload_text_encoder=True, vae_factor=4
+    )
     assert kept.peak == freed.peak + 10**6 == kept.transformer_weights + kept.activations + 10**6
     assert [r[0] for r in kept.rows()][:3] == ["transformer weights", "activations", "text encoder"]
     with pytest.raises(ValueError, match="unknown weight format 'int4'"):
@@ -107,8 +118,17 @@ def test_muon_step_peak_matches_a_cpu_step(ns_dtype):
                 muon.step()
         else:
             muon.step()
-    plan = plan_layout(MICRO_MODEL, Layout(1, 1, 1), global_batch=2, height=16, width=16, gpu_memory=GB,
-                       text_tokens=8, vae_factor=4, ns_dtype=ns_dtype)
+    plan = plan_layout(
+        MICRO_MODEL,
+        Layout(1, 1, 1),
+        global_batch=2,
+        height=16,
+        width=16,
+        gpu_memory=GB,
+        text_tokens=8,
+        vae_factor=4,
+        ns_dtype=ns_dtype,
+    )
     assert abs(plan.muon_step - live.peak) <= 0.05 * live.peak, (plan.muon_step, live.peak)
 
 
@@ -116,8 +136,17 @@ def test_all_to_all_buffers_are_the_model_s_expert_buffers():
     """C = ceil(CF * S / E) from the model's own function: CF * S = 20.5 tokens here, where ceil(int(CF * S) / E)
     would give 5 per expert instead of 6."""
     cfg = MICRO_MODEL.replace(capacity_factors=(0.0, 0.82))
-    plan = plan_layout(cfg, Layout(1, 2, 2), global_batch=4, height=40, width=40, gpu_memory=GB, text_tokens=8,
-                       vae_factor=4, grad_accum=1)
+    plan = plan_layout(
+        cfg,
+        Layout(1, 2, 2),
+        global_batch=4,
+        height=40,
+        width=40,
+        gpu_memory=GB,
+        text_tokens=8,
+        vae_factor=4,
+        grad_accum=1,
+    )
     seen = []
     model = NucleusTransformer(cfg)
     for m in model.modules():
@@ -151,16 +180,24 @@ def test_plan_recommendation_pastes_as_a_working_train_command(capsys):
     from nucleus_image.parallel.config import check_layout
     from nucleus_image.training.config import TrainConfig
 
-    assert main(["plan", "--task", "train", "--preset", "tiny", "--gpus", "4", "--gpu-memory", "1",
-                 "--margin", "0.5"]) == 0
+    assert (
+        main(["plan", "--task", "train", "--preset", "tiny", "--gpus", "4", "--gpu-memory", "1", "--margin", "0.5"])
+        == 0
+    )
     out = capsys.readouterr().out
     line = next(line.strip() for line in out.splitlines() if line.strip().startswith("nucleus train "))
     args = build_parser().parse_args(shlex.split(line)[1:])
     assert args.nproc == 4 and args.data == "DATA" and args.out == "RUN"
     cfg = TrainConfig.preset(args.preset).override(args.overrides)
-    check_layout(cfg.parallel.resolve(args.nproc), cfg.model.num_experts, {s.name: s.batch_size for s in cfg.stages},
-                 cfg.grad_accum_steps)
+    check_layout(
+        cfg.parallel.resolve(args.nproc),
+        cfg.model.num_experts,
+        {s.name: s.batch_size for s in cfg.stages},
+        cfg.grad_accum_steps,
+    )
     peak = float(out.split("recommended:")[1].split("(peak ")[1].split(" of")[0])
     assert peak <= 0.5  # within the card less the margin
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--data", "D", "--out", "O", "--set", "parallel.dp_shard=2", "parallel.ep=1"])
+        build_parser().parse_args(
+            ["train", "--data", "D", "--out", "O", "--set", "parallel.dp_shard=2", "parallel.ep=1"]
+        )

@@ -151,8 +151,23 @@ def test_pipeline_and_cli_generate_quantized(tmp_path):
     latents = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     assert torch.equal(again(**kwargs, generator=torch.Generator().manual_seed(0)).images, latents)
 
-    argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "a red cube", "--steps", "2", "--width", "32",
-            "--height", "32", "--quantize", "fp8", "--out", str(tmp_path / "out")]
+    argv = [
+        "generate",
+        "--model",
+        str(tmp_path / "model"),
+        "--prompt",
+        "a red cube",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--quantize",
+        "fp8",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0
     sidecar = json.loads((tmp_path / "out" / "00000.json").read_text())
     assert sidecar["quantize"] == "fp8" and "--quantize fp8" in sidecar["command"]

@@ -22,8 +22,13 @@ def folders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("released")
     tokenizer = tiny_qwen_tokenizer()
-    pipe = NucleusMoEImagePipeline(transformer=tiny_diffusers_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(),
-                                   vae=tiny_qwen_vae(), text_encoder=tiny_qwen3vl(len(tokenizer)), processor=tokenizer)
+    pipe = NucleusMoEImagePipeline(
+        transformer=tiny_diffusers_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_qwen_vae(),
+        text_encoder=tiny_qwen3vl(len(tokenizer)),
+        processor=tokenizer,
+    )
     pipe.save_pretrained(root / "pipeline")
     return root / "pipeline", micro_dataset(root / "data")
 
@@ -31,7 +36,9 @@ def folders(tmp_path_factory):
 def test_released_encoders_are_checked_before_the_model_is_built(folders, tmp_path, monkeypatch):
     pipeline, data = folders
     cfg = TrainConfig.preset("released")
-    with pytest.raises(ValueError, match=r"text_encoder 'qwen3-vl' is read from a pipeline folder: pass --set pipeline_dir"):
+    with pytest.raises(
+        ValueError, match=r"text_encoder 'qwen3-vl' is read from a pipeline folder: pass --set pipeline_dir"
+    ):
         build_encoders(cfg, torch.device("cpu"))
 
     def never(*args, **kwargs):
@@ -49,8 +56,14 @@ def test_released_preset_trains_from_a_qwen_pipeline_folder(folders, tmp_path):
     released = TrainConfig.preset("released").override([f"pipeline_dir={pipeline}"])
     # The released recipe and encoders with a model and stage small enough for CI (same text width and latents).
     model = MICRO_MODEL.replace(joint_attention_dim=32, in_channels=16, out_channels=4, patch_size=2)
-    cfg = dataclasses.replace(released, model=model, cpu_threads=1, sample_steps=2, sample_prompts=("a red circle",),
-                              stages=[StageConfig("32px", 2, 32, 2, ("1:1",), (0.0, 2.0))])
+    cfg = dataclasses.replace(
+        released,
+        model=model,
+        cpu_threads=1,
+        sample_steps=2,
+        sample_prompts=("a red circle",),
+        stages=[StageConfig("32px", 2, 32, 2, ("1:1",), (0.0, 2.0))],
+    )
     threads = torch.get_num_threads()
     try:
         result = Trainer(cfg, data, tmp_path / "run", progress=False).train()

@@ -55,8 +55,18 @@ def setup(tmp_path_factory):
     config = root / "micro.json"
     micro_config().save_json(config)
     straight = root / "straight"
-    done = run_cli("train", "--config", str(config), "--data", str(data), "--out", str(straight),
-                   "--max-steps", str(STEPS), "--no-progress")
+    done = run_cli(
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--out",
+        str(straight),
+        "--max-steps",
+        str(STEPS),
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return root, data, config, straight
 
@@ -64,10 +74,24 @@ def setup(tmp_path_factory):
 def _killed_run(root, data, config, name, mode, ready):
     out = root / name
     marker = root / f"{name}.marker"
-    args = ["train", "--config", str(config), "--data", str(data), "--out", str(out), "--max-steps", str(STEPS),
-            "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, mode, str(marker), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONHASHSEED="0"))
+    args = [
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(STEPS),
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRAPPER, mode, str(marker), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONHASHSEED="0"),
+    )
     deadline = time.time() + 240
     while not ready(out, marker):
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
@@ -95,11 +119,14 @@ def _assert_identical(run, straight):
 
 def test_sigkill_between_steps_then_resume_is_exact(setup):
     root, data, config, straight = setup
-    run = _killed_run(root, data, config, "killed", "steps",
-                      lambda out, _: any(s >= 10 for s, _ in list_checkpoints(out)))
+    run = _killed_run(
+        root, data, config, "killed", "steps", lambda out, _: any(s >= 10 for s, _ in list_checkpoints(out))
+    )
     steps_left = [s for s, _ in list_checkpoints(run)]
     assert max(steps_left) < STEPS and not (run / "losses.json").exists()  # it really died mid-run
-    done = run_cli("train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume", "--no-progress")
+    done = run_cli(
+        "train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume", "--no-progress"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout and f"at step {max(steps_left)}" in done.stdout
     _assert_identical(run, straight)
@@ -116,7 +143,9 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(setup):
     assert json.loads((previous / "trainer.json").read_text())["step"] == 5
     assert load_file(previous / "model.safetensors")  # loadable
 
-    done = run_cli("train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume", "--no-progress")
+    done = run_cli(
+        "train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume", "--no-progress"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "at step 5" in done.stdout
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the next save cleaned the stray folder
@@ -134,8 +163,9 @@ def test_run_with_a_config_in_the_old_flat_layout_resumes_exactly(setup):
     (run / "losses.json").unlink()
     saved = json.loads((run / "train_config.json").read_text())
     (run / "train_config.json").write_text(json.dumps(legacy_layout(saved), indent=1) + "\n")
-    done = run_cli("train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume",
-                   "--no-progress")
+    done = run_cli(
+        "train", "--data", str(data), "--out", str(run), "--max-steps", str(STEPS), "--resume", "--no-progress"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "at step 25" in done.stdout
     _assert_identical(run, straight)
@@ -175,4 +205,6 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(setup, tmp_path, 
     assert trainer.nonfinite == 4  # the lone one was skipped and counted, training went on
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [5]  # the last good checkpoint, intact
     saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000005" / "model.safetensors")
-    assert any(not torch.equal(saved[k], before[k]) for k in saved) and all(torch.isfinite(v).all() for v in saved.values())
+    assert any(not torch.equal(saved[k], before[k]) for k in saved) and all(
+        torch.isfinite(v).all() for v in saved.values()
+    )

@@ -33,8 +33,15 @@ def expert_choice(logits_TNSE: np.ndarray, capacity: int) -> np.ndarray:
 
 
 def make_record(logits: np.ndarray, shape_labels: np.ndarray) -> RoutingRecord:
-    return RoutingRecord(np.linspace(0.05, 0.95, T), [1, 2], (8, 8), [logits, logits.copy()],
-                         [expert_choice(logits, C)] * 2, {"shape": shape_labels}, {"shape": list(SHAPES)})
+    return RoutingRecord(
+        np.linspace(0.05, 0.95, T),
+        [1, 2],
+        (8, 8),
+        [logits, logits.copy()],
+        [expert_choice(logits, C)] * 2,
+        {"shape": shape_labels},
+        {"shape": list(SHAPES)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +124,9 @@ def test_nmi_accuracy_and_jaccard_chance():
     assert acc == 1.0 and chance == pytest.approx(1 / 3, abs=0.02)
     # Independent uniform picks land on the closed-form chance overlap.
     idx = np.stack([np.stack([rng.permutation(S)[:C] for _ in range(E)]) for _ in range(400)])[None]
-    idx = np.concatenate([idx, np.stack([np.stack([rng.permutation(S)[:C] for _ in range(E)]) for _ in range(400)])[None]])
+    idx = np.concatenate(
+        [idx, np.stack([np.stack([rng.permutation(S)[:C] for _ in range(E)]) for _ in range(400)])[None]]
+    )
     matrix, chance = jaccard_between_timesteps(idx, S)
     assert matrix[0, 0] == 1.0 and matrix[0, 1] == pytest.approx(chance, abs=0.01)
 
@@ -163,13 +172,18 @@ def test_real_model_timestep_only_gate_and_collection_matches_forward():
     assert record.indices[0].shape == (3, 3, cfg.num_experts, cfg.capacity(1, 16))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = model(hidden_states=0.5 * x0 + 0.5 * noise, img_shapes=[(1, 4, 4)] * 3, encoder_hidden_states=text,
-                    timestep=torch.full((3,), 0.5), return_routing=True)
+        out = model(
+            hidden_states=0.5 * x0 + 0.5 * noise,
+            img_shapes=[(1, 4, 4)] * 3,
+            encoder_hidden_states=text,
+            timestep=torch.full((3,), 0.5),
+            return_routing=True,
+        )
     assert np.allclose(record.logits[0][1], out.router_logits[0].numpy(), atol=1e-5)
     assert (record.indices[0][1] == out.expert_indices[0].numpy()).all()
     # Zero the token half of the gate (input = [t_emb | token]): the router now reads the timestep only.
     with torch.no_grad():
-        model.transformer_blocks[1].img_mlp.gate.weight[:, cfg.hidden_size:] = 0
+        model.transformer_blocks[1].img_mlp.gate.weight[:, cfg.hidden_size :] = 0
     only_t = collect_routing(model, x0, text, None, (4, 4), sigmas=(0.1, 0.5, 0.9))
     shares = routing_metrics(only_t)["summary"]["variance_share"]
     assert shares["timestep"] > 0.999 and shares["token"] < 1e-6
@@ -184,8 +198,24 @@ def test_cli_inspect_routing_writes_report_and_pictures(tmp_path, capsys):
     model = tmp_path / "pipeline"
     tiny_own_pipeline().save_pretrained(model)
     out = tmp_path / "routing"
-    assert main(["inspect-routing", "--model", str(model), "--out", str(out), "--per-task", "1",
-                 "--sigmas", "0.1,0.5,0.9", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "inspect-routing",
+                "--model",
+                str(model),
+                "--out",
+                str(out),
+                "--per-task",
+                "1",
+                "--sigmas",
+                "0.1,0.5,0.9",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "routing.json").read_text())
     assert report["moe_layers"] == [1, 2, 3] and report["images"] == 6 and report["grid"] == [8, 8]
     assert len(report["layers"][0]["per_timestep"]) == 3 and len(report["token_sets_image0"]["1"][0]) == 8
@@ -207,8 +237,28 @@ def test_cli_ablate_routing_trains_both_arms_and_writes_the_table(tmp_path):
     config = tmp_path / "micro.json"
     micro_config().save_json(config)
     out = tmp_path / "ablate"
-    args = ["ablate", "routing", "--data", str(data), "--out", str(out), "--config", str(config), "--max-steps", "4",
-            "--per-task", "1", "--samples", "1", "--steps", "2", "--routing-per-task", "1", "--sigmas", "0.2,0.8"]
+    args = [
+        "ablate",
+        "routing",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--max-steps",
+        "4",
+        "--per-task",
+        "1",
+        "--samples",
+        "1",
+        "--steps",
+        "2",
+        "--routing-per-task",
+        "1",
+        "--sigmas",
+        "0.2,0.8",
+    ]
     assert main(args) == 0
     summary = json.loads((out / "ablation.json").read_text())
     for arm in ("decoupled", "coupled"):

@@ -28,8 +28,21 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with running_server(model_dir, "--max-batch", "4", "--max-queue", "10", "--max-images", "4", "--max-steps", "60",
-                        "--default-steps", "2", "--max-prompt-chars", "100") as (base, _):
+    with running_server(
+        model_dir,
+        "--max-batch",
+        "4",
+        "--max-queue",
+        "10",
+        "--max-images",
+        "4",
+        "--max-steps",
+        "60",
+        "--default-steps",
+        "2",
+        "--max-prompt-chars",
+        "100",
+    ) as (base, _):
         yield base
 
 
@@ -85,8 +98,9 @@ def test_health_models_page_and_static_files(server):
 
 def test_unknown_paths_and_methods_answer_in_the_api_error_shape(server):
     status, _, answer = call(server, "/v1/nope")
-    assert status == 404 and answer == {"error": {"message": "no such path '/v1/nope'", "type": "invalid_request_error",
-                                                  "param": None}}
+    assert status == 404 and answer == {
+        "error": {"message": "no such path '/v1/nope'", "type": "invalid_request_error", "param": None}
+    }
     status, headers, answer = call(server, "/v1/images/generations", method="GET")
     assert status == 405 and "POST" in headers["Allow"], answer
     assert answer["error"]["message"] == "GET is not allowed on '/v1/images/generations'" and "detail" not in answer
@@ -110,14 +124,24 @@ def test_metrics_in_prometheus_text_format_and_as_json(server):
     assert samples["nucleus_images_served_total"] == as_json["images_served"] >= 2
     assert samples['nucleus_requests_total{outcome="ok"}'] == as_json["requests"]["ok"]
     assert samples["nucleus_request_latency_seconds_count"] == as_json["requests"]["ok"]
-    assert samples['nucleus_request_latency_seconds{quantile="0.5"}'] <= samples[
-        'nucleus_request_latency_seconds{quantile="0.99"}']
+    assert (
+        samples['nucleus_request_latency_seconds{quantile="0.5"}']
+        <= samples['nucleus_request_latency_seconds{quantile="0.99"}']
+    )
     assert sum(v for k, v in samples.items() if k.startswith("nucleus_batches_total")) == as_json["batches"]
 
 
 def test_generation_returns_pngs_settings_seeds_and_commands(server):
-    answer = generate(server, prompt="a red cube", negative_prompt="blurry", n=2, aspect_ratio="16:9", steps=3,
-                      guidance_scale=3.0, seed=10)
+    answer = generate(
+        server,
+        prompt="a red cube",
+        negative_prompt="blurry",
+        n=2,
+        aspect_ratio="16:9",
+        steps=3,
+        guidance_scale=3.0,
+        seed=10,
+    )
     assert answer["model"] == "model" and [d["seed"] for d in answer["data"]] == [10, 11]
     settings = answer["settings"]
     assert (settings["width"], settings["height"], settings["steps"], settings["guidance_scale"]) == (40, 24, 3, 3.0)
@@ -130,8 +154,17 @@ def test_generation_returns_pngs_settings_seeds_and_commands(server):
     assert "--negative blurry" in command and "--width 40 --height 24" in command and "--guidance 3.0" in command
 
     # The same request as URLs: the same PNGs, served by this server.
-    again = generate(server, prompt="a red cube", negative_prompt="blurry", n=2, aspect_ratio="16:9", steps=3,
-                     guidance_scale=3.0, seed=10, response_format="url")
+    again = generate(
+        server,
+        prompt="a red cube",
+        negative_prompt="blurry",
+        n=2,
+        aspect_ratio="16:9",
+        steps=3,
+        guidance_scale=3.0,
+        seed=10,
+        response_format="url",
+    )
     for item, png in zip(again["data"], images):
         assert item["url"].startswith(server + "/v1/images/files/")
         status, headers, served = call(server, item["url"].removeprefix(server))
@@ -143,8 +176,11 @@ def test_generation_returns_pngs_settings_seeds_and_commands(server):
 
 
 def test_batched_images_equal_the_same_requests_alone(server):
-    requests = [dict(prompt="a red cube", seed=3, steps=4), dict(prompt="two blue circles on a long grey road",
-                negative_prompt="dark", n=2, seed=40, steps=4), dict(prompt="a star", seed=7, steps=4)]
+    requests = [
+        dict(prompt="a red cube", seed=3, steps=4),
+        dict(prompt="two blue circles on a long grey road", negative_prompt="dark", n=2, seed=40, steps=4),
+        dict(prompt="a star", seed=7, steps=4),
+    ]
     blocker = start_blocker(server)
     ids = [call(server, "/v1/images/jobs", r)[2]["id"] for r in requests]  # queued together behind the blocker
     batched = [wait_job(server, i)["result"] for i in ids]
@@ -183,7 +219,7 @@ REFUSALS = [
     ({"prompt": "a", "size": "32x32", "aspect_ratio": "1:1"}, "size", "not both"),
     ({"prompt": "a", "aspect_ratio": "5:4"}, "aspect_ratio", "is not one of 1:1, 16:9"),
     ({"prompt": "a", "guidance_scale": -1}, "guidance_scale", "in [0, 20.0]"),
-    ({"prompt": "a", "guidance_scale": "high"}, "guidance_scale", "got \"high\""),
+    ({"prompt": "a", "guidance_scale": "high"}, "guidance_scale", 'got "high"'),
     ({"prompt": "a", "seed": -1}, "seed", "'seed' must be in [0, "),
     ({"prompt": "a", "seed": 1.5}, "seed", "must be an integer"),
     ({"prompt": "a", "response_format": "png"}, "response_format", "one of b64_json, url"),
@@ -245,8 +281,9 @@ def test_batching_off_and_graceful_shutdown(model_dir):
         assert [d["batch_size"] for d in answer["data"]] == [1, 1, 1]
         # SIGTERM while a request runs: the server stops listening, finishes it, then exits.
         result = {}
-        thread = threading.Thread(target=lambda: result.update(answer=call(base, "/v1/images/generations",
-                                                                             {"prompt": "last", "steps": 60})))
+        thread = threading.Thread(
+            target=lambda: result.update(answer=call(base, "/v1/images/generations", {"prompt": "last", "steps": 60}))
+        )
         thread.start()
         until(lambda: call(base, "/metrics.json")[2]["running_images"] > 0)
         process.send_signal(signal.SIGTERM)
@@ -264,5 +301,10 @@ def test_cli_refuses_bad_arguments_in_one_line(model_dir, tmp_path, capsys):
     assert main(["serve", "--model", str(model_dir), "--max-side", "30"]) == 2
     assert main(["serve", "--model", str(model_dir), "--default-guidance", "-1"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 4 and "--default-guidance must be in [0, 20.0], got -1.0" in err[3] and "is not a pipeline folder" in err[0] and "--max-batch must be >= 1, got 0" in err[1]
+    assert (
+        len(err) == 4
+        and "--default-guidance must be in [0, 20.0], got -1.0" in err[3]
+        and "is not a pipeline folder" in err[0]
+        and "--max-batch must be >= 1, got 0" in err[1]
+    )
     assert "--max-side 30 must be a positive multiple of 4" in err[2]

@@ -12,8 +12,15 @@ from serve_helpers import running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # No first-run work, no background traffic: the test machines have no internet and nothing may download.
-CHROMIUM_ARGS = ["--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 if os.geteuid() == 0:
     # Chromium refuses to start as root with its sandbox on ("Running as root without --no-sandbox is not
     # supported"): the sandbox drops privileges through user namespaces, which root cannot meaningfully enter.
@@ -24,8 +31,10 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
 pytest.importorskip("fastapi", reason="the serve extra (FastAPI, uvicorn) is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium), as .ci/run "
-                f"does", allow_module_level=True)
+    pytest.skip(
+        f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium), as .ci/run does",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,18 @@ def pipe():
 
 
 def request(prompt="a red cube", n=1, steps=2, guidance=4.0, width=32, seed=0, negative=None) -> GenerationRequest:
-    return GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=32, aspect_ratio=None,
-                             steps=steps, guidance_scale=guidance, seed=seed, response_format="b64_json")
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        n=n,
+        width=width,
+        height=32,
+        aspect_ratio=None,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        response_format="b64_json",
+    )
 
 
 def test_batches_group_compatible_images_oldest_first_up_to_max_batch(pipe):

@@ -39,17 +39,34 @@ def model_and_batches(micro: int = 1, seed: int = 0):
     g = torch.Generator().manual_seed(1)
     B, h, w = 4, 8, 8
     x0 = torch.randn(B, (h // 2) * (w // 2), cfg.in_channels, generator=g)
-    batch = FlowBatch(x0, torch.randn(x0.shape, generator=g), torch.rand(B, generator=g),
-                      torch.randn(B, 5, cfg.joint_attention_dim, generator=g), None, (h, w))
+    batch = FlowBatch(
+        x0,
+        torch.randn(x0.shape, generator=g),
+        torch.rand(B, generator=g),
+        torch.randn(B, 5, cfg.joint_attention_dim, generator=g),
+        None,
+        (h, w),
+    )
     n = B // micro
-    parts = [FlowBatch(*(t[i * n:(i + 1) * n] for t in (batch.x0_BSC, batch.noise_BSC, batch.sigma_B, batch.text_BLD)),
-                       None, (h, w)) for i in range(micro)]
+    parts = [
+        FlowBatch(
+            *(t[i * n : (i + 1) * n] for t in (batch.x0_BSC, batch.noise_BSC, batch.sigma_B, batch.text_BLD)),
+            None,
+            (h, w),
+        )
+        for i in range(micro)
+    ]
     return model, parts, FlowObjective(cfg.patch_size, z_loss_weight=1e-3)
 
 
 def optimizer_state(optimizers) -> dict[str, torch.Tensor]:
-    return {f"{i}.{j}.{k}": v.clone() for i, opt in enumerate(optimizers) for j, st in enumerate(opt.state.values())
-            for k, v in st.items() if torch.is_tensor(v)}
+    return {
+        f"{i}.{j}.{k}": v.clone()
+        for i, opt in enumerate(optimizers)
+        for j, st in enumerate(opt.state.values())
+        for k, v in st.items()
+        if torch.is_tensor(v)
+    }
 
 
 def test_a_non_finite_step_changes_nothing_and_training_goes_on():

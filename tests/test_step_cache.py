@@ -28,16 +28,26 @@ def pipe():
 
 def generate(pipe, prompts, seeds, cache, output_type="latent"):
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompt=prompts, generator=generators, num_inference_steps=STEPS, output_type=output_type,
-                progress=False, cache=cache)
+    return pipe(
+        prompt=prompts,
+        generator=generators,
+        num_inference_steps=STEPS,
+        output_type=output_type,
+        progress=False,
+        cache=cache,
+    )
 
 
-@pytest.mark.parametrize("cache", [FBCacheConfig(threshold=0.0), TaylorSeerConfig(order=2, interval=1)],
-                         ids=["fbcache-threshold-0", "taylorseer-interval-1"])
+@pytest.mark.parametrize(
+    "cache",
+    [FBCacheConfig(threshold=0.0), TaylorSeerConfig(order=2, interval=1)],
+    ids=["fbcache-threshold-0", "taylorseer-interval-1"],
+)
 @pytest.mark.parametrize("guidance", [1.0, 4.0], ids=["no-cfg", "cfg"])
 def test_disabled_knobs_equal_the_uncached_sampler_bitwise(pipe, cache, guidance):
-    kwargs = dict(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=guidance, output_type="latent",
-                  progress=False)
+    kwargs = dict(
+        prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=guidance, output_type="latent", progress=False
+    )
     uncached = pipe(**kwargs, generator=torch.Generator().manual_seed(3))
     cached = pipe(**kwargs, generator=torch.Generator().manual_seed(3), cache=cache)
     assert uncached.step_cache is None
@@ -90,20 +100,23 @@ def test_extrapolation_is_exact_for_polynomials_of_its_order(order):
     g = torch.Generator().manual_seed(order)
     coeffs = torch.randn(order + 1, 3, generator=g, dtype=torch.float64)
     poly = lambda s: sum(c * s**k for k, c in enumerate(coeffs))  # noqa: E731
-    steps = [0, 1, 4, 7][-(order + 1):]  # uneven spacing, as warmup and the last step give
+    steps = [0, 1, 4, 7][-(order + 1) :]  # uneven spacing, as warmup and the last step give
     got = extrapolate([(s, poly(s)) for s in steps], 9)
     torch.testing.assert_close(got, poly(9), rtol=1e-9, atol=1e-9)
     if order > 0:  # one order less cannot follow it
         assert not torch.allclose(extrapolate([(s, poly(s)) for s in steps[1:]], 9), poly(9))
 
 
-@pytest.mark.parametrize("policy, fields, message", [
-    ("lru", {}, "unknown cache policy 'lru'; accepted: fbcache, taylorseer (or None)"),
-    ("fbcache", {"threshold": -0.1}, "fbcache threshold must be a finite number >= 0, got -0.1"),
-    ("fbcache", {"order": 2}, "cache policy 'fbcache' takes threshold, warmup; got order"),
-    ("taylorseer", {"interval": 0}, "step cache interval must be an integer >= 1, got 0"),
-    ("taylorseer", {"warmup": 0}, "step cache warmup must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "policy, fields, message",
+    [
+        ("lru", {}, "unknown cache policy 'lru'; accepted: fbcache, taylorseer (or None)"),
+        ("fbcache", {"threshold": -0.1}, "fbcache threshold must be a finite number >= 0, got -0.1"),
+        ("fbcache", {"order": 2}, "cache policy 'fbcache' takes threshold, warmup; got order"),
+        ("taylorseer", {"interval": 0}, "step cache interval must be an integer >= 1, got 0"),
+        ("taylorseer", {"warmup": 0}, "step cache warmup must be an integer >= 1, got 0"),
+    ],
+)
 def test_bad_settings_are_refused(policy, fields, message):
     with pytest.raises(ValueError) as err:
         cache_config(policy, **fields)
@@ -125,13 +138,31 @@ def model_dir(pipe, tmp_path_factory):
 
 def test_sidecars_report_full_steps_and_reproduce_cached_images(model_dir, tmp_path):
     out = tmp_path / "out"
-    argv = ["generate", "--model", str(model_dir), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps",
-            str(STEPS), "--seed", "5", "--batch-size", "2", "--cache", "fbcache", "--cache-threshold",
-            str(ROW_SPLIT_THRESHOLD), "--out", str(out)]
+    argv = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        PROMPTS[0],
+        "--prompt",
+        PROMPTS[1],
+        "--steps",
+        str(STEPS),
+        "--seed",
+        "5",
+        "--batch-size",
+        "2",
+        "--cache",
+        "fbcache",
+        "--cache-threshold",
+        str(ROW_SPLIT_THRESHOLD),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     sidecars = [json.loads((out / f"{k:05d}.json").read_text()) for k in range(2)]
     uncached = tmp_path / "uncached"
-    assert main(argv[:argv.index("--cache")] + ["--out", str(uncached)]) == 0
+    assert main(argv[: argv.index("--cache")] + ["--out", str(uncached)]) == 0
     for k, sidecar in enumerate(sidecars):
         report = sidecar["step_cache"]
         assert (report["policy"], report["threshold"], report["steps"]) == ("fbcache", ROW_SPLIT_THRESHOLD, STEPS)
@@ -148,11 +179,14 @@ def test_sidecars_report_full_steps_and_reproduce_cached_images(model_dir, tmp_p
         assert not np.array_equal(np.asarray(Image.open(uncached / f"{k:05d}.png")), image)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--cache-threshold", "0.1"], "--cache-threshold needs --cache"),
-    (["--cache", "taylorseer", "--cache-threshold", "0.1"], "takes interval, order, warmup; got threshold"),
-    (["--cache", "taylorseer", "--cache-interval", "0"], "interval must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--cache-threshold", "0.1"], "--cache-threshold needs --cache"),
+        (["--cache", "taylorseer", "--cache-threshold", "0.1"], "takes interval, order, warmup; got threshold"),
+        (["--cache", "taylorseer", "--cache-interval", "0"], "interval must be an integer >= 1, got 0"),
+    ],
+)
 def test_bad_cache_flags_exit_2(model_dir, tmp_path, capsys, extra, message):
     assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--out", str(tmp_path / "o"), *extra]) == 2
     assert message in capsys.readouterr().err

@@ -73,8 +73,14 @@ def test_manifest_rows_match_their_images(dataset):
             assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
             assert obj["shape"] in SHAPES and obj["shape"] in row["captions"][3]
         n = len(ann["objects"])
-        expected_bucket = {"single_object": 1, "colors": 2, "two_object": 3, "color_attr": 5, "position": 7,
-                           "counting": {2: 4, 3: 6, 4: 8}.get(n)}[ann["task"]]
+        expected_bucket = {
+            "single_object": 1,
+            "colors": 2,
+            "two_object": 3,
+            "color_attr": 5,
+            "position": 7,
+            "counting": {2: 4, 3: 6, 4: 8}.get(n),
+        }[ann["task"]]
         assert row["bucket"] == expected_bucket
         assert row["tier"] == (expected_bucket + 1) // 2 + (ann["texture"] != "plain")
     meta = pq.read_schema(next((root / "manifest-v0001").glob("*.parquet"))).metadata
@@ -93,7 +99,7 @@ def test_scenes_cover_every_task_and_aspect_with_valid_geometry():
         for i, a in enumerate(s.objects):
             x0, y0, x1, y1 = a.bbox
             assert 0 < x0 and x1 < s.width and 0 < y0 and y1 < s.height
-            for b in s.objects[i + 1:]:  # boxes never touch, so counts are unambiguous
+            for b in s.objects[i + 1 :]:  # boxes never touch, so counts are unambiguous
                 assert abs(a.cx - b.cx) >= (a.size + b.size) / 2 or abs(a.cy - b.cy) >= (a.size + b.size) / 2
         if s.task == "position":
             rel, subj, ref = s.relation
@@ -121,9 +127,18 @@ def test_captions_state_what_the_scene_shows():
 
 
 def test_geneval_prompt_phrasing_and_articles():
-    assert geneval_prompt({"tag": "position", "include": [
-        {"class": "circle", "count": 1}, {"class": "star", "count": 1, "position": ["right of", 0]}]}) == \
-        "a photo of a star right of a circle"
+    assert (
+        geneval_prompt(
+            {
+                "tag": "position",
+                "include": [
+                    {"class": "circle", "count": 1},
+                    {"class": "star", "count": 1, "position": ["right of", 0]},
+                ],
+            }
+        )
+        == "a photo of a star right of a circle"
+    )
     assert noun_phrase("star", 1, "orange") == "an orange star"
     assert noun_phrase("cross", 3) == "three crosses"
 
@@ -134,8 +149,14 @@ def test_heldout_set_is_geneval_format_and_disjoint_from_training_captions(datas
     validate_records(records)
     assert [r["tag"] for r in records] == sorted((r["tag"] for r in records), key=TASKS.index)
     counts = {t: sum(r["tag"] == t for r in records) for t in TASKS}
-    assert counts == {"single_object": 6, "two_object": 15, "counting": 18, "colors": 24, "position": 24,
-                      "color_attr": 24}
+    assert counts == {
+        "single_object": 6,
+        "two_object": 15,
+        "counting": 18,
+        "colors": 24,
+        "position": 24,
+        "color_attr": 24,
+    }
     assert len({r["prompt"] for r in records}) == len(records)
     for r in records:
         assert set(r) <= {"tag", "include", "exclude", "prompt"} and r["prompt"].startswith("a photo of ")
@@ -151,14 +172,19 @@ def test_heldout_set_is_geneval_format_and_disjoint_from_training_captions(datas
 def test_cli_synth_and_bad_input(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "d"), "--num", "6", "--seed", "1", "--size", "64"]) == 0
     table = read_manifest(tmp_path / "d")
-    assert table.num_rows == 6 and min(min(w, h) for w, h in zip(table["width"].to_pylist(),
-                                                                 table["height"].to_pylist())) == 64
+    assert (
+        table.num_rows == 6
+        and min(min(w, h) for w, h in zip(table["width"].to_pylist(), table["height"].to_pylist())) == 64
+    )
     assert (tmp_path / "d" / "preview.png").exists() and (tmp_path / "d" / "heldout_metadata.jsonl").exists()
     # A second run adds a manifest version instead of overwriting the first.
     assert main(["data", "synth", "--out", str(tmp_path / "d"), "--num", "3", "--seed", "2", "--size", "64"]) == 0
     assert read_manifest(tmp_path / "d").num_rows == 3 and (tmp_path / "d" / "manifest-v0001").is_dir()
-    for args, needle in ((["--num", "0"], "num 0"), (["--num", "2", "--size", "16"], "size 16"),
-                         (["--num", "2", "--aspects", "5:4"], "5:4")):
+    for args, needle in (
+        (["--num", "0"], "num 0"),
+        (["--num", "2", "--size", "16"], "size 16"),
+        (["--num", "2", "--aspects", "5:4"], "5:4"),
+    ):
         capsys.readouterr()
         assert main(["data", "synth", "--out", str(tmp_path / "e"), *args]) == 2
         assert needle in capsys.readouterr().err

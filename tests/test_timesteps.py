@@ -30,7 +30,9 @@ def test_logit_normal_with_shift(seq_len):
     assert logit.mean().item() == pytest.approx(shift_mu(seq_len, cfg), abs=0.01)
     assert logit.std().item() == pytest.approx(1.0, abs=0.01)
     # Larger images train at more noise: the shift moves the mass up.
-    assert (s > 0.5).double().mean().item() == pytest.approx(0.5 * (1 + math.erf(shift_mu(seq_len, cfg) / math.sqrt(2))), abs=0.005)
+    assert (s > 0.5).double().mean().item() == pytest.approx(
+        0.5 * (1 + math.erf(shift_mu(seq_len, cfg) / math.sqrt(2))), abs=0.005
+    )
 
 
 def test_uniform_share_mixes_in_uniform_sigmas():
@@ -40,8 +42,10 @@ def test_uniform_share_mixes_in_uniform_sigmas():
     assert far == pytest.approx(0.1 * 0.8, abs=0.005)
     s_all_uniform = sample_sigmas(100_000, 256, TimestepConfig(uniform_share=1.0), torch.Generator().manual_seed(2))
     assert torch.histc(s_all_uniform, bins=10, min=0, max=1).div(1e4).sub(1).abs().max() < 0.05
-    assert torch.equal(sample_sigmas(8, 256, cfg, torch.Generator().manual_seed(3)),
-                       sample_sigmas(8, 256, cfg, torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        sample_sigmas(8, 256, cfg, torch.Generator().manual_seed(3)),
+        sample_sigmas(8, 256, cfg, torch.Generator().manual_seed(3)),
+    )
 
 
 def test_wsm_lr_warms_up_then_stays():
@@ -54,9 +58,11 @@ def test_wsm_lr_warms_up_then_stays():
 def _oracle(x0):
     """The transformer a perfect model of a single data point would be: at (x_s, s) the noise is determined,
     and the output is the training target x0 - noise."""
+
     def predict(x_s, s):
         noise = (x_s - (1 - s) * x0) / s
         return velocity_target(x0, noise)
+
     return predict
 
 

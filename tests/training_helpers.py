@@ -13,15 +13,31 @@ from nucleus_image.model import NucleusConfig
 from nucleus_image.training.config import OptimizerConfig, StageConfig, TrainConfig
 
 MICRO_MODEL = NucleusConfig.preset("tiny").replace(
-    num_layers=2, attention_head_dim=32, num_attention_heads=3, num_key_value_heads=1, axes_dims_rope=(4, 14, 14),
-    num_experts=4, moe_intermediate_dim=32, capacity_factors=(0.0, 2.0), dense_moe_strategy="leave_first_block_dense",
+    num_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    axes_dims_rope=(4, 14, 14),
+    num_experts=4,
+    moe_intermediate_dim=32,
+    capacity_factors=(0.0, 2.0),
+    dense_moe_strategy="leave_first_block_dense",
 )
 
 
 def micro_config(**overrides) -> TrainConfig:
     cfg = TrainConfig(
-        model=MICRO_MODEL, cpu_threads=1, optimizer=OptimizerConfig(lr=3e-3, warmup_steps=5), checkpoint_every=5, keep_last=3, merge_last=3, log_every=5,
-        sample_every=0, sample_steps=2, sample_prompts=("a red circle",), caption_weights=(1.0, 1.0, 0.0, 0.0),
+        model=MICRO_MODEL,
+        cpu_threads=1,
+        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=5),
+        checkpoint_every=5,
+        keep_last=3,
+        merge_last=3,
+        log_every=5,
+        sample_every=0,
+        sample_steps=2,
+        sample_prompts=("a red circle",),
+        caption_weights=(1.0, 1.0, 0.0, 0.0),
         stages=[
             StageConfig("16px", 20, 16, 4, ("1:1", "4:3"), (0.0, 4.0), (), (2, 2, 1, 1, 1, 1, 1, 1)),
             StageConfig("24px", 10, 24, 2, ("1:1", "3:4"), (0.0, 2.0)),

@@ -42,29 +42,69 @@ def is_terminal(stream) -> bool:
         return False
 
 
-def progress(iterable: Iterable | None = None, *, total: float | None = None, initial: float = 0, desc: str = "",
-             unit: str = "it", disable: bool = False, leave: bool = True, file=None, **tqdm_options):
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: float | None = None,
+    initial: float = 0,
+    desc: str = "",
+    unit: str = "it",
+    disable: bool = False,
+    leave: bool = True,
+    file=None,
+    **tqdm_options,
+):
     """A progress bar over `iterable` or up to `total`: tqdm on a terminal, `PlainProgress` lines elsewhere. The
     same methods either way: update, set_postfix, close, iteration, `with`, and a settable `total`."""
     stream = sys.stderr if file is None else file
     if "ipykernel" in sys.modules and file is None:
         from tqdm.auto import tqdm as notebook_tqdm  # a notebook: its own widget
 
-        return notebook_tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, disable=disable,
-                             leave=leave, **tqdm_options)
+        return notebook_tqdm(
+            iterable, total=total, initial=initial, desc=desc, unit=unit, disable=disable, leave=leave, **tqdm_options
+        )
     if is_terminal(stream):
-        return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, disable=disable, leave=leave,
-                    file=stream, dynamic_ncols=True, **tqdm_options)
-    return PlainProgress(iterable, total=total, initial=initial, desc=desc, unit=unit, disable=disable, leave=leave,
-                         file=stream, interval=line_interval())
+        return tqdm(
+            iterable,
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            disable=disable,
+            leave=leave,
+            file=stream,
+            dynamic_ncols=True,
+            **tqdm_options,
+        )
+    return PlainProgress(
+        iterable,
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        disable=disable,
+        leave=leave,
+        file=stream,
+        interval=line_interval(),
+    )
 
 
 class PlainProgress:
     """tqdm's statistics as whole lines: `desc: 40%| 400/1000 [02:00<03:00, 3.33step/s, loss=0.1234]`."""
 
-    def __init__(self, iterable: Iterable | None = None, *, total: float | None = None, initial: float = 0,
-                 desc: str = "", unit: str = "it", disable: bool = False, leave: bool = True, file=None,
-                 interval: float = DEFAULT_INTERVAL):
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        *,
+        total: float | None = None,
+        initial: float = 0,
+        desc: str = "",
+        unit: str = "it",
+        disable: bool = False,
+        leave: bool = True,
+        file=None,
+        interval: float = DEFAULT_INTERVAL,
+    ):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.iterable, self.total, self.initial, self.n = iterable, total, initial, initial
@@ -111,8 +151,16 @@ class PlainProgress:
         self.disable = True
 
     def _line(self, now: float) -> None:
-        text = tqdm.format_meter(self.n, self.total, now - self.start, ncols=0, prefix=self.desc, unit=self.unit,
-                                 postfix=self.postfix or None, initial=self.initial)
+        text = tqdm.format_meter(
+            self.n,
+            self.total,
+            now - self.start,
+            ncols=0,
+            prefix=self.desc,
+            unit=self.unit,
+            postfix=self.postfix or None,
+            initial=self.initial,
+        )
         self.file.write(text + "\n")
         self.file.flush()
         self.last_line, self.printed = now, (self.n, self.postfix)

@@ -72,7 +72,10 @@ def phase_table(demo_dir: str | Path) -> str:
         for line in phases_file.read_text().splitlines():
             entry = json.loads(line)
             outer.append((entry["phase"], float(entry["seconds"])))
-    inner = {"training": _read(demo_dir / "run" / "timing.json"), "sampling and scoring": _read(demo_dir / "eval" / "timing.json")}
+    inner = {
+        "training": _read(demo_dir / "run" / "timing.json"),
+        "sampling and scoring": _read(demo_dir / "eval" / "timing.json"),
+    }
     total = sum(s for _, s in outer)
     rows = [("phase", "seconds", "share")]
     for name, seconds in outer:
@@ -101,8 +104,10 @@ def record(demo_dir: str | Path, phase: str, start_ns: int) -> None:
         f.write(json.dumps({"phase": phase, "seconds": round(seconds, 3)}) + "\n")
 
 
-USAGE = ("usage: python -m nucleus_image.timing table DEMO_DIR\n"
-         "       python -m nucleus_image.timing record DEMO_DIR PHASE START_NS   (START_NS from `date +%s%N`)")
+USAGE = (
+    "usage: python -m nucleus_image.timing table DEMO_DIR\n"
+    "       python -m nucleus_image.timing record DEMO_DIR PHASE START_NS   (START_NS from `date +%s%N`)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:

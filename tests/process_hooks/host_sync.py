@@ -37,6 +37,7 @@ def _guard(name, original):
             BLOCKED.append(name)
             raise HostSyncError(f"Tensor.{name} in a training step outside a logging step: a host-device sync")
         return original(self, *args, **kwargs)
+
     return guarded
 
 
@@ -48,6 +49,7 @@ def _window(attribute, original):
             return original(*args, **kwargs)
         finally:
             setattr(_state, attribute, _depth(attribute) - 1)
+
     return wrapped
 
 

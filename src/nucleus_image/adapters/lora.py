@@ -30,7 +30,9 @@ import torch.nn as nn
 
 from nucleus_image.diffusion.sampler_settings import SamplerSettings
 
-ATTENTION_AND_DENSE = r".*\.attn\.(to_q|to_k|to_v|add_k_proj|add_v_proj|to_out\.0)|.*\.img_mlp\.(shared_expert\.)?net\.(0\.proj|2)"
+ATTENTION_AND_DENSE = (
+    r".*\.attn\.(to_q|to_k|to_v|add_k_proj|add_v_proj|to_out\.0)|.*\.img_mlp\.(shared_expert\.)?net\.(0\.proj|2)"
+)
 EXPERT_PARAMETERS = ("img_mlp.experts.gate_up_proj", "img_mlp.experts.down_proj")
 CONFIG_FILE = "adapter_config.json"
 SAMPLER_KEY = "nucleus_sampler"
@@ -43,11 +45,16 @@ def lora_config(rank: int, alpha: float | None = None, quantized: bool = False):
     from peft import LoraConfig
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r} (rank 0 is the base model: load it "
-                         f"without an adapter)")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=0.0,
-                        target_modules=ATTENTION_AND_DENSE + (QUANTIZED_EXPERTS if quantized else ""),
-                        target_parameters=None if quantized else list(EXPERT_PARAMETERS))
+        raise ValueError(
+            f"LoRA rank must be a positive integer, got {rank!r} (rank 0 is the base model: load it without an adapter)"
+        )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=0.0,
+        target_modules=ATTENTION_AND_DENSE + (QUANTIZED_EXPERTS if quantized else ""),
+        target_parameters=None if quantized else list(EXPERT_PARAMETERS),
+    )
     return _with_quantized_experts(config) if quantized else config
 
 

@@ -32,8 +32,15 @@ WEIGHTS = ("gate_up_proj", "down_proj")
 
 
 class QuantizedExpertsLora(nn.Module, LoraLayer):
-    def __init__(self, base_layer: QuantizedSwiGLUExperts, adapter_name: str, r: int = 0, lora_alpha: float = 1,
-                 init_lora_weights: bool | str = True, **kwargs: Any):
+    def __init__(
+        self,
+        base_layer: QuantizedSwiGLUExperts,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        init_lora_weights: bool | str = True,
+        **kwargs: Any,
+    ):
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
@@ -42,8 +49,9 @@ class QuantizedExpertsLora(nn.Module, LoraLayer):
     def _get_in_out_features(self, module) -> tuple[int, int]:
         return module.gate_up_proj.shape[1], module.down_proj.shape[2]
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, init_lora_weights: bool | str = True,
-                     **kwargs: Any) -> None:
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float, init_lora_weights: bool | str = True, **kwargs: Any
+    ) -> None:
         if r <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {r!r}")
         base = self.get_base_layer()
@@ -60,8 +68,10 @@ class QuantizedExpertsLora(nn.Module, LoraLayer):
         self.set_adapter(self.active_adapters)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise ValueError("cannot merge a LoRA adapter into 8-bit expert codes; load the high-precision model, "
-                         "attach the adapter and merge there")
+        raise ValueError(
+            "cannot merge a LoRA adapter into 8-bit expert codes; load the high-precision model, "
+            "attach the adapter and merge there"
+        )
 
     def _matmul(self, x_ETI: torch.Tensor, name: str) -> torch.Tensor:
         y = self.get_base_layer()._matmul(x_ETI, name)

@@ -19,7 +19,21 @@ from nucleus_image.progress import is_terminal
 from nucleus_image.threads import check_threads, prepare_process, threads_for_command
 
 # Modules under nucleus_image.cli, each adding one top-level subcommand.
-COMMANDS = ("model", "data", "eval", "generate", "train", "finetune", "distill", "merge", "inspect_routing", "ablate", "bench", "plan", "serve")
+COMMANDS = (
+    "model",
+    "data",
+    "eval",
+    "generate",
+    "train",
+    "finetune",
+    "distill",
+    "merge",
+    "inspect_routing",
+    "ablate",
+    "bench",
+    "plan",
+    "serve",
+)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -27,8 +41,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        unset = action.default is None or action.default is False or action.default == [] \
+        unset = (
+            action.default is None
+            or action.default is False
+            or action.default == []
             or action.default == argparse.SUPPRESS
+        )
         if unset or "default" in text or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
@@ -60,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     modules = [importlib.import_module(f"nucleus_image.cli.{name}") for name in COMMANDS]
     for module in modules:
         module.register(subparsers)
-    docs = [m.__doc__ or "" for m in sys.modules.values()
-            if m is not None and getattr(m, "__name__", "").startswith("nucleus_image.cli.")]
+    docs = [
+        m.__doc__ or ""
+        for m in sys.modules.values()
+        if m is not None and getattr(m, "__name__", "").startswith("nucleus_image.cli.")
+    ]
     _finish(parser, docs)
     return parser
 
@@ -93,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # Reported by the subcommand's parser, so the usage and the error name the command that was typed.
-        hint = " (--set takes one KEY=VALUE: repeat --set for each)" if any("=" in e and not e.startswith("-")
-                                                                          for e in extra) else ""
+        hint = (
+            " (--set takes one KEY=VALUE: repeat --set for each)"
+            if any("=" in e and not e.startswith("-") for e in extra)
+            else ""
+        )
         _leaf_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command is None:
         parser.print_help()

@@ -19,15 +19,23 @@ EVAL_STEPS = 20
 
 def add_prompt_args(parser, what: str = "") -> None:
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for several")
-    parser.add_argument("--prompts", metavar="FILE", help="prompts file: plain text, one prompt per line, or JSONL "
-                                                          "objects with a 'prompt' key" + what)
+    parser.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts file: plain text, one prompt per line, or JSONL objects with a 'prompt' key" + what,
+    )
 
 
 def add_threads_arg(parser) -> None:
     """`--threads`, applied by `nucleus_image.cli.main` before the command runs (`nucleus_image.threads`)."""
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads (default: every core this process may use, or OMP_NUM_THREADS when set; "
-                             "waiting threads sleep, so a busy machine does not collapse them)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: every core this process may use, or OMP_NUM_THREADS when set; "
+        "waiting threads sleep, so a busy machine does not collapse them)",
+    )
 
 
 def read_prompt_file(path: str, flag: str = "--prompts") -> list[dict]:
@@ -44,8 +52,10 @@ def read_prompt_file(path: str, flag: str = "--prompts") -> list[dict]:
         try:
             line = raw.decode("utf-8").strip()
         except UnicodeDecodeError as err:
-            raise ValueError(f"{flag} {path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
-                             f"{err.start + 1}); save the file as UTF-8") from None
+            raise ValueError(
+                f"{flag} {path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                f"{err.start + 1}); save the file as UTF-8"
+            ) from None
         if not line:
             continue
         if not records and line.startswith("{"):
@@ -56,8 +66,9 @@ def read_prompt_file(path: str, flag: str = "--prompts") -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{flag} {path}:{number}: not JSON ({err.msg}); a .jsonl file holds one object per "
-                             f"line") from None
+            raise ValueError(
+                f"{flag} {path}:{number}: not JSON ({err.msg}); a .jsonl file holds one object per line"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ValueError(f"{flag} {path}:{number}: needs a string 'prompt' field")
         records.append(record)
@@ -97,10 +108,16 @@ def check_device(value: str | None, flag: str = "--device") -> None:
 
 
 def add_acceleration_args(parser) -> None:
-    parser.add_argument("--fp8-compute", action="store_true", help="expert and attention matmuls in fp8 (GPUs of "
-                                                                   "compute capability >= 8.9; not with --quantize)")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="replay each denoising step as one CUDA graph (GPU only; not with --cache)")
+    parser.add_argument(
+        "--fp8-compute",
+        action="store_true",
+        help="expert and attention matmuls in fp8 (GPUs of compute capability >= 8.9; not with --quantize)",
+    )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each denoising step as one CUDA graph (GPU only; not with --cache)",
+    )
 
 
 def check_acceleration(args) -> None:
@@ -117,11 +134,15 @@ def check_acceleration(args) -> None:
     if args.cuda_graph and cache is not None:
         raise ValueError(f"--cuda-graph replays one fixed step; --cache {cache} changes each step's work: choose one")
     if args.fp8_compute and args.quantize is not None:
-        raise ValueError(f"--fp8-compute computes with fp8 copies of high-precision weights; --quantize "
-                         f"{args.quantize} stores 8-bit weights computed in high precision: choose one")
+        raise ValueError(
+            f"--fp8-compute computes with fp8 copies of high-precision weights; --quantize "
+            f"{args.quantize} stores 8-bit weights computed in high precision: choose one"
+        )
     device = torch.device(args.device) if args.device is not None else default_device()
-    for flag, check, wanted in (("--cuda-graph", check_cuda_graph, args.cuda_graph),
-                                ("--fp8-compute", check_fp8_compute, args.fp8_compute)):
+    for flag, check, wanted in (
+        ("--cuda-graph", check_cuda_graph, args.cuda_graph),
+        ("--fp8-compute", check_fp8_compute, args.fp8_compute),
+    ):
         if wanted:
             try:
                 check(device)
@@ -156,5 +177,6 @@ def resumable(folder, what: str = "samples"):
     try:
         yield
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"the {what} written so far are in {folder}; rerun the same command to continue") \
-            from None
+        raise KeyboardInterrupt(
+            f"the {what} written so far are in {folder}; rerun the same command to continue"
+        ) from None

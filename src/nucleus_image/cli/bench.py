@@ -17,12 +17,18 @@ from nucleus_image.cli.arguments import GENERATE_STEPS, add_threads_arg
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark runners (geneval)")
     sub = parser.add_subparsers(dest="bench_command", required=True)
-    p = sub.add_parser("geneval", help="sample the GenEval prompts in GenEval's folder layout (resumable)",
-                       description="Generate GenEval's prompts for its official scorer; score synthetic models here.")
+    p = sub.add_parser(
+        "geneval",
+        help="sample the GenEval prompts in GenEval's folder layout (resumable)",
+        description="Generate GenEval's prompts for its official scorer; score synthetic models here.",
+    )
     p.add_argument("--model", required=True, help="pipeline folder (model_index.json, transformer/, ...)")
     p.add_argument("--out", required=True, help="output folder (GenEval layout); re-running resumes it")
-    p.add_argument("--prompts", help="GenEval-format metadata .jsonl (default: GenEval's 553 prompts; for a "
-                                     "synthetic-domain model, the synthetic held-out prompts)")
+    p.add_argument(
+        "--prompts",
+        help="GenEval-format metadata .jsonl (default: GenEval's 553 prompts; for a "
+        "synthetic-domain model, the synthetic held-out prompts)",
+    )
     p.add_argument("--per-task", type=int, default=24, help="synthetic held-out prompts per task (synthetic default)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (default: all)")
     p.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
@@ -31,8 +37,12 @@ def register(subparsers) -> None:
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
     p.add_argument("--aspect", default="1:1", help="aspect preset at the model's native size (default 1:1)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
-    p.add_argument("--score", choices=("auto", "compositional", "none"), default="auto",
-                   help="auto: score with the compositional scorer when the prompts are synthetic shapes")
+    p.add_argument(
+        "--score",
+        choices=("auto", "compositional", "none"),
+        default="auto",
+        help="auto: score with the compositional scorer when the prompts are synthetic shapes",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     add_threads_arg(p)
     p.set_defaults(func=run)
@@ -63,21 +73,35 @@ def run(args) -> int:
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit {args.limit} must be >= 1")
-        records = records[:args.limit]
+        records = records[: args.limit]
     score = args.score == "compositional" or (args.score == "auto" and scorable_here(records))
     if args.score == "compositional" and not scorable_here(records):
-        raise ValueError("--score compositional needs prompts over the synthetic shapes; these name other classes "
-                         "(score GenEval's COCO prompts with GenEval's own detector)")
+        raise ValueError(
+            "--score compositional needs prompts over the synthetic shapes; these name other classes "
+            "(score GenEval's COCO prompts with GenEval's own detector)"
+        )
 
     from nucleus_image.pipeline import NucleusPipeline
 
     pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
     settings = {"model": str(Path(args.model).resolve()), "prompts": source, "aspect": args.aspect}
     with resumable(args.out, "images"):
-        result = generate_benchmark(pipeline, records, args.out, settings, args.samples, args.seed, args.steps,
-                                    args.guidance, args.batch_size, args.aspect)
-    print(f"{result['written']} images written, {result['skipped_existing']} already there; {result['total']} in "
-          f"{args.out} (GenEval layout)")
+        result = generate_benchmark(
+            pipeline,
+            records,
+            args.out,
+            settings,
+            args.samples,
+            args.seed,
+            args.steps,
+            args.guidance,
+            args.batch_size,
+            args.aspect,
+        )
+    print(
+        f"{result['written']} images written, {result['skipped_existing']} already there; {result['total']} in "
+        f"{args.out} (GenEval layout)"
+    )
     if score:
         from nucleus_image.eval.compositional import format_summary, read_geneval_folder, score_folder, write_report
 

@@ -1,7 +1,7 @@
 """`nucleus data curate INPUT... --out DIR`: curate images with captions into a new manifest version.
 
-    nucleus data curate photos/ --out dataset/
-    nucleus data curate photos/ shards/000.tar table.parquet --out dataset/ --engine local --config curate.toml
+nucleus data curate photos/ --out dataset/
+nucleus data curate photos/ shards/000.tar table.parquet --out dataset/ --engine local --config curate.toml
 """
 
 from __future__ import annotations
@@ -15,11 +15,19 @@ from nucleus_image.data.curate.stats import format_report
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("curate", help="validate, deduplicate, score, tier and bucket images into a manifest")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="folders (images + .txt/.json captions), WebDataset .tar shards, or .parquet tables")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="folders (images + .txt/.json captions), WebDataset .tar shards, or .parquet tables",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="dataset folder; a new manifest-vNNNN is added")
-    p.add_argument("--engine", choices=("local", "ray"), default="local", help="where the work runs: local "
-                                                                                 "processes or a Ray cluster")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where the work runs: local processes or a Ray cluster",
+    )
     p.add_argument("--config", metavar="FILE", help="a .toml or .json CurateConfig (fields override --preset)")
     p.add_argument("--preset", default=None, help="named config preset: recipe (default) or lenient")
     p.add_argument("--workers", type=int, default=None, help="local engine processes (default: all cores)")

@@ -13,18 +13,27 @@ from nucleus_image.cli.arguments import add_threads_arg
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("encode-captions", help="precompute caption text states into the shared cache",
-                              description="Encode every caption of the dataset's latest manifest (and the empty "
-                                          "prompt) and store the states as safetensors shards under the cache "
-                                          "folder, keyed by (encoder, caption). The stored states are those of "
-                                          "encoding each caption alone (on the CPU, captions of one token length "
-                                          "are encoded together, which gives the same bits). Captions already "
-                                          "stored are skipped.")
+    p = subparsers.add_parser(
+        "encode-captions",
+        help="precompute caption text states into the shared cache",
+        description="Encode every caption of the dataset's latest manifest (and the empty "
+        "prompt) and store the states as safetensors shards under the cache "
+        "folder, keyed by (encoder, caption). The stored states are those of "
+        "encoding each caption alone (on the CPU, captions of one token length "
+        "are encoded together, which gives the same bits). Captions already "
+        "stored are skipped.",
+    )
     p.add_argument("data", help="dataset folder (with manifest-vNNNN/)")
-    p.add_argument("--text-encoder", default="minilm",
-                   help="'minilm' (default) or 'pipeline:DIR' (the text encoder of a pipeline folder), as in training")
-    p.add_argument("--cache", default=None,
-                   help="cache folder (default $NUCLEUS_CACHE, else $XDG_CACHE_HOME/nucleus, else ~/.cache/nucleus)")
+    p.add_argument(
+        "--text-encoder",
+        default="minilm",
+        help="'minilm' (default) or 'pipeline:DIR' (the text encoder of a pipeline folder), as in training",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="cache folder (default $NUCLEUS_CACHE, else $XDG_CACHE_HOME/nucleus, else ~/.cache/nucleus)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_arg(p)
     p.set_defaults(func=run)
@@ -54,6 +63,8 @@ def run(args) -> int:
         else:
             encoder = from_pipeline_folder(args.text_encoder, "text_encoder", torch.device("cpu"))
         encoded = store.encode_missing(encoder.eval(), missing, progress=not args.no_progress)
-    print(f"encoded {encoded} of {len(captions)} captions in {time.perf_counter() - start:.1f}s "
-          f"({len(captions) - encoded} were stored); cache {store.folder}")
+    print(
+        f"encoded {encoded} of {len(captions)} captions in {time.perf_counter() - start:.1f}s "
+        f"({len(captions) - encoded} were stored); cache {store.folder}"
+    )
     return 0

@@ -20,29 +20,35 @@ from nucleus_image.cli.arguments import add_threads_arg
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("distill", help="distil a pipeline into a few-step, guidance-free LoRA student",
-                              description="Distil a pipeline's guided sampler into a few-step student without "
-                                          "guidance, trained as a LoRA adapter that carries its sampler settings.")
+    p = subparsers.add_parser(
+        "distill",
+        help="distil a pipeline into a few-step, guidance-free LoRA student",
+        description="Distil a pipeline's guided sampler into a few-step student without "
+        "guidance, trained as a LoRA adapter that carries its sampler settings.",
+    )
     p.add_argument("--model", help="teacher pipeline folder (model_index.json, transformer/, ...)")
     p.add_argument("--data", help="dataset folder holding manifest-vNNNN/: its captions are the prompts distilled on")
     p.add_argument("--out", required=True, help="run folder (created)")
     p.add_argument("--steps", type=int, default=4, help="the student's sampling steps (default 4)")
-    p.add_argument("--teacher-steps", type=int, default=16,
-                   help="the teacher's sampling steps, a multiple of --steps (default 16)")
+    p.add_argument(
+        "--teacher-steps", type=int, default=16, help="the teacher's sampling steps, a multiple of --steps (default 16)"
+    )
     p.add_argument("--teacher-guidance", type=float, default=4.0, help="the teacher's guidance scale (default 4.0)")
-    p.add_argument("--trajectories", type=int, default=None,
-                   help="teacher trajectories generated once (default 2048)")
+    p.add_argument("--trajectories", type=int, default=None, help="teacher trajectories generated once (default 2048)")
     p.add_argument("--lora-rank", type=int, default=None, help="adapter rank (default 32)")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="optimizer steps (default 500)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="trajectories per optimizer step (default 32)")
+    p.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default 500)")
+    p.add_argument("--batch-size", type=int, default=None, help="trajectories per optimizer step (default 32)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.004)")
     p.add_argument("--resolution", type=int, default=0, help="square side in pixels (default: the model's native)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other field of the distill config, dotted for sections (e.g. rollout=teacher, "
-                        "optimizer.kind=adamw, caption_weights=[3,1,0,0]; "
-                        "caption weights default to the teacher's training run's, when its merge.json names one)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other field of the distill config, dotted for sections (e.g. rollout=teacher, "
+        "optimizer.kind=adamw, caption_weights=[3,1,0,0]; "
+        "caption weights default to the teacher's training run's, when its merge.json names one)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the captions, noise and batches (default 0)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
@@ -59,11 +65,21 @@ def build_config(args):
     for flag, folder in (("--model", args.model), ("--data", args.data)):
         if not Path(folder).is_dir():
             raise ValueError(f"{flag} {folder!r} is not a folder")
-    fields = {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
-              "student_steps": args.steps, "teacher_steps": args.teacher_steps,
-              "teacher_guidance": args.teacher_guidance, "resolution": args.resolution, "seed": args.seed}
-    for flag, key in (("trajectories", "trajectories"), ("lora_rank", "lora_rank"), ("train_steps", "steps"),
-                      ("batch_size", "batch_size")):
+    fields = {
+        "model": str(Path(args.model).resolve()),
+        "data": str(Path(args.data).resolve()),
+        "student_steps": args.steps,
+        "teacher_steps": args.teacher_steps,
+        "teacher_guidance": args.teacher_guidance,
+        "resolution": args.resolution,
+        "seed": args.seed,
+    }
+    for flag, key in (
+        ("trajectories", "trajectories"),
+        ("lora_rank", "lora_rank"),
+        ("train_steps", "steps"),
+        ("batch_size", "batch_size"),
+    ):
         if getattr(args, flag) is not None:
             fields[key] = getattr(args, flag)
     if args.lr is not None:
@@ -125,6 +141,8 @@ def run(args) -> int:
     if distiller.step < cfg.steps:
         print(f"stopped at step {distiller.step} of {cfg.steps}; continue with: nucleus distill --out {out} --resume")
     else:
-        print(f"done: {cfg.steps} steps; adapter in {out / 'adapter'} (sample it with nucleus generate --lora "
-              f"{out / 'adapter'})")
+        print(
+            f"done: {cfg.steps} steps; adapter in {out / 'adapter'} (sample it with nucleus generate --lora "
+            f"{out / 'adapter'})"
+        )
     return 0

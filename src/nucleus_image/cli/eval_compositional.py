@@ -35,15 +35,22 @@ from nucleus_image.timing import PhaseTimer
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("compositional", help="GenEval-style compositional score on the shapes domain",
-                              description="Score a GenEval-layout image folder, or sample a model on the held-out "
-                                          "prompts first, with GenEval's rules and an exact shape detector.")
+    p = subparsers.add_parser(
+        "compositional",
+        help="GenEval-style compositional score on the shapes domain",
+        description="Score a GenEval-layout image folder, or sample a model on the held-out "
+        "prompts first, with GenEval's rules and an exact shape detector.",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="GenEval-layout folder: <index:05d>/metadata.jsonl + samples/<k:04d>.png")
     source.add_argument("--model", help="pipeline folder to sample (model_index.json, transformer/, ...)")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--prompts", metavar="FILE", help="GenEval-format metadata .jsonl: prompts with their tag and "
-                                                     "objects (with --model; default: the held-out prompts)")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="GenEval-format metadata .jsonl: prompts with their tag and "
+        "objects (with --model; default: the held-out prompts)",
+    )
     p.add_argument("--per-task", type=int, default=24, help="held-out prompts per task when --prompts is not given")
     p.add_argument("--samples", type=int, default=4, help="images per prompt (with --model; default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (with --model)")
@@ -60,8 +67,10 @@ def load_records(path: str) -> list[dict]:
     """GenEval metadata records from --prompts; plain prompts are refused: scoring needs each prompt's objects."""
     records = read_prompt_file(path)
     if any("tag" not in r and "include" not in r for r in records):
-        raise ValueError(f"--prompts {path!r} holds plain prompts; compositional scoring needs GenEval metadata per "
-                         f"prompt ('tag' and 'include' objects, as in heldout_metadata.jsonl)")
+        raise ValueError(
+            f"--prompts {path!r} holds plain prompts; compositional scoring needs GenEval metadata per "
+            f"prompt ('tag' and 'include' objects, as in heldout_metadata.jsonl)"
+        )
     validate_records(records)
     return records
 
@@ -87,8 +96,17 @@ def run(args) -> int:
         with timer.phase("model load"):
             pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
         with resumable(out / "images", "images"), timer.phase("sampling"):
-            images_dir = generate_samples(pipeline, records, out / "images", args.samples, args.seed, args.steps,
-                                          args.guidance, args.aspect, prompts_per_forward(args.batch_size, args.samples))
+            images_dir = generate_samples(
+                pipeline,
+                records,
+                out / "images",
+                args.samples,
+                args.seed,
+                args.steps,
+                args.guidance,
+                args.aspect,
+                prompts_per_forward(args.batch_size, args.samples),
+            )
     else:
         images_dir = Path(args.images)
     with timer.phase("scoring"):

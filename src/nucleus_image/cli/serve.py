@@ -21,39 +21,68 @@ from nucleus_image.serve.request import Limits
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve a pipeline over HTTP (API with batching, and a web page)",
-                              description="Serve a Nucleus pipeline folder: POST /v1/images/generations, "
-                                          "GET /v1/models, /health, /metrics, and a web page at /.")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a pipeline over HTTP (API with batching, and a web page)",
+        description="Serve a Nucleus pipeline folder: POST /v1/images/generations, "
+        "GET /v1/models, /health, /metrics, and a web page at /.",
+    )
     p.add_argument("--model", required=True, help="pipeline folder (model_index.json, transformer/, vae/, ...)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-batch", type=int, default=8, help="images per pipeline call (1 turns batching off)")
-    p.add_argument("--batch-wait-ms", type=float, default=0.0, help="milliseconds a batch that is not full waits "
-                                                                    "for more requests (default 0)")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="milliseconds a batch that is not full waits for more requests (default 0)",
+    )
     p.add_argument("--max-queue", type=int, default=32, help="queued images before requests get 429")
     p.add_argument("--max-images", type=int, default=4, help="most images (n) one request may ask for")
     p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask for")
     p.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt, in characters")
-    p.add_argument("--max-side", type=int, default=None, help="largest image side in pixels (default: twice the "
-                                                              "model's native size)")
-    p.add_argument("--default-steps", type=int, default=None,
-                   help="steps when a request names none (default: 50); a --lora adapter with sampler "
-                        "settings sets its own")
-    p.add_argument("--default-guidance", type=float, default=None,
-                   help="guidance when a request names none (default: 4.0); a --lora adapter with sampler "
-                        "settings sets its own")
-    p.add_argument("--lora", metavar="ADAPTER", default=None,
-                   help="LoRA adapter folder to serve with (peft's format); its sampler settings, if it carries any, "
-                        "become the default steps and guidance")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="largest image side in pixels (default: twice the model's native size)",
+    )
+    p.add_argument(
+        "--default-steps",
+        type=int,
+        default=None,
+        help="steps when a request names none (default: 50); a --lora adapter with sampler settings sets its own",
+    )
+    p.add_argument(
+        "--default-guidance",
+        type=float,
+        default=None,
+        help="guidance when a request names none (default: 4.0); a --lora adapter with sampler settings sets its own",
+    )
+    p.add_argument(
+        "--lora",
+        metavar="ADAPTER",
+        default=None,
+        help="LoRA adapter folder to serve with (peft's format); its sampler settings, if it carries any, "
+        "become the default steps and guidance",
+    )
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplier of the adapter's update")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
-                   help="8-bit transformer weights, as `nucleus generate --quantize` (default: none, full precision)")
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "fp8"),
+        default=None,
+        help="8-bit transformer weights, as `nucleus generate --quantize` (default: none, full precision)",
+    )
     add_acceleration_args(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn's log level")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's log level",
+    )
     add_threads_arg(p)
     p.set_defaults(func=run)
 
@@ -62,8 +91,9 @@ def check_args(args) -> None:
     """Everything checkable before the model loads."""
     from nucleus_image.pipeline.folder import read_geometry
 
-    args.default_guidance, args.default_steps, _ = sampler_defaults(args.lora).resolve(args.default_guidance,
-                                                                                       args.default_steps, None)
+    args.default_guidance, args.default_steps, _ = sampler_defaults(args.lora).resolve(
+        args.default_guidance, args.default_steps, None
+    )
     for name in ("max_batch", "max_queue", "max_images", "max_steps", "max_prompt_chars", "default_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -74,8 +104,9 @@ def check_args(args) -> None:
     if args.default_steps > args.max_steps:
         raise ValueError(f"--default-steps {args.default_steps} exceeds --max-steps {args.max_steps}")
     if args.max_images > args.max_queue:
-        raise ValueError(f"--max-images {args.max_images} exceeds --max-queue {args.max_queue}: such a request "
-                         f"could never be queued")
+        raise ValueError(
+            f"--max-images {args.max_images} exceeds --max-queue {args.max_queue}: such a request could never be queued"
+        )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     check_acceleration(args)
@@ -96,24 +127,43 @@ def run(args) -> int:
         from nucleus_image.serve.app import ServeConfig, create_app
         from nucleus_image.serve.request import Defaults
     except ImportError as err:
-        raise ValueError(f"nucleus serve needs FastAPI and uvicorn ({err.name} is missing): "
-                         f"pip install 'nucleus-image[serve]'") from None
+        raise ValueError(
+            f"nucleus serve needs FastAPI and uvicorn ({err.name} is missing): pip install 'nucleus-image[serve]'"
+        ) from None
     import torch
 
     from nucleus_image.pipeline import NucleusPipeline
 
     check_args(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = NucleusPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
-                                           cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute)
+    pipe = NucleusPipeline.from_pretrained(
+        args.model,
+        dtype=dtype,
+        device=args.device,
+        quantize=args.quantize,
+        cuda_graph=args.cuda_graph,
+        fp8_compute=args.fp8_compute,
+    )
     if args.lora is not None:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     config = ServeConfig(
-        model_path=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
-        batch_wait=args.batch_wait_ms / 1000, dtype=args.dtype, device=args.device, quantize=args.quantize,
-        cuda_graph=args.cuda_graph, fp8_compute=args.fp8_compute, lora=args.lora, lora_scale=args.lora_scale,
-        limits=Limits(max_prompt_chars=args.max_prompt_chars, max_images=args.max_images, max_steps=args.max_steps,
-                      max_side=args.max_side),
+        model_path=str(args.model),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        batch_wait=args.batch_wait_ms / 1000,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        cuda_graph=args.cuda_graph,
+        fp8_compute=args.fp8_compute,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
+        limits=Limits(
+            max_prompt_chars=args.max_prompt_chars,
+            max_images=args.max_images,
+            max_steps=args.max_steps,
+            max_side=args.max_side,
+        ),
         defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),
     )
     # uvicorn stops on SIGINT/SIGTERM by itself: it stops listening, lets running requests finish (up to
@@ -121,11 +171,17 @@ def run(args) -> int:
     # handlers it found. A server asked to stop that has drained has done its job: it exits 0, as service managers
     # (systemd, Kubernetes) expect of a clean stop; 130 is for commands an interrupt left with work unfinished.
     stopped: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stopped.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {
+        s: signal.signal(s, lambda signum, frame: stopped.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        uvicorn.run(create_app(pipe, config), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=args.shutdown_timeout)
+        uvicorn.run(
+            create_app(pipe, config),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)

@@ -35,21 +35,40 @@ from nucleus_image.training.config import PRESETS, TrainConfig
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model (the recipe: stages, Muon, WSM, exact resume)",
-                              description="Train a Nucleus MoE transformer on a manifest dataset.")
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (the recipe: stages, Muon, WSM, exact resume)",
+        description="Train a Nucleus MoE transformer on a manifest dataset.",
+    )
     p.add_argument("--preset", default="tiny", help=f"training preset (default tiny; accepted: {', '.join(PRESETS)})")
     p.add_argument("--config", default=None, help="a resolved train_config.json to start from instead of --preset")
-    p.add_argument("--data", required=True, help="dataset folder holding manifest-vNNNN/ (e.g. from `nucleus data synth`)")
+    p.add_argument(
+        "--data", required=True, help="dataset folder holding manifest-vNNNN/ (e.g. from `nucleus data synth`)"
+    )
     p.add_argument("--out", required=True, help="run folder (created)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total "
-                                                              "(default: the config's stages)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps in total (default: the config's stages)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (dotted: optimizer.lr=3e-3, stages.0.steps=200, model.num_experts=16; "
-                        "the optimizer's old flat names such as lr=3e-3 still work); repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (dotted: optimizer.lr=3e-3, stages.0.steps=200, model.num_experts=16; "
+        "the optimizer's old flat names such as lr=3e-3 still work); repeatable",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes to start on this machine (torchrun standalone; gloo on CPU, nccl on GPU)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes to start on this machine (torchrun standalone; gloo on CPU, nccl on GPU)",
+    )
     add_threads_arg(p)
     p.set_defaults(func=run)
 
@@ -65,12 +84,15 @@ def describe_plan(cfg: TrainConfig, data: str, max_steps: int | None) -> None:
     rows = read_manifest(data).num_rows
     steps = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     stages = ", ".join(f"{s.name}: {s.steps} x batch {s.batch_size}" for s in cfg.stages)
-    print(f"dataset: {rows} images ({latest_version_dir(data)}); planned: {steps} steps of {cfg.total_steps} "
-          f"({stages})")
+    print(
+        f"dataset: {rows} images ({latest_version_dir(data)}); planned: {steps} steps of {cfg.total_steps} ({stages})"
+    )
     largest = max(s.batch_size for s in cfg.stages)
     if rows < largest:
-        print(f"warning: the dataset ({rows} images) is smaller than a batch ({largest}): every batch repeats images",
-              file=sys.stderr)
+        print(
+            f"warning: the dataset ({rows} images) is smaller than a batch ({largest}): every batch repeats images",
+            file=sys.stderr,
+        )
 
 
 def run(args) -> int:
@@ -84,8 +106,10 @@ def run(args) -> int:
         raise ValueError(f"--out {args.out!r} is a file; give a run folder")
     has_config = (out / "train_config.json").exists()
     if args.resume and ckpt.latest_checkpoint(out) is None:
-        raise ValueError(f"--resume: {args.out!r} holds no checkpoint to resume from; run without --resume to start "
-                         f"a fresh run there")
+        raise ValueError(
+            f"--resume: {args.out!r} holds no checkpoint to resume from; run without --resume to start "
+            f"a fresh run there"
+        )
     if not args.resume and has_config and ckpt.latest_checkpoint(out) is None:
         # An earlier start stopped before its first checkpoint: nothing to lose, so this start begins afresh.
         print(f"starting afresh: {args.out!r} holds a run config but no checkpoint", file=sys.stderr)
@@ -110,8 +134,12 @@ def run(args) -> int:
         cfg = cfg.override([f"cpu_threads={max(1, args.threads // args.nproc)}"])
     if args.nproc > 1 and world == 1:
         # Checked here too, so a layout that cannot work fails before any process starts.
-        check_layout(cfg.parallel.resolve(args.nproc), cfg.model.num_experts,
-                     {s.name: s.batch_size for s in cfg.stages}, cfg.grad_accum_steps)
+        check_layout(
+            cfg.parallel.resolve(args.nproc),
+            cfg.model.num_experts,
+            {s.name: s.batch_size for s in cfg.stages},
+            cfg.grad_accum_steps,
+        )
         # The cores are shared by the processes: each gets its share (torchrun passes OMP_NUM_THREADS on).
         os.environ[THREAD_ENV] = str(max(1, args.threads_used // args.nproc))
         code = launch(args.nproc, _forwarded(args))
@@ -129,11 +157,15 @@ def run(args) -> int:
         # A second signal stops one process at once (the newest checkpoint on disk is complete). Several processes
         # keep going to the step boundary they agreed on: their launcher's own signal must not break the save.
         if trainer.stop_requested and world == 1:
-            raise KeyboardInterrupt(f"stopped without saving; resume from the newest checkpoint with: "
-                                    f"{resume_command(args.argv)}")
+            raise KeyboardInterrupt(
+                f"stopped without saving; resume from the newest checkpoint with: {resume_command(args.argv)}"
+            )
         if not trainer.stop_requested and trainer.is_main:
-            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step"
-                  f"{' (again to stop at once)' if world == 1 else ''}", file=sys.stderr)
+            print(
+                f"\n{signal.Signals(signum).name}: saving a checkpoint after this step"
+                f"{' (again to stop at once)' if world == 1 else ''}",
+                file=sys.stderr,
+            )
         trainer.stop_requested = True
 
     previous = {s: signal.signal(s, stop_between_steps) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -145,8 +177,11 @@ def run(args) -> int:
     if trainer.stop_requested:
         if trainer.is_main:
             again = resume_command(args.argv) if world == 1 else "the same launch command with --resume"
-            print(f"interrupted at step {result.steps} of {trainer.total_steps}; checkpoint "
-                  f"{ckpt.latest_checkpoint(out)}\nresume with: {again}", file=sys.stderr)
+            print(
+                f"interrupted at step {result.steps} of {trainer.total_steps}; checkpoint "
+                f"{ckpt.latest_checkpoint(out)}\nresume with: {again}",
+                file=sys.stderr,
+            )
         return 130
     return 0
 
@@ -157,13 +192,20 @@ def check_one_process_layout(cfg: TrainConfig, overrides: list[str]) -> None:
     layout = cfg.parallel
     if max(layout.dp_replicate, layout.dp_shard, layout.ep) <= 1:
         return
-    asked = [item for item in overrides if item.split("=", 1)[0] in ("parallel.dp_replicate", "parallel.dp_shard",
-                                                                     "parallel.ep")]
+    asked = [
+        item
+        for item in overrides
+        if item.split("=", 1)[0] in ("parallel.dp_replicate", "parallel.dp_shard", "parallel.ep")
+    ]
     if asked:
-        raise ValueError(f"--set {asked[0]} needs several processes, but this is one: add --nproc N (or start it "
-                         f"with torchrun)")
-    print(f"note: one process; the config's layout (dp_replicate={layout.dp_replicate} dp_shard={layout.dp_shard} "
-          f"ep={layout.ep}) applies only with --nproc or torchrun", file=sys.stderr)
+        raise ValueError(
+            f"--set {asked[0]} needs several processes, but this is one: add --nproc N (or start it with torchrun)"
+        )
+    print(
+        f"note: one process; the config's layout (dp_replicate={layout.dp_replicate} dp_shard={layout.dp_shard} "
+        f"ep={layout.ep}) applies only with --nproc or torchrun",
+        file=sys.stderr,
+    )
 
 
 def _forwarded(args) -> list[str]:

@@ -20,20 +20,50 @@ CAPTION_SOURCES = ("synthetic:short", "synthetic:two", "synthetic:detailed", "sy
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 # Many openers, so a model learns that the words before the objects carry no content: with few of them, an
 # unseen opener (the held-out prompts' "a photo of") pulls attention away from the objects and blanks images.
-OPENERS = ("", "a picture of ", "an image of ", "a drawing of ", "a rendering of ", "a simple picture of ",
-           "an illustration of ", "a graphic of ", "a sketch of ", "a diagram of ", "a render of ", "a snapshot of ",
-           "a view of ", "a scene with ", "a still of ", "a painting of ", "clip art of ", "a flat image of ",
-           "a digital picture of ", "a close view of ")
-TEXTURE_WORDS = {"plain": "plain", "grain": "grainy", "stripes": "faintly striped", "gradient": "softly shaded",
-                 "checker": "faintly checkered"}
+OPENERS = (
+    "",
+    "a picture of ",
+    "an image of ",
+    "a drawing of ",
+    "a rendering of ",
+    "a simple picture of ",
+    "an illustration of ",
+    "a graphic of ",
+    "a sketch of ",
+    "a diagram of ",
+    "a render of ",
+    "a snapshot of ",
+    "a view of ",
+    "a scene with ",
+    "a still of ",
+    "a painting of ",
+    "clip art of ",
+    "a flat image of ",
+    "a digital picture of ",
+    "a close view of ",
+)
+TEXTURE_WORDS = {
+    "plain": "plain",
+    "grain": "grainy",
+    "stripes": "faintly striped",
+    "gradient": "softly shaded",
+    "checker": "faintly checkered",
+}
 RELATION_PHRASES = {
     "left of": ("left of", "to the left of", "on the left of"),
     "right of": ("right of", "to the right of", "on the right of"),
     "above": ("above", "over", "on top of"),
     "below": ("below", "under", "beneath"),
 }
-FRAMING = {"1:1": "square", "4:3": "landscape", "3:2": "landscape", "16:9": "wide", "3:4": "portrait",
-           "2:3": "portrait", "9:16": "tall"}
+FRAMING = {
+    "1:1": "square",
+    "4:3": "landscape",
+    "3:2": "landscape",
+    "16:9": "wide",
+    "3:4": "portrait",
+    "2:3": "portrait",
+    "9:16": "tall",
+}
 
 
 def plural(shape: str) -> str:
@@ -95,8 +125,10 @@ def short_caption(scene: Scene, rng: np.random.Generator) -> str:
         body = noun_phrase(objs[0].shape, len(objs), color(objs[0]) if same else None)
     elif task == "position":
         rel, subj, ref = scene.relation
-        body = (f"{noun_phrase(objs[subj].shape, 1, color(objs[subj]))} {_pick(rng, RELATION_PHRASES[rel])} "
-                f"{noun_phrase(objs[ref].shape, 1, color(objs[ref]))}")
+        body = (
+            f"{noun_phrase(objs[subj].shape, 1, color(objs[subj]))} {_pick(rng, RELATION_PHRASES[rel])} "
+            f"{noun_phrase(objs[ref].shape, 1, color(objs[ref]))}"
+        )
     else:
         body = " and ".join(noun_phrase(o.shape, 1, color(o)) for o in objs)
     return _pick(rng, OPENERS) + body
@@ -108,7 +140,9 @@ def _background_text(scene: Scene) -> str:
 
 def _object_sentence(obj: SceneObject, scene: Scene, rng) -> str:
     verb = _pick(rng, ("is", "sits", "appears"))
-    return _sentence(f"{noun_phrase(obj.shape, 1, obj.color, obj.size_class)} {verb} {region(obj, scene.width, scene.height)}")
+    return _sentence(
+        f"{noun_phrase(obj.shape, 1, obj.color, obj.size_class)} {verb} {region(obj, scene.width, scene.height)}"
+    )
 
 
 def captions_for(scene: Scene, rng: np.random.Generator, relations: dict[tuple[int, int], set[str]]) -> list[str]:
@@ -139,13 +173,20 @@ def captions_for(scene: Scene, rng: np.random.Generator, relations: dict[tuple[i
     paragraph = [intro]
     if scene.task == "counting":
         same = len({o.color for o in objs}) == 1
-        paragraph.append(_sentence(f"there are exactly {noun_phrase(objs[0].shape, len(objs), objs[0].color if same else None)}"))
+        paragraph.append(
+            _sentence(f"there are exactly {noun_phrase(objs[0].shape, len(objs), objs[0].color if same else None)}")
+        )
     paragraph += object_sents + rel_sentences
     short_side = min(scene.width, scene.height)
     for o in objs if len({(o.color, o.shape) for o in objs}) == len(objs) else ():  # only when unambiguous
-        paragraph.append(_sentence(f"the {o.color} {o.shape} spans about {round(100 * o.size / short_side)} percent "
-                                   f"of the picture's shorter side"))
+        paragraph.append(
+            _sentence(
+                f"the {o.color} {o.shape} spans about {round(100 * o.size / short_side)} percent "
+                f"of the picture's shorter side"
+            )
+        )
     paragraph.append(_sentence(f"behind the shapes lies a {_background_text(scene)}"))
-    paragraph.append(_sentence(f"the shapes are flat and solid, with crisp edges, in a {FRAMING[scene.aspect]} "
-                               f"{scene.aspect} frame"))
+    paragraph.append(
+        _sentence(f"the shapes are flat and solid, with crisp edges, in a {FRAMING[scene.aspect]} {scene.aspect} frame")
+    )
     return [short, two, detailed, " ".join(paragraph)]

@@ -68,7 +68,9 @@ def validate_table(table: pa.Table) -> None:
         if field.name not in table.column_names:
             problems.append(f"missing column {field.name!r} ({field.type})")
         elif not table.schema.field(field.name).type.equals(field.type):
-            problems.append(f"column {field.name!r} has type {table.schema.field(field.name).type}, expected {field.type}")
+            problems.append(
+                f"column {field.name!r} has type {table.schema.field(field.name).type}, expected {field.type}"
+            )
     if problems:
         raise ValueError("manifest schema mismatch: " + "; ".join(problems))
     import pyarrow.compute as pc

@@ -56,7 +56,10 @@ class Scene:
                 entry["color"] = o.color
         if self.task == "position":
             rel, subj, ref = self.relation
-            inc = [{"class": objs[ref].shape, "count": 1}, {"class": objs[subj].shape, "count": 1, "position": [rel, 0]}]
+            inc = [
+                {"class": objs[ref].shape, "count": 1},
+                {"class": objs[subj].shape, "count": 1, "position": [rel, 0]},
+            ]
         record = {"tag": self.task, "include": inc}
         if self.task == "counting":
             record["exclude"] = [{"class": objs[0].shape, "count": len(objs) + 1}]
@@ -69,8 +72,13 @@ class Scene:
             "texture": self.texture,
             "aspect": self.aspect,
             "objects": [
-                {"shape": o.shape, "color": o.color, "size": o.size_class,
-                 "bbox": [round(v, 2) for v in o.bbox], "center": [round(o.cx, 2), round(o.cy, 2)]}
+                {
+                    "shape": o.shape,
+                    "color": o.color,
+                    "size": o.size_class,
+                    "bbox": [round(v, 2) for v in o.bbox],
+                    "center": [round(o.cx, 2), round(o.cy, 2)],
+                }
                 for o in self.objects
             ],
             "relation": list(self.relation) if self.relation else None,

@@ -70,7 +70,13 @@ RELATIONS = ("left of", "right of", "above", "below")
 SIZE_CLASSES: dict[str, tuple[float, float]] = {"small": (0.30, 0.34), "medium": (0.34, 0.38), "large": (0.38, 0.42)}
 COUNT_SCALE = {1: 1.3, 2: 1.0, 3: 0.85, 4: 0.8}
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
-    "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16), "3:2": (3, 2), "2:3": (2, 3)
+    "1:1": (1, 1),
+    "4:3": (4, 3),
+    "3:4": (3, 4),
+    "16:9": (16, 9),
+    "9:16": (9, 16),
+    "3:2": (3, 2),
+    "2:3": (2, 3),
 }
 # GenEval's relation rule: centres must differ by more than this share of the summed box sizes per axis.
 POSITION_THRESHOLD = 0.1
@@ -85,16 +91,30 @@ def _normalised(points: list[tuple[float, float]]) -> tuple[tuple[float, float],
     return tuple((2 * (x - x0) / (x1 - x0) - 1, 2 * (y - y0) / (y1 - y0) - 1) for x, y in points)
 
 
-_STAR = [(r * math.cos(math.radians(-90 + 36 * k)), r * math.sin(math.radians(-90 + 36 * k)))
-         for k, r in zip(range(10), [1.0, 0.5] * 5)]
+_STAR = [
+    (r * math.cos(math.radians(-90 + 36 * k)), r * math.sin(math.radians(-90 + 36 * k)))
+    for k, r in zip(range(10), [1.0, 0.5] * 5)
+]
 _ARM = 0.4  # the cross's arm half-width in box units: thick enough to survive downsampling to ~8 px
 POLYGONS: dict[str, tuple[tuple[float, float], ...]] = {
     "square": ((-1, -1), (1, -1), (1, 1), (-1, 1)),
     "triangle": ((0, -1), (1, 1), (-1, 1)),
     "diamond": ((0, -1), (1, 0), (0, 1), (-1, 0)),
     "star": _normalised(_STAR),
-    "cross": ((-_ARM, -1), (_ARM, -1), (_ARM, -_ARM), (1, -_ARM), (1, _ARM), (_ARM, _ARM),
-              (_ARM, 1), (-_ARM, 1), (-_ARM, _ARM), (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM)),
+    "cross": (
+        (-_ARM, -1),
+        (_ARM, -1),
+        (_ARM, -_ARM),
+        (1, -_ARM),
+        (1, _ARM),
+        (_ARM, _ARM),
+        (_ARM, 1),
+        (-_ARM, 1),
+        (-_ARM, _ARM),
+        (-1, _ARM),
+        (-1, -_ARM),
+        (-_ARM, -_ARM),
+    ),
 }
 
 
@@ -143,14 +163,25 @@ class SynthConfig:
     aspect_ratios: tuple[str, ...] = tuple(ASPECT_RATIOS)
     textured_fraction: float = 0.5
     # Harder scenes are drawn more often: the curriculum can still down-weight them early via `bucket`.
-    task_weights: dict[str, float] = field(default_factory=lambda: {
-        "single_object": 1.0, "two_object": 1.5, "counting": 2.0, "colors": 1.0, "position": 2.0, "color_attr": 2.0})
+    task_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "single_object": 1.0,
+            "two_object": 1.5,
+            "counting": 2.0,
+            "colors": 1.0,
+            "position": 2.0,
+            "color_attr": 2.0,
+        }
+    )
 
     def __post_init__(self):
         if not isinstance(self.size, int) or not 32 <= self.size <= 4096:
             raise ValueError(f"size {self.size!r} must be an integer short side in 32..4096 pixels")
-        for name, values, allowed in (("shapes", self.shapes, SHAPES), ("colors", self.colors, tuple(COLORS)),
-                                      ("aspect_ratios", self.aspect_ratios, tuple(ASPECT_RATIOS))):
+        for name, values, allowed in (
+            ("shapes", self.shapes, SHAPES),
+            ("colors", self.colors, tuple(COLORS)),
+            ("aspect_ratios", self.aspect_ratios, tuple(ASPECT_RATIOS)),
+        ):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise ValueError(f"{name} {list(values)!r} invalid ({bad or 'empty'}); accepted: {list(allowed)}")
@@ -189,7 +220,7 @@ def _place(rng, shapes_colors, width, height, relation=None) -> tuple[SceneObjec
             cx = float(rng.uniform(margin + s / 2, width - margin - s / 2))
             cy = float(rng.uniform(margin + s / 2, height - margin - s / 2))
             objs.append(SceneObject(shape, color, cls, s, cx, cy))
-        if any(_too_close(a, b, gap) for i, a in enumerate(objs) for b in objs[i + 1:]):
+        if any(_too_close(a, b, gap) for i, a in enumerate(objs) for b in objs[i + 1 :]):
             continue
         if relation and relative_position(objs[relation[1]].bbox, objs[relation[2]].bbox) != {relation[0]}:
             continue
@@ -314,8 +345,12 @@ def annotations_json(scene: Scene) -> str:
 
 
 def scene_relations(scene: Scene) -> dict[tuple[int, int], set[str]]:
-    return {(i, j): relative_position(a.bbox, b.bbox)
-            for i, a in enumerate(scene.objects) for j, b in enumerate(scene.objects) if i != j}
+    return {
+        (i, j): relative_position(a.bbox, b.bbox)
+        for i, a in enumerate(scene.objects)
+        for j, b in enumerate(scene.objects)
+        if i != j
+    }
 
 
 def make_example(seed: int, index: int, config: SynthConfig = SynthConfig()) -> tuple[Scene, Image.Image, list[str]]:
@@ -326,8 +361,9 @@ def make_example(seed: int, index: int, config: SynthConfig = SynthConfig()) -> 
     return scene, image, captions_for(scene, rng, scene_relations(scene))
 
 
-def heldout_metadata(seed: int = 0, per_task: int = 24, config: SynthConfig = SynthConfig(),
-                     repeat: bool = False) -> list[dict]:
+def heldout_metadata(
+    seed: int = 0, per_task: int = 24, config: SynthConfig = SynthConfig(), repeat: bool = False
+) -> list[dict]:
     """Held-out prompts in GenEval's metadata format (tag, include [{class, count, color?, position?}],
     exclude, prompt), shapes as classes, in GenEval's task order. Each task takes `per_task` of its
     combinations (all of them when fewer), drawn with `seed`. With `repeat`, a task with fewer combinations
@@ -344,10 +380,14 @@ def heldout_metadata(seed: int = 0, per_task: int = 24, config: SynthConfig = Sy
         "two_object": [[{"class": a, "count": 1}, {"class": b, "count": 1}] for a, b in combinations(shapes, 2)],
         "counting": [[{"class": s, "count": n}] for s, n in product(shapes, (2, 3, 4))],
         "colors": [[{"class": s, "count": 1, "color": c}] for s, c in product(shapes, colors)],
-        "position": [[{"class": a, "count": 1}, {"class": b, "count": 1, "position": [r, 0]}]
-                     for (a, b), r in product(permutations(shapes, 2), RELATIONS)],
-        "color_attr": [[{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}]
-                       for (a, b), (ca, cb) in product(permutations(shapes, 2), permutations(colors, 2))],
+        "position": [
+            [{"class": a, "count": 1}, {"class": b, "count": 1, "position": [r, 0]}]
+            for (a, b), r in product(permutations(shapes, 2), RELATIONS)
+        ],
+        "color_attr": [
+            [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}]
+            for (a, b), (ca, cb) in product(permutations(shapes, 2), permutations(colors, 2))
+        ],
     }
     rng = np.random.default_rng([int(seed), 1_000_003])
     records = []
@@ -378,12 +418,21 @@ def preview_grid(images: list[Image.Image], cell: int = 96, cols: int = 8) -> Im
     for k, im in enumerate(images):
         thumb = im.copy()
         thumb.thumbnail((cell - 4, cell - 4), Image.Resampling.LANCZOS)
-        grid.paste(thumb, ((k % cols) * cell + (cell - thumb.width) // 2, (k // cols) * cell + (cell - thumb.height) // 2))
+        grid.paste(
+            thumb, ((k % cols) * cell + (cell - thumb.width) // 2, (k // cols) * cell + (cell - thumb.height) // 2)
+        )
     return grid
 
 
-def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConfig = SynthConfig(),
-                     heldout_per_task: int = 24, progress: bool = True, heldout_repeat: bool = False) -> Path:
+def generate_dataset(
+    out: str | Path,
+    num: int,
+    seed: int = 0,
+    config: SynthConfig = SynthConfig(),
+    heldout_per_task: int = 24,
+    progress: bool = True,
+    heldout_repeat: bool = False,
+) -> Path:
     """Write `num` images to out/images (named by content hash, so older manifests stay valid), a new
     manifest version, the held-out prompts and a preview grid. Returns the manifest version folder."""
     import pyarrow as pa
@@ -409,21 +458,38 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConf
             tmp = path.with_suffix(".png.tmp")
             tmp.write_bytes(data)
             tmp.replace(path)
-        for key, value in (("image_id", image_id), ("image_path", f"images/{image_id}.png"), ("sha256", sha),
-                           ("phash", phash_uint64(image)), ("width", scene.width), ("height", scene.height),
-                           ("quality_score", 1.0), ("tier", scene.tier), ("bucket", scene.bucket),
-                           ("captions", captions), ("caption_sources", list(CAPTION_SOURCES)),
-                           ("partition_key", partition_key_for(sha)), ("annotations", annotations_json(scene))):
+        for key, value in (
+            ("image_id", image_id),
+            ("image_path", f"images/{image_id}.png"),
+            ("sha256", sha),
+            ("phash", phash_uint64(image)),
+            ("width", scene.width),
+            ("height", scene.height),
+            ("quality_score", 1.0),
+            ("tier", scene.tier),
+            ("bucket", scene.bucket),
+            ("captions", captions),
+            ("caption_sources", list(CAPTION_SOURCES)),
+            ("partition_key", partition_key_for(sha)),
+            ("annotations", annotations_json(scene)),
+        ):
             cols[key].append(value)
         if index < 32:
             previews.append(image)
     table = pa.table(cols, schema=SCHEMA)
     version_dir = next_version_dir(out)
     num_shards = max(1, math.ceil(num / 10_000))
-    provenance = {"generator": "nucleus_image.data.synthetic", "seed": seed, "num": num, "size": config.size,
-                  "shapes": list(config.shapes), "colors": list(config.colors),
-                  "aspect_ratios": list(config.aspect_ratios), "textured_fraction": config.textured_fraction,
-                  "task_weights": config.task_weights}
+    provenance = {
+        "generator": "nucleus_image.data.synthetic",
+        "seed": seed,
+        "num": num,
+        "size": config.size,
+        "shapes": list(config.shapes),
+        "colors": list(config.colors),
+        "aspect_ratios": list(config.aspect_ratios),
+        "textured_fraction": config.textured_fraction,
+        "task_weights": config.task_weights,
+    }
     keys = np.asarray(cols["partition_key"]) % num_shards
     for shard in range(num_shards):
         rows = np.flatnonzero(keys == shard)
@@ -433,8 +499,9 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, config: SynthConf
     return version_dir
 
 
-def ground_truth_images(records: list[dict], samples: int = 4, seed: int = 0,
-                        config: SynthConfig = SynthConfig()) -> list[list[Image.Image]]:
+def ground_truth_images(
+    records: list[dict], samples: int = 4, seed: int = 0, config: SynthConfig = SynthConfig()
+) -> list[list[Image.Image]]:
     """`samples` correct renderings per GenEval-style record: the reference a scorer must accept."""
     out = []
     for index, record in enumerate(records):

@@ -186,7 +186,7 @@ def equal_length_groups(text_encoder, captions: list[str]) -> list[list[str]]:
     by_length: dict[int, list[str]] = {}
     for caption, length in zip(captions, lengths):
         by_length.setdefault(length, []).append(caption)
-    return [group[i:i + ENCODE_BATCH] for group in by_length.values() for i in range(0, len(group), ENCODE_BATCH)]
+    return [group[i : i + ENCODE_BATCH] for group in by_length.values() for i in range(0, len(group), ENCODE_BATCH)]
 
 
 def pad_states(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

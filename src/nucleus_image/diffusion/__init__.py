@@ -4,4 +4,13 @@ from nucleus_image.diffusion.flow import FlowSchedule, euler_step, resolution_sh
 from nucleus_image.diffusion.guidance import combine, guided, uses_cfg
 from nucleus_image.diffusion.sampler_settings import SamplerSettings
 
-__all__ = ["FlowSchedule", "SamplerSettings", "combine", "euler_step", "guided", "resolution_shift_mu", "uses_cfg", "validate_sigmas"]
+__all__ = [
+    "FlowSchedule",
+    "SamplerSettings",
+    "combine",
+    "euler_step",
+    "guided",
+    "resolution_shift_mu",
+    "uses_cfg",
+    "validate_sigmas",
+]

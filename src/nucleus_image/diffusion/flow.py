@@ -23,12 +23,22 @@ import torch
 
 # Scheduler-config keys that change the schedule in ways we do not implement; refusing them beats silently
 # sampling a different schedule than the checkpoint was published with.
-_UNSUPPORTED_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
-                      "stochastic_sampling")
+_UNSUPPORTED_FLAGS = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
 
 
-def resolution_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                        base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def resolution_shift_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """mu grows linearly from `base_shift` at `base_seq_len` image tokens to `max_shift` at `max_seq_len`."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
@@ -50,12 +60,16 @@ class FlowSchedule:
 
     def __post_init__(self) -> None:
         if self.time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"time_shift_type {self.time_shift_type!r} is not supported; use 'exponential' or 'linear'")
+            raise ValueError(
+                f"time_shift_type {self.time_shift_type!r} is not supported; use 'exponential' or 'linear'"
+            )
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
         if self.max_image_seq_len <= self.base_image_seq_len:
-            raise ValueError(f"max_image_seq_len ({self.max_image_seq_len}) must exceed base_image_seq_len "
-                             f"({self.base_image_seq_len})")
+            raise ValueError(
+                f"max_image_seq_len ({self.max_image_seq_len}) must exceed base_image_seq_len "
+                f"({self.base_image_seq_len})"
+            )
         if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
             raise ValueError(f"shift_terminal must be in [0, 1), got {self.shift_terminal}")
 
@@ -64,8 +78,10 @@ class FlowSchedule:
         """Build from a diffusers scheduler_config.json dict; unknown bookkeeping keys are ignored."""
         enabled = [key for key in _UNSUPPORTED_FLAGS if config.get(key)]
         if enabled:
-            raise ValueError(f"scheduler config enables {enabled}, which the Nucleus sampler does not implement; "
-                             f"supported: static shift, use_dynamic_shifting, shift_terminal")
+            raise ValueError(
+                f"scheduler config enables {enabled}, which the Nucleus sampler does not implement; "
+                f"supported: static shift, use_dynamic_shifting, shift_terminal"
+            )
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in config.items() if key in names and value is not None})
 
@@ -74,11 +90,13 @@ class FlowSchedule:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", **dataclasses.asdict(self)}
 
     def mu(self, image_seq_len: int) -> float:
-        return resolution_shift_mu(image_seq_len, self.base_image_seq_len, self.max_image_seq_len,
-                                   self.base_shift, self.max_shift)
+        return resolution_shift_mu(
+            image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift, self.max_shift
+        )
 
-    def sigmas(self, num_steps: int | None = None, image_seq_len: int | None = None,
-               sigmas: Sequence[float] | None = None) -> torch.Tensor:
+    def sigmas(
+        self, num_steps: int | None = None, image_seq_len: int | None = None, sigmas: Sequence[float] | None = None
+    ) -> torch.Tensor:
         """(N + 1,) float32 noise levels from the first step down to the terminal 0.
 
         `sigmas` overrides the released linspace(1, 1/N, N); the configured shift applies to either. The float32
@@ -99,8 +117,10 @@ class FlowSchedule:
         if self.shift_terminal is not None:
             one_minus = 1 - sigma_N
             if one_minus[-1] == 0:
-                raise ValueError(f"shift_terminal={self.shift_terminal} needs a last sigma below 1, got sigmas "
-                                 f"{sigma_N.tolist()}; use more than one step")
+                raise ValueError(
+                    f"shift_terminal={self.shift_terminal} needs a last sigma below 1, got sigmas "
+                    f"{sigma_N.tolist()}; use more than one step"
+                )
             sigma_N = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
         return torch.cat([torch.from_numpy(np.asarray(sigma_N, dtype=np.float32)), torch.zeros(1)])
 
@@ -123,7 +143,8 @@ def validate_sigmas(sigmas: Sequence[float]) -> list[float]:
     return values
 
 
-def euler_step(x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor,
-               sigma_next: torch.Tensor) -> torch.Tensor:
+def euler_step(
+    x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
     """One Euler step in float32 with the released sign convention (the model output is negated)."""
     return x.float() + (sigma_next - sigma) * (-model_output.float())

@@ -41,12 +41,15 @@ class SamplerSettings:
         if self.sigmas is not None:
             sigmas = tuple(validate_sigmas(self.sigmas))
             if len(sigmas) != steps:
-                raise ValueError(f"sampler settings: {len(sigmas)} sigmas {list(sigmas)} for num_inference_steps="
-                                 f"{steps}; give one noise level per step")
+                raise ValueError(
+                    f"sampler settings: {len(sigmas)} sigmas {list(sigmas)} for num_inference_steps="
+                    f"{steps}; give one noise level per step"
+                )
             object.__setattr__(self, "sigmas", sigmas)
 
-    def resolve(self, guidance_scale: float | None, num_inference_steps: int | None,
-                sigmas: Sequence[float] | None) -> tuple[float, int, list[float] | None]:
+    def resolve(
+        self, guidance_scale: float | None, num_inference_steps: int | None, sigmas: Sequence[float] | None
+    ) -> tuple[float, int, list[float] | None]:
         """(guidance, steps, sigmas) for a call: what the call gives, else these settings. The settings' sigmas
         apply only when the call names no sigmas and either no step count or their step count."""
         guidance = self.guidance_scale if guidance_scale is None else guidance_scale
@@ -57,8 +60,11 @@ class SamplerSettings:
         return guidance, steps, list(self.sigmas) if mine else None
 
     def to_dict(self) -> dict:
-        return {"num_inference_steps": self.num_inference_steps, "guidance_scale": float(self.guidance_scale),
-                "sigmas": None if self.sigmas is None else [float(s) for s in self.sigmas]}
+        return {
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": float(self.guidance_scale),
+            "sigmas": None if self.sigmas is None else [float(s) for s in self.sigmas],
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> SamplerSettings:
@@ -67,6 +73,8 @@ class SamplerSettings:
             extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"sampler settings: unknown fields {extra}; accepted: {sorted(known)}")
         sigmas = data.get("sigmas")
-        return cls(num_inference_steps=data.get("num_inference_steps", RELEASED_STEPS),
-                   guidance_scale=data.get("guidance_scale", RELEASED_GUIDANCE),
-                   sigmas=None if sigmas is None else tuple(sigmas))
+        return cls(
+            num_inference_steps=data.get("num_inference_steps", RELEASED_STEPS),
+            guidance_scale=data.get("guidance_scale", RELEASED_GUIDANCE),
+            sigmas=None if sigmas is None else tuple(sigmas),
+        )

@@ -5,5 +5,11 @@ from .distiller import DistillConfig, Distiller
 from .objective import trajectory_loss
 from .trajectories import TrajectoryPlan, TrajectoryStore, generate_trajectories
 
-__all__ = ["DistillConfig", "Distiller", "TrajectoryPlan", "TrajectoryStore", "generate_trajectories",
-           "trajectory_loss"]
+__all__ = [
+    "DistillConfig",
+    "Distiller",
+    "TrajectoryPlan",
+    "TrajectoryStore",
+    "generate_trajectories",
+    "trajectory_loss",
+]

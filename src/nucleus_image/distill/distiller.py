@@ -85,16 +85,31 @@ class DistillConfig:
 
     def validate(self) -> None:
         errors = []
-        for name in ("student_steps", "teacher_steps", "trajectories", "teacher_batch_size", "lora_rank", "steps",
-                     "batch_size", "checkpoint_every", "keep_last", "log_every", "max_nonfinite_in_a_row"):
+        for name in (
+            "student_steps",
+            "teacher_steps",
+            "trajectories",
+            "teacher_batch_size",
+            "lora_rank",
+            "steps",
+            "batch_size",
+            "checkpoint_every",
+            "keep_last",
+            "log_every",
+            "max_nonfinite_in_a_row",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 errors.append(f"{name}={value!r} must be a positive integer")
         if not errors and self.teacher_steps % self.student_steps:
-            errors.append(f"teacher_steps={self.teacher_steps} must be a multiple of student_steps="
-                          f"{self.student_steps} (the teacher must pass through the student's noise levels)")
+            errors.append(
+                f"teacher_steps={self.teacher_steps} must be a multiple of student_steps="
+                f"{self.student_steps} (the teacher must pass through the student's noise levels)"
+            )
         if self.student_sigmas and len(self.student_sigmas) != self.student_steps:
-            errors.append(f"student_sigmas has {len(self.student_sigmas)} levels for student_steps={self.student_steps}")
+            errors.append(
+                f"student_sigmas has {len(self.student_sigmas)} levels for student_steps={self.student_steps}"
+            )
         if self.rollout not in ROLLOUTS:
             errors.append(f"rollout={self.rollout!r}; accepted: {', '.join(ROLLOUTS)}")
         if not math.isfinite(self.teacher_guidance):
@@ -125,8 +140,13 @@ class Distiller:
         self.started = time.perf_counter()
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self._check_run_dir(resume)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if cfg.device == "auto" else cfg.device)
+        self.device = torch.device(
+            "cuda"
+            if cfg.device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if cfg.device == "auto"
+            else cfg.device
+        )
         if self.device.type == "cpu" and cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
         seed_everything(cfg.seed)
@@ -150,8 +170,9 @@ class Distiller:
 
         self.model = add_lora(self.pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
         self.model.train()
-        self.adapters = nn.ParameterDict({n.replace(".", "/"): p for n, p in self.model.named_parameters()
-                                          if p.requires_grad})
+        self.adapters = nn.ParameterDict(
+            {n.replace(".", "/"): p for n, p in self.model.named_parameters() if p.requires_grad}
+        )
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         muon, adamw, _ = build_optimizers(self.model, cfg.optimizer, ns_dtype)
         self.optimizers = {k: o for k, o in (("muon", muon), ("adamw", adamw)) if o is not None}
@@ -171,8 +192,10 @@ class Distiller:
         config_file = self.run_dir / CONFIG_NAME
         if config_file.exists():
             if not resume:
-                raise ValueError(f"run folder {str(self.run_dir)!r} already holds a distillation run; pass --resume "
-                                 f"to continue it or choose a new --out")
+                raise ValueError(
+                    f"run folder {str(self.run_dir)!r} already holds a distillation run; pass --resume "
+                    f"to continue it or choose a new --out"
+                )
             saved = DistillConfig.from_dict(json.loads(config_file.read_text())).to_dict()
             diff = changed_fields(saved, self.cfg.to_dict())
             if diff:
@@ -188,24 +211,42 @@ class Distiller:
             raise ValueError(f"no captioned row in the manifest of {cfg.data!r}: distillation prompts come from it")
         side = cfg.resolution or self.pipe.sample_size
         if side % self.pipe.granularity:
-            raise ValueError(f"resolution {side} is not a multiple of the model's pixel granularity "
-                             f"{self.pipe.granularity}")
-        plan = TrajectoryPlan(student_sigmas=cfg.sigmas(), teacher_steps=cfg.teacher_steps,
-                              teacher_guidance=cfg.teacher_guidance, height=side, width=side,
-                              trajectories=cfg.trajectories, shard_size=256, seed=cfg.seed,
-                              caption_weights=cfg.caption_weights)
+            raise ValueError(
+                f"resolution {side} is not a multiple of the model's pixel granularity {self.pipe.granularity}"
+            )
+        plan = TrajectoryPlan(
+            student_sigmas=cfg.sigmas(),
+            teacher_steps=cfg.teacher_steps,
+            teacher_guidance=cfg.teacher_guidance,
+            height=side,
+            width=side,
+            trajectories=cfg.trajectories,
+            shard_size=256,
+            seed=cfg.seed,
+            caption_weights=cfg.caption_weights,
+        )
         # Only the captions some trajectory uses are encoded (into the text-state cache shared with training).
         used = {c for s in range(plan.num_shards) for c in shard_captions(plan, s, row_captions, weights)}
         store = TextStateStore(encoder_id(f"pipeline:{cfg.model}"))
         encoded = store.encode_missing(self.pipe.text_encoder, used | {""}, self.progress)
         self.text = CaptionStates(store, self.device)
-        self._log(f"distill: {len(used)} captions ({encoded} newly encoded); teacher {cfg.teacher_steps} steps with "
-                  f"guidance {cfg.teacher_guidance:g} ({2 if cfg.teacher_guidance > 1 else 1} rows/step) -> student "
-                  f"{cfg.student_steps} steps, 1 row/step, levels {[round(s, 4) for s in cfg.sigmas()]}")
+        self._log(
+            f"distill: {len(used)} captions ({encoded} newly encoded); teacher {cfg.teacher_steps} steps with "
+            f"guidance {cfg.teacher_guidance:g} ({2 if cfg.teacher_guidance > 1 else 1} rows/step) -> student "
+            f"{cfg.student_steps} steps, 1 row/step, levels {[round(s, 4) for s in cfg.sigmas()]}"
+        )
         start = time.perf_counter()
         self.pipe.transformer.eval()
-        trajectories = generate_trajectories(self.pipe, plan, self.text, row_captions, weights,
-                                             self.run_dir / "teacher", cfg.teacher_batch_size, log=self._log)
+        trajectories = generate_trajectories(
+            self.pipe,
+            plan,
+            self.text,
+            row_captions,
+            weights,
+            self.run_dir / "teacher",
+            cfg.teacher_batch_size,
+            log=self._log,
+        )
         self._log(f"teacher trajectories: {len(trajectories)} ready ({time.perf_counter() - start:.1f} s)")
         return trajectories
 
@@ -227,19 +268,28 @@ class Distiller:
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
         with progress_bar(total=end, initial=state.step, disable=not self.progress, desc="distill", unit="step") as bar:
             while state.step < end:
-                out = train_step(self.model, list(self.optimizers.values()), [self._micro_batch()], self.objective,
-                                 cfg.optimizer, state.step, params=list(self.adapters.values()))
+                out = train_step(
+                    self.model,
+                    list(self.optimizers.values()),
+                    [self._micro_batch()],
+                    self.objective,
+                    cfg.optimizer,
+                    state.step,
+                    params=list(self.adapters.values()),
+                )
                 state.record(out.loss, out.applied, out.grad_norm)
                 bar.update(1)
                 save = state.step % cfg.checkpoint_every == 0 or state.step == end
                 if save or state.step % cfg.log_every == 0:
-                    state.flush(limit=cfg.max_nonfinite_in_a_row,
-                                last_checkpoint=lambda: ckpt.latest_checkpoint(self.run_dir))
+                    state.flush(
+                        limit=cfg.max_nonfinite_in_a_row, last_checkpoint=lambda: ckpt.latest_checkpoint(self.run_dir)
+                    )
                     per_step = " ".join(f"{v:.4f}" for v in out.logged["per_step"].tolist())
                     bar.set_postfix(loss=f"{state.losses[-1]:.5f}", per_student_step=per_step)
                 if save:
-                    ckpt.save_checkpoint(self.run_dir, self.adapters, {"distill": cfg.to_dict()}, self.optimizers,
-                                         state, cfg.keep_last)
+                    ckpt.save_checkpoint(
+                        self.run_dir, self.adapters, {"distill": cfg.to_dict()}, self.optimizers, state, cfg.keep_last
+                    )
         (self.run_dir / "losses.json").write_text(json.dumps(state.losses) + "\n")
         if state.step >= cfg.steps:
             self.write_adapter(self.run_dir / "adapter")
@@ -258,5 +308,4 @@ class Distiller:
         return folder
 
     def sampler_settings(self) -> SamplerSettings:
-        return SamplerSettings(num_inference_steps=self.cfg.student_steps, guidance_scale=1.0,
-                               sigmas=self.cfg.sigmas())
+        return SamplerSettings(num_inference_steps=self.cfg.student_steps, guidance_scale=1.0, sigmas=self.cfg.sigmas())

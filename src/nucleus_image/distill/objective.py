@@ -26,19 +26,37 @@ from nucleus_image.diffusion.flow import euler_step
 ROLLOUTS = ("student", "teacher")
 
 
-def student_step(model, x_BSC: torch.Tensor, t: torch.Tensor, text_BLD: torch.Tensor, mask_BL: torch.Tensor | None,
-                 img_shapes: list[tuple[int, int, int]]) -> torch.Tensor:
+def student_step(
+    model,
+    x_BSC: torch.Tensor,
+    t: torch.Tensor,
+    text_BLD: torch.Tensor,
+    mask_BL: torch.Tensor | None,
+    img_shapes: list[tuple[int, int, int]],
+) -> torch.Tensor:
     """The student's velocity for latents x at pipeline timestep t (one value or one per row), in float32."""
     dtype = next(model.parameters()).dtype
     B = x_BSC.shape[0]
     t_B = t.expand(B) if t.dim() == 0 else t
-    return model(hidden_states=x_BSC.to(dtype), img_shapes=img_shapes, encoder_hidden_states=text_BLD.to(dtype),
-                 encoder_hidden_states_mask=mask_BL, timestep=t_B.to(dtype)).sample.float()
+    return model(
+        hidden_states=x_BSC.to(dtype),
+        img_shapes=img_shapes,
+        encoder_hidden_states=text_BLD.to(dtype),
+        encoder_hidden_states_mask=mask_BL,
+        timestep=t_B.to(dtype),
+    ).sample.float()
 
 
-def trajectory_loss(model, teacher_BKSC: torch.Tensor, sigma_K1: torch.Tensor, t_K: torch.Tensor,
-                    text_BLD: torch.Tensor, mask_BL: torch.Tensor | None, img_shapes: list[tuple[int, int, int]],
-                    rollout: str = "student") -> tuple[torch.Tensor, torch.Tensor]:
+def trajectory_loss(
+    model,
+    teacher_BKSC: torch.Tensor,
+    sigma_K1: torch.Tensor,
+    t_K: torch.Tensor,
+    text_BLD: torch.Tensor,
+    mask_BL: torch.Tensor | None,
+    img_shapes: list[tuple[int, int, int]],
+    rollout: str = "student",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over the K steps of the squared distance (per latent value) between the student's next state and the
     teacher's; returns (loss, per-step losses). `sigma_K1`: the K + 1 shifted levels ending in 0; `t_K`: the
     timesteps the pipeline gives the transformer at the first K of them."""
@@ -50,8 +68,14 @@ def trajectory_loss(model, teacher_BKSC: torch.Tensor, sigma_K1: torch.Tensor, t
         # All K steps in one forward of B*K rows, each starting from the teacher's state at its level.
         x_RSC = teacher_BKSC[:, :K].transpose(0, 1).reshape(B * K, *teacher_BKSC.shape[2:])
         t_R = t_K.repeat_interleave(B)
-        v = student_step(model, x_RSC, t_R, text_BLD.repeat(K, 1, 1), None if mask_BL is None else mask_BL.repeat(K, 1),
-                         img_shapes * K)
+        v = student_step(
+            model,
+            x_RSC,
+            t_R,
+            text_BLD.repeat(K, 1, 1),
+            None if mask_BL is None else mask_BL.repeat(K, 1),
+            img_shapes * K,
+        )
         s_R1 = sigma_K1[:K].repeat_interleave(B).view(-1, 1, 1)
         s_next = sigma_K1[1:].repeat_interleave(B).view(-1, 1, 1)
         y_RSC = euler_step(x_RSC, v, s_R1, s_next)
@@ -86,6 +110,14 @@ class TrajectoryObjective:
     rollout: str = "student"
 
     def __call__(self, model, batch: TrajectoryBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, per_step = trajectory_loss(model, batch.teacher_BKSC, self.sigma_K1, self.t_K, batch.text_BLD,
-                                         batch.text_mask_BL, batch.img_shapes, self.rollout)
+        loss, per_step = trajectory_loss(
+            model,
+            batch.teacher_BKSC,
+            self.sigma_K1,
+            self.t_K,
+            batch.text_BLD,
+            batch.text_mask_BL,
+            batch.img_shapes,
+            self.rollout,
+        )
         return loss, {"per_step": per_step}

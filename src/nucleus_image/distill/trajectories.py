@@ -50,8 +50,10 @@ class TrajectoryPlan:
     def __post_init__(self) -> None:
         K = len(self.student_sigmas)
         if K < 1 or self.teacher_steps < K or self.teacher_steps % K:
-            raise ValueError(f"teacher steps ({self.teacher_steps}) must be a multiple of the student's steps ({K}), "
-                             f"so the teacher passes through every student noise level; e.g. {4 * K} or {12 * K}")
+            raise ValueError(
+                f"teacher steps ({self.teacher_steps}) must be a multiple of the student's steps ({K}), "
+                f"so the teacher passes through every student noise level; e.g. {4 * K} or {12 * K}"
+            )
         if self.trajectories < 1 or self.shard_size < 1:
             raise ValueError(f"trajectories ({self.trajectories}) and shard size ({self.shard_size}) must be >= 1")
 
@@ -76,7 +78,9 @@ class TrajectoryPlan:
         return cls(**data)
 
 
-def shard_captions(plan: TrajectoryPlan, shard: int, row_captions: list[list[str]], row_weights: np.ndarray) -> list[str]:
+def shard_captions(
+    plan: TrajectoryPlan, shard: int, row_captions: list[list[str]], row_weights: np.ndarray
+) -> list[str]:
     """The captions of one shard's trajectories: rows drawn by `row_weights`, one granularity each by the plan's
     caption weights; a pure function of (seed, shard)."""
     rng = np.random.default_rng([plan.seed, shard])
@@ -90,18 +94,19 @@ def shard_captions(plan: TrajectoryPlan, shard: int, row_captions: list[list[str
 
 
 @torch.no_grad()
-def teacher_states(pipe, plan: TrajectoryPlan, text: CaptionStates, captions: list[str], noise_BSC: torch.Tensor,
-                   batch_size: int) -> torch.Tensor:
+def teacher_states(
+    pipe, plan: TrajectoryPlan, text: CaptionStates, captions: list[str], noise_BSC: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """(B, K + 1, tokens, channels) float32 teacher states at the student's levels, for the given captions and
     packed noise, the teacher called `batch_size` trajectories at a time."""
     per = plan.teacher_steps // len(plan.student_sigmas)
     sigmas = plan.teacher_sigmas()
     out = []
     for start in range(0, len(captions), batch_size):
-        chunk = captions[start:start + batch_size]
+        chunk = captions[start : start + batch_size]
         states, mask = text.batch(chunk)
         negative, negative_mask = text.batch([""] * len(chunk))
-        x = noise_BSC[start:start + len(chunk)].to(pipe.device)
+        x = noise_BSC[start : start + len(chunk)].to(pipe.device)
         kept = [x.float().cpu()]
 
         def record(_pipe, i, _t, values, kept=kept):
@@ -109,10 +114,20 @@ def teacher_states(pipe, plan: TrajectoryPlan, text: CaptionStates, captions: li
                 kept.append(values["latents"].float().cpu())
             return values
 
-        pipe(prompt_embeds=states, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
-             negative_prompt_embeds_mask=negative_mask, guidance_scale=plan.teacher_guidance, sigmas=sigmas,
-             height=plan.height, width=plan.width, latents=x, output_type="latent", progress=False,
-             callback_on_step_end=record)
+        pipe(
+            prompt_embeds=states,
+            prompt_embeds_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_prompt_embeds_mask=negative_mask,
+            guidance_scale=plan.teacher_guidance,
+            sigmas=sigmas,
+            height=plan.height,
+            width=plan.width,
+            latents=x,
+            output_type="latent",
+            progress=False,
+            callback_on_step_end=record,
+        )
         out.append(torch.stack(kept, dim=1))
     return torch.cat(out)
 
@@ -125,9 +140,16 @@ def packed_noise(pipe, plan: TrajectoryPlan, shard: int, count: int) -> torch.Te
     return torch.randn(count, tokens, cfg.in_channels, generator=generator)
 
 
-def generate_trajectories(pipe, plan: TrajectoryPlan, text: CaptionStates, row_captions: list[list[str]],
-                          row_weights: np.ndarray, folder: str | Path, batch_size: int = 64,
-                          log=print) -> TrajectoryStore:
+def generate_trajectories(
+    pipe,
+    plan: TrajectoryPlan,
+    text: CaptionStates,
+    row_captions: list[list[str]],
+    row_weights: np.ndarray,
+    folder: str | Path,
+    batch_size: int = 64,
+    log=print,
+) -> TrajectoryStore:
     """Fill `folder` with the plan's trajectories (missing shards only) and return the store."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,8 +157,9 @@ def generate_trajectories(pipe, plan: TrajectoryPlan, text: CaptionStates, row_c
     if plan_file.exists():
         saved = TrajectoryPlan.from_dict(json.loads(plan_file.read_text()))
         if saved != plan:
-            raise ValueError(f"{str(folder)!r} holds trajectories of another plan ({saved}); remove it or choose "
-                             f"another run folder")
+            raise ValueError(
+                f"{str(folder)!r} holds trajectories of another plan ({saved}); remove it or choose another run folder"
+            )
     else:
         _write_atomic(plan_file, json.dumps(plan.to_dict(), indent=1) + "\n")
     for shard in range(plan.num_shards):
@@ -150,8 +173,10 @@ def generate_trajectories(pipe, plan: TrajectoryPlan, text: CaptionStates, row_c
         tmp = folder / f".tmp-{name.name}-{os.getpid()}.safetensors"
         save_file({"states": states.contiguous()}, tmp)
         os.replace(tmp, name.with_suffix(".safetensors"))
-        log(f"teacher trajectories: shard {shard + 1}/{plan.num_shards} ({min((shard + 1) * plan.shard_size, plan.trajectories)} "
-            f"of {plan.trajectories})")
+        log(
+            f"teacher trajectories: shard {shard + 1}/{plan.num_shards} ({min((shard + 1) * plan.shard_size, plan.trajectories)} "
+            f"of {plan.trajectories})"
+        )
     return TrajectoryStore(folder)
 
 

@@ -17,8 +17,9 @@ class Autoencoder(nn.Module):
     scale_factor: int
 
     @abstractmethod
-    def encode(self, images_BCHW: torch.Tensor, generator: torch.Generator | None = None,
-               sample: bool = False) -> torch.Tensor:
+    def encode(
+        self, images_BCHW: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
         """Images in [-1, 1] -> normalised latents; `sample` draws from the posterior instead of its mode."""
 
     @abstractmethod

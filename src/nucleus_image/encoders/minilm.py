@@ -44,8 +44,14 @@ class MiniLMTextEncoder(TextEncoder):
 
     def encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         self.warn_truncated(prompts, [len(ids) for ids in self.tokenizer(prompts)["input_ids"]])
-        inputs = self.tokenizer(prompts, padding="longest", pad_to_multiple_of=PAD_MULTIPLE, truncation=True,
-                                max_length=self.max_length, return_tensors="pt").to(self.device)
+        inputs = self.tokenizer(
+            prompts,
+            padding="longest",
+            pad_to_multiple_of=PAD_MULTIPLE,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
         states = self.model(**inputs).last_hidden_state
         return states, inputs["attention_mask"].bool()
 

@@ -33,8 +33,9 @@ class PixelAutoencoder(Autoencoder):
 
     def decode(self, latents_BCHW):
         if latents_BCHW.ndim != 4 or latents_BCHW.shape[1] != self.latent_channels:
-            raise ValueError(f"pixel latents must be (batch, {self.latent_channels}, h, w), got "
-                             f"{tuple(latents_BCHW.shape)}")
+            raise ValueError(
+                f"pixel latents must be (batch, {self.latent_channels}, h, w), got {tuple(latents_BCHW.shape)}"
+            )
         return F.pixel_shuffle(latents_BCHW, self.factor).clamp(-1, 1)
 
     def config(self) -> dict:

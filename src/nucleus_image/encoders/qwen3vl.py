@@ -40,21 +40,31 @@ def load_tokenizer(folder: str | Path):
         elif (folder / "chat_template.json").exists():
             tokenizer.chat_template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
         else:
-            raise ValueError(f"{str(folder)!r} has no chat template (chat_template.jinja/json or in the tokenizer "
-                             f"config); the Qwen3-VL encoder needs one to format prompts")
+            raise ValueError(
+                f"{str(folder)!r} has no chat template (chat_template.jinja/json or in the tokenizer "
+                f"config); the Qwen3-VL encoder needs one to format prompts"
+            )
     # Right padding keeps every prompt's states independent of its batch-mates (causal attention + mask).
     tokenizer.padding_side = "right"
     return tokenizer
 
 
 class Qwen3VLTextEncoder(TextEncoder):
-    def __init__(self, model, tokenizer, max_length: int = MAX_LENGTH, hidden_state_index: int = HIDDEN_STATE_INDEX,
-                 system_prompt: str = SYSTEM_PROMPT):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_length: int = MAX_LENGTH,
+        hidden_state_index: int = HIDDEN_STATE_INDEX,
+        system_prompt: str = SYSTEM_PROMPT,
+    ):
         super().__init__()
         num_layers = model.config.text_config.num_hidden_layers
         if not 1 <= abs(hidden_state_index) <= num_layers:
-            raise ValueError(f"hidden_state_index {hidden_state_index} out of range for a {num_layers}-layer "
-                             f"text model; accepted: -{num_layers}..-1 or 1..{num_layers}")
+            raise ValueError(
+                f"hidden_state_index {hidden_state_index} out of range for a {num_layers}-layer "
+                f"text model; accepted: -{num_layers}..-1 or 1..{num_layers}"
+            )
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -64,8 +74,9 @@ class Qwen3VLTextEncoder(TextEncoder):
         self.tokenizer_dir: Path | None = None  # set when loaded from a folder, which saving copies verbatim
 
     @classmethod
-    def from_pretrained(cls, text_encoder_dir, tokenizer_dir, dtype: torch.dtype | None = None,
-                        device="cpu") -> Qwen3VLTextEncoder:
+    def from_pretrained(
+        cls, text_encoder_dir, tokenizer_dir, dtype: torch.dtype | None = None, device="cpu"
+    ) -> Qwen3VLTextEncoder:
         from transformers import Qwen3VLForConditionalGeneration
 
         model = Qwen3VLForConditionalGeneration.from_pretrained(str(text_encoder_dir), dtype=dtype or "auto")
@@ -83,10 +94,22 @@ class Qwen3VLTextEncoder(TextEncoder):
     def encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [self.format(p) for p in prompts]
         self.warn_truncated(prompts, [len(ids) for ids in self.tokenizer(texts)["input_ids"]])
-        inputs = self.tokenizer(texts, padding="longest", pad_to_multiple_of=PAD_MULTIPLE, max_length=self.max_length,
-                                truncation=True, return_attention_mask=True, return_tensors="pt").to(self.device)
-        outputs = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                             return_dict=True, output_hidden_states=True)
+        inputs = self.tokenizer(
+            texts,
+            padding="longest",
+            pad_to_multiple_of=PAD_MULTIPLE,
+            max_length=self.max_length,
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        ).to(self.device)
+        outputs = self.model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            use_cache=False,
+            return_dict=True,
+            output_hidden_states=True,
+        )
         return outputs.hidden_states[self.hidden_state_index], inputs["attention_mask"].bool()
 
     def token_lengths(self, prompts: list[str]) -> list[int]:
@@ -94,8 +117,11 @@ class Qwen3VLTextEncoder(TextEncoder):
         return [min(len(i), self.max_length) for i in ids]
 
     def config(self) -> dict:
-        return {"_class_name": "Qwen3VLForConditionalGeneration", "max_length": self.max_length,
-                "hidden_state_index": self.hidden_state_index}
+        return {
+            "_class_name": "Qwen3VLForConditionalGeneration",
+            "max_length": self.max_length,
+            "hidden_state_index": self.hidden_state_index,
+        }
 
     def save_pretrained(self, path) -> None:
         self.model.save_pretrained(str(path))
@@ -106,7 +132,10 @@ class Qwen3VLTextEncoder(TextEncoder):
             # Copy the original processor folder whole (image/video processor configs included) so the saved
             # pipeline still loads in diffusers.
             shutil.copytree(self.tokenizer_dir, path)
-            return "Qwen3VLProcessor" if (Path(path) / "preprocessor_config.json").exists() else \
-                type(self.tokenizer).__name__
+            return (
+                "Qwen3VLProcessor"
+                if (Path(path) / "preprocessor_config.json").exists()
+                else type(self.tokenizer).__name__
+            )
         self.tokenizer.save_pretrained(str(path))
         return type(self.tokenizer).__name__

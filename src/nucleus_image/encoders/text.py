@@ -81,5 +81,9 @@ class TextEncoder(nn.Module):
     def warn_truncated(self, prompts: list[str], lengths: list[int]) -> None:
         for prompt, length in zip(prompts, lengths):
             if length > self.max_length:
-                logger.warning("prompt of %d tokens truncated to the text limit of %d: %r", length, self.max_length,
-                               prompt[:80] + ("..." if len(prompt) > 80 else ""))
+                logger.warning(
+                    "prompt of %d tokens truncated to the text limit of %d: %r",
+                    length,
+                    self.max_length,
+                    prompt[:80] + ("..." if len(prompt) > 80 else ""),
+                )

@@ -28,8 +28,14 @@ from ..training.checkpoint import latest_checkpoint
 from .routing import DEFAULT_SIGMAS
 
 ARMS = ("decoupled", "coupled")
-ARM_COLORS = {"decoupled": (30, 80, 200), "coupled": (200, 60, 30), "moe_muon_wsm": (30, 80, 200),
-              "moe_muon_no_ortho": (120, 170, 230), "moe_adamw": (200, 60, 30), "dense_adamw": (40, 150, 60)}
+ARM_COLORS = {
+    "decoupled": (30, 80, 200),
+    "coupled": (200, 60, 30),
+    "moe_muon_wsm": (30, 80, 200),
+    "moe_muon_no_ortho": (120, 170, 230),
+    "moe_adamw": (200, 60, 30),
+    "dense_adamw": (40, 150, 60),
+}
 
 
 @dataclass
@@ -60,8 +66,19 @@ def _cli(*args: str) -> list[str]:
 def train_command(cfg: AblationConfig, arm: str, data: Path, run_dir: Path) -> list[str]:
     """The `nucleus train` call of one arm: everything shared, only router_input differs."""
     base = ["--config", cfg.config] if cfg.config else ["--preset", cfg.preset]
-    args = ["train", *base, "--data", str(data), "--out", str(run_dir), "--no-progress",
-            "--set", f"model.router_input={arm}", "--set", f"seed={cfg.seed}"]
+    args = [
+        "train",
+        *base,
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir),
+        "--no-progress",
+        "--set",
+        f"model.router_input={arm}",
+        "--set",
+        f"seed={cfg.seed}",
+    ]
     for item in cfg.overrides:
         args += ["--set", item]
     if cfg.max_steps is not None:
@@ -141,8 +158,15 @@ def heldout_real_images(records: list[dict], samples: int, size: int, folder: Pa
     return folder
 
 
-def evaluate_arm(cfg: AblationConfig, arm: str, out: Path, records: list[dict], routing_records: list[dict],
-                 extractor=None, reference=None) -> dict:
+def evaluate_arm(
+    cfg: AblationConfig,
+    arm: str,
+    out: Path,
+    records: list[dict],
+    routing_records: list[dict],
+    extractor=None,
+    reference=None,
+) -> dict:
     """Merge, sample + score, measure routing and FID for one trained arm."""
     from nucleus_image.eval.compositional import generate_samples, read_geneval_folder, score_folder, write_report
     from nucleus_image.eval.routing import inspect_pipeline
@@ -159,8 +183,9 @@ def evaluate_arm(cfg: AblationConfig, arm: str, out: Path, records: list[dict], 
     merged = merge_run(run_dir, train_cfg.merge_last, train_cfg.merge_weights, arm_dir / "merged")
     pipeline = NucleusPipeline.from_pretrained(merged, device=cfg.device)
     images_dir = arm_dir / "eval" / "images"
-    generate_samples(pipeline, records, images_dir, cfg.samples, cfg.seed, cfg.sample_steps, cfg.guidance, "1:1",
-                     cfg.batch_prompts)
+    generate_samples(
+        pipeline, records, images_dir, cfg.samples, cfg.seed, cfg.sample_steps, cfg.guidance, "1:1", cfg.batch_prompts
+    )
     report = score_folder(images_dir)
     write_report(report, arm_dir / "eval", read_geneval_folder(images_dir)[1])
     record, batch = inspect_pipeline(pipeline, routing_records, cfg.sigmas, cfg.seed)
@@ -177,8 +202,9 @@ def evaluate_arm(cfg: AblationConfig, arm: str, out: Path, records: list[dict], 
         from nucleus_image.eval.fid import frechet_distance, set_statistics
 
         gen = set_statistics(images_dir, extractor, desc=f"inception ({arm})")
-        result["fid_vs_heldout"] = frechet_distance(gen["mu"], gen["sigma"], reference["mu"], reference["sigma"],
-                                                    gen["root"], reference["root"])
+        result["fid_vs_heldout"] = frechet_distance(
+            gen["mu"], gen["sigma"], reference["mu"], reference["sigma"], gen["root"], reference["root"]
+        )
     return result
 
 
@@ -208,10 +234,15 @@ def run_ablation(cfg: AblationConfig, data: str | Path, out: str | Path) -> dict
         results[arm] = evaluate_arm(cfg, arm, out, records, routing_records, extractor, reference)
         results[arm]["train_wall_s"] = walls[arm]
         results[arm]["sample_size"] = read_geometry(out / arm / "merged")[0]
-    summary = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-               "data": str(data), "arms": results, "total_wall_s": time.perf_counter() - t0,
-               "train_commands": {arm: [a for a in train_command(cfg, arm, data, out / arm / "run")[3:] if a != "--resume"]
-                                  for arm in ARMS}}
+    summary = {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "data": str(data),
+        "arms": results,
+        "total_wall_s": time.perf_counter() - t0,
+        "train_commands": {
+            arm: [a for a in train_command(cfg, arm, data, out / arm / "run")[3:] if a != "--resume"] for arm in ARMS
+        },
+    }
     (out / "ablation.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "ablation.md").write_text(format_table(summary) + "\n")
     write_pictures(out)
@@ -220,10 +251,12 @@ def run_ablation(cfg: AblationConfig, data: str | Path, out: str | Path) -> dict
 
 def table_rows(summary: dict) -> list[tuple[str, list]]:
     arms = [summary["arms"][a] for a in ARMS]
-    rows = [("steps", [a["steps"] for a in arms]),
-            ("train wall time (s)", [a["train_wall_s"] for a in arms]),
-            ("final loss", [a["final_loss"] for a in arms]),
-            ("mean loss, last 100 steps", [a["mean_loss_last_100"] for a in arms])]
+    rows = [
+        ("steps", [a["steps"] for a in arms]),
+        ("train wall time (s)", [a["train_wall_s"] for a in arms]),
+        ("final loss", [a["final_loss"] for a in arms]),
+        ("mean loss, last 100 steps", [a["mean_loss_last_100"] for a in arms]),
+    ]
     for task in arms[0]["compositional"]:
         rows.append((f"compositional {task}", [a["compositional"].get(task) for a in arms]))
     if "fid_vs_heldout" in arms[0]:
@@ -236,8 +269,12 @@ def table_rows(summary: dict) -> list[tuple[str, list]]:
     for label in r[0]["nmi"]:
         rows.append((f"NMI(preferred expert; {label})", [x["nmi"][label] for x in r]))
     for label in r[0]["accuracy"]:
-        rows.append((f"accuracy expert -> {label} (chance)",
-                     [f"{x['accuracy'][label]:.3f} ({x['accuracy_chance'][label]:.3f})" for x in r]))
+        rows.append(
+            (
+                f"accuracy expert -> {label} (chance)",
+                [f"{x['accuracy'][label]:.3f} ({x['accuracy_chance'][label]:.3f})" for x in r],
+            )
+        )
     rows.append(("tokens picked by no expert", [x["no_expert_share"] for x in r]))
     return rows
 
@@ -247,8 +284,10 @@ def format_table(summary: dict) -> str:
     for name, values in table_rows(summary):
         cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in values]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"\nTotal wall time {summary['total_wall_s']:.0f} s (training in "
-                 f"{'parallel' if summary['config']['parallel'] else 'sequence'}, then evaluation).")
+    lines.append(
+        f"\nTotal wall time {summary['total_wall_s']:.0f} s (training in "
+        f"{'parallel' if summary['config']['parallel'] else 'sequence'}, then evaluation)."
+    )
     return "\n".join(lines)
 
 
@@ -289,8 +328,13 @@ def loss_overlay(losses: dict[str, list[float]], path: Path, width: int = 800, h
     steps = max(len(v) for v in losses.values())
     for k, (arm, s) in enumerate(smooth.items()):
         offset = steps - len(s)
-        pts = [(left + (right - left) * (i + offset) / max(steps - 1, 1),
-                bottom - (bottom - top) * (np.log10(y) - lo) / (hi - lo)) for i, y in enumerate(s)]
+        pts = [
+            (
+                left + (right - left) * (i + offset) / max(steps - 1, 1),
+                bottom - (bottom - top) * (np.log10(y) - lo) / (hi - lo),
+            )
+            for i, y in enumerate(s)
+        ]
         if len(pts) > 1:
             draw.line(pts, fill=ARM_COLORS.get(arm, (0, 0, 0)), width=2)
         draw.text((left + 10 + 140 * k, 8), f"{arm}: final {losses[arm][-1]:.4f}", fill=ARM_COLORS.get(arm, (0, 0, 0)))

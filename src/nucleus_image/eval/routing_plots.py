@@ -20,10 +20,28 @@ from .routing import RoutingRecord, assigned_expert, load_statistics
 
 # Anchors of a perceptually ordered dark-blue -> green -> yellow ramp (viridis' endpoints and midpoints).
 _RAMP = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
-_TAB20 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
-          (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
-          (219, 219, 141), (158, 218, 229)]
+_TAB20 = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (174, 199, 232),
+    (255, 187, 120),
+    (152, 223, 138),
+    (255, 152, 150),
+    (197, 176, 213),
+    (196, 156, 148),
+    (247, 182, 210),
+    (199, 199, 199),
+    (219, 219, 141),
+    (158, 218, 229),
+]
 NONE_COLOR = (0, 0, 0)
 
 
@@ -108,8 +126,14 @@ def _colorbar(vmax: float, width: int = 200) -> Image.Image:
     return bar
 
 
-def expert_maps(record: RoutingRecord, images: list[Image.Image], out_dir: str | Path, max_images: int = 4,
-                timesteps: list[int] | None = None, scale: int = 8) -> list[Path]:
+def expert_maps(
+    record: RoutingRecord,
+    images: list[Image.Image],
+    out_dir: str | Path,
+    max_images: int = 4,
+    timesteps: list[int] | None = None,
+    scale: int = 8,
+) -> list[Path]:
     """expert_map_layerNN.png per MoE layer: which expert computed each patch, on the first images."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,10 @@ def write_report(record: RoutingRecord, batch: SceneBatch | None, out, extra: di
     out.mkdir(parents=True, exist_ok=True)
     report = routing_metrics(record)
     report["definitions"] = METRIC_DEFINITIONS
-    report["token_sets_image0"] = {str(layer): [token_sets(record.indices[k], t, 0) for t in range(len(record.sigmas))]
-                                   for k, layer in enumerate(record.layers)}
+    report["token_sets_image0"] = {
+        str(layer): [token_sets(record.indices[k], t, 0) for t in range(len(record.sigmas))]
+        for k, layer in enumerate(record.layers)
+    }
     if batch is not None:
         report["prompts"] = batch.prompts
     report.update(extra or {})
@@ -41,12 +43,12 @@ METRIC_DEFINITIONS = {
     "no_expert_share": "share of tokens that no expert picked (only the shared expert saw them)",
     "many_expert_share": "share of tokens picked by more than twice the mean number of experts per token",
     "variance_share": "shares of the expert-centred router-logit sum of squares over the (timestep x token) grid "
-                      "explained by the timestep main effect, the token main effect and their interaction",
+    "explained by the timestep main effect, the token main effect and their interaction",
     "jaccard": "mean Jaccard overlap of an expert's chosen token set in one image between two timesteps; "
-               "jaccard_chance is the overlap of independent random picks of the same size",
+    "jaccard_chance is the overlap of independent random picks of the same size",
     "nmi": "normalised mutual information I/sqrt(H H) between the token's preferred expert and a label "
-           "(timestep; shape, colour, 3x3 region under the token); nmi_assigned uses the expert that computed "
-           "the token (best-scoring picker, or none)",
+    "(timestep; shape, colour, 3x3 region under the token); nmi_assigned uses the expert that computed "
+    "the token (best-scoring picker, or none)",
     "accuracy": "accuracy of predicting a label from the preferred expert by that expert's majority label; "
-                "accuracy_chance always guesses the most common label",
+    "accuracy_chance always guesses the most common label",
 }

@@ -60,8 +60,13 @@ class Detection:
     score: float  # IoU with the shape's template
 
     def to_dict(self) -> dict:
-        return {"shape": self.shape, "color": self.color, "bbox": [round(v, 1) for v in self.bbox],
-                "area": self.area, "score": round(self.score, 3)}
+        return {
+            "shape": self.shape,
+            "color": self.color,
+            "bbox": [round(v, 1) for v in self.bbox],
+            "area": self.area,
+            "score": round(self.score, 3),
+        }
 
 
 _PALETTE_KC = np.asarray(list(COLORS.values()), dtype=np.float32)
@@ -82,8 +87,14 @@ def as_rgb_array(image) -> np.ndarray:
 
 
 def _border(rgb_HWC: np.ndarray) -> np.ndarray:
-    return np.concatenate([rgb_HWC[:2].reshape(-1, 3), rgb_HWC[-2:].reshape(-1, 3),
-                           rgb_HWC[:, :2].reshape(-1, 3), rgb_HWC[:, -2:].reshape(-1, 3)])
+    return np.concatenate(
+        [
+            rgb_HWC[:2].reshape(-1, 3),
+            rgb_HWC[-2:].reshape(-1, 3),
+            rgb_HWC[:, :2].reshape(-1, 3),
+            rgb_HWC[:, -2:].reshape(-1, 3),
+        ]
+    )
 
 
 def estimate_background(rgb_HWC: np.ndarray) -> tuple[np.ndarray, float]:
@@ -117,8 +128,9 @@ def _template(shape: str, window: tuple[int, int], box: tuple[float, float, floa
     return ndimage.gaussian_filter(cov, sigma) if sigma > 0 else cov
 
 
-def classify_shape(coverage_HW: np.ndarray, box: tuple[float, float, float, float],
-                   sigmas: tuple[float, ...]) -> tuple[str, float]:
+def classify_shape(
+    coverage_HW: np.ndarray, box: tuple[float, float, float, float], sigmas: tuple[float, ...]
+) -> tuple[str, float]:
     """Best shape for a component's coverage window and its soft IoU (sum of minima over sum of maxima).
     Each shape is tried at a few blurs and slightly enlarged boxes: blur rounds corners and shortens points, so
     the 50% contour's box is the true box only for blunt shapes."""
@@ -146,8 +158,10 @@ def detect(image, config: DetectorConfig = DetectorConfig()) -> list[Detection]:
     if scale > 1:
         size = (round(rgb.shape[1] / scale), round(rgb.shape[0] / scale))
         rgb = np.asarray(Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.BOX), dtype=np.float32)
-        return [Detection(d.shape, d.color, tuple(v * scale for v in d.bbox), round(d.area * scale * scale), d.score)
-                for d in _detect(rgb, config)]
+        return [
+            Detection(d.shape, d.color, tuple(v * scale for v in d.bbox), round(d.area * scale * scale), d.score)
+            for d in _detect(rgb, config)
+        ]
     return _detect(rgb, config)
 
 
@@ -165,7 +179,7 @@ def _detect(rgb: np.ndarray, config: DetectorConfig) -> list[Detection]:
     mask = np.isin(comp, np.flatnonzero(sizes >= config.speck_area * short * short) + 1)
     radius = int(round(config.merge_radius * short))
     if radius:  # below ~35 px a closing would join neighbours sooner than fragments
-        disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius + 0.5
+        disk = np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius + 0.5
         # Pad before closing so objects at the border are not eroded by the implicit outside.
         mask = ndimage.binary_closing(np.pad(mask, radius), structure=disk)[radius:-radius, radius:-radius] | mask
     comp, n = ndimage.label(mask, structure=eight)

@@ -2,12 +2,12 @@
 adapters of `nucleus_image.adapters` (re-exported here)."""
 
 from nucleus_image.adapters import (
-                                    add_lora,
-                                    load_lora,
-                                    lora_config,
-                                    read_sampler_settings,
-                                    set_lora_scale,
-                                    write_sampler_settings,
+    add_lora,
+    load_lora,
+    lora_config,
+    read_sampler_settings,
+    set_lora_scale,
+    write_sampler_settings,
 )
 
 __all__ = ["add_lora", "load_lora", "lora_config", "read_sampler_settings", "set_lora_scale", "write_sampler_settings"]

@@ -77,8 +77,15 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         errors = []
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "lora_rank", "log_every",
-                     "max_nonfinite_in_a_row"):
+        for name in (
+            "steps",
+            "batch_size",
+            "checkpoint_every",
+            "keep_last",
+            "lora_rank",
+            "log_every",
+            "max_nonfinite_in_a_row",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 errors.append(f"{name}={value!r} must be a positive integer")
@@ -106,13 +113,19 @@ class Finetuner:
         cfg.validate()
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self._check_run_dir(resume)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if cfg.device == "auto" else cfg.device)
+        self.device = torch.device(
+            "cuda"
+            if cfg.device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if cfg.device == "auto"
+            else cfg.device
+        )
         if self.device.type == "cpu" and cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
         seed_everything(cfg.seed)
-        self.state = TrainState(generator=torch.Generator(self.device).manual_seed(cfg.seed),
-                                np_rng=np.random.default_rng(cfg.seed))
+        self.state = TrainState(
+            generator=torch.Generator(self.device).manual_seed(cfg.seed), np_rng=np.random.default_rng(cfg.seed)
+        )
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.pipe = NucleusPipeline.from_pretrained(cfg.model, dtype=dtype, device=self.device, quantize=cfg.quantize)
@@ -122,8 +135,9 @@ class Finetuner:
         self._load_data()
         self.model = add_lora(self.pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
         self.model.train()
-        self.adapters = nn.ParameterDict({n.replace(".", "/"): p for n, p in self.model.named_parameters()
-                                          if p.requires_grad})
+        self.adapters = nn.ParameterDict(
+            {n.replace(".", "/"): p for n, p in self.model.named_parameters() if p.requires_grad}
+        )
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         muon, adamw, _ = build_optimizers(self.model, cfg.optimizer, ns_dtype)
         self.optimizers = {k: o for k, o in (("muon", muon), ("adamw", adamw)) if o is not None}
@@ -148,14 +162,17 @@ class Finetuner:
         config_file = self.run_dir / CONFIG_NAME
         if config_file.exists():
             if not resume:
-                raise ValueError(f"run folder {str(self.run_dir)!r} already holds a fine-tuning run; pass --resume "
-                                 f"to continue it or choose a new --out")
+                raise ValueError(
+                    f"run folder {str(self.run_dir)!r} already holds a fine-tuning run; pass --resume "
+                    f"to continue it or choose a new --out"
+                )
             # A config saved in an older layout compares as its current one.
             saved = FinetuneConfig.from_dict(json.loads(config_file.read_text())).to_dict()
             diff = changed_fields(saved, self.cfg.to_dict())
             if diff:
                 raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+
     def _load_data(self) -> None:
         data = Path(self.cfg.data)
         table = read_manifest(data)
@@ -170,8 +187,9 @@ class Finetuner:
             raise ValueError(f"no readable image in {str(data)!r}")
         resolution = self.cfg.resolution or self.pipe.sample_size
         self.buckets = make_buckets(resolution, self.cfg.aspect_ratios, self.pipe.granularity)
-        self.bucket_of_row = assign_buckets(table.column("width").to_numpy(), table.column("height").to_numpy(),
-                                            self.buckets)
+        self.bucket_of_row = assign_buckets(
+            table.column("width").to_numpy(), table.column("height").to_numpy(), self.buckets
+        )
         self.row_weights = readable * np.array([bool(c) for c in self.row_captions])
 
     def _micro_batch(self) -> FlowBatch:
@@ -196,20 +214,31 @@ class Finetuner:
         every `log_every` steps and at checkpoints; a step with a non-finite gradient is skipped and counted."""
         cfg, state = self.cfg, self.state
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        with progress_bar(total=end, initial=state.step, disable=not self.progress, desc="finetune", unit="step") as bar:
+        with progress_bar(
+            total=end, initial=state.step, disable=not self.progress, desc="finetune", unit="step"
+        ) as bar:
             while state.step < end:
-                out = train_step(self.model, list(self.optimizers.values()), [self._micro_batch()], self.objective,
-                                 cfg.optimizer, state.step, params=list(self.adapters.values()))
+                out = train_step(
+                    self.model,
+                    list(self.optimizers.values()),
+                    [self._micro_batch()],
+                    self.objective,
+                    cfg.optimizer,
+                    state.step,
+                    params=list(self.adapters.values()),
+                )
                 state.record(out.loss, out.applied, out.grad_norm)
                 bar.update(1)
                 save = state.step % cfg.checkpoint_every == 0 or state.step == end
                 if save or state.step % cfg.log_every == 0:
-                    state.flush(limit=cfg.max_nonfinite_in_a_row, last_checkpoint=lambda: ckpt.latest_checkpoint(
-                        self.run_dir))
+                    state.flush(
+                        limit=cfg.max_nonfinite_in_a_row, last_checkpoint=lambda: ckpt.latest_checkpoint(self.run_dir)
+                    )
                     bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
                 if save:
-                    ckpt.save_checkpoint(self.run_dir, self.adapters, {"lora": cfg.to_dict()}, self.optimizers, state,
-                                         cfg.keep_last)
+                    ckpt.save_checkpoint(
+                        self.run_dir, self.adapters, {"lora": cfg.to_dict()}, self.optimizers, state, cfg.keep_last
+                    )
         (self.run_dir / "losses.json").write_text(json.dumps(state.losses) + "\n")
         self.model.save_pretrained(str(self.run_dir / "adapter"))
         return state.losses

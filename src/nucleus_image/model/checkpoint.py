@@ -65,8 +65,10 @@ def resolve_pretrained(name) -> Path:
     except HFValidationError:
         return path
     except Exception as err:  # offline without a cached copy, unknown repository, no network: all the user's to fix
-        raise ValueError(f"{name!r} is neither a local folder nor a Hugging Face Hub model id that could be fetched "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+        raise ValueError(
+            f"{name!r} is neither a local folder nor a Hugging Face Hub model id that could be fetched "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})"
+        ) from None
 
 
 def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None):
@@ -77,8 +79,10 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", s
     if not (folder / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{str(folder)!r} is not a transformer folder: no {CONFIG_NAME}")
     if (folder / QUANTIZATION_CONFIG).exists():
-        raise ValueError(f"{str(folder)!r} holds 8-bit weights ({QUANTIZATION_CONFIG}); load it with "
-                         f"nucleus_image.quantization.load_transformer(path) or NucleusPipeline.from_pretrained")
+        raise ValueError(
+            f"{str(folder)!r} holds 8-bit weights ({QUANTIZATION_CONFIG}); load it with "
+            f"nucleus_image.quantization.load_transformer(path) or NucleusPipeline.from_pretrained"
+        )
     config = NucleusConfig.from_json(folder / CONFIG_NAME)
     with torch.device("meta"):
         model = cls(config)
@@ -110,8 +114,9 @@ def checked_tensors(folder: Path, expected: dict, unexpected: list[str], mismatc
                 yield key, f.get_tensor(key)
 
 
-def refuse_misfit(folder: Path, config, expected: dict, loaded: set[str], unexpected: list[str],
-                  mismatched: list[str]) -> None:
+def refuse_misfit(
+    folder: Path, config, expected: dict, loaded: set[str], unexpected: list[str], mismatched: list[str]
+) -> None:
     """One error listing every missing, unexpected and mis-shaped tensor, if there are any."""
     missing = sorted(set(expected) - loaded - {m.split(":")[0] for m in mismatched})
     if missing or unexpected or mismatched:
@@ -153,7 +158,9 @@ def save_pretrained(model, path, max_shard_size: int | str = "10GB") -> None:
             save_file(shard, str(tmp / name), metadata=metadata)
             weight_map.update({k: name for k in shard})
         total = sum(tensor_bytes(t) for t in state.values())
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     publish_folder(tmp, path)
 
 

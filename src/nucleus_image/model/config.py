@@ -71,7 +71,10 @@ class NucleusConfig:
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
         cf = self.capacity_factors
-        set_("capacity_factors", tuple(float(c) for c in (cf if isinstance(cf, (list, tuple)) else [cf] * self.num_layers)))
+        set_(
+            "capacity_factors",
+            tuple(float(c) for c in (cf if isinstance(cf, (list, tuple)) else [cf] * self.num_layers)),
+        )
         set_("axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
         if self.out_channels is None:
             set_("out_channels", self.in_channels)
@@ -82,7 +85,9 @@ class NucleusConfig:
     def validate(self) -> None:
         errors = []
         if self.dense_moe_strategy not in DENSE_MOE_STRATEGIES:
-            errors.append(f"unknown dense_moe_strategy {self.dense_moe_strategy!r}; accepted: {', '.join(DENSE_MOE_STRATEGIES)}")
+            errors.append(
+                f"unknown dense_moe_strategy {self.dense_moe_strategy!r}; accepted: {', '.join(DENSE_MOE_STRATEGIES)}"
+            )
         if self.router_input not in ROUTER_INPUTS:
             errors.append(f"unknown router_input {self.router_input!r}; accepted: {', '.join(ROUTER_INPUTS)}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -91,19 +96,27 @@ class NucleusConfig:
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
         if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
-            errors.append(f"axes_dims_rope={self.axes_dims_rope} must be 3 even dims summing to attention_head_dim={self.attention_head_dim}")
+            errors.append(
+                f"axes_dims_rope={self.axes_dims_rope} must be 3 even dims summing to attention_head_dim={self.attention_head_dim}"
+            )
         if any(a % 2 for a in self.axes_dims_rope):
             errors.append(f"axes_dims_rope={self.axes_dims_rope} must all be even")
         if len(self.capacity_factors) != self.num_layers:
-            errors.append(f"capacity_factors has {len(self.capacity_factors)} entries, expected num_layers={self.num_layers}")
+            errors.append(
+                f"capacity_factors has {len(self.capacity_factors)} entries, expected num_layers={self.num_layers}"
+            )
         if self.in_channels % (self.patch_size**2):
             errors.append(f"in_channels={self.in_channels} must be a multiple of patch_size**2={self.patch_size**2}")
         if self.dense_mlp_dim < 1:
-            errors.append(f"dense MLP width int(dim*mlp_ratio*2/3)//128*128 is 0 for hidden size {self.hidden_size}; use a hidden size >= 96")
+            errors.append(
+                f"dense MLP width int(dim*mlp_ratio*2/3)//128*128 is 0 for hidden size {self.hidden_size}; use a hidden size >= 96"
+            )
         if not errors:
             bad = [i for i in self.moe_layers if self.capacity_factors[i] <= 0]
             if bad:
-                errors.append(f"MoE layers {bad} have capacity factor <= 0 in capacity_factors={list(self.capacity_factors)}")
+                errors.append(
+                    f"MoE layers {bad} have capacity factor <= 0 in capacity_factors={list(self.capacity_factors)}"
+                )
         if errors:
             raise ValueError("invalid NucleusConfig: " + "; ".join(errors))
 
@@ -154,7 +167,9 @@ class NucleusConfig:
     def replace(self, **overrides) -> NucleusConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown NucleusConfig fields {sorted(unknown)}; accepted: {[f.name for f in dataclasses.fields(self)]}")
+            raise ValueError(
+                f"unknown NucleusConfig fields {sorted(unknown)}; accepted: {[f.name for f in dataclasses.fields(self)]}"
+            )
         if "num_layers" in overrides and "capacity_factors" not in overrides:
             # Keep the per-layer pattern meaningful when only the depth changes.
             n = overrides["num_layers"]
@@ -203,9 +218,17 @@ def released() -> NucleusConfig:
 def small() -> NucleusConfig:
     """A CPU-sized model with the release's structure (GQA, 3 dense blocks, per-layer CF): ~0.3B parameters."""
     return NucleusConfig(
-        in_channels=64, out_channels=16, num_layers=8, attention_head_dim=64, num_attention_heads=8,
-        num_key_value_heads=2, joint_attention_dim=384, axes_dims_rope=(8, 28, 28), num_experts=16,
-        moe_intermediate_dim=512, capacity_factors=(0.0,) * 3 + (4.0,) * 2 + (2.0,) * 3,
+        in_channels=64,
+        out_channels=16,
+        num_layers=8,
+        attention_head_dim=64,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        joint_attention_dim=384,
+        axes_dims_rope=(8, 28, 28),
+        num_experts=16,
+        moe_intermediate_dim=512,
+        capacity_factors=(0.0,) * 3 + (4.0,) * 2 + (2.0,) * 3,
         dense_moe_strategy="leave_first_three_blocks_dense",
     )
 
@@ -214,9 +237,17 @@ def tiny() -> NucleusConfig:
     """The embedded default's model: trains on 2 CPU cores in minutes on the synthetic pixel domain
     (12 latent channels = 3 RGB x 2x2 space-to-depth, MiniLM text states of width 384)."""
     return NucleusConfig(
-        in_channels=48, out_channels=12, num_layers=4, attention_head_dim=32, num_attention_heads=4,
-        num_key_value_heads=2, joint_attention_dim=384, axes_dims_rope=(4, 14, 14), num_experts=8,
-        moe_intermediate_dim=128, capacity_factors=(0.0, 4.0, 4.0, 2.0),
+        in_channels=48,
+        out_channels=12,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        joint_attention_dim=384,
+        axes_dims_rope=(4, 14, 14),
+        num_experts=8,
+        moe_intermediate_dim=128,
+        capacity_factors=(0.0, 4.0, 4.0, 2.0),
         dense_moe_strategy="leave_first_block_dense",
     )
 

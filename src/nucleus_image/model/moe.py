@@ -58,7 +58,9 @@ class SwiGLUExperts(nn.Module):
 
 
 class MoELayer(nn.Module):
-    def __init__(self, dim: int, inner: int, num_experts: int, capacity_factor: float, use_sigmoid: bool, route_scale: float):
+    def __init__(
+        self, dim: int, inner: int, num_experts: int, capacity_factor: float, use_sigmoid: bool, route_scale: float
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
@@ -71,7 +73,9 @@ class MoELayer(nn.Module):
     def capacity(self, seq_len: int) -> int:
         return expert_capacity(self.capacity_factor, seq_len, self.num_experts)
 
-    def forward(self, x_mod_BSD: torch.Tensor, router_in_BSD: torch.Tensor, temb_BD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def forward(
+        self, x_mod_BSD: torch.Tensor, router_in_BSD: torch.Tensor, temb_BD: torch.Tensor
+    ) -> tuple[torch.Tensor, Routing]:
         B, S, D = x_mod_BSD.shape
         E, C = self.num_experts, self.capacity(S)
         logits = self.gate(torch.cat([temb_BD.unsqueeze(1).expand(-1, S, -1), router_in_BSD], dim=-1))

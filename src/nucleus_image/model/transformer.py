@@ -106,7 +106,12 @@ class NucleusBlock(nn.Module):
         self.img_mlp: MoELayer | SwiGLU
         if self.is_moe:
             self.img_mlp = MoELayer(
-                d, cfg.moe_intermediate_dim, cfg.num_experts, cfg.capacity_factors[layer_idx], cfg.use_sigmoid, cfg.route_scale
+                d,
+                cfg.moe_intermediate_dim,
+                cfg.num_experts,
+                cfg.capacity_factors[layer_idx],
+                cfg.use_sigmoid,
+                cfg.route_scale,
             )
         else:
             self.img_mlp = SwiGLU(d, cfg.dense_mlp_dim)
@@ -183,9 +188,11 @@ class NucleusTransformer(nn.Module):
         from .checkpoint import save_pretrained
 
         if self.quantization is not None:
-            raise ValueError(f"this transformer holds {self.quantization} weights; save it with "
-                             f"nucleus_image.quantization.save_transformer(model, path) (or the pipeline's "
-                             f"save_pretrained), which writes the quantized layout")
+            raise ValueError(
+                f"this transformer holds {self.quantization} weights; save it with "
+                f"nucleus_image.quantization.save_transformer(model, path) (or the pipeline's "
+                f"save_pretrained), which writes the quantized layout"
+            )
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
     def blocks(self) -> list[NucleusBlock]:
@@ -211,7 +218,12 @@ class NucleusTransformer(nn.Module):
                 blk.img_mlp.capacity_factor = self.config.capacity_factors[i]
 
     # ---- text work, once per prompt set ------------------------------------------------------------------
-    def encode_text(self, encoder_hidden_states: torch.Tensor, encoder_hidden_states_mask: torch.Tensor | None = None, img_shapes=None) -> TextKV:
+    def encode_text(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        img_shapes=None,
+    ) -> TextKV:
         """Per-block text keys/values for an image grid: compute once per prompt set, reuse on every step."""
         if img_shapes is None:
             raise ValueError("encode_text needs img_shapes (text RoPE positions start after the image grid)")
@@ -280,7 +292,9 @@ class NucleusTransformer(nn.Module):
             if encoder_hidden_states is None:
                 raise ValueError("pass encoder_hidden_states (and optionally its mask) or a precomputed text_kv")
             if encoder_hidden_states.shape[0] != B:
-                raise ValueError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} != hidden_states batch {B}")
+                raise ValueError(
+                    f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} != hidden_states batch {B}"
+                )
             text_kv = self.encode_text(encoder_hidden_states, encoder_hidden_states_mask, [(f, h, w)])
         elif text_kv.batch_size != B or text_kv.text_offset != max(h // 2, w // 2):
             raise ValueError(

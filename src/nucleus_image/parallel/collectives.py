@@ -28,8 +28,10 @@ def _on_device(t: torch.Tensor, dims: ParallelDims, what: str) -> torch.Tensor:
 
 def _on(t: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
     if t.device != device:
-        raise ValueError(f"{what}: a tensor on {t.device}, but this run's collectives run on {device} (an NCCL "
-                         f"group serves only its GPU's tensors); create the tensor on the training device")
+        raise ValueError(
+            f"{what}: a tensor on {t.device}, but this run's collectives run on {device} (an NCCL "
+            f"group serves only its GPU's tensors); create the tensor on the training device"
+        )
     return t
 
 
@@ -63,8 +65,9 @@ def clip_grad_norm_(params, max_norm: float, dims: ParallelDims) -> torch.Tensor
     return total
 
 
-def all_to_all_split(send: torch.Tensor, recv_splits: list[int], send_splits: list[int], group,
-                     device: torch.device) -> torch.Tensor:
+def all_to_all_split(
+    send: torch.Tensor, recv_splits: list[int], send_splits: list[int], group, device: torch.device
+) -> torch.Tensor:
     """One all-to-all of a flat buffer cut into exact per-rank sizes (uneven splits, no padding) over `group`;
     returns what the ranks sent here, a new tensor. Muon exchanges its row-split weights this way, on `device`,
     the device its parameters live on (the training device under FSDP2), and refuses a buffer anywhere else."""
@@ -86,7 +89,7 @@ def average_gradients_(params, dims: ParallelDims) -> None:
     flat /= dims.world
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -108,8 +111,7 @@ class StopVote:
     def poll(self, requested: bool) -> bool:
         agreed = self._read()
         flag = np.array([1.0 if requested else 0.0])  # host memory, shared with the tensor sent
-        work = dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=self.dims.host_group,
-                               async_op=True)
+        work = dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=self.dims.host_group, async_op=True)
         self._pending = (work, flag)
         return agreed
 

@@ -29,19 +29,25 @@ class ParallelConfig:
     def resolve(self, world: int) -> ParallelConfig:
         """The layout for `world` processes (dp_shard=0 filled in), or a ValueError saying what divides what."""
         if self.dp_replicate < 1 or self.dp_shard < 0 or self.ep < 1:
-            raise ValueError(f"parallel.dp_replicate and parallel.ep must be >= 1 and parallel.dp_shard >= 0 "
-                             f"(0 = the rest); got dp_replicate={self.dp_replicate}, dp_shard={self.dp_shard}, ep={self.ep}")
+            raise ValueError(
+                f"parallel.dp_replicate and parallel.ep must be >= 1 and parallel.dp_shard >= 0 "
+                f"(0 = the rest); got dp_replicate={self.dp_replicate}, dp_shard={self.dp_shard}, ep={self.ep}"
+            )
         if self.init not in ("full", "meta"):
             raise ValueError(f"parallel.init {self.init!r}; accepted: full, meta")
         if world % self.dp_replicate:
             raise ValueError(f"parallel.dp_replicate={self.dp_replicate} does not divide the {world} processes")
         dp_shard = self.dp_shard or world // self.dp_replicate
         if self.dp_replicate * dp_shard != world:
-            raise ValueError(f"parallel.dp_replicate * parallel.dp_shard = {self.dp_replicate} * {dp_shard} = "
-                             f"{self.dp_replicate * dp_shard}, but {world} processes were started; they must be equal")
+            raise ValueError(
+                f"parallel.dp_replicate * parallel.dp_shard = {self.dp_replicate} * {dp_shard} = "
+                f"{self.dp_replicate * dp_shard}, but {world} processes were started; they must be equal"
+            )
         if dp_shard % self.ep:
-            raise ValueError(f"parallel.ep={self.ep} must divide parallel.dp_shard={dp_shard} (expert-parallel ranks are "
-                             f"borrowed from the shard dimension)")
+            raise ValueError(
+                f"parallel.ep={self.ep} must divide parallel.dp_shard={dp_shard} (expert-parallel ranks are "
+                f"borrowed from the shard dimension)"
+            )
         return ParallelConfig(self.dp_replicate, dp_shard, self.ep, self.compile, self.init)
 
     @property
@@ -58,15 +64,18 @@ def check_layout(layout: ParallelConfig, num_experts: int, batch_sizes: dict[str
     """Refuse, before any work, a layout the model or the stages cannot be split over."""
     errors = []
     if num_experts % layout.ep:
-        errors.append(f"parallel.ep={layout.ep} must divide model.num_experts={num_experts} (each EP rank holds "
-                      f"whole experts)")
+        errors.append(
+            f"parallel.ep={layout.ep} must divide model.num_experts={num_experts} (each EP rank holds whole experts)"
+        )
     if grad_accum_steps < 1:
         errors.append(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
     else:
         per_step = grad_accum_steps * layout.world
         for name, batch in batch_sizes.items():
             if batch % per_step:
-                errors.append(f"stage {name}: batch_size {batch} (the global batch) is not divisible by grad_accum_steps "
-                              f"* processes = {grad_accum_steps} * {layout.world} = {per_step}")
+                errors.append(
+                    f"stage {name}: batch_size {batch} (the global batch) is not divisible by grad_accum_steps "
+                    f"* processes = {grad_accum_steps} * {layout.world} = {per_step}"
+                )
     if errors:
         raise ValueError("invalid parallel layout: " + "; ".join(errors))

@@ -23,24 +23,35 @@ from ..model import NucleusTransformer
 from .expert_parallel import apply_expert_parallel
 from .mesh import ParallelDims
 
+
 # FSDP2 warns when a unit returns a view, because an in-place op on that view would drop the unit's pre-backward
 # hook. The only unit here that returns one is each block's text-side `encoder_proj` (a Linear on 3-D input
 # returns its matmul reshaped); its output is read only by add_k_proj and add_v_proj, out of place, so the hook
 # always runs. Checked: N processes train to the one-process run's weights (tests/test_distributed.py).
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPLinear\) returned a view tensor")
+# Installed by every parallelize() call as well as on import: a caller's warnings.catch_warnings() block around the
+# first import would otherwise take the filter away with it.
+def ignore_view_warning() -> None:
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPLinear\) returned a view tensor")
+
+
+ignore_view_warning()
 
 
 def mixed_precision(bf16: bool) -> MixedPrecisionPolicy:
     """bf16: parameters gathered in bf16 for compute, gradients reduce-scattered (and all-reduced across replicas)
     in fp32; otherwise everything in the parameters' dtype. The planner counts FSDP's buffers and traffic from
     this policy."""
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    return (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
 
 
-def parallelize(model: NucleusTransformer, dims: ParallelDims, *, activation_checkpointing: bool, compile: bool,
-                bf16: bool) -> NucleusTransformer:
+def parallelize(
+    model: NucleusTransformer, dims: ParallelDims, *, activation_checkpointing: bool, compile: bool, bf16: bool
+) -> NucleusTransformer:
     """Shard `model` in place for `dims`; bf16 keeps parameters in bf16 for compute with fp32 gradient
     reduction (FSDP2 MixedPrecisionPolicy; the sharded master weights stay fp32)."""
+    ignore_view_warning()
     mp = mixed_precision(bf16)
     if activation_checkpointing:
         model.enable_gradient_checkpointing()

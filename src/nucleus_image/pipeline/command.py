@@ -25,22 +25,54 @@ def cache_flags(config: StepCacheConfig | None) -> list[str]:
     if config is None:
         return []
     fields = config.to_dict()
-    return ["--cache", fields.pop("policy")] + [part for name, value in fields.items()
-                                               for part in (f"--cache-{name}", repr(value))]
+    return ["--cache", fields.pop("policy")] + [
+        part for name, value in fields.items() for part in (f"--cache-{name}", repr(value))
+    ]
 
 
-def generate_command(model: str, prompt: str, *, seed: int, width: int, height: int, steps: int, guidance: float,
-                     negative: str | None = None, dtype: str = "auto", device: str | None = None,
-                     quantize: str | None = None, cache: StepCacheConfig | None = None, cuda_graph: bool = False,
-                     fp8_compute: bool = False, aspect: str | None = None, lora: str | None = None,
-                     lora_scale: float = 1.0) -> str:
+def generate_command(
+    model: str,
+    prompt: str,
+    *,
+    seed: int,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    negative: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    quantize: str | None = None,
+    cache: StepCacheConfig | None = None,
+    cuda_graph: bool = False,
+    fp8_compute: bool = False,
+    aspect: str | None = None,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+) -> str:
     """The shell command drawing this one image into the folder OUT (the image's seed is `seed`). The size as it
     was asked for (an aspect preset or pixels), so the regenerated image records the same settings. `lora`: the
     adapter folder attached (its sampler settings' noise levels apply again, as --steps is its step count)."""
     size = ["--aspect", aspect] if aspect else ["--width", str(width), "--height", str(height)]
-    parts = ["nucleus", "generate", "--model", model_name(model), "--prompt", prompt, *size,
-             "--steps", str(steps), "--guidance", repr(guidance), "--seed", str(seed), "--num-images", "1",
-             "--dtype", dtype]
+    parts = [
+        "nucleus",
+        "generate",
+        "--model",
+        model_name(model),
+        "--prompt",
+        prompt,
+        *size,
+        "--steps",
+        str(steps),
+        "--guidance",
+        repr(guidance),
+        "--seed",
+        str(seed),
+        "--num-images",
+        "1",
+        "--dtype",
+        dtype,
+    ]
     if negative is not None:
         parts += ["--negative", negative]
     if device is not None:

@@ -42,8 +42,10 @@ def check_cuda_graph(device: torch.device | str) -> None:
     """Refuse devices CUDA graphs cannot run on, saying what is needed."""
     device = torch.device(device)
     if device.type != "cuda":
-        raise ValueError(f"CUDA graphs replay the denoising step on a CUDA GPU; the model is on {device}. Run on a "
-                         f"GPU (device 'cuda') or leave cuda_graph off")
+        raise ValueError(
+            f"CUDA graphs replay the denoising step on a CUDA GPU; the model is on {device}. Run on a "
+            f"GPU (device 'cuda') or leave cuda_graph off"
+        )
 
 
 class GraphedStep:
@@ -64,8 +66,10 @@ class GraphedStep:
         if self.graph is None:
             if not all(t.is_cuda for t in inputs):
                 devices = sorted({str(t.device) for t in inputs})
-                raise ValueError(f"CUDA graphs need CUDA tensors; the step's inputs are on {', '.join(devices)}. "
-                                 f"Call denoise_step directly elsewhere")
+                raise ValueError(
+                    f"CUDA graphs need CUDA tensors; the step's inputs are on {', '.join(devices)}. "
+                    f"Call denoise_step directly elsewhere"
+                )
             if self.eager_calls < self.warmup:
                 self.eager_calls += 1
                 return self._eager(inputs)
@@ -99,17 +103,27 @@ def _kv_tensors(text_kv: TextKV) -> tuple[torch.Tensor, ...]:
     return (*text_kv.keys, *text_kv.values, *mask)
 
 
-def step_function(transformer: Any, text_kv: TextKV, img_shapes: list,
-                  guidance_scale: float) -> Callable[..., torch.Tensor]:
+def step_function(
+    transformer: Any, text_kv: TextKV, img_shapes: list, guidance_scale: float
+) -> Callable[..., torch.Tensor]:
     """denoise_step as a function of tensors only, `(latents, t_R, sigma, sigma_next, *text K/V tensors)`: what a
     graph captures, so the text K/V of each call are copied into the graph like every other input."""
     blocks, offset, masked = len(text_kv.keys), text_kv.text_offset, text_kv.mask_BL is not None
 
-    def step(latents: torch.Tensor, t_R: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
-             *kv: torch.Tensor) -> torch.Tensor:
-        rebuilt = TextKV(kv[:blocks], kv[blocks:2 * blocks], kv[2 * blocks] if masked else None, offset)
-        return denoise_step(transformer, latents, t_R, sigma, sigma_next, text_kv=rebuilt, img_shapes=img_shapes,
-                            guidance_scale=guidance_scale)
+    def step(
+        latents: torch.Tensor, t_R: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, *kv: torch.Tensor
+    ) -> torch.Tensor:
+        rebuilt = TextKV(kv[:blocks], kv[blocks : 2 * blocks], kv[2 * blocks] if masked else None, offset)
+        return denoise_step(
+            transformer,
+            latents,
+            t_R,
+            sigma,
+            sigma_next,
+            text_kv=rebuilt,
+            img_shapes=img_shapes,
+            guidance_scale=guidance_scale,
+        )
 
     return step
 
@@ -127,14 +141,23 @@ class StepGraphs:
     def clear(self) -> None:
         self.graphs.clear()
 
-    def step(self, transformer: Any, text_kv: TextKV, img_shapes: list, guidance_scale: float,
-             latents: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def step(
+        self, transformer: Any, text_kv: TextKV, img_shapes: list, guidance_scale: float, latents: torch.Tensor
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """`step(latents, t_R, sigma, sigma_next)` for this call, replaying this shape's graph."""
         check_cuda_graph(latents.device)
         kv = _kv_tensors(text_kv)
-        key = (str(latents.device), tuple(latents.shape), tuple(tuple(t.shape) for t in kv), text_kv.text_offset,
-               text_kv.mask_BL is not None, tuple(tuple(s) for s in img_shapes), float(guidance_scale),
-               transformer.dtype, id(transformer))
+        key = (
+            str(latents.device),
+            tuple(latents.shape),
+            tuple(tuple(t.shape) for t in kv),
+            text_kv.text_offset,
+            text_kv.mask_BL is not None,
+            tuple(tuple(s) for s in img_shapes),
+            float(guidance_scale),
+            transformer.dtype,
+            id(transformer),
+        )
         graphed = self.graphs.pop(key, None)
         if graphed is None:
             graphed = GraphedStep(step_function(transformer, text_kv, img_shapes, guidance_scale))

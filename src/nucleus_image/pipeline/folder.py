@@ -38,13 +38,16 @@ TEXT_ENCODER_CLASSES = ("Qwen3VLForConditionalGeneration", "MiniLMTextEncoder")
 def read_index(path: Path) -> dict:
     index_file = path / INDEX_NAME
     if not path.is_dir() or not index_file.exists():
-        raise ValueError(f"{str(path)!r} is not a pipeline folder: expected {INDEX_NAME} beside transformer/, vae/, "
-                         f"text_encoder/, processor/ (or tokenizer/) and scheduler/")
+        raise ValueError(
+            f"{str(path)!r} is not a pipeline folder: expected {INDEX_NAME} beside transformer/, vae/, "
+            f"text_encoder/, processor/ (or tokenizer/) and scheduler/"
+        )
     index = json.loads(index_file.read_text())
     for name in ("transformer", "vae"):
         if not index.get(name) or index[name][1] is None or not (path / name).is_dir():
-            raise ValueError(f"pipeline folder {str(path)!r} lacks its {name}: {INDEX_NAME} must list it and "
-                             f"{name}/ must exist")
+            raise ValueError(
+                f"pipeline folder {str(path)!r} lacks its {name}: {INDEX_NAME} must list it and {name}/ must exist"
+            )
     return index
 
 
@@ -71,8 +74,14 @@ def _class(index: dict, name: str) -> str | None:
     return entry[1] if entry and entry[1] is not None else None
 
 
-def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = True,
-                    load_transformer: bool = True, quantize: str | None = None) -> dict:
+def load_components(
+    path,
+    dtype: torch.dtype,
+    device,
+    load_text_encoder: bool = True,
+    load_transformer: bool = True,
+    quantize: str | None = None,
+) -> dict:
     """Everything NucleusPipeline.__init__ takes, read from a pipeline folder (the transformer None when not
     `load_transformer`: the trainer takes only the encoders of a released folder)."""
     from nucleus_image.quantization import checkpoint as weights
@@ -81,8 +90,11 @@ def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = 
     index = read_index(path)
     # A saved quantized transformer computes in the dtype its unquantized layers were saved in.
     transformer_dtype = None if weights.stored_quantization(path / "transformer") else dtype
-    components: dict[str, Any] = {"transformer": weights.load_transformer(path / "transformer", quantize, dtype=transformer_dtype,
-                                                          device=device) if load_transformer else None}
+    components: dict[str, Any] = {
+        "transformer": weights.load_transformer(path / "transformer", quantize, dtype=transformer_dtype, device=device)
+        if load_transformer
+        else None
+    }
 
     vae_class = _class(index, "vae")
     if vae_class == "AutoencoderKLQwenImage":
@@ -104,20 +116,26 @@ def load_components(path, dtype: torch.dtype, device, load_text_encoder: bool = 
 
             tokenizer_dir = next((path / d for d in ("processor", "tokenizer") if (path / d).is_dir()), None)
             if tokenizer_dir is None:
-                raise ValueError(f"pipeline folder {str(path)!r} has a Qwen3-VL text encoder but no processor/ or "
-                                 f"tokenizer/ folder")
-            components["text_encoder"] = Qwen3VLTextEncoder.from_pretrained(path / "text_encoder", tokenizer_dir,
-                                                                            dtype=dtype, device=device)
+                raise ValueError(
+                    f"pipeline folder {str(path)!r} has a Qwen3-VL text encoder but no processor/ or tokenizer/ folder"
+                )
+            components["text_encoder"] = Qwen3VLTextEncoder.from_pretrained(
+                path / "text_encoder", tokenizer_dir, dtype=dtype, device=device
+            )
         elif text_class == "MiniLMTextEncoder":
             from nucleus_image.encoders.minilm import MiniLMTextEncoder
 
             # fp32 whatever `dtype`: training cached this encoder's fp32 states, and in bf16 its states drift from
             # them (MiniLM is 22M parameters, so fp32 costs nothing). The states are cast to the transformer's
             # dtype after encoding.
-            components["text_encoder"] = MiniLMTextEncoder.from_pretrained(path / "text_encoder").to(device, torch.float32)
+            components["text_encoder"] = MiniLMTextEncoder.from_pretrained(path / "text_encoder").to(
+                device, torch.float32
+            )
         else:
-            raise ValueError(f"unknown text_encoder class {text_class!r} in {path / INDEX_NAME}; accepted: "
-                             f"{', '.join(TEXT_ENCODER_CLASSES)}")
+            raise ValueError(
+                f"unknown text_encoder class {text_class!r} in {path / INDEX_NAME}; accepted: "
+                f"{', '.join(TEXT_ENCODER_CLASSES)}"
+            )
 
     scheduler_file = path / "scheduler" / SCHEDULER_CONFIG
     schedule_config = json.loads(scheduler_file.read_text()) if scheduler_file.exists() else {}
@@ -130,8 +148,13 @@ def _entry(module) -> list[str] | list[None]:
     if module is None:
         return [None, None]
     name = module.config()["_class_name"]
-    library = "diffusers" if name == "AutoencoderKLQwenImage" else "transformers" if name.startswith("Qwen3VL") else \
-        "nucleus_image"
+    library = (
+        "diffusers"
+        if name == "AutoencoderKLQwenImage"
+        else "transformers"
+        if name.startswith("Qwen3VL")
+        else "nucleus_image"
+    )
     return [library, name]
 
 

@@ -67,17 +67,29 @@ def _pad_text(states_BLD: torch.Tensor, mask_BL: torch.Tensor | None, length: in
 
 
 class NucleusPipeline:
-    def __init__(self, transformer, vae: Autoencoder, text_encoder: TextEncoder | None = None,
-                 schedule: FlowSchedule | None = None, sample_size: int | None = None, *, cuda_graph: bool = False,
-                 fp8_compute: bool = False):
+    def __init__(
+        self,
+        transformer,
+        vae: Autoencoder,
+        text_encoder: TextEncoder | None = None,
+        schedule: FlowSchedule | None = None,
+        sample_size: int | None = None,
+        *,
+        cuda_graph: bool = False,
+        fp8_compute: bool = False,
+    ):
         cfg = transformer.config
         if vae.latent_channels != cfg.in_channels // cfg.patch_size**2 or vae.latent_channels != cfg.out_channels:
-            raise ValueError(f"autoencoder has {vae.latent_channels} latent channels but the transformer takes "
-                             f"in_channels={cfg.in_channels} (= channels x {cfg.patch_size}^2) and returns "
-                             f"out_channels={cfg.out_channels}")
+            raise ValueError(
+                f"autoencoder has {vae.latent_channels} latent channels but the transformer takes "
+                f"in_channels={cfg.in_channels} (= channels x {cfg.patch_size}^2) and returns "
+                f"out_channels={cfg.out_channels}"
+            )
         if text_encoder is not None and text_encoder.dim != cfg.joint_attention_dim:
-            raise ValueError(f"text encoder states are {text_encoder.dim} wide but the transformer's "
-                             f"joint_attention_dim is {cfg.joint_attention_dim}")
+            raise ValueError(
+                f"text encoder states are {text_encoder.dim} wide but the transformer's "
+                f"joint_attention_dim is {cfg.joint_attention_dim}"
+            )
         self.transformer = transformer
         self.lora = None  # the peft model of an adapter attached by load_lora
         # Steps, noise levels and guidance a call uses when it names none: the release's, or a loaded adapter's.
@@ -87,8 +99,9 @@ class NucleusPipeline:
         self.schedule = schedule or FlowSchedule()
         self.sample_size = sample_size or DIFFUSERS_SAMPLE_LATENTS * vae.scale_factor
         if self.sample_size % self.granularity:
-            raise ValueError(f"sample_size {self.sample_size} is not a multiple of the pixel granularity "
-                             f"{self.granularity}")
+            raise ValueError(
+                f"sample_size {self.sample_size} is not a multiple of the pixel granularity {self.granularity}"
+            )
         self._graphs = StepGraphs()
         if cuda_graph:
             check_cuda_graph(self.device)
@@ -98,9 +111,16 @@ class NucleusPipeline:
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, load_text_encoder: bool = True,
-                        quantize: str | None = None, cuda_graph: bool = False,
-                        fp8_compute: bool = False) -> NucleusPipeline:
+    def from_pretrained(
+        cls,
+        path,
+        dtype: torch.dtype | None = None,
+        device=None,
+        load_text_encoder: bool = True,
+        quantize: str | None = None,
+        cuda_graph: bool = False,
+        fp8_compute: bool = False,
+    ) -> NucleusPipeline:
         """Load a diffusers NucleusMoEImagePipeline folder or one saved by `save_pretrained` (our training), from a
         local folder or a Hugging Face Hub model id ("owner/name[@revision]", through huggingface_hub's cache).
 
@@ -115,15 +135,22 @@ class NucleusPipeline:
         if fp8_compute:
             check_fp8_compute(device)
             if quantize is not None:
-                raise ValueError(f"fp8_compute computes with fp8 copies of high-precision weights; quantize="
-                                 f"{quantize!r} stores 8-bit weights computed in high precision: choose one")
-        return cls(**load_components(path, dtype, device, load_text_encoder, quantize=quantize),
-                   cuda_graph=cuda_graph, fp8_compute=fp8_compute)
+                raise ValueError(
+                    f"fp8_compute computes with fp8 copies of high-precision weights; quantize="
+                    f"{quantize!r} stores 8-bit weights computed in high precision: choose one"
+                )
+        return cls(
+            **load_components(path, dtype, device, load_text_encoder, quantize=quantize),
+            cuda_graph=cuda_graph,
+            fp8_compute=fp8_compute,
+        )
 
     def save_pretrained(self, path) -> None:
         if self.fp8_compute:
-            raise ValueError("this pipeline computes in fp8 (fp8_compute): its transformer holds fp8 copies made "
-                             "for computing, not a checkpoint; save the pipeline before enabling fp8 compute")
+            raise ValueError(
+                "this pipeline computes in fp8 (fp8_compute): its transformer holds fp8 copies made "
+                "for computing, not a checkpoint; save the pipeline before enabling fp8 compute"
+            )
         save_components(path, self.transformer, self.vae, self.text_encoder, self.schedule, self.sample_size)
 
     @property
@@ -151,8 +178,10 @@ class NucleusPipeline:
         if self.lora is not None:
             raise ValueError("a LoRA adapter is already loaded; merge_lora() it first or load a fresh pipeline")
         if self.fp8_compute:
-            raise ValueError("a LoRA adapter cannot attach to fp8-compute layers: load it (and merge_lora()) before "
-                             "enabling fp8 compute")
+            raise ValueError(
+                "a LoRA adapter cannot attach to fp8-compute layers: load it (and merge_lora()) before "
+                "enabling fp8 compute"
+            )
         settings = read_sampler_settings(path)
         self.lora = load_lora(self.transformer, path, scale)
         if settings is not None:
@@ -165,8 +194,10 @@ class NucleusPipeline:
         if self.lora is None:
             raise ValueError("no LoRA adapter is loaded: call load_lora(path) first")
         if self.transformer.quantization is not None:
-            raise ValueError(f"cannot merge a LoRA adapter into {self.transformer.quantization} weights; load the "
-                             f"pipeline without quantize=, merge, then quantize")
+            raise ValueError(
+                f"cannot merge a LoRA adapter into {self.transformer.quantization} weights; load the "
+                f"pipeline without quantize=, merge, then quantize"
+            )
         self.transformer = self.lora.merge_and_unload()
         self.lora = None
         self._graphs.clear()
@@ -215,18 +246,38 @@ class NucleusPipeline:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"{name}_mask has shape {shape}; expected {tuple(embeds.shape[:2])} to match {name}")
 
-    def _check_inputs(self, prompt, negative_prompt, guidance_scale, num_inference_steps, sigmas,
-                      num_images_per_prompt, generator, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds,
-                      negative_prompt_embeds_mask, output_type) -> tuple[list[str] | None, list[str] | None, int]:
+    def _check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        guidance_scale,
+        num_inference_steps,
+        sigmas,
+        num_images_per_prompt,
+        generator,
+        prompt_embeds,
+        prompt_embeds_mask,
+        negative_prompt_embeds,
+        negative_prompt_embeds_mask,
+        output_type,
+    ) -> tuple[list[str] | None, list[str] | None, int]:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r} is not supported; accepted: {', '.join(OUTPUT_TYPES)}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, Real)
+            or not math.isfinite(guidance_scale)
+        ):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if sigmas is None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
-                               or num_inference_steps < 1):
+        if sigmas is None and (
+            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
+        ):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
+        if (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, int)
+            or num_images_per_prompt < 1
+        ):
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
 
         if (prompt is None) == (prompt_embeds is None):
@@ -244,11 +295,16 @@ class NucleusPipeline:
             raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
         if negative_prompt is not None:
             # A single negative string applies to every prompt (the reference pipeline crashes on this).
-            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else \
-                check_prompts(negative_prompt, "negative_prompt")
+            negatives = (
+                [negative_prompt] * batch
+                if isinstance(negative_prompt, str)
+                else check_prompts(negative_prompt, "negative_prompt")
+            )
             if len(negatives) != batch:
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts; pass one string "
-                                 f"or one per prompt")
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries for {batch} prompts; pass one string "
+                    f"or one per prompt"
+                )
         if negative_prompt_embeds is not None:
             self._check_embeds("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_mask, batch)
         elif negative_prompt_embeds_mask is not None:
@@ -258,18 +314,32 @@ class NucleusPipeline:
             negatives = [""] * batch  # the released default: guide away from the empty prompt
         needs_text = prompts is not None or (guiding and negative_prompt_embeds is None)
         if needs_text and self.text_encoder is None:
-            raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds when "
-                             "guidance_scale > 1) instead of text prompts")
+            raise ValueError(
+                "this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds when "
+                "guidance_scale > 1) instead of text prompts"
+            )
 
         total = batch * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != total:
-            raise ValueError(f"got {len(generator)} generators for {total} images ({batch} prompts x "
-                             f"{num_images_per_prompt}); pass one generator or one per image")
+            raise ValueError(
+                f"got {len(generator)} generators for {total} images ({batch} prompts x "
+                f"{num_images_per_prompt}); pass one generator or one per image"
+            )
         return prompts, negatives, batch
 
     # ---- the pieces of a call ----------------------------------------------------------------------------
-    def _text_states(self, prompts, negatives, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds,
-                     negative_prompt_embeds_mask, cfg: bool, n: int, offload: bool):
+    def _text_states(
+        self,
+        prompts,
+        negatives,
+        prompt_embeds,
+        prompt_embeds_mask,
+        negative_prompt_embeds,
+        negative_prompt_embeds_mask,
+        cfg: bool,
+        n: int,
+        offload: bool,
+    ):
         """(rows, L, D) states and (rows, L) mask (None when nothing is padding): conditional rows first,
         each prompt repeated n times; then the unconditional rows when guiding."""
         texts = (prompts or []) + (negatives if cfg and negatives is not None else [])
@@ -296,8 +366,9 @@ class NucleusPipeline:
             parts.append(rows(slice(num_pos, None), negative_prompt_embeds, negative_prompt_embeds_mask))
         device, dtype = self.device, self.transformer.dtype
         length = max(states.shape[1] for states, _ in parts)
-        padded = [_pad_text(states.to(device), None if mask is None else mask.to(device), length)
-                  for states, mask in parts]
+        padded = [
+            _pad_text(states.to(device), None if mask is None else mask.to(device), length) for states, mask in parts
+        ]
         states_RLD = torch.cat([s.repeat_interleave(n, dim=0) for s, _ in padded]).to(dtype)
         mask_RL = torch.cat([m.repeat_interleave(n, dim=0) for _, m in padded])
         return states_RLD, (None if bool(mask_RL.all()) else mask_RL)
@@ -311,8 +382,10 @@ class NucleusPipeline:
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != (total, tokens, width):
                 shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(f"latents have shape {shape}; expected packed ({total}, {tokens}, {width}) for "
-                                 f"{total} images at this size")
+                raise ValueError(
+                    f"latents have shape {shape}; expected packed ({total}, {tokens}, {width}) for "
+                    f"{total} images at this size"
+                )
             return latents.to(self.device, torch.float32)
         shape = (1, channels, grid_h, grid_w)
         if isinstance(generator, list):
@@ -374,17 +447,31 @@ class NucleusPipeline:
 
         Unlike the reference, guidance runs conditional and unconditional rows in one forward, a single
         negative string applies to every prompt, and bad input raises ValueError before any model work."""
-        guidance_scale, num_inference_steps, sigmas = self.sampler_defaults.resolve(guidance_scale,
-                                                                                     num_inference_steps, sigmas)
+        guidance_scale, num_inference_steps, sigmas = self.sampler_defaults.resolve(
+            guidance_scale, num_inference_steps, sigmas
+        )
         prompts, negatives, batch = self._check_inputs(
-            prompt, negative_prompt, guidance_scale, num_inference_steps, sigmas, num_images_per_prompt, generator,
-            prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask, output_type)
+            prompt,
+            negative_prompt,
+            guidance_scale,
+            num_inference_steps,
+            sigmas,
+            num_images_per_prompt,
+            generator,
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            output_type,
+        )
         height, width = self.resolve_size(height, width, aspect_ratio)
         cache = resolve_cache(cache)
         if self.cuda_graph:
             if cache is not None:
-                raise ValueError(f"a step cache ({cache.policy}) changes each step's work, while a CUDA graph replays "
-                                 f"one fixed step: pass cache=None or set cuda_graph=False")
+                raise ValueError(
+                    f"a step cache ({cache.policy}) changes each step's work, while a CUDA graph replays "
+                    f"one fixed step: pass cache=None or set cuda_graph=False"
+                )
             check_cuda_graph(self.device)
         sigma_list = validate_sigmas(sigmas) if sigmas is not None else None
         cfg, n, total = uses_cfg(guidance_scale), num_images_per_prompt, batch * num_images_per_prompt
@@ -392,9 +479,17 @@ class NucleusPipeline:
         latents = self._initial_latents(latents, generator, total, grid_h, grid_w)
         sigma_N1 = self.schedule.sigmas(num_inference_steps, latents.shape[1], sigma_list).to(self.device)
 
-        states_RLD, mask_RL = self._text_states(prompts, negatives, prompt_embeds, prompt_embeds_mask,
-                                                negative_prompt_embeds, negative_prompt_embeds_mask, cfg, n,
-                                                offload_text_encoder)
+        states_RLD, mask_RL = self._text_states(
+            prompts,
+            negatives,
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            cfg,
+            n,
+            offload_text_encoder,
+        )
         patch = self.transformer.config.patch_size
         rows = states_RLD.shape[0]
         img_shapes = [(1, grid_h // patch, grid_w // patch)] * rows
@@ -408,8 +503,9 @@ class NucleusPipeline:
         if self.cuda_graph:
             step = self._graphs.step(self.transformer, text_kv, img_shapes, guidance_scale, latents)
         else:
-            step = partial(denoise_step, self.transformer, text_kv=text_kv, img_shapes=img_shapes,
-                           guidance_scale=guidance_scale)
+            step = partial(
+                denoise_step, self.transformer, text_kv=text_kv, img_shapes=img_shapes, guidance_scale=guidance_scale
+            )
         for i in progress_bar(range(len(t_N)), desc="denoising", disable=not progress, leave=False):
             seam = {} if step_cache is None else {"block_stack": step_cache.block_stack(i)}
             latents = step(latents, t_N[i].expand(rows), sigma_N1[i], sigma_N1[i + 1], **seam)

@@ -39,8 +39,9 @@ def preset_sizes(base: int, granularity: int) -> dict[str, tuple[int, int]]:
     return {aspect: preset_size(aspect, base, granularity) for aspect in ASPECT_RATIOS}
 
 
-def resolve_size(height: int | None, width: int | None, aspect_ratio: str | None, base: int,
-                 granularity: int) -> tuple[int, int]:
+def resolve_size(
+    height: int | None, width: int | None, aspect_ratio: str | None, base: int, granularity: int
+) -> tuple[int, int]:
     """(height, width) in pixels: an aspect preset, or explicit sizes (`base` for a missing one), each checked to
     be a positive multiple of the model's pixel granularity."""
     if aspect_ratio is not None:
@@ -52,8 +53,13 @@ def resolve_size(height: int | None, width: int | None, aspect_ratio: str | None
     width = base if width is None else width
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % granularity:
-            near = max(granularity, round(value / granularity) * granularity) \
-                if isinstance(value, Real) and value > 0 else granularity
-            raise ValueError(f"{name} {value!r} is not a positive multiple of {granularity} px (this model's "
-                             f"autoencoder factor x patch size); nearest accepted: {near}")
+            near = (
+                max(granularity, round(value / granularity) * granularity)
+                if isinstance(value, Real) and value > 0
+                else granularity
+            )
+            raise ValueError(
+                f"{name} {value!r} is not a positive multiple of {granularity} px (this model's "
+                f"autoencoder factor x patch size); nearest accepted: {near}"
+            )
     return height, width

@@ -56,8 +56,12 @@ class FBCacheConfig:
     policy = "fbcache"
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not math.isfinite(self.threshold) or self.threshold < 0:
+        if (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, (int, float))
+            or not math.isfinite(self.threshold)
+            or self.threshold < 0
+        ):
             raise ValueError(f"fbcache threshold must be a finite number >= 0, got {self.threshold!r}")
         _check_int("warmup", self.warmup, 1)
 
@@ -154,18 +158,23 @@ class _StepCache(ABC):
 
     def block_stack(self, step: int):
         """The model's `block_stack` for denoising step `step`."""
-        return lambda blocks, x, temb, img_rot, text_kv, mask: self.stack(step, blocks, x, temb, img_rot, text_kv,
-                                                                          mask)
+        return lambda blocks, x, temb, img_rot, text_kv, mask: self.stack(step, blocks, x, temb, img_rot, text_kv, mask)
 
     def image_reports(self, images: int) -> list[dict]:
         """Per image: the config, and per CFG row how many steps ran the whole stack and the share of the
         uncached block work done (rows [0, images) conditional, then the unconditional ones if any)."""
         reports = []
         for b in range(images):
-            names = ("conditional", "unconditional")[:self.rows // images]
+            names = ("conditional", "unconditional")[: self.rows // images]
             full = {name: self.full_steps_R[b + k * images] for k, name in enumerate(names)}
-            reports.append({**self.config.to_dict(), "steps": self.num_steps, "full_steps": full,
-                            "block_work": sum(self.row_work(n) for n in full.values()) / len(full)})
+            reports.append(
+                {
+                    **self.config.to_dict(),
+                    "steps": self.num_steps,
+                    "full_steps": full,
+                    "block_work": sum(self.row_work(n) for n in full.values()) / len(full),
+                }
+            )
         return reports
 
 
@@ -187,8 +196,9 @@ class FBCache(_StepCache):
         if self.first_RSD is None or self.forced(step):
             compute = [True] * self.rows
         else:
-            change_R = (first_RSD - self.first_RSD).float().abs().mean(dim=(1, 2)) \
-                / self.first_RSD.float().abs().mean(dim=(1, 2))
+            change_R = (first_RSD - self.first_RSD).float().abs().mean(dim=(1, 2)) / self.first_RSD.float().abs().mean(
+                dim=(1, 2)
+            )
             # The host sync: which rows run the remaining blocks is control flow. A 0/0 change (NaN) computes.
             compute = (~(change_R < self.config.threshold)).tolist()
         for r, c in enumerate(compute):
@@ -225,7 +235,7 @@ class TaylorSeer(_StepCache):
     def stack(self, step, blocks, x, temb, img_rot, text_kv, mask):
         if self.is_full(step):
             out = run_blocks(blocks, 0, x, temb, img_rot, text_kv, mask)
-            self.history = (self.history + [(step, out - x)])[-(self.config.order + 1):]
+            self.history = (self.history + [(step, out - x)])[-(self.config.order + 1) :]
             self.full_steps_R = [n + 1 for n in self.full_steps_R]
             return out
         return x + extrapolate(self.history, step)

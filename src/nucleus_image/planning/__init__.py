@@ -7,5 +7,13 @@ memory of generation for each weight format.
 from .generation import GenerationPlan, plan_generation, transformer_weight_bytes
 from .training import Layout, TrainingPlan, layouts, plan_layout, plan_training
 
-__all__ = ["GenerationPlan", "Layout", "TrainingPlan", "layouts", "plan_generation", "plan_layout", "plan_training",
-           "transformer_weight_bytes"]
+__all__ = [
+    "GenerationPlan",
+    "Layout",
+    "TrainingPlan",
+    "layouts",
+    "plan_generation",
+    "plan_layout",
+    "plan_training",
+    "transformer_weight_bytes",
+]

@@ -23,8 +23,14 @@ class ActivationBytes:
 
 
 @lru_cache(maxsize=64)
-def training_activations(config: NucleusConfig, grid: tuple[int, int], text_tokens: int, checkpointing: bool,
-                         dtype: torch.dtype = torch.bfloat16, device: str = "meta") -> ActivationBytes:
+def training_activations(
+    config: NucleusConfig,
+    grid: tuple[int, int],
+    text_tokens: int,
+    checkpointing: bool,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "meta",
+) -> ActivationBytes:
     """One sample's forward + backward. Each parameter's gradient is dropped as soon as it is accumulated, as
     FSDP does after its reduce-scatter, so what remains is activations and transient buffers."""
     model = _model(config, dtype, device)
@@ -41,8 +47,14 @@ def training_activations(config: NucleusConfig, grid: tuple[int, int], text_toke
 
 
 @lru_cache(maxsize=64)
-def inference_activations(config: NucleusConfig, batch: int, grid: tuple[int, int], text_tokens: int,
-                          dtype: torch.dtype = torch.bfloat16, device: str = "meta") -> ActivationBytes:
+def inference_activations(
+    config: NucleusConfig,
+    batch: int,
+    grid: tuple[int, int],
+    text_tokens: int,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "meta",
+) -> ActivationBytes:
     model = _model(config, dtype, device).eval()
     kw = forward_inputs(config, batch, grid, text_tokens, device, dtype)
     with torch.no_grad(), _flash_attention_shapes(device), LiveBytes() as live:

@@ -40,7 +40,10 @@ class GenerationPlan:
         return [
             ("transformer weights", f"{g(self.transformer_weights)} ({self.weights})"),
             ("activations", f"{g(self.activations)} (batch {self.batch}, {self.width}x{self.height})"),
-            ("text encoder", f"{g(self.text_encoder)} ({'offloaded after encoding' if self.offload_text_encoder else 'resident'})"),
+            (
+                "text encoder",
+                f"{g(self.text_encoder)} ({'offloaded after encoding' if self.offload_text_encoder else 'resident'})",
+            ),
             ("autoencoder", g(self.vae)),
             ("peak", g(self.peak)),
         ]
@@ -56,9 +59,19 @@ def transformer_weight_bytes(config: NucleusConfig, weights: str = "bf16") -> in
     return counts.quantizable + SCALE_BYTES * counts.quant_scales + 2 * (counts.total - counts.quantizable)
 
 
-def plan_generation(config: NucleusConfig, *, weights: str = "bf16", height: int = 1024, width: int = 1024,
-                    batch: int = 2, text_encoder_bytes: int = 0, offload_text_encoder: bool = True,
-                    vae_bytes: int = 0, text_tokens: int = 128, vae_factor: int = 8) -> GenerationPlan:
+def plan_generation(
+    config: NucleusConfig,
+    *,
+    weights: str = "bf16",
+    height: int = 1024,
+    width: int = 1024,
+    batch: int = 2,
+    text_encoder_bytes: int = 0,
+    offload_text_encoder: bool = True,
+    vae_bytes: int = 0,
+    text_tokens: int = 128,
+    vae_factor: int = 8,
+) -> GenerationPlan:
     """Peak memory of generating `batch` images (2 = one image with classifier-free guidance) of height x width."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -72,6 +85,15 @@ def plan_generation(config: NucleusConfig, *, weights: str = "bf16", height: int
         activations += 2 * count_params(config).largest_quantizable
     denoise = transformer + activations + vae_bytes
     peak = max(text_encoder_bytes, denoise) if offload_text_encoder else text_encoder_bytes + denoise
-    return GenerationPlan(weights=weights, height=height, width=width, batch=batch, transformer_weights=transformer,
-                          activations=activations, text_encoder=text_encoder_bytes, vae=vae_bytes,
-                          offload_text_encoder=offload_text_encoder, peak=peak)
+    return GenerationPlan(
+        weights=weights,
+        height=height,
+        width=width,
+        batch=batch,
+        transformer_weights=transformer,
+        activations=activations,
+        text_encoder=text_encoder_bytes,
+        vae=vae_bytes,
+        offload_text_encoder=offload_text_encoder,
+        peak=peak,
+    )

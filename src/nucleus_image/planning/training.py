@@ -80,8 +80,13 @@ class TrainingPlan:
 
     @property
     def peak(self) -> int:
-        return (self.parameters + self.gradients + self.muon_momentum + self.adamw_moments
-                + max(self.fsdp_buffers + self.activations + self.all_to_all, self.optimizer_step))
+        return (
+            self.parameters
+            + self.gradients
+            + self.muon_momentum
+            + self.adamw_moments
+            + max(self.fsdp_buffers + self.activations + self.all_to_all, self.optimizer_step)
+        )
 
     @property
     def fits(self) -> bool:
@@ -102,8 +107,11 @@ class TrainingPlan:
             ("all-to-all buffers", g(self.all_to_all)),
             ("optimizer step: Muon (its gathers included)", g(self.muon_step)),
             ("optimizer step: AdamW", g(self.adamw_step)),
-            ("peak", f"{g(self.peak)} ({'checkpointing' if self.checkpointing else 'no checkpointing'}) "
-                     f"of {g(self.gpu_memory)}: {'fits' if self.fits else 'does not fit'}"),
+            (
+                "peak",
+                f"{g(self.peak)} ({'checkpointing' if self.checkpointing else 'no checkpointing'}) "
+                f"of {g(self.gpu_memory)}: {'fits' if self.fits else 'does not fit'}",
+            ),
             ("communication per step", g(self.comm_per_step)),
         ]
 
@@ -119,9 +127,20 @@ def layouts(gpus: int, num_experts: int) -> list[Layout]:
     return out
 
 
-def plan_layout(config: NucleusConfig, layout: Layout, *, global_batch: int, height: int, width: int,
-                gpu_memory: int, text_tokens: int = 128, capacity_factor: float | None = None,
-                grad_accum: int | None = None, vae_factor: int = 8, ns_dtype: torch.dtype = torch.bfloat16) -> TrainingPlan:
+def plan_layout(
+    config: NucleusConfig,
+    layout: Layout,
+    *,
+    global_batch: int,
+    height: int,
+    width: int,
+    gpu_memory: int,
+    text_tokens: int = 128,
+    capacity_factor: float | None = None,
+    grad_accum: int | None = None,
+    vae_factor: int = 8,
+    ns_dtype: torch.dtype = torch.bfloat16,
+) -> TrainingPlan:
     """The plan for one layout. Without `grad_accum`, the fewest accumulation steps that fit (checkpointing
     only when needed); the smallest micro-batch if nothing fits. `ns_dtype` is Muon's Newton-Schulz dtype (the
     trainer's on GPUs: bfloat16)."""
@@ -133,8 +152,20 @@ def plan_layout(config: NucleusConfig, layout: Layout, *, global_batch: int, hei
     best = None
     for accum in choices:
         for ckpt in (False, True):
-            plan = _plan(config, layout, per_rank // accum, accum, ckpt, height, width, gpu_memory, text_tokens,
-                         capacity_factor, vae_factor, ns_dtype)
+            plan = _plan(
+                config,
+                layout,
+                per_rank // accum,
+                accum,
+                ckpt,
+                height,
+                width,
+                gpu_memory,
+                text_tokens,
+                capacity_factor,
+                vae_factor,
+                ns_dtype,
+            )
             if plan.fits:
                 return plan
             best = plan
@@ -142,8 +173,9 @@ def plan_layout(config: NucleusConfig, layout: Layout, *, global_batch: int, hei
 
 
 @lru_cache(maxsize=256)
-def muon_step_bytes(config: NucleusConfig, layout: Layout, ns_dtype: torch.dtype = torch.bfloat16,
-                    rank: int | None = None) -> int:
+def muon_step_bytes(
+    config: NucleusConfig, layout: Layout, ns_dtype: torch.dtype = torch.bfloat16, rank: int | None = None
+) -> int:
     """Peak bytes of Muon's step on `rank` of a shard group of `layout` (the largest over its ranks when None):
     expert stacks held whole (E/ep experts, FSDP-split over the dp_shard/ep ranks of an expert group), every
     other matrix split by rows over dp_shard (or whole when dp_shard is 1), walked through Muon's own schedule."""
@@ -166,8 +198,17 @@ def _muon_matrices(config: NucleusConfig, layout: Layout, rank: int) -> list[Pla
     return out
 
 
-def plan_training(config, *, gpus: int, gpu_memory: int, global_batch: int | None = None, height: int | None = None,
-                  width: int | None = None, text_tokens: int = 128, vae_factor: int = 8) -> list[TrainingPlan]:
+def plan_training(
+    config,
+    *,
+    gpus: int,
+    gpu_memory: int,
+    global_batch: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    text_tokens: int = 128,
+    vae_factor: int = 8,
+) -> list[TrainingPlan]:
     """Plans for every layout of `gpus`, the recommended one first: those that fit, by fewest accumulation
     steps, then without checkpointing, then least communication. `config` is a TrainConfig (its last stage
     sets batch, resolution and capacity factors unless given) or a NucleusConfig (then batch and size are required).
@@ -180,8 +221,11 @@ def plan_training(config, *, gpus: int, gpu_memory: int, global_batch: int | Non
         height = height or stage.resolution
         width = width or stage.resolution
         # The stage's capacity factors, as the trainer sets them (they size the expert buffers and activations).
-        model = config.model.replace(capacity_factors=tuple(stage.capacity_factors)) if stage.capacity_factors \
+        model = (
+            config.model.replace(capacity_factors=tuple(stage.capacity_factors))
+            if stage.capacity_factors
             else config.model
+        )
     else:
         model = config
     if global_batch is None or height is None or width is None:
@@ -191,15 +235,26 @@ def plan_training(config, *, gpus: int, gpu_memory: int, global_batch: int | Non
     plans = []
     for layout in layouts(gpus, model.num_experts if model.moe_layers else 1):
         if global_batch % (layout.dp_replicate * layout.dp_shard) == 0:
-            plans.append(plan_layout(model, layout, global_batch=global_batch, height=height, width=width,
-                                     gpu_memory=gpu_memory, text_tokens=text_tokens, vae_factor=vae_factor))
+            plans.append(
+                plan_layout(
+                    model,
+                    layout,
+                    global_batch=global_batch,
+                    height=height,
+                    width=width,
+                    gpu_memory=gpu_memory,
+                    text_tokens=text_tokens,
+                    vae_factor=vae_factor,
+                )
+            )
     if not plans:
         raise ValueError(f"global batch {global_batch} does not divide over {gpus} GPUs")
     return sorted(plans, key=lambda p: (not p.fits, p.grad_accum, p.checkpointing, p.comm_per_step, p.peak))
 
 
-def _plan(config, layout, micro, accum, ckpt, height, width, gpu_memory, text_tokens, capacity_factor, vae_factor,
-          ns_dtype) -> TrainingPlan:
+def _plan(
+    config, layout, micro, accum, ckpt, height, width, gpu_memory, text_tokens, capacity_factor, vae_factor, ns_dtype
+) -> TrainingPlan:
     counts = count_params(config)
     grid = latent_tokens(config, height, width, vae_factor)
     shard, ep = layout.dp_shard, layout.ep
@@ -236,11 +291,21 @@ def _plan(config, layout, micro, accum, ckpt, height, width, gpu_memory, text_to
         replicate_comm = int(2 * reduce * per_rank(counts.total) * (layout.dp_replicate - 1) / layout.dp_replicate)
     comm = (fsdp_comm + a2a_comm) * accum + replicate_comm
     return TrainingPlan(
-        layout=layout, micro_batch=micro, grad_accum=accum, checkpointing=ckpt,
-        parameters=4 * per_rank(counts.total), gradients=4 * per_rank(counts.total),
-        muon_momentum=4 * per_rank(counts.muon), adamw_moments=8 * per_rank(counts.adamw),
-        fsdp_buffers=fsdp, activations=micro * (with_ckpt.peak if ckpt else no_ckpt.peak),
-        activations_no_checkpointing=micro * no_ckpt.peak, activations_checkpointing=micro * with_ckpt.peak,
-        all_to_all=a2a, muon_step=muon_step_bytes(config, layout, ns_dtype), adamw_step=4 * per_rank(counts.adamw),
-        comm_per_step=comm, gpu_memory=gpu_memory,
+        layout=layout,
+        micro_batch=micro,
+        grad_accum=accum,
+        checkpointing=ckpt,
+        parameters=4 * per_rank(counts.total),
+        gradients=4 * per_rank(counts.total),
+        muon_momentum=4 * per_rank(counts.muon),
+        adamw_moments=8 * per_rank(counts.adamw),
+        fsdp_buffers=fsdp,
+        activations=micro * (with_ckpt.peak if ckpt else no_ckpt.peak),
+        activations_no_checkpointing=micro * no_ckpt.peak,
+        activations_checkpointing=micro * with_ckpt.peak,
+        all_to_all=a2a,
+        muon_step=muon_step_bytes(config, layout, ns_dtype),
+        adamw_step=4 * per_rank(counts.adamw),
+        comm_per_step=comm,
+        gpu_memory=gpu_memory,
     )

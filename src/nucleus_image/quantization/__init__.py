@@ -11,5 +11,13 @@ from .apply import HIGH_PRECISION, quantize_transformer
 from .checkpoint import load_transformer, save_transformer
 from .experts import METHODS, QuantizedSwiGLUExperts, dequantize_columns, quantize_columns
 
-__all__ = ["HIGH_PRECISION", "METHODS", "QuantizedSwiGLUExperts", "dequantize_columns", "load_transformer",
-           "quantize_columns", "quantize_transformer", "save_transformer"]
+__all__ = [
+    "HIGH_PRECISION",
+    "METHODS",
+    "QuantizedSwiGLUExperts",
+    "dequantize_columns",
+    "load_transformer",
+    "quantize_columns",
+    "quantize_transformer",
+    "save_transformer",
+]

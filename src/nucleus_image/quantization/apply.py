@@ -29,8 +29,11 @@ def keeps_precision(fqn: str) -> bool:
 def quantization_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of what 8-bit quantization converts: every stacked-expert module and every nn.Linear but the
     ones `keeps_precision` names. The memory planner counts weight bytes from this same list."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, SwiGLUExperts) or (isinstance(module, nn.Linear) and not keeps_precision(name))]
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, SwiGLUExperts) or (isinstance(module, nn.Linear) and not keeps_precision(name))
+    ]
 
 
 def torchao_config(method: str):
@@ -51,8 +54,10 @@ def quantize_transformer(model: nn.Module, method: str) -> nn.Module:
     save_transformer writes beside the weights so the folder reloads as the same quantized model."""
     check_method(method)
     if getattr(model, "quantization", None):
-        raise ValueError(f"the model is already quantized ({model.quantization}); load the high-precision weights "
-                         f"to quantize them as {method}")
+        raise ValueError(
+            f"the model is already quantized ({model.quantization}); load the high-precision weights "
+            f"to quantize them as {method}"
+        )
     for name, module in quantization_targets(model):
         if isinstance(module, SwiGLUExperts):
             parent_name, _, child = name.rpartition(".")

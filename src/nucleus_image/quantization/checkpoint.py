@@ -67,8 +67,9 @@ def stored_quantization(path, subfolder: str | None = None) -> str | None:
     return None
 
 
-def load_transformer(path, quantize: str | None = None, dtype: torch.dtype | None = None, device="cpu",
-                     subfolder: str | None = None) -> NucleusTransformer:
+def load_transformer(
+    path, quantize: str | None = None, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None
+) -> NucleusTransformer:
     """A transformer folder as it was saved (high precision or 8-bit), or a high-precision one quantized tensor by
     tensor while loading when `quantize` ("int8" | "fp8") is given."""
     if quantize is not None or stored_quantization(path, subfolder) is not None:
@@ -103,30 +104,49 @@ def save_quantized(model: nn.Module, path, max_shard_size: int | str = "10GB") -
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    (tmp / QUANT_CONFIG).write_text(json.dumps({"method": model.quantization, "format": "torchao-safetensors",
-                                                "high_precision": ["img_in", "proj_out", "*.img_mlp.gate"]}, indent=2) + "\n")
-    names = [WEIGHTS_NAME] if len(shards) == 1 else \
-        [f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    (tmp / QUANT_CONFIG).write_text(
+        json.dumps(
+            {
+                "method": model.quantization,
+                "format": "torchao-safetensors",
+                "high_precision": ["img_in", "proj_out", "*.img_mlp.gate"],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
     weight_map = {}
     for name, shard in zip(names, shards):
         flat, metadata = flatten_tensor_state_dict(shard)
-        save_file({k: v.contiguous().cpu() for k, v in flat.items()}, str(tmp / name), metadata={"format": "pt", **metadata})
+        save_file(
+            {k: v.contiguous().cpu() for k, v in flat.items()}, str(tmp / name), metadata={"format": "pt", **metadata}
+        )
         weight_map.update({k: name for k in flat})
     if len(shards) > 1:
         total = sum(_tensor_bytes(t) for t in state.values())
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     publish_folder(tmp, path)
 
 
-def load_quantized(cls, path, quantize: str | None = None, dtype: torch.dtype | None = None, device="cpu",
-                   subfolder: str | None = None):
+def load_quantized(
+    cls, path, quantize: str | None = None, dtype: torch.dtype | None = None, device="cpu", subfolder: str | None = None
+):
     """A quantized model from a quantized folder, or from a high-precision folder quantized while streaming."""
     folder = transformer_folder(path, subfolder)
     stored = stored_quantization(folder)
     if stored is not None:
         if quantize is not None and quantize != stored:
-            raise ValueError(f"{str(folder)!r} holds {stored} weights; it cannot be loaded as {quantize} (load the "
-                             f"high-precision checkpoint to quantize it differently)")
+            raise ValueError(
+                f"{str(folder)!r} holds {stored} weights; it cannot be loaded as {quantize} (load the "
+                f"high-precision checkpoint to quantize it differently)"
+            )
         return _load_saved(cls, folder, stored, dtype, device)
     return _load_streaming(cls, folder, check_method(quantize), dtype, device)
 
@@ -148,8 +168,10 @@ def _load_saved(cls, folder: Path, method: str, dtype, device):
         state.update(tensors)
     saved_dtype = state["img_in.weight"].dtype
     if dtype is not None and dtype != saved_dtype:
-        raise ValueError(f"{str(folder)!r} holds {method} weights computing in {saved_dtype}; load it with dtype "
-                         f"None or {saved_dtype}, not {dtype}")
+        raise ValueError(
+            f"{str(folder)!r} holds {method} weights computing in {saved_dtype}; load it with dtype "
+            f"None or {saved_dtype}, not {dtype}"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     return _finish(model, method)
 

@@ -30,8 +30,10 @@ FP8_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) on: the first GPUs wit
 
 def fp8_support_problem(device_type: str, capability: tuple[int, int] | None, name: str = "") -> str | None:
     """Why fp8 compute cannot run on this device (None when it can): it needs a CUDA GPU with fp8 tensor cores."""
-    need = (f"fp8 compute runs its matmuls on fp8 tensor cores: it needs a CUDA GPU of compute capability >= "
-            f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} (Ada, Hopper or newer)")
+    need = (
+        f"fp8 compute runs its matmuls on fp8 tensor cores: it needs a CUDA GPU of compute capability >= "
+        f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} (Ada, Hopper or newer)"
+    )
     if device_type != "cuda":
         return f"{need}; the model is on {device_type}. For 8-bit weights without such a GPU use quantize='fp8'"
     if capability is None:
@@ -45,8 +47,11 @@ def check_fp8_compute(device: torch.device | str) -> None:
     """Refuse devices without fp8 tensor cores, saying what is needed."""
     device = torch.device(device)
     cuda = device.type == "cuda" and torch.cuda.is_available()
-    problem = fp8_support_problem(device.type, torch.cuda.get_device_capability(device) if cuda else None,
-                                  torch.cuda.get_device_name(device) if cuda else "")
+    problem = fp8_support_problem(
+        device.type,
+        torch.cuda.get_device_capability(device) if cuda else None,
+        torch.cuda.get_device_name(device) if cuda else "",
+    )
     if problem:
         raise ValueError(problem)
 

@@ -1,11 +1,11 @@
 """The HTTP app: an OpenAI-like image API, progress polling, metrics and the web page, over one BatchScheduler.
 
-    POST /v1/images/generations   {"prompt": ..., "n": 2, "aspect_ratio": "4:3", "seed": 7} -> PNGs + settings
-    POST /v1/images/jobs          same body -> 202 {"id": ...}; GET /v1/images/jobs/{id} -> progress, then result
-    GET  /v1/images/files/{name}  a PNG returned with response_format "url" (the last `keep_images` are kept)
-    GET  /v1/models, /health, /metrics (Prometheus text), /metrics.json, and / (the web page)
+POST /v1/images/generations   {"prompt": ..., "n": 2, "aspect_ratio": "4:3", "seed": 7} -> PNGs + settings
+POST /v1/images/jobs          same body -> 202 {"id": ...}; GET /v1/images/jobs/{id} -> progress, then result
+GET  /v1/images/files/{name}  a PNG returned with response_format "url" (the last `keep_images` are kept)
+GET  /v1/models, /health, /metrics (Prometheus text), /metrics.json, and / (the web page)
 
-    app = create_app(NucleusPipeline.from_pretrained(path), ServeConfig(model_path=path))
+app = create_app(NucleusPipeline.from_pretrained(path), ServeConfig(model_path=path))
 """
 
 from __future__ import annotations
@@ -95,8 +95,10 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
     # not FastAPI's {"detail": ...}.
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        message = {404: f"no such path {request.url.path!r}",
-                   405: f"{request.method} is not allowed on {request.url.path!r}"}.get(exc.status_code, str(exc.detail))
+        message = {
+            404: f"no such path {request.url.path!r}",
+            405: f"{request.method} is not allowed on {request.url.path!r}",
+        }.get(exc.status_code, str(exc.detail))
         return error(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -104,6 +106,7 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         return error(400, first.get("msg", "invalid request"), param)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def scheduler() -> BatchScheduler:
@@ -114,11 +117,23 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         data = []
         for k, (png, seed) in enumerate(zip(job.images, job.seeds)):
             # The image's settings as `nucleus generate` flags (the server runs no step cache).
-            command = generate_command(config.model_path, r.prompt, seed=seed, width=r.width, height=r.height,
-                                       steps=r.steps, guidance=r.guidance_scale, negative=r.negative_prompt,
-                                       dtype=config.dtype, device=config.device, quantize=config.quantize,
-                                       cuda_graph=config.cuda_graph, fp8_compute=config.fp8_compute,
-                                       lora=config.lora, lora_scale=config.lora_scale)
+            command = generate_command(
+                config.model_path,
+                r.prompt,
+                seed=seed,
+                width=r.width,
+                height=r.height,
+                steps=r.steps,
+                guidance=r.guidance_scale,
+                negative=r.negative_prompt,
+                dtype=config.dtype,
+                device=config.device,
+                quantize=config.quantize,
+                cuda_graph=config.cuda_graph,
+                fp8_compute=config.fp8_compute,
+                lora=config.lora,
+                lora_scale=config.lora_scale,
+            )
             item = {"seed": seed, "batch_size": job.batch_sizes[k], "command": command}
             if r.response_format == "url":
                 name = f"{job.id}-{k}.png"
@@ -127,8 +142,14 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
             else:
                 item["b64_json"] = base64.b64encode(png).decode()
             data.append(item)
-        return {"created": int(time.time()), "model": config.model_id, "id": job.id, "data": data,
-                "settings": r.settings(), "latency_seconds": round(job.latency, 4)}
+        return {
+            "created": int(time.time()),
+            "model": config.model_id,
+            "id": job.id,
+            "data": data,
+            "settings": r.settings(),
+            "latency_seconds": round(job.latency, 4),
+        }
 
     def submit(raw: bytes) -> Job | JSONResponse:
         try:
@@ -169,8 +190,9 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         job = submit(await request.body())
         if isinstance(job, JSONResponse):
             return job
-        return JSONResponse({"id": job.id, "status": job.status,
-                             "url": str(request.url_for("job_status", job_id=job.id))}, 202)
+        return JSONResponse(
+            {"id": job.id, "status": job.status, "url": str(request.url_for("job_status", job_id=job.id))}, 202
+        )
 
     @app.get("/v1/images/jobs/{job_id}", name="job_status")
     async def job_status(job_id: str, request: Request):
@@ -178,8 +200,14 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
         if job is None:
             return error(404, f"no job {job_id!r} (unknown, or older than the last {config.keep_jobs})", "job_id")
         s = scheduler()
-        body = {"id": job.id, "status": job.status, "progress": round(s.progress(job), 4),
-                "queue_position": s.position(job), "n": job.request.n, "steps": job.request.steps}
+        body = {
+            "id": job.id,
+            "status": job.status,
+            "progress": round(s.progress(job), 4),
+            "queue_position": s.position(job),
+            "n": job.request.n,
+            "steps": job.request.steps,
+        }
         if job.finished.is_set():
             status, outcome = finished(job, request)
             body.update({"http_status": status, **({"result": outcome} if status == 200 else outcome)})
@@ -194,22 +222,33 @@ def create_app(pipe, config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": config.model_id, "object": "model", "owned_by": "nucleus-image",
-            "path": str(Path(config.model_path).resolve()),
-            "lora": None if config.lora is None else str(Path(config.lora).resolve()),
-            "sample_size": geometry.sample_size, "granularity": geometry.granularity,
-            "aspect_sizes": {a: f"{w}x{h}" for a, (w, h) in geometry.aspect_sizes().items()},
-            "max_side": config.limits.max_side or 2 * geometry.sample_size,
-            "limits": asdict(config.limits), "defaults": asdict(config.defaults), "max_batch": config.max_batch,
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_id,
+                    "object": "model",
+                    "owned_by": "nucleus-image",
+                    "path": str(Path(config.model_path).resolve()),
+                    "lora": None if config.lora is None else str(Path(config.lora).resolve()),
+                    "sample_size": geometry.sample_size,
+                    "granularity": geometry.granularity,
+                    "aspect_sizes": {a: f"{w}x{h}" for a, (w, h) in geometry.aspect_sizes().items()},
+                    "max_side": config.limits.max_side or 2 * geometry.sample_size,
+                    "limits": asdict(config.limits),
+                    "defaults": asdict(config.defaults),
+                    "max_batch": config.max_batch,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health():
         s = scheduler()
         status = "shutting_down" if s.closing else "ok"
-        return JSONResponse({"status": status, "model": config.model_id, "queue_images": s.queued_images},
-                            503 if s.closing else 200)
+        return JSONResponse(
+            {"status": status, "model": config.model_id, "queue_images": s.queued_images}, 503 if s.closing else 200
+        )
 
     @app.get("/metrics")
     async def metrics():

@@ -40,8 +40,9 @@ class Metrics:
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else None
 
     def latency_percentiles(self) -> dict[str, float | None]:
-        return {f"p{round(q * 100)}": None if (v := self.latency_quantile(q)) is None else round(v, 4)
-                for q in QUANTILES}
+        return {
+            f"p{round(q * 100)}": None if (v := self.latency_quantile(q)) is None else round(v, 4) for q in QUANTILES
+        }
 
     def mean_batch_seconds(self) -> float:
         return sum(self.batch_seconds) / len(self.batch_seconds) if self.batch_seconds else 1.0
@@ -55,24 +56,44 @@ def prometheus_text(snapshot: dict, metrics: Metrics) -> str:
         lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
         lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
 
-    for key, text in (("queue_images", "Images waiting in the queue."),
-                      ("queue_requests", "Requests waiting in the queue."),
-                      ("running_images", "Images in the pipeline call now running."),
-                      ("max_batch", "Most images per pipeline call (--max-batch)."),
-                      ("max_queue", "Most queued images before requests get 429 (--max-queue).")):
+    for key, text in (
+        ("queue_images", "Images waiting in the queue."),
+        ("queue_requests", "Requests waiting in the queue."),
+        ("running_images", "Images in the pipeline call now running."),
+        ("max_batch", "Most images per pipeline call (--max-batch)."),
+        ("max_queue", "Most queued images before requests get 429 (--max-queue)."),
+    ):
         family(f"nucleus_{key}", "gauge", text, [("", snapshot[key])])
-    family("nucleus_batches_total", "counter", "Pipeline calls, by the number of images they ran.",
-           [(f'{{size="{size}"}}', count) for size, count in sorted(metrics.batch_sizes.items())])
+    family(
+        "nucleus_batches_total",
+        "counter",
+        "Pipeline calls, by the number of images they ran.",
+        [(f'{{size="{size}"}}', count) for size, count in sorted(metrics.batch_sizes.items())],
+    )
     family("nucleus_images_served_total", "counter", "Images returned to clients.", [("", metrics.images_served)])
-    family("nucleus_requests_total", "counter", "Requests by outcome: ok, failed (500), rejected (429), invalid "
-           "(400).", [(f'{{outcome="{outcome}"}}', metrics.requests.get(outcome, 0))
-                      for outcome in ("ok", "failed", "rejected", "invalid")])
+    family(
+        "nucleus_requests_total",
+        "counter",
+        "Requests by outcome: ok, failed (500), rejected (429), invalid (400).",
+        [
+            (f'{{outcome="{outcome}"}}', metrics.requests.get(outcome, 0))
+            for outcome in ("ok", "failed", "rejected", "invalid")
+        ],
+    )
     quantiles = [(f'{{quantile="{q}"}}', metrics.latency_quantile(q)) for q in QUANTILES]
-    family("nucleus_request_latency_seconds", "summary", "Seconds from a request's arrival to its answer (quantiles "
-           "over the last 1000 requests).", [(labels, math.nan if v is None else v) for labels, v in quantiles]
-           + [("_sum", metrics.latency_sum), ("_count", metrics.latency_count)])  # suffixes of the name
-    family("nucleus_start_time_seconds", "gauge", "When the server started, in seconds since the epoch.",
-           [("", metrics.started)])
+    family(
+        "nucleus_request_latency_seconds",
+        "summary",
+        "Seconds from a request's arrival to its answer (quantiles over the last 1000 requests).",
+        [(labels, math.nan if v is None else v) for labels, v in quantiles]
+        + [("_sum", metrics.latency_sum), ("_count", metrics.latency_count)],
+    )  # suffixes of the name
+    family(
+        "nucleus_start_time_seconds",
+        "gauge",
+        "When the server started, in seconds since the epoch.",
+        [("", metrics.started)],
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -80,8 +80,18 @@ class GenerationRequest:
         return asdict(self)
 
 
-FIELDS = ("prompt", "negative_prompt", "n", "size", "aspect_ratio", "steps", "guidance_scale", "seed",
-          "response_format", "model")
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "n",
+    "size",
+    "aspect_ratio",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "response_format",
+    "model",
+)
 
 
 def _show(value) -> str:
@@ -121,8 +131,9 @@ def _size(body: dict, geometry: Geometry, max_side: int) -> tuple[int, int, str 
         raise RequestError("size", f"pass 'size' ({_show(size)}) or 'aspect_ratio' ({_show(aspect)}), not both")
     if aspect is not None:
         if aspect not in ASPECT_RATIOS:
-            raise RequestError("aspect_ratio", f"'aspect_ratio' {_show(aspect)} is not one of "
-                                               f"{', '.join(ASPECT_RATIOS)}")
+            raise RequestError(
+                "aspect_ratio", f"'aspect_ratio' {_show(aspect)} is not one of {', '.join(ASPECT_RATIOS)}"
+            )
         width, height = preset_size(aspect, geometry.sample_size, geometry.granularity)
         return width, height, aspect
     if size is None:
@@ -130,18 +141,25 @@ def _size(body: dict, geometry: Geometry, max_side: int) -> tuple[int, int, str 
     g = geometry.granularity
     match = SIZE_PATTERN.match(size) if isinstance(size, str) else None
     if match is None:
-        raise RequestError("size", f"'size' must be a string WIDTHxHEIGHT such as "
-                                   f"\"{geometry.sample_size}x{geometry.sample_size}\", got {_show(size)}")
+        raise RequestError(
+            "size",
+            f"'size' must be a string WIDTHxHEIGHT such as "
+            f'"{geometry.sample_size}x{geometry.sample_size}", got {_show(size)}',
+        )
     width, height = int(match[1]), int(match[2])
     for side in (width, height):
         if side % g or not g <= side <= max_side:
-            raise RequestError("size", f"'size' {size} is not accepted: each side must be a multiple of {g} px "
-                                       f"(this model's autoencoder factor x patch size) between {g} and {max_side}")
+            raise RequestError(
+                "size",
+                f"'size' {size} is not accepted: each side must be a multiple of {g} px "
+                f"(this model's autoencoder factor x patch size) between {g} and {max_side}",
+            )
     return width, height, None
 
 
-def parse_request(raw: bytes, limits: Limits, defaults: Defaults, geometry: Geometry,
-                  model_id: str) -> GenerationRequest:
+def parse_request(
+    raw: bytes, limits: Limits, defaults: Defaults, geometry: Geometry, model_id: str
+) -> GenerationRequest:
     if len(raw) > limits.max_body_bytes:
         raise RequestError(None, f"request body has {len(raw)} bytes; at most {limits.max_body_bytes} are accepted")
     try:
@@ -153,11 +171,13 @@ def parse_request(raw: bytes, limits: Limits, defaults: Defaults, geometry: Geom
         raise RequestError(None, f"request body must be a JSON object, got {type(body).__name__}: {_show(body)}")
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise RequestError(unknown[0], f"unknown field {', '.join(repr(k) for k in unknown)}; accepted: "
-                                       f"{', '.join(FIELDS)}")
+        raise RequestError(
+            unknown[0], f"unknown field {', '.join(repr(k) for k in unknown)}; accepted: {', '.join(FIELDS)}"
+        )
     if body.get("model") not in (None, model_id):
-        raise RequestError("model", f"'model' {_show(body['model'])} is not served here; this server has "
-                                    f"{_show(model_id)}")
+        raise RequestError(
+            "model", f"'model' {_show(body['model'])} is not served here; this server has {_show(model_id)}"
+        )
 
     prompt = _text(body, "prompt", limits.max_prompt_chars, required=True)
     negative = _text(body, "negative_prompt", limits.max_prompt_chars, required=False)
@@ -168,10 +188,17 @@ def parse_request(raw: bytes, limits: Limits, defaults: Defaults, geometry: Geom
     guidance = body.get("guidance_scale", defaults.guidance_scale)
     if guidance is None:
         guidance = defaults.guidance_scale
-    if isinstance(guidance, bool) or not isinstance(guidance, Real) or not math.isfinite(guidance) \
-            or not 0 <= guidance <= limits.max_guidance:
-        raise RequestError("guidance_scale", f"'guidance_scale' must be a number in [0, {limits.max_guidance}] "
-                                             f"(<= 1 turns guidance off), got {_show(guidance)}")
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, Real)
+        or not math.isfinite(guidance)
+        or not 0 <= guidance <= limits.max_guidance
+    ):
+        raise RequestError(
+            "guidance_scale",
+            f"'guidance_scale' must be a number in [0, {limits.max_guidance}] "
+            f"(<= 1 turns guidance off), got {_show(guidance)}",
+        )
 
     seed = _int(body, "seed", None, 0, MAX_SEED - (n - 1))
     if seed is None:
@@ -179,8 +206,19 @@ def parse_request(raw: bytes, limits: Limits, defaults: Defaults, geometry: Geom
 
     response_format = body.get("response_format") or defaults.response_format
     if response_format not in RESPONSE_FORMATS:
-        raise RequestError("response_format", f"'response_format' must be one of {', '.join(RESPONSE_FORMATS)}, "
-                                              f"got {_show(response_format)}")
-    return GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=height,
-                             aspect_ratio=aspect, steps=steps, guidance_scale=float(guidance), seed=seed,
-                             response_format=response_format)
+        raise RequestError(
+            "response_format",
+            f"'response_format' must be one of {', '.join(RESPONSE_FORMATS)}, got {_show(response_format)}",
+        )
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        n=n,
+        width=width,
+        height=height,
+        aspect_ratio=aspect,
+        steps=steps,
+        guidance_scale=float(guidance),
+        seed=seed,
+        response_format=response_format,
+    )

@@ -92,8 +92,9 @@ def png_bytes(image) -> bytes:
 class BatchScheduler:
     def __init__(self, pipe, max_batch: int = 8, max_queue: int = 32, batch_wait: float = 0.0):
         if max_batch < 1 or max_queue < 1 or batch_wait < 0:
-            raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and batch_wait "
-                             f"({batch_wait}) >= 0")
+            raise ValueError(
+                f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and batch_wait ({batch_wait}) >= 0"
+            )
         self.pipe, self.max_batch, self.max_queue = pipe, max_batch, max_queue
         # Seconds a batch that is not full waits for more requests: clients that just got their images are
         # usually a round trip away from sending the next one.
@@ -157,7 +158,7 @@ class BatchScheduler:
         if not self._pending:
             return []
         key = self._pending[0].job.request.batch_key
-        batch = [row for row in self._pending if row.job.request.batch_key == key][:self.max_batch]
+        batch = [row for row in self._pending if row.job.request.batch_key == key][: self.max_batch]
         chosen = set(map(id, batch))
         self._pending = deque(row for row in self._pending if id(row) not in chosen)
         return batch
@@ -256,7 +257,8 @@ class BatchScheduler:
             "batches": total_batches,
             "batch_sizes": {str(size): count for size, count in sorted(m.batch_sizes.items())},
             "mean_batch_size": round(sum(s * c for s, c in m.batch_sizes.items()) / total_batches, 3)
-            if total_batches else None,
+            if total_batches
+            else None,
             "latency_seconds": m.latency_percentiles(),
             "images_served": m.images_served,
             "requests": dict(m.requests),

@@ -35,8 +35,7 @@ COLOR_CLASSES = ("background", *COLORS)
 NUM_TARGETS = len(SHAPE_CLASSES) + len(COLOR_CLASSES)
 
 
-def fitted_codes(annotations: str | dict, source_size: tuple[int, int], width: int, height: int,
-                 code_of) -> np.ndarray:
+def fitted_codes(annotations: str | dict, source_size: tuple[int, int], width: int, height: int, code_of) -> np.ndarray:
     """(height, width) int64: each pixel's code, `code_of(index, object)` where an object covers it, else 0.
 
     The object maps are drawn at the source image's size and fitted to (width, height) the way `fit_image` fits
@@ -62,23 +61,36 @@ def token_shares(codes: np.ndarray, classes: int, token: int) -> np.ndarray:
     return onehot.reshape(gh, token, gw, token, classes).mean((1, 3)).reshape(gh * gw, classes)
 
 
-def token_targets(annotations: str | dict, source_size: tuple[int, int], width: int, height: int,
-                  token: int) -> np.ndarray:
+def token_targets(
+    annotations: str | dict, source_size: tuple[int, int], width: int, height: int, token: int
+) -> np.ndarray:
     """(tokens, NUM_TARGETS) float32: per image token, the share of its pixels each shape class and each colour
     class covers (`token_shares` of the fitted maps)."""
-    codes = fitted_codes(annotations, source_size, width, height, lambda _i, obj: (
-        1 + SHAPES.index(obj["shape"]) + len(SHAPE_CLASSES) * (1 + list(COLORS).index(obj["color"]))))
-    return np.concatenate([token_shares(codes % len(SHAPE_CLASSES), len(SHAPE_CLASSES), token),
-                           token_shares(codes // len(SHAPE_CLASSES), len(COLOR_CLASSES), token)], axis=1)
+    codes = fitted_codes(
+        annotations,
+        source_size,
+        width,
+        height,
+        lambda _i, obj: 1 + SHAPES.index(obj["shape"]) + len(SHAPE_CLASSES) * (1 + list(COLORS).index(obj["color"])),
+    )
+    return np.concatenate(
+        [
+            token_shares(codes % len(SHAPE_CLASSES), len(SHAPE_CLASSES), token),
+            token_shares(codes // len(SHAPE_CLASSES), len(COLOR_CLASSES), token),
+        ],
+        axis=1,
+    )
 
 
 def check_annotations(annotations: list[str | None], option: str = "alignment_weight") -> None:
     """Refuse, before any training, a manifest whose rows lack the synthetic domain's object records."""
     bad = next((i for i, a in enumerate(annotations) if a is None or '"objects"' not in a), None)
     if bad is not None:
-        raise ValueError(f"{option} > 0 needs every manifest row's object annotations (the synthetic "
-                         f"domain's shapes, colours and boxes, which `nucleus data synth` writes); row {bad} has "
-                         f"none. Train on such data with --set {option}=0")
+        raise ValueError(
+            f"{option} > 0 needs every manifest row's object annotations (the synthetic "
+            f"domain's shapes, colours and boxes, which `nucleus data synth` writes); row {bad} has "
+            f"none. Train on such data with --set {option}=0"
+        )
 
 
 class AlignmentHead(nn.Module):
@@ -136,8 +148,9 @@ class AlignmentTerm:
         return alignment_loss(self.head(self.tap.take()), targets_BSK)
 
 
-def build_alignment(cfg, model: nn.Module, device: torch.device,
-                    dims=None) -> tuple[AlignmentTerm, torch.optim.Optimizer] | None:
+def build_alignment(
+    cfg, model: nn.Module, device: torch.device, dims=None
+) -> tuple[AlignmentTerm, torch.optim.Optimizer] | None:
     """The alignment term of a run whose config weights it (`alignment_weight` > 0; None otherwise) and the
     head's own AdamW (the run's lr schedule reaches it through the step). The head is initialised from the run's
     seed on a forked RNG, so every rank of a sharded run starts from the same head and the run's other random
@@ -148,8 +161,14 @@ def build_alignment(cfg, model: nn.Module, device: torch.device,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         head = AlignmentHead(cfg.model.hidden_size).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.betas,
-                            eps=cfg.optimizer.eps, weight_decay=0.0, fused=True)
+    opt = torch.optim.AdamW(
+        head.parameters(),
+        lr=cfg.optimizer.lr,
+        betas=cfg.optimizer.betas,
+        eps=cfg.optimizer.eps,
+        weight_decay=0.0,
+        fused=True,
+    )
     if dims is not None:
         from ..parallel.collectives import average_gradients_
 

@@ -41,8 +41,9 @@ MAX_OBJECTS = 4  # objects in one scene (counting scenes)
 _MODIFIERS = "|".join((*COLORS, *SIZE_CLASSES, *NUMBER_WORDS.values()))
 
 
-def object_coverage(annotations: str | dict, source_size: tuple[int, int], width: int, height: int,
-                    token: int) -> np.ndarray:
+def object_coverage(
+    annotations: str | dict, source_size: tuple[int, int], width: int, height: int, token: int
+) -> np.ndarray:
     """(tokens, MAX_OBJECTS) float32: per image token, the share of its pixels each object of the scene covers
     (objects in the annotation's order; columns past the scene's objects are 0)."""
     codes = fitted_codes(annotations, source_size, width, height, lambda index, _obj: index + 1)
@@ -57,8 +58,9 @@ class CaptionWords:
         self.tokenizer = tokenizer
         self._cache: dict[str, list[tuple[str, list[int]]]] = {}
         # Not "square" as the picture's framing ("the picture is square, 1:1", "a square 1:1 frame").
-        self._patterns = {s: re.compile(rf"\b(?:(?:{_MODIFIERS})\s+){{0,3}}(?:{s}|{plural(s)})\b(?!,? \d)")
-                          for s in SHAPES}
+        self._patterns = {
+            s: re.compile(rf"\b(?:(?:{_MODIFIERS})\s+){{0,3}}(?:{s}|{plural(s)})\b(?!,? \d)") for s in SHAPES
+        }
 
     def slots(self, caption: str) -> list[tuple[str, list[int]]]:
         """[(shape, token indices)] for the shapes the caption names, in order of first mention."""
@@ -78,8 +80,9 @@ class CaptionWords:
         return self._cache[caption]
 
 
-def binding_targets(words: CaptionWords, captions: list[str], shapes: list[list[str]], coverage_BSO: torch.Tensor,
-                    text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def binding_targets(
+    words: CaptionWords, captions: list[str], shapes: list[list[str]], coverage_BSO: torch.Tensor, text_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cover (B, S, MAX_SLOTS), words (B, text_len, MAX_SLOTS)) for a micro-batch: how much of each image token
     each named shape's objects cover, and which text tokens name it. `shapes[i]`: row i's objects' shapes in the
     annotation's order, the columns of `coverage_BSO`."""
@@ -95,8 +98,13 @@ def binding_targets(words: CaptionWords, captions: list[str], shapes: list[list[
     return cover, named
 
 
-def binding_loss(q_BHSd: torch.Tensor, txt_k_BKLd: torch.Tensor, text_mask_BL: torch.Tensor | None,
-                 cover_BSP: torch.Tensor, named_BLP: torch.Tensor) -> torch.Tensor:
+def binding_loss(
+    q_BHSd: torch.Tensor,
+    txt_k_BKLd: torch.Tensor,
+    text_mask_BL: torch.Tensor | None,
+    cover_BSP: torch.Tensor,
+    named_BLP: torch.Tensor,
+) -> torch.Tensor:
     """The loss of the module docstring for one block's rotated queries and text keys (grouped-query heads: query
     head h reads key head h // (H / K), as the attention does)."""
     H, K = q_BHSd.shape[1], txt_k_BKLd.shape[1]
@@ -119,8 +127,10 @@ class AttentionTap:
     def __init__(self, attn: nn.Module):
         self.q: torch.Tensor | None = None
         self._inputs: tuple | None = None
-        self._handles = [attn.register_forward_pre_hook(self._keep_inputs),
-                         attn.norm_q.register_forward_hook(self._keep_q)]
+        self._handles = [
+            attn.register_forward_pre_hook(self._keep_inputs),
+            attn.norm_q.register_forward_hook(self._keep_q),
+        ]
 
     def _keep_inputs(self, _module, args) -> None:
         self._inputs = args  # (x_BSD, img_rot, txt_k, txt_v, mask)
@@ -149,7 +159,9 @@ class BindingTerm:
     taps: tuple[AttentionTap, ...]
     weight: float
 
-    def loss(self, text_mask_BL: torch.Tensor | None, targets: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def loss(
+        self, text_mask_BL: torch.Tensor | None, targets: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         if targets is None:
             raise ValueError("the binding loss needs the batch's binding targets (FlowBatch.binding_targets)")
         cover, named = targets
@@ -159,8 +171,10 @@ class BindingTerm:
 def caption_tokenizer(cfg):
     """The tokenizer whose positions the cached text states have (the minilm encoder's)."""
     if cfg.text_encoder != "minilm":
-        raise ValueError(f"binding_weight > 0 needs the minilm text encoder (its token offsets name the words); "
-                         f"text_encoder is {cfg.text_encoder!r}. Set binding_weight=0")
+        raise ValueError(
+            f"binding_weight > 0 needs the minilm text encoder (its token offsets name the words); "
+            f"text_encoder is {cfg.text_encoder!r}. Set binding_weight=0"
+        )
     from transformers import AutoTokenizer
 
     from ..encoders.minilm import bundled_model_path

@@ -36,7 +36,9 @@ def make_buckets(resolution: int, aspect_ratios: tuple[str, ...], multiple: int)
     for ratio in aspect_ratios:
         r = parse_ratio(ratio)
         sides = range(multiple, 4 * resolution + 1, multiple)
-        best = min((2 * abs(math.log(w / h / r)) + abs(math.log(w * h / resolution**2)), w, h) for w in sides for h in sides)
+        best = min(
+            (2 * abs(math.log(w / h / r)) + abs(math.log(w * h / resolution**2)), w, h) for w in sides for h in sides
+        )
         if all((b.width, b.height) != best[1:] for b in buckets):
             buckets.append(AspectBucket(ratio, best[1], best[2]))
     return buckets
@@ -50,8 +52,9 @@ def assign_buckets(widths: np.ndarray, heights: np.ndarray, buckets: list[Aspect
     return np.abs(image_log[:, None] - bucket_log[None, :]).argmin(axis=1)
 
 
-def draw_batch(rng: np.random.Generator, bucket_of_row: np.ndarray, row_weights: np.ndarray, num_buckets: int,
-               batch_size: int) -> tuple[int, np.ndarray]:
+def draw_batch(
+    rng: np.random.Generator, bucket_of_row: np.ndarray, row_weights: np.ndarray, num_buckets: int, batch_size: int
+) -> tuple[int, np.ndarray]:
     """(bucket index, row indices): one bucket by its share of the weight, then `batch_size` rows inside it
     by weight, without replacement when the bucket holds enough rows."""
     mass = np.bincount(bucket_of_row, weights=row_weights, minlength=num_buckets)

@@ -28,7 +28,7 @@ from .state import TrainState
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto": the GPU when there is one, else the CPU; anything else as torch names it."""
+    """ "auto": the GPU when there is one, else the CPU; anything else as torch names it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -42,8 +42,10 @@ def build_parallel(cfg: TrainConfig, device: torch.device) -> ParallelDims | Non
     check_layout(layout, cfg.model.num_experts, {s.name: s.batch_size for s in cfg.stages}, cfg.grad_accum_steps)
     if world > 1 and cfg.time_budget_s:
         # Each rank would time its own steps and could plan a different number of them.
-        raise ValueError(f"time_budget_s={cfg.time_budget_s} is for one process; with {world} processes set "
-                         f"the stages' steps instead (time_budget_s=0)")
+        raise ValueError(
+            f"time_budget_s={cfg.time_budget_s} is for one process; with {world} processes set "
+            f"the stages' steps instead (time_budget_s=0)"
+        )
     return init_parallel(cfg.parallel, device) if world > 1 else None
 
 
@@ -54,13 +56,15 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, is_main: bool) 
     config_file = run_dir / "train_config.json"
     if config_file.exists():
         if not resume:
-            raise ValueError(f"run folder {str(run_dir)!r} already holds a run; pass --resume to continue it "
-                             f"or choose a new --out")
+            raise ValueError(
+                f"run folder {str(run_dir)!r} already holds a run; pass --resume to continue it or choose a new --out"
+            )
         saved = TrainConfig.from_dict(json.loads(config_file.read_text())).to_dict()
         current = cfg.to_dict()
         layout = ("parallel", "grad_accum_steps")
-        diff = changed_fields({k: v for k, v in saved.items() if k not in layout},
-                              {k: v for k, v in current.items() if k not in layout})
+        diff = changed_fields(
+            {k: v for k, v in saved.items() if k not in layout}, {k: v for k, v in current.items() if k not in layout}
+        )
         if diff:
             raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
     if is_main:
@@ -77,14 +81,19 @@ def seed_everything(seed: int) -> None:
 def data_record(data_dir: Path, rows: ManifestRows, run_dir: Path, resume: bool) -> dict:
     """The data a run trains on (folder, manifest version, rows), as data.json records it; a resume on other data
     is refused instead of silently drawing different rows."""
-    record = {"data": str(data_dir.resolve()), "manifest_version": latest_version_dir(data_dir).name,
-              "rows": len(rows.paths)}
+    record = {
+        "data": str(data_dir.resolve()),
+        "manifest_version": latest_version_dir(data_dir).name,
+        "rows": len(rows.paths),
+    }
     saved_file = run_dir / "data.json"
     if resume and saved_file.exists():
         saved = json.loads(saved_file.read_text())
         if saved != record:
-            raise ValueError(f"--resume with different data: the run trained on {saved} but --data gives "
-                             f"{record}; pass the run's data folder or start a new --out")
+            raise ValueError(
+                f"--resume with different data: the run trained on {saved} but --data gives "
+                f"{record}; pass the run's data folder or start a new --out"
+            )
     return record
 
 
@@ -104,8 +113,9 @@ def build_model(cfg: TrainConfig, dims: ParallelDims | None, device: torch.devic
         return model
     from ..parallel.parallelize import parallelize
 
-    parallelize(model, dims, activation_checkpointing=cfg.gradient_checkpointing, compile=cfg.parallel.compile,
-                bf16=bf16)
+    parallelize(
+        model, dims, activation_checkpointing=cfg.gradient_checkpointing, compile=cfg.parallel.compile, bf16=bf16
+    )
     if meta_init:
         model.to_empty(device=device)
         if device.type != "cuda":
@@ -117,8 +127,9 @@ def build_model(cfg: TrainConfig, dims: ParallelDims | None, device: torch.devic
     return model
 
 
-def build_text_states(cfg: TrainConfig, rows: ManifestRows, device: torch.device, is_main: bool, progress: bool,
-                      barrier) -> tuple[TextStateStore, torch.nn.Module]:
+def build_text_states(
+    cfg: TrainConfig, rows: ManifestRows, device: torch.device, is_main: bool, progress: bool, barrier
+) -> tuple[TextStateStore, torch.nn.Module]:
     """The frozen encoders' part of a run: the autoencoder, and the text states of every caption a batch can draw
     and of the sample prompts, in the text-state cache shared across runs. Rank 0 alone loads the text encoder,
     and only if a caption is missing (none after `nucleus data encode-captions`): it encodes them while the others

@@ -64,7 +64,8 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def _complete(path: Path) -> bool:
     return all((path / f).is_file() for f in FILES) or (
-        is_distributed(path) and all((path / f).is_file() for f in COMMON_FILES))
+        is_distributed(path) and all((path / f).is_file() for f in COMMON_FILES)
+    )
 
 
 def is_distributed(path: str | Path) -> bool:
@@ -93,7 +94,9 @@ def _optimizer_to_flat(optimizers: dict[str, torch.optim.Optimizer]) -> tuple[di
     return tensors, meta
 
 
-def _optimizer_from_flat(optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_from_flat(
+    optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     for opt_name, opt in optimizers.items():
         state: dict[int, dict] = {}
         for key, value in tensors.items():
@@ -110,8 +113,14 @@ def _optimizer_from_flat(optimizers: dict[str, torch.optim.Optimizer], tensors: 
 
 
 # ---- save / load -------------------------------------------------------------------------------------------------
-def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, model_config: dict,
-                    optimizers: dict[str, torch.optim.Optimizer], state: TrainState, keep_last: int) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    model_config: dict,
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: TrainState,
+    keep_last: int,
+) -> Path:
     """Write checkpoint `state.step` atomically, then delete all but the newest `keep_last` complete ones."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -142,8 +151,10 @@ def _write_run_state(tmp: Path, model_config: dict, state: TrainState) -> None:
     save_file(rng, tmp / "rng.safetensors")
     np_state = np.random.get_state()
     py_state = random.getstate()
-    host_rng = {"numpy_global": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    host_rng = {
+        "numpy_global": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
     if state.np_rng is not None:
         host_rng["numpy_generator"] = state.np_rng.bit_generator.state
     trainer = dict(state.state_dict(), rng=host_rng)
@@ -164,15 +175,19 @@ def _write_heads(tmp: Path, state: TrainState) -> None:
 
 def _load_heads(path: Path, state: TrainState) -> None:
     if not all((path / f).is_file() for f in HEADS_FILES):
-        raise FileNotFoundError(f"checkpoint {str(path)!r} has no {HEADS_FILES[0]}: it was saved by a run without the "
-                                f"training-only heads this config trains (e.g. alignment_weight=0)")
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} has no {HEADS_FILES[0]}: it was saved by a run without the "
+            f"training-only heads this config trains (e.g. alignment_weight=0)"
+        )
     device = str(next(state.heads.parameters()).device)
     tensors = load_file(path / HEADS_FILES[0], device=device)
-    state.heads.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
+    state.heads.load_state_dict({k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")})
     if state.heads_optimizer is not None:
-        _optimizer_from_flat({"heads": state.heads_optimizer},
-                             {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")},
-                             json.loads((path / HEADS_FILES[1]).read_text()))
+        _optimizer_from_flat(
+            {"heads": state.heads_optimizer},
+            {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")},
+            json.loads((path / HEADS_FILES[1]).read_text()),
+        )
 
 
 def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> None:
@@ -189,9 +204,15 @@ def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> Non
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_distributed(run_dir: str | Path, model: torch.nn.Module, model_config: dict,
-                     optimizers: dict[str, torch.optim.Optimizer], state: TrainState, keep_last: int,
-                     dims) -> Path:
+def save_distributed(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    model_config: dict,
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: TrainState,
+    keep_last: int,
+    dims,
+) -> Path:
     """`save_checkpoint` for a sharded model, called on every rank of `dims` (its `ParallelDims`): each writes
     its shards with DCP into the same temp folder; rank 0 adds the RNG/trainer state and renames the folder when
     every rank is done."""
@@ -225,12 +246,18 @@ INTERRUPTED = "interrupted.json"
 def mark_interrupted(path: Path) -> None:
     """Flag a checkpoint saved off the cadence on an interrupt: it resumes the run but is not merged, so a resumed
     run merges the same checkpoints as an uninterrupted one."""
-    (path / INTERRUPTED).write_text(json.dumps({"note": "saved on an interrupt; resumes the run, skipped by merge"})
-                                    + "\n")
+    (path / INTERRUPTED).write_text(
+        json.dumps({"note": "saved on an interrupt; resumes the run, skipped by merge"}) + "\n"
+    )
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-                    state: TrainState, distributed: bool = False) -> None:
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: TrainState,
+    distributed: bool = False,
+) -> None:
     """Restore model, optimizers, the run's state and every RNG from a checkpoint folder.
     A DCP checkpoint loads into any layout (`distributed`: this process is one of several) or into one plain
     process; a one-process checkpoint loads into one process or, through its full state, into any layout."""
@@ -245,8 +272,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizers: dict[s
             raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
         device = next(model.parameters()).device
         model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
-        _optimizer_from_flat(optimizers, load_file(path / "optimizer.safetensors", device=str(device)),
-                             json.loads((path / "optimizer.json").read_text()))
+        _optimizer_from_flat(
+            optimizers,
+            load_file(path / "optimizer.safetensors", device=str(device)),
+            json.loads((path / "optimizer.json").read_text()),
+        )
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
     if state.generator is not None:
@@ -277,8 +307,9 @@ def _load_dcp(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.op
     opts = list(optimizers.values())
     model_sd, optim_sd = get_state_dict(model, opts)
     saved = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
-    optim_sd["state"] = {fqn: st for fqn, st in optim_sd["state"].items()
-                         if all(f"optim.state.{fqn}.{key}" in saved for key in st)}
+    optim_sd["state"] = {
+        fqn: st for fqn, st in optim_sd["state"].items() if all(f"optim.state.{fqn}.{key}" in saved for key in st)
+    }
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path / DCP_DIR)
     # dcp.load wrote the parameters in place (get_state_dict's tensors alias them): setting the model state again
@@ -307,9 +338,17 @@ def _load_single_into_sharded(path: Path, model: torch.nn.Module, optimizers: di
         for idx, scalars in meta[opt_name]["scalar_state"].items():
             state.setdefault(order[int(idx)], {}).update(scalars)
         for g in meta[opt_name]["param_groups"]:
-            groups.append(dict(g, params=[order[i] for i in g["params"]], **({"betas": tuple(g["betas"])} if "betas" in g else {})))
-    set_optimizer_state_dict(model, list(optimizers.values()), {"state": state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+            groups.append(
+                dict(
+                    g, params=[order[i] for i in g["params"]], **({"betas": tuple(g["betas"])} if "betas" in g else {})
+                )
+            )
+    set_optimizer_state_dict(
+        model,
+        list(optimizers.values()),
+        {"state": state, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -323,8 +362,11 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
 
     reader = dcp.FileSystemReader(str(path / DCP_DIR))
     meta = reader.read_metadata().state_dict_metadata
-    state = {key.split(".", 1)[1]: torch.empty(m.size, dtype=m.properties.dtype) for key, m in meta.items()
-             if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    state = {
+        key.split(".", 1)[1]: torch.empty(m.size, dtype=m.properties.dtype)
+        for key, m in meta.items()
+        if key.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
     loaded = {"model": state}
     dcp.load(loaded, storage_reader=reader)
     return loaded["model"]

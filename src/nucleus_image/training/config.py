@@ -60,27 +60,40 @@ class OptimizerConfig:
         if self.kind not in ("muon", "adamw"):
             out.append(f"optimizer.kind {self.kind!r}; accepted: muon, adamw")
         if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0 or not self.grad_clip > 0:
-            out.append(f"optimizer needs lr > 0, warmup_steps >= 0, weight_decay >= 0 and grad_clip > 0; got "
-                       f"lr={self.lr}, warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay}, "
-                       f"grad_clip={self.grad_clip}")
+            out.append(
+                f"optimizer needs lr > 0, warmup_steps >= 0, weight_decay >= 0 and grad_clip > 0; got "
+                f"lr={self.lr}, warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay}, "
+                f"grad_clip={self.grad_clip}"
+            )
         if not 0 <= self.muon_momentum < 1 or self.muon_ns_steps < 1:
-            out.append(f"optimizer needs 0 <= muon_momentum < 1 and muon_ns_steps >= 1; got "
-                       f"muon_momentum={self.muon_momentum}, muon_ns_steps={self.muon_ns_steps}")
+            out.append(
+                f"optimizer needs 0 <= muon_momentum < 1 and muon_ns_steps >= 1; got "
+                f"muon_momentum={self.muon_momentum}, muon_ns_steps={self.muon_ns_steps}"
+            )
         return out
 
 
 # Flat names of the optimizer fields in configs written before the nested section, and in `--set` (aliases).
-LEGACY_OPTIMIZER_KEYS = {"optimizer": "kind", "lr": "lr", "warmup_steps": "warmup_steps",
-                         "weight_decay": "weight_decay", "adam_betas": "betas", "adam_eps": "eps",
-                         "muon_momentum": "muon_momentum", "muon_nesterov": "muon_nesterov",
-                         "muon_ns_steps": "muon_ns_steps", "grad_clip": "grad_clip"}
+LEGACY_OPTIMIZER_KEYS = {
+    "optimizer": "kind",
+    "lr": "lr",
+    "warmup_steps": "warmup_steps",
+    "weight_decay": "weight_decay",
+    "adam_betas": "betas",
+    "adam_eps": "eps",
+    "muon_momentum": "muon_momentum",
+    "muon_nesterov": "muon_nesterov",
+    "muon_ns_steps": "muon_ns_steps",
+    "grad_clip": "grad_clip",
+}
 
 
 def nest_legacy_optimizer(data: dict) -> dict:
     """A config dict with flat optimizer fields (the old layout) moved into its `optimizer` section; a dict
     already nested is returned unchanged."""
-    flat = {k: v for k, v in data.items()
-            if k in LEGACY_OPTIMIZER_KEYS and not (k == "optimizer" and isinstance(v, dict))}
+    flat = {
+        k: v for k, v in data.items() if k in LEGACY_OPTIMIZER_KEYS and not (k == "optimizer" and isinstance(v, dict))
+    }
     if not flat:
         return data
     out = {k: v for k, v in data.items() if k not in flat}
@@ -190,7 +203,9 @@ class TrainConfig:
             if s.steps < 1 or s.batch_size < 1 or s.resolution < 8:
                 errors.append(f"stage {i} ({s.name}) needs steps >= 1, batch_size >= 1, resolution >= 8: {s}")
             if s.capacity_factors and len(s.capacity_factors) != self.model.num_layers:
-                errors.append(f"stage {i} capacity_factors has {len(s.capacity_factors)} entries, model has {self.model.num_layers} layers")
+                errors.append(
+                    f"stage {i} capacity_factors has {len(s.capacity_factors)} entries, model has {self.model.num_layers} layers"
+                )
             if s.tier_weights and len(s.tier_weights) != 5:
                 errors.append(f"stage {i} tier_weights needs 5 entries (tiers 1..5), got {len(s.tier_weights)}")
             if s.bucket_weights and len(s.bucket_weights) != 8:
@@ -200,8 +215,10 @@ class TrainConfig:
             for ratio in s.aspect_ratios:
                 parse_ratio(ratio)
         if self.grad_accum_steps < 1 or any(s.batch_size % self.grad_accum_steps for s in self.stages):
-            errors.append(f"grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide every stage's batch_size "
-                          f"{[s.batch_size for s in self.stages]}")
+            errors.append(
+                f"grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide every stage's batch_size "
+                f"{[s.batch_size for s in self.stages]}"
+            )
         if self.mixed_precision not in ("auto", "bf16", "no"):
             errors.append(f"mixed_precision {self.mixed_precision!r}; accepted: auto, bf16, no")
         if self.merge_weights not in ("inverse-sqrt", "uniform"):
@@ -209,15 +226,24 @@ class TrainConfig:
         if not 0.0 <= self.timesteps.uniform_share <= 1.0 or not 0.0 <= self.caption_dropout < 1.0:
             errors.append("timesteps.uniform_share must be in [0, 1] and caption_dropout in [0, 1)")
         if self.alignment_weight < 0 or not 0 <= self.alignment_block < self.model.num_layers:
-            errors.append(f"alignment_weight must be >= 0 and alignment_block in [0, {self.model.num_layers}), got "
-                          f"{self.alignment_weight} and {self.alignment_block}")
-        if self.binding_weight < 0 or not self.binding_blocks or not all(
-                0 <= b < self.model.num_layers for b in self.binding_blocks):
-            errors.append(f"binding_weight must be >= 0 and binding_blocks a non-empty list of blocks in "
-                          f"[0, {self.model.num_layers}), got {self.binding_weight} and {list(self.binding_blocks)}")
+            errors.append(
+                f"alignment_weight must be >= 0 and alignment_block in [0, {self.model.num_layers}), got "
+                f"{self.alignment_weight} and {self.alignment_block}"
+            )
+        if (
+            self.binding_weight < 0
+            or not self.binding_blocks
+            or not all(0 <= b < self.model.num_layers for b in self.binding_blocks)
+        ):
+            errors.append(
+                f"binding_weight must be >= 0 and binding_blocks a non-empty list of blocks in "
+                f"[0, {self.model.num_layers}), got {self.binding_weight} and {list(self.binding_blocks)}"
+            )
         if self.image_cache_mb < 0 or (self.image_cache_mb and self.data_workers):
-            errors.append(f"image_cache_mb={self.image_cache_mb} must be >= 0 and needs data_workers=0 (each worker "
-                          f"would hold its own copy); data_workers={self.data_workers}")
+            errors.append(
+                f"image_cache_mb={self.image_cache_mb} must be >= 0 and needs data_workers=0 (each worker "
+                f"would hold its own copy); data_workers={self.data_workers}"
+            )
         if not 0.0 <= self.contrastive_weight < 1.0:
             errors.append(f"contrastive_weight must be in [0, 1), got {self.contrastive_weight}")
         if self.z_loss_weight < 0 or not 0 <= self.orthogonality_step < 0.5 or self.wavelet_levels < 1:
@@ -347,8 +373,9 @@ def set_dotted(data: dict, key: str, value) -> None:
 def changed_fields(saved: object, current: object, prefix: str = "") -> list[str]:
     """Dotted paths of the leaves where two plain config dicts differ (what a refused resume names)."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        return sorted(p for k in set(saved) | set(current)
-                      for p in changed_fields(saved.get(k), current.get(k), f"{prefix}{k}."))
+        return sorted(
+            p for k in set(saved) | set(current) for p in changed_fields(saved.get(k), current.get(k), f"{prefix}{k}.")
+        )
     return [] if saved == current else [prefix.rstrip(".")]
 
 
@@ -356,7 +383,9 @@ def _child(node, part: str, key: str):
     if isinstance(node, list):
         return node[_index(node, part, key)]
     if part not in node or not isinstance(node[part], (dict, list)):
-        raise ValueError(f"--set {key!r}: {part!r} is not a section; sections: {', '.join(k for k, v in node.items() if isinstance(v, (dict, list)))}")
+        raise ValueError(
+            f"--set {key!r}: {part!r} is not a section; sections: {', '.join(k for k, v in node.items() if isinstance(v, (dict, list)))}"
+        )
     return node[part]
 
 
@@ -407,10 +436,17 @@ def released() -> TrainConfig:
     model = NucleusConfig.preset("released")
     late = (0.0,) * 3 + (4.0,) * 2 + (2.0,) * 27
     return TrainConfig(
-        model=model, text_encoder="qwen3-vl", autoencoder="qwen-image",
+        model=model,
+        text_encoder="qwen3-vl",
+        autoencoder="qwen-image",
         optimizer=OptimizerConfig(lr=1e-4, warmup_steps=1000),
-        parallel=ParallelConfig(init="meta"), gradient_checkpointing=True,
-        checkpoint_every=1000, keep_last=16, merge_last=16, log_every=50, sample_every=2000,
+        parallel=ParallelConfig(init="meta"),
+        gradient_checkpointing=True,
+        checkpoint_every=1000,
+        keep_last=16,
+        merge_last=16,
+        log_every=50,
+        sample_every=2000,
         stages=[
             StageConfig("256px", 100_000, 256, 4096, ALL_ASPECTS, (0.0,) * 3 + (8.0,) * 29),
             StageConfig("512px", 50_000, 512, 1024, ALL_ASPECTS, (0.0,) * 3 + (4.0,) * 29),
@@ -450,9 +486,21 @@ def tiny() -> TrainConfig:
     model = NucleusConfig.preset("tiny")
     aspects = ("1:1", "4:3", "3:4")
     return TrainConfig(
-        model=model, optimizer=OptimizerConfig(lr=6e-3, warmup_steps=50), checkpoint_every=50, keep_last=8, merge_last=6,
-        log_every=10, sample_every=200, sample_steps=16, caption_dropout=0.1, caption_weights=(3.0, 1.0, 0.0, 0.0),
-        cpu_threads=0, data_workers=0, image_cache_mb=64.0, alignment_weight=0.5, alignment_block=1,
+        model=model,
+        optimizer=OptimizerConfig(lr=6e-3, warmup_steps=50),
+        checkpoint_every=50,
+        keep_last=8,
+        merge_last=6,
+        log_every=10,
+        sample_every=200,
+        sample_steps=16,
+        caption_dropout=0.1,
+        caption_weights=(3.0, 1.0, 0.0, 0.0),
+        cpu_threads=0,
+        data_workers=0,
+        image_cache_mb=64.0,
+        alignment_weight=0.5,
+        alignment_block=1,
         stages=[
             StageConfig("24px", 850, 24, 64, aspects, (0.0, 4.0, 4.0, 4.0), (), (3, 3, 2, 2, 1, 1, 1, 1)),
             StageConfig("32px", 600, 32, 64, aspects, (0.0, 2.0, 2.0, 2.0)),

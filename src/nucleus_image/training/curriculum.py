@@ -23,8 +23,10 @@ def row_weights(tiers: np.ndarray, buckets: np.ndarray, stage: StageConfig) -> n
     if stage.bucket_weights:
         w *= np.asarray(stage.bucket_weights, np.float64)[np.asarray(buckets, np.int64) - 1]
     if w.sum() <= 0:
-        raise ValueError(f"stage {stage.name!r} gives every image zero weight (tier_weights={stage.tier_weights}, "
-                         f"bucket_weights={stage.bucket_weights})")
+        raise ValueError(
+            f"stage {stage.name!r} gives every image zero weight (tier_weights={stage.tier_weights}, "
+            f"bucket_weights={stage.bucket_weights})"
+        )
     return w / w.sum()
 
 
@@ -46,7 +48,9 @@ def caption_probabilities(caption_weights: tuple[float, ...], n: int) -> np.ndar
     return w / w.sum()
 
 
-def pick_caption(rng: np.random.Generator, captions: list[str], caption_weights: tuple[float, ...], dropout: float) -> str:
+def pick_caption(
+    rng: np.random.Generator, captions: list[str], caption_weights: tuple[float, ...], dropout: float
+) -> str:
     """One caption per sample: the empty prompt with probability `dropout`, else one granularity drawn by
     `caption_weights`. Both draws always happen, so the RNG advances the same way whatever is picked."""
     drop = rng.random() < dropout

@@ -72,10 +72,16 @@ def read_rows(data_dir: Path) -> ManifestRows:
         print(f"skipping {len(bad)} unreadable images (first: {paths[bad[0]]})")
         if len(bad) == len(paths):
             raise ValueError(f"no readable image in {str(data_dir)!r}")
-    return ManifestRows(paths, table.column("width").to_numpy(), table.column("height").to_numpy(),
-                        table.column("tier").to_numpy().astype(np.int64),
-                        table.column("bucket").to_numpy().astype(np.int64), captions, readable,
-                        table.column("annotations").to_pylist())
+    return ManifestRows(
+        paths,
+        table.column("width").to_numpy(),
+        table.column("height").to_numpy(),
+        table.column("tier").to_numpy().astype(np.int64),
+        table.column("bucket").to_numpy().astype(np.int64),
+        captions,
+        readable,
+        table.column("annotations").to_pylist(),
+    )
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,11 @@ class BatchPlan:
         if index not in self._stages:
             stage = self.cfg.stages[index]
             buckets = make_buckets(stage.resolution, stage.aspect_ratios, self.granularity)
-            self._stages[index] = StageData(buckets, assign_buckets(self.rows.widths, self.rows.heights, buckets),
-                                            row_weights(self.rows.tiers, self.rows.buckets, stage) * self.rows.readable)
+            self._stages[index] = StageData(
+                buckets,
+                assign_buckets(self.rows.widths, self.rows.heights, buckets),
+                row_weights(self.rows.tiers, self.rows.buckets, stage) * self.rows.readable,
+            )
         return self._stages[index]
 
     def batch(self, step: int) -> PlannedBatch:
@@ -113,8 +122,9 @@ class BatchPlan:
         data = self.stage(index)
         rng = np.random.default_rng([self.cfg.seed, _STREAM, step])
         bucket, rows = draw_batch(rng, data.bucket_of_row, data.weights, len(data.aspect_buckets), stage.batch_size)
-        captions = [pick_caption(rng, self.rows.captions[r], self.cfg.caption_weights, self.cfg.caption_dropout)
-                    for r in rows]
+        captions = [
+            pick_caption(rng, self.rows.captions[r], self.cfg.caption_weights, self.cfg.caption_dropout) for r in rows
+        ]
         return PlannedBatch(step, index, data.aspect_buckets[bucket], rows, captions)
 
     def drawable_captions(self) -> set[str]:
@@ -133,8 +143,10 @@ def rank_rows(batch_size: int, rank: int, world_size: int, accum: int = 1) -> np
     """The rows of a global batch rank `rank` trains on: its contiguous share of each of the `accum` micro-batches
     (so micro-batch m of every rank together is micro-batch m of one process)."""
     if batch_size % (world_size * accum):
-        raise ValueError(f"batch_size {batch_size} does not divide over {world_size} processes x {accum} "
-                         f"accumulation steps; use a multiple of {world_size * accum}")
+        raise ValueError(
+            f"batch_size {batch_size} does not divide over {world_size} processes x {accum} "
+            f"accumulation steps; use a multiple of {world_size * accum}"
+        )
     micro = batch_size // accum
     per = micro // world_size
     return np.concatenate([np.arange(m * micro + rank * per, m * micro + (rank + 1) * per) for m in range(accum)])
@@ -148,8 +160,15 @@ class RankBatches(Dataset):
     With `cache_mb` > 0 fitted images (and their maps) are kept per (row, bucket) until that many megabytes are
     held."""
 
-    def __init__(self, plan: BatchPlan, rank: int, world_size: int, accum: int = 1,
-                 store: TextStateStore | None = None, cache_mb: float = 0.0):
+    def __init__(
+        self,
+        plan: BatchPlan,
+        rank: int,
+        world_size: int,
+        accum: int = 1,
+        store: TextStateStore | None = None,
+        cache_mb: float = 0.0,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.plan, self.rank, self.world_size, self.accum, self.store = plan, rank, world_size, accum, store
@@ -175,13 +194,15 @@ class RankBatches(Dataset):
         if self.align:
             from .alignment import token_targets
 
-            out["targets"] = torch.from_numpy(token_targets(rows.annotations[row], source, width, height,
-                                                            self.plan.granularity))
+            out["targets"] = torch.from_numpy(
+                token_targets(rows.annotations[row], source, width, height, self.plan.granularity)
+            )
         if self.bind:
             from .binding import object_coverage
 
-            out["coverage"] = torch.from_numpy(object_coverage(rows.annotations[row], source, width, height,
-                                                               self.plan.granularity))
+            out["coverage"] = torch.from_numpy(
+                object_coverage(rows.annotations[row], source, width, height, self.plan.granularity)
+            )
         size = sum(t.numel() * t.element_size() for t in out.values())
         if self.cached_bytes + size <= self.cache_bytes:
             self._cache[key] = out
@@ -196,32 +217,51 @@ class RankBatches(Dataset):
         out = {"step": step, "images": torch.stack([it["image"] for it in items]), "captions": captions}
         if self.store is not None:
             per = len(captions) // self.accum
-            out["texts"] = [pad_states([self.store.get(c) for c in captions[m * per:(m + 1) * per]])
-                            for m in range(self.accum)]
+            out["texts"] = [
+                pad_states([self.store.get(c) for c in captions[m * per : (m + 1) * per]]) for m in range(self.accum)
+            ]
         for name in ("targets", "coverage"):
             if name in items[0]:
                 out[name] = torch.stack([it[name] for it in items])
         if self.bind:
-            out["shapes"] = [[o["shape"] for o in json.loads(self.plan.rows.annotations[int(r)])["objects"]]
-                             for r in batch.rows[part]]
+            out["shapes"] = [
+                [o["shape"] for o in json.loads(self.plan.rows.annotations[int(r)])["objects"]]
+                for r in batch.rows[part]
+            ]
         return out
 
 
-def rank_loader(plan: BatchPlan, rank: int, world_size: int, start: int, end: int, num_workers: int,
-                accum: int = 1, prefetch_factor: int = 2, store: TextStateStore | None = None,
-                pin_memory: bool = False, dataset: RankBatches | None = None) -> DataLoader:
+def rank_loader(
+    plan: BatchPlan,
+    rank: int,
+    world_size: int,
+    start: int,
+    end: int,
+    num_workers: int,
+    accum: int = 1,
+    prefetch_factor: int = 2,
+    store: TextStateStore | None = None,
+    pin_memory: bool = False,
+    dataset: RankBatches | None = None,
+) -> DataLoader:
     """Steps start..end-1 of this rank, in order, prepared by `num_workers` processes (0 = in this one);
     `pin_memory` for a copy to the GPU that does not wait for the host. Pass `dataset` to reuse one whose
     in-memory cache is already filled (the time guard restarts the loader); `store` is then the dataset's."""
     if num_workers < 0:
         raise ValueError(f"data_workers must be >= 0, got {num_workers}")
     dataset = dataset if dataset is not None else RankBatches(plan, rank, world_size, accum, store)
-    return DataLoader(dataset, batch_size=None, sampler=range(start, end),
-                      num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None,
-                      worker_init_fn=_one_thread if num_workers else None, pin_memory=pin_memory,
-                      # DataLoader draws its workers' base seed from this generator, else from torch's global RNG,
-                      # which a resumed run (one more loader started) would then leave in a different state.
-                      generator=torch.Generator().manual_seed(start))
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(start, end),
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor if num_workers else None,
+        worker_init_fn=_one_thread if num_workers else None,
+        pin_memory=pin_memory,
+        # DataLoader draws its workers' base seed from this generator, else from torch's global RNG,
+        # which a resumed run (one more loader started) would then leave in a different state.
+        generator=torch.Generator().manual_seed(start),
+    )
 
 
 def _one_thread(_worker_id: int) -> None:

@@ -12,8 +12,10 @@ import torch
 from .config import TrainConfig
 
 # Encoders a preset may name, taken from the pipeline folder `pipeline_dir`: (component, class in model_index.json).
-PIPELINE_ENCODERS = {"qwen3-vl": ("text_encoder", "Qwen3VLForConditionalGeneration"),
-                     "qwen-image": ("vae", "AutoencoderKLQwenImage")}
+PIPELINE_ENCODERS = {
+    "qwen3-vl": ("text_encoder", "Qwen3VLForConditionalGeneration"),
+    "qwen-image": ("vae", "AutoencoderKLQwenImage"),
+}
 
 
 def build_encoders(cfg: TrainConfig, device: torch.device, load_text_encoder: bool = True):
@@ -43,16 +45,20 @@ def build_encoders(cfg: TrainConfig, device: torch.device, load_text_encoder: bo
         text_encoder = text_encoder.to(device).eval().requires_grad_(False)
         check_text_width(cfg, text_encoder.dim)
     if autoencoder.latent_channels * m.patch_size**2 != m.in_channels:
-        raise ValueError(f"autoencoder {cfg.autoencoder!r} has {autoencoder.latent_channels} latent channels; the model "
-                         f"needs in_channels/patch_size^2 = {m.in_channels // m.patch_size**2}")
+        raise ValueError(
+            f"autoencoder {cfg.autoencoder!r} has {autoencoder.latent_channels} latent channels; the model "
+            f"needs in_channels/patch_size^2 = {m.in_channels // m.patch_size**2}"
+        )
     return text_encoder, autoencoder
 
 
 def check_text_width(cfg: TrainConfig, width: int) -> None:
     """Refuse text states of another width than the model's `joint_attention_dim`."""
     if width != cfg.model.joint_attention_dim:
-        raise ValueError(f"text encoder {cfg.text_encoder!r} gives {width}-wide states but the model's "
-                         f"joint_attention_dim is {cfg.model.joint_attention_dim}")
+        raise ValueError(
+            f"text encoder {cfg.text_encoder!r} gives {width}-wide states but the model's "
+            f"joint_attention_dim is {cfg.model.joint_attention_dim}"
+        )
 
 
 def text_encoder_spec(cfg: TrainConfig) -> str:
@@ -72,18 +78,25 @@ def from_pipeline_folder(spec: str, component: str, device, pipeline_dir: str = 
         folder = spec.split(":", 1)[1]
     elif spec in named:
         if not pipeline_dir:
-            raise ValueError(f"{component} {spec!r} is read from a pipeline folder: pass --set pipeline_dir=DIR (a "
-                             f"diffusers Nucleus-Image folder with model_index.json)")
+            raise ValueError(
+                f"{component} {spec!r} is read from a pipeline folder: pass --set pipeline_dir=DIR (a "
+                f"diffusers Nucleus-Image folder with model_index.json)"
+            )
         folder = pipeline_dir
         found = (read_index(Path(folder)).get(component) or [None, None])[1]
         if found != PIPELINE_ENCODERS[spec][1]:
-            raise ValueError(f"{component} {spec!r} needs a {PIPELINE_ENCODERS[spec][1]} in pipeline_dir "
-                             f"{folder!r}, which holds {found!r}")
+            raise ValueError(
+                f"{component} {spec!r} needs a {PIPELINE_ENCODERS[spec][1]} in pipeline_dir "
+                f"{folder!r}, which holds {found!r}"
+            )
     else:
         builtin = "minilm" if component == "text_encoder" else "pixel"
-        raise ValueError(f"unknown {component} {spec!r}; accepted: {builtin!r} (built in), "
-                         f"{', '.join(repr(n) for n in sorted(named))} (from pipeline_dir) or 'pipeline:DIR'")
+        raise ValueError(
+            f"unknown {component} {spec!r}; accepted: {builtin!r} (built in), "
+            f"{', '.join(repr(n) for n in sorted(named))} (from pipeline_dir) or 'pipeline:DIR'"
+        )
     # Frozen and only run once per caption/image: bf16 on GPU keeps a 8B-parameter text encoder affordable.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return load_components(folder, dtype, device, load_text_encoder=component == "text_encoder",
-                           load_transformer=False)[component]
+    return load_components(
+        folder, dtype, device, load_text_encoder=component == "text_encoder", load_transformer=False
+    )[component]

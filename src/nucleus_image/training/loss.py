@@ -53,13 +53,15 @@ def contrastive_negatives(captions: list[str]) -> tuple[torch.Tensor, torch.Tens
     images apart would push the model away from a correct answer). Returns (index (B,), weight (B,) float)."""
     B = len(captions)
     index = torch.roll(torch.arange(B), -1)
-    weight = torch.tensor([float(bool(a) and bool(b) and a != b)
-                           for a, b in zip(captions, (captions[int(j)] for j in index))])
+    weight = torch.tensor(
+        [float(bool(a) and bool(b) and a != b) for a, b in zip(captions, (captions[int(j)] for j in index))]
+    )
     return index, weight
 
 
-def contrastive_flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor,
-                          weight: torch.Tensor) -> torch.Tensor:
+def contrastive_flow_loss(
+    pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     """The contrastive term of contrastive flow matching (DeltaFM, arXiv 2506.05350), to be *subtracted* with a
     small weight lambda: the mean squared distance of the prediction from another sample's velocity target,
     mean over the rows whose pair counts (`contrastive_negatives`). The paper's objective is
@@ -121,10 +123,14 @@ class FlowObjective:
         cast = (lambda t: t.to(self.input_dtype)) if self.input_dtype is not None else (lambda t: t)
         routing = self.z_loss_weight > 0 or self.routing_stats
         with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = model(hidden_states=cast(noisy_latents(x0, noise, sigma)),
-                        img_shapes=[(1, h // self.patch, w // self.patch)] * B,
-                        encoder_hidden_states=cast(batch.text_BLD), encoder_hidden_states_mask=batch.text_mask_BL,
-                        timestep=cast(sigma), **({"return_routing": True} if routing else {}))
+            out = model(
+                hidden_states=cast(noisy_latents(x0, noise, sigma)),
+                img_shapes=[(1, h // self.patch, w // self.patch)] * B,
+                encoder_hidden_states=cast(batch.text_BLD),
+                encoder_hidden_states_mask=batch.text_mask_BL,
+                timestep=cast(sigma),
+                **({"return_routing": True} if routing else {}),
+            )
         loss = flow_loss(out.sample, x0, noise)
         logged = {}
         if self.contrastive_weight:
@@ -142,8 +148,9 @@ class FlowObjective:
         if self.z_loss_weight:
             loss = loss + self.z_loss_weight * router_z_loss(out.router_logits)
         if self.wavelet_weight:
-            loss = loss + self.wavelet_weight * wavelet_loss(out.sample, x0, noise, h, w, self.patch,
-                                                             self.wavelet_levels)
+            loss = loss + self.wavelet_weight * wavelet_loss(
+                out.sample, x0, noise, h, w, self.patch, self.wavelet_levels
+            )
         if self.routing_stats:
             logged["routing"] = routing_stats(out.router_logits, out.expert_indices, x0.shape[1])
         return loss, logged
@@ -210,15 +217,22 @@ def haar_details(x_BCHW: torch.Tensor, levels: int) -> list[torch.Tensor]:
     return out
 
 
-def wavelet_loss(pred_BSD: torch.Tensor, x0_BSD: torch.Tensor, noise_BSD: torch.Tensor, height: int, width: int,
-                 patch: int, levels: int = 2) -> torch.Tensor:
+def wavelet_loss(
+    pred_BSD: torch.Tensor,
+    x0_BSD: torch.Tensor,
+    noise_BSD: torch.Tensor,
+    height: int,
+    width: int,
+    patch: int,
+    levels: int = 2,
+) -> torch.Tensor:
     """Mean over Haar levels of the mean squared detail coefficients of the velocity error, on the latent grid.
 
     The report adds "a wavelet loss 0.1 in the 1024 stage only" without its form. The plain MSE already counts
     every sub-band once (the transform is orthonormal), so this term adds weight on edges and texture, the
     detail the high-resolution stage is there to learn. The error is taken in velocity space, as the main loss
     is (the x0 error is the same field scaled by sigma)."""
-    err = (pred_BSD.float() - velocity_target(x0_BSD, noise_BSD).float())
+    err = pred_BSD.float() - velocity_target(x0_BSD, noise_BSD).float()
     bands = haar_details(unpack_latents(err, height, width, patch), levels)
     if not bands:
         return torch.zeros((), device=pred_BSD.device)

@@ -90,12 +90,16 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
     found = [(step, path) for step, path in found[:-1] if not (path / INTERRUPTED).exists()] + found[-1:]
     chosen = found[-last:]
     if len(chosen) < last:
-        print(f"asked for the last {last} checkpoints; {str(run_dir)!r} holds {len(chosen)} (steps "
-              f"{', '.join(str(s) for s, _ in chosen)}): merging those")
+        print(
+            f"asked for the last {last} checkpoints; {str(run_dir)!r} holds {len(chosen)} (steps "
+            f"{', '.join(str(s) for s, _ in chosen)}): merging those"
+        )
     coefficients = merge_coefficients(len(chosen), weights)
     cfg = TrainConfig.from_json(config_file)
-    print(f"merging {len(chosen)} checkpoints ({weights}): " +
-          ", ".join(f"step {step} x {c:.3f}" for (step, _), c in zip(chosen, coefficients)))
+    print(
+        f"merging {len(chosen)} checkpoints ({weights}): "
+        + ", ".join(f"step {step} x {c:.3f}" for (step, _), c in zip(chosen, coefficients))
+    )
     merged = merge_state_dicts([load_model_state(path) for _, path in chosen], coefficients)
     model_cfg = NucleusConfig.from_json(chosen[-1][1] / "config.json")
     model = NucleusTransformer(model_cfg)
@@ -106,14 +110,27 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
     # after optimizer step s - 1.
     stages = [cfg.stage_at(step - 1)[1] for step, _ in chosen]
     if len({s.name for s in stages}) > 1:
-        warnings.warn(f"the merge window (steps {chosen[0][0]}..{chosen[-1][0]}) crosses a stage boundary "
-                      f"({' -> '.join(dict.fromkeys(s.name for s in stages))}): it averages weights trained at "
-                      f"different resolutions; merge fewer checkpoints (--last) to stay inside the last stage",
-                      stacklevel=2)
+        warnings.warn(
+            f"the merge window (steps {chosen[0][0]}..{chosen[-1][0]}) crosses a stage boundary "
+            f"({' -> '.join(dict.fromkeys(s.name for s in stages))}): it averages weights trained at "
+            f"different resolutions; merge fewer checkpoints (--last) to stay inside the last stage",
+            stacklevel=2,
+        )
     pipe = make_pipeline(model, text_encoder, autoencoder, cfg.timesteps, stages[-1].resolution)
     pipe.save_pretrained(out)
-    (Path(out) / "merge.json").write_text(json.dumps({
-        "run": str(run_dir), "weights": weights, "steps": [s for s, _ in chosen], "coefficients": coefficients,
-        "decay_weights": decay_weights(coefficients), "stages": [s.name for s in stages],
-        "resolution": stages[-1].resolution}, indent=1) + "\n")
+    (Path(out) / "merge.json").write_text(
+        json.dumps(
+            {
+                "run": str(run_dir),
+                "weights": weights,
+                "steps": [s for s, _ in chosen],
+                "coefficients": coefficients,
+                "decay_weights": decay_weights(coefficients),
+                "stages": [s.name for s in stages],
+                "resolution": stages[-1].resolution,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return Path(out)

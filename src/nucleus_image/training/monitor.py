@@ -15,8 +15,9 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def routing_stats(router_logits: tuple[torch.Tensor, ...], expert_indices: tuple[torch.Tensor, ...],
-                  seq_len: int) -> torch.Tensor:
+def routing_stats(
+    router_logits: tuple[torch.Tensor, ...], expert_indices: tuple[torch.Tensor, ...], seq_len: int
+) -> torch.Tensor:
     """(layers, E + 2) float32 on the model's device, one row per MoE layer: each expert's share of the router's
     probability mass (`load`: expert choice gives every expert exactly C tokens, so the softmax mass is where
     imbalance shows), then the share of tokens only the shared expert saw and the mean experts per token.
@@ -34,8 +35,10 @@ def routing_stats(router_logits: tuple[torch.Tensor, ...], expert_indices: tuple
 def routing_table(stats: torch.Tensor) -> dict:
     """`routing_stats` read back (one transfer): {layer: {"load", "no_expert_share", "experts_per_token"}}."""
     table = stats.detach().cpu().double().numpy()
-    return {layer: {"load": row[:-2], "no_expert_share": float(row[-2]), "experts_per_token": float(row[-1])}
-            for layer, row in enumerate(table)}
+    return {
+        layer: {"load": row[:-2], "no_expert_share": float(row[-2]), "experts_per_token": float(row[-1])}
+        for layer, row in enumerate(table)
+    }
 
 
 class RunLogger:
@@ -44,8 +47,17 @@ class RunLogger:
 
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
-    def scalars(self, step: int, loss: float, lr: float, grad_norm: float, images_per_s: float, nonfinite: int,
-                routing: dict | None, extra: dict[str, float] | None = None) -> None:
+    def scalars(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        images_per_s: float,
+        nonfinite: int,
+        routing: dict | None,
+        extra: dict[str, float] | None = None,
+    ) -> None:
         """One logging step's scalars; `extra`: the loss function's other logged values (e.g. "alignment")."""
         w = self.writer
         w.add_scalar("train/loss", loss, step)

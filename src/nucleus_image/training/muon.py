@@ -59,14 +59,18 @@ class ExpertFactor:
 
     def matrices(self, t: torch.Tensor) -> torch.Tensor:
         if t.dim() != 2 or t.shape[self.dim] % self.experts:
-            raise ValueError(f"an expert factor must be 2-D with dim {self.dim} divisible by {self.experts} experts; "
-                             f"got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"an expert factor must be 2-D with dim {self.dim} divisible by {self.experts} experts; "
+                f"got shape {tuple(t.shape)}"
+            )
         if self.dim == 0:
             return t.view(self.experts, -1, t.shape[1])  # (E, r, cols)
         return t.view(t.shape[0], -1, self.experts).permute(2, 0, 1)  # (E, rows, r)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def orthogonalize(
+    g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """Approximate U V^T for each trailing (rows, cols) matrix of g (any leading batch dims), in `dtype`.
 
     Singular values land in roughly [0.7, 1.2] rather than exactly 1: the coefficients trade exactness for
@@ -123,12 +127,26 @@ class Muon(torch.optim.Optimizer):
     GPU; float32 is faster on CPUs without bf16 matmul units. `max_batch_bytes` caps one Newton-Schulz call's
     batch (in `ns_dtype`): its workspace is about 2-3x that (`ns_workspace_bytes`)."""
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7, ns_dtype: torch.dtype = torch.bfloat16,
-                 expert_factors: Mapping[torch.Tensor, ExpertFactor] | None = None, max_batch_bytes: int = MAX_BATCH_BYTES):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        eps: float = 1e-7,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        expert_factors: Mapping[torch.Tensor, ExpertFactor] | None = None,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
+    ):
         if lr <= 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
-            raise ValueError(f"Muon needs lr > 0, 0 <= momentum < 1, weight_decay >= 0; got lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, eps=eps)
+            raise ValueError(
+                f"Muon needs lr > 0, 0 <= momentum < 1, weight_decay >= 0; got lr={lr}, momentum={momentum}, weight_decay={weight_decay}"
+            )
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, eps=eps
+        )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
         self.max_batch_bytes = max_batch_bytes
@@ -137,7 +155,9 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() not in (2, 3):
-                    raise ValueError(f"Muon takes 2-D matrices or 3-D expert stacks; got a parameter of shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"Muon takes 2-D matrices or 3-D expert stacks; got a parameter of shape {tuple(p.shape)}"
+                    )
                 if id(p) in self.expert_factors:
                     self.expert_factors[id(p)].matrices(p.detach())  # refuses a factor that does not split
 
@@ -215,9 +235,11 @@ class _Member:
         if isinstance(p, DTensor) and not _whole_on_each_rank(p):
             mesh_dim = _row_shard_dim(p)
             if mesh_dim is None or factor is not None:
-                raise ValueError(f"Muon orthogonalises 2-D weights split by rows and expert stacks split by expert "
-                                 f"(LoRA factors replicated); got a parameter of shape {tuple(p.shape)} with "
-                                 f"placements {p.placements}")
+                raise ValueError(
+                    f"Muon orthogonalises 2-D weights split by rows and expert stacks split by expert "
+                    f"(LoRA factors replicated); got a parameter of shape {tuple(p.shape)} with "
+                    f"placements {p.placements}"
+                )
             world = p.device_mesh.size(mesh_dim)
             if world > 1:
                 pg = p.device_mesh.get_group(mesh_dim)
@@ -287,8 +309,8 @@ def _schedule(members: list[_Member], ns_dtype: torch.dtype, max_batch_bytes: in
         for items in split.values():
             step = per_call * len(items[0].row_splits)
             for i in range(0, len(items), step):
-                yield rows, cols, items[i:i + step], owner
-                owner += len(items[i:i + step])
+                yield rows, cols, items[i : i + step], owner
+                owner += len(items[i : i + step])
 
 
 def _owners(first_owner: int, count: int, world: int) -> list[int]:
@@ -308,8 +330,12 @@ class PlannedMatrix:
     rank: int = 0
 
 
-def step_peak_bytes(params: list[PlannedMatrix], ns_dtype: torch.dtype, param_dtype: torch.dtype = torch.float32,
-                    max_batch_bytes: int = MAX_BATCH_BYTES) -> int:
+def step_peak_bytes(
+    params: list[PlannedMatrix],
+    ns_dtype: torch.dtype,
+    param_dtype: torch.dtype = torch.float32,
+    max_batch_bytes: int = MAX_BATCH_BYTES,
+) -> int:
     """Most bytes one rank's Muon step allocates at once beyond the weights, gradients and momentum (which exist
     before it), walking the step's own schedule: per Newton-Schulz call its batch, the iteration's workspace and,
     for weights split by rows, the send and receive buffers of the two all-to-alls; plus the Nesterov update of one
@@ -321,7 +347,9 @@ def step_peak_bytes(params: list[PlannedMatrix], ns_dtype: torch.dtype, param_dt
             local = torch.empty(p.row_splits[p.rank], cols, dtype=param_dtype, device="meta")
             members.append(_Member(local, None, rows, cols, 1, "split", p.row_splits, p.rank))
         else:
-            members.append(_Member(torch.empty(p.n, rows, cols, dtype=param_dtype, device="meta"), None, rows, cols, p.n))
+            members.append(
+                _Member(torch.empty(p.n, rows, cols, dtype=param_dtype, device="meta"), None, rows, cols, p.n)
+            )
     size, cast = ns_dtype.itemsize, param_dtype != ns_dtype
     peak = 0
     for rows, cols, work, first_owner in _schedule(members, ns_dtype, max_batch_bytes):
@@ -335,8 +363,13 @@ def step_peak_bytes(params: list[PlannedMatrix], ns_dtype: torch.dtype, param_dt
             mine = sum(m.row_splits[rank] * m.cols for m in work)
             temp = max(m.row_splits[rank] * m.cols for m in work) * param_dtype.itemsize if cast else 0
             whole = owned * rows * cols * size
-            peak = max(peak, mine * size + temp, mine * size + whole, 2 * whole,
-                       whole + ns_workspace_bytes(owned, rows, cols, ns_dtype))
+            peak = max(
+                peak,
+                mine * size + temp,
+                mine * size + whole,
+                2 * whole,
+                whole + ns_workspace_bytes(owned, rows, cols, ns_dtype),
+            )
     return peak
 
 
@@ -365,17 +398,18 @@ class _BatchRun:
 
     def whole(self, chunk: list[tuple[_Member, int, int]], rows: int, cols: int) -> None:
         """Matrices this rank holds whole: into one batch, Newton-Schulz, each update added where it came from."""
-        x = torch.empty(sum(stop - first for _, first, stop in chunk), rows, cols, dtype=self.dtype,
-                        device=chunk[0][0].local.device)
+        x = torch.empty(
+            sum(stop - first for _, first, stop in chunk), rows, cols, dtype=self.dtype, device=chunk[0][0].local.device
+        )
         k = 0
         for m, first, stop in chunk:
-            self._update_into(x[k:k + stop - first], m.matrices(m.grad)[first:stop], m.matrices(m.buf)[first:stop])
+            self._update_into(x[k : k + stop - first], m.matrices(m.grad)[first:stop], m.matrices(m.buf)[first:stop])
             k += stop - first
         x = self._ns(x)
         alpha = -self.lr * update_scale((rows, cols))
         k = 0
         for m, first, stop in chunk:
-            m.matrices(m.local)[first:stop].add_(x[k:k + stop - first], alpha=alpha)
+            m.matrices(m.local)[first:stop].add_(x[k : k + stop - first], alpha=alpha)
             k += stop - first
 
     def sharded(self, items: list[_Member], rows: int, cols: int, first_owner: int) -> None:
@@ -448,8 +482,10 @@ def _stack(t: torch.Tensor) -> torch.Tensor:
 def _whole_on_each_rank(p: DTensor) -> bool:
     """Replicated, or a (E, rows, cols) stack split only along E: every rank holds whole matrices."""
     # _StridedShard: FSDP's split of an already EP-sharded dim 0 (a Shard subclass before torch 2.13, not since).
-    return all(pl.is_replicate() or (p.dim() == 3 and isinstance(pl, (Shard, _StridedShard)) and pl.dim == 0)
-               for pl in p.placements)
+    return all(
+        pl.is_replicate() or (p.dim() == 3 and isinstance(pl, (Shard, _StridedShard)) and pl.dim == 0)
+        for pl in p.placements
+    )
 
 
 def _row_shard_dim(p: DTensor) -> int | None:

@@ -22,8 +22,15 @@ def row_seed(seed: int, step: int, row: int) -> int:
     return int(np.random.SeedSequence([seed, _STREAM, step, row]).generate_state(1, np.uint64)[0])
 
 
-def row_noise(seed: int, step: int, rows, shape: tuple[int, ...], timesteps: TimestepConfig,
-              device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def row_noise(
+    seed: int,
+    step: int,
+    rows,
+    shape: tuple[int, ...],
+    timesteps: TimestepConfig,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(len(rows), *shape) noise and (len(rows),) float32 sigmas for global rows `rows` of step `step`, on
     `device` (a generator there: nothing is drawn on the host and copied). `shape[0]` is the image tokens, which
     set the sigma distribution's shift."""

@@ -61,7 +61,9 @@ def split_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
         elif any(re.search(pat, name) for _, pat in MUON_ROLES):
             groups["muon"].append((name, p))
         else:
-            raise ValueError(f"parameter {name!r} {tuple(p.shape)} matches no optimiser rule in nucleus_image.training.optim; add it to a Muon role or the AdamW patterns")
+            raise ValueError(
+                f"parameter {name!r} {tuple(p.shape)} matches no optimiser rule in nucleus_image.training.optim; add it to a Muon role or the AdamW patterns"
+            )
     return groups
 
 
@@ -94,7 +96,9 @@ def describe_groups(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> str:
             by_role[role][1] += p.numel()
         for role, (n, count) in sorted(by_role.items()):
             rows.append(f"  {opt:<6} {role:<26} {n:>4} tensors {count:>13,} params")
-        rows.append(f"  {opt:<6} {'total':<26} {len(members):>4} tensors {sum(p.numel() for _, p in members):>13,} params")
+        rows.append(
+            f"  {opt:<6} {'total':<26} {len(members):>4} tensors {sum(p.numel() for _, p in members):>13,} params"
+        )
     return "optimizer groups:\n" + "\n".join(rows)
 
 
@@ -104,15 +108,22 @@ def _role(name: str, p: nn.Parameter, opt: str) -> str:
         return role + (" (per expert)" if role == "routed experts" else "")
     if p.dim() < 2:
         return "vectors (norms, biases)"
-    for label, key in (("patch embedding", "img_in"), ("timestep embedder", "time_text_embed"), ("modulation", "img_mod"),
-                       ("modulation", "norm_out"), ("output head", "proj_out"), ("router", "img_mlp.gate")):
+    for label, key in (
+        ("patch embedding", "img_in"),
+        ("timestep embedder", "time_text_embed"),
+        ("modulation", "img_mod"),
+        ("modulation", "norm_out"),
+        ("output head", "proj_out"),
+        ("router", "img_mlp.gate"),
+    ):
         if key in name:
             return label
     return "other matrices"
 
 
-def build_optimizers(model: nn.Module, cfg: OptimizerConfig,
-                     ns_dtype: torch.dtype) -> tuple[Muon | None, torch.optim.AdamW, dict]:
+def build_optimizers(
+    model: nn.Module, cfg: OptimizerConfig, ns_dtype: torch.dtype
+) -> tuple[Muon | None, torch.optim.AdamW, dict]:
     """The Muon and AdamW optimisers over the split; both take the same lr (Muon's update is RMS-matched).
     Weight decay applies to matrices only: decaying norm gains and biases only pulls them toward zero. With
     `cfg.kind` "adamw" (the baseline) AdamW takes every parameter and Muon is None. AdamW is torch's fused
@@ -121,13 +132,27 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig,
     groups = split_params(model)
     if cfg.kind != "muon":
         groups = {"muon": [], "adamw": groups["adamw"] + groups["muon"]}
-    muon = None if not groups["muon"] else Muon(
-        [p for _, p in groups["muon"]], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-        nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, ns_dtype=ns_dtype, expert_factors=expert_factors(model))
+    muon = (
+        None
+        if not groups["muon"]
+        else Muon(
+            [p for _, p in groups["muon"]],
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.muon_momentum,
+            nesterov=cfg.muon_nesterov,
+            ns_steps=cfg.muon_ns_steps,
+            ns_dtype=ns_dtype,
+            expert_factors=expert_factors(model),
+        )
+    )
     decay = [p for _, p in groups["adamw"] if p.dim() >= 2]
     no_decay = [p for _, p in groups["adamw"] if p.dim() < 2]
     adamw = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        fused=True,
     )
     return muon, adamw, groups

@@ -21,8 +21,13 @@ GRID_SEEDS = 2  # columns per prompt
 
 
 def schedule_for(timesteps: TimestepConfig) -> FlowSchedule:
-    return FlowSchedule(use_dynamic_shifting=True, base_shift=timesteps.mu_min, max_shift=timesteps.mu_max,
-                        base_image_seq_len=timesteps.seq_min, max_image_seq_len=timesteps.seq_max)
+    return FlowSchedule(
+        use_dynamic_shifting=True,
+        base_shift=timesteps.mu_min,
+        max_shift=timesteps.mu_max,
+        base_image_seq_len=timesteps.seq_min,
+        max_image_seq_len=timesteps.seq_max,
+    )
 
 
 def make_pipeline(model, text_encoder, autoencoder, timesteps: TimestepConfig, resolution: int) -> NucleusPipeline:
@@ -30,8 +35,16 @@ def make_pipeline(model, text_encoder, autoencoder, timesteps: TimestepConfig, r
 
 
 @torch.no_grad()
-def sample_grid(pipe: NucleusPipeline, prompts: list[str], states_of: Callable[[str], tuple], seed: int, steps: int,
-                guidance: float, path: Path, write: bool = True) -> Path:
+def sample_grid(
+    pipe: NucleusPipeline,
+    prompts: list[str],
+    states_of: Callable[[str], tuple],
+    seed: int,
+    steps: int,
+    guidance: float,
+    path: Path,
+    write: bool = True,
+) -> Path:
     """Rows = prompts, columns = seeds seed, seed+1; the prompt is written under each row. `states_of(prompt)`
     gives a prompt's (1, L, D) text states and mask (the run's text-state cache: no text encoder needed; the
     empty prompt is the guidance's negative). Uses CPU generators of its own, so the training RNG streams are
@@ -42,10 +55,18 @@ def sample_grid(pipe: NucleusPipeline, prompts: list[str], states_of: Callable[[
     for prompt in prompts:
         states, mask = states_of(prompt)
         gens = [torch.Generator("cpu").manual_seed(seed + k) for k in range(GRID_SEEDS)]
-        out = pipe(prompt_embeds=states, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
-                   negative_prompt_embeds_mask=negative_mask, num_images_per_prompt=GRID_SEEDS,
-                   guidance_scale=guidance, num_inference_steps=steps, generator=gens, progress=False,
-                   output_type="pil" if write else "latent")
+        out = pipe(
+            prompt_embeds=states,
+            prompt_embeds_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_prompt_embeds_mask=negative_mask,
+            num_images_per_prompt=GRID_SEEDS,
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            generator=gens,
+            progress=False,
+            output_type="pil" if write else "latent",
+        )
         tiles.append(out.images)
     if not write:
         return path

@@ -54,8 +54,12 @@ class TrainState:
         self._pending.append(torch.stack([loss.double(), applied.double(), grad_norm.double()]))
         self.step += 1
 
-    def flush(self, mean: Callable[[torch.Tensor], torch.Tensor] | None = None, limit: int | None = None,
-              last_checkpoint: Callable[[], object] = lambda: None) -> None:
+    def flush(
+        self,
+        mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        limit: int | None = None,
+        last_checkpoint: Callable[[], object] = lambda: None,
+    ) -> None:
         """Read the steps recorded since the last flush back to the host, in one transfer; `mean` averages the
         losses over processes (a collective: every rank flushes at the same steps). A step whose update was not
         applied (its gradient was not finite) is counted; once `limit` of them came in a row the run stops with
@@ -83,15 +87,21 @@ class TrainState:
             raise NonFiniteLossError(
                 f"{count} non-finite losses in a row at step {step} (limit {limit}); stopping. The last good "
                 f"checkpoint is {last_checkpoint() or 'none (no checkpoint written yet)'}; lower the learning "
-                f"rate or check the data, then --resume")
+                f"rate or check the data, then --resume"
+            )
 
     def state_dict(self) -> dict:
         """trainer.json's content (the checkpoint adds the host RNG states)."""
         if self._pending:
             raise RuntimeError(f"{len(self._pending)} recorded steps not read back: flush() before saving")
-        return {"step": self.step, "losses": list(self.losses), "grad_norms": list(self.grad_norms),
-                "nonfinite": self.nonfinite, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "sampler": dict(self.data)}
+        return {
+            "step": self.step,
+            "losses": list(self.losses),
+            "grad_norms": list(self.grad_norms),
+            "nonfinite": self.nonfinite,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "sampler": dict(self.data),
+        }
 
     def load_state_dict(self, saved: dict) -> None:
         """From trainer.json (older files lack the counters, a run that never skipped a step, and the gradient

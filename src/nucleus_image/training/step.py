@@ -41,9 +41,17 @@ class StepOutput:
     logged: dict[str, torch.Tensor]  # the loss function's logged values, averaged over the micro-batches
 
 
-def train_step(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], micro_batches: Iterable,
-               loss_fn: LossFn, cfg: OptimizerConfig, step: int, dims=None,
-               params: list[torch.Tensor] | None = None, timer=None) -> StepOutput:
+def train_step(
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    micro_batches: Iterable,
+    loss_fn: LossFn,
+    cfg: OptimizerConfig,
+    step: int,
+    dims=None,
+    params: list[torch.Tensor] | None = None,
+    timer=None,
+) -> StepOutput:
     """One optimizer step over `micro_batches` (see the module docstring). `dims`: the `ParallelDims` of a sharded
     model (the gradient norm then sums over the meshes); `params`: what is clipped (default: the model's
     parameters with a gradient); `timer`: a `timing.PhaseTimer` whose laps split the step into forward, backward

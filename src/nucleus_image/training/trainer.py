@@ -74,8 +74,15 @@ class Trainer:
     # Set from a signal handler (`nucleus train` on Ctrl-C / SIGTERM): the loop saves and returns between steps.
     stop_requested = False
 
-    def __init__(self, cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, max_steps: int | None = None,
-                 resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data_dir: str | Path,
+        run_dir: str | Path,
+        max_steps: int | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ):
         cfg.validate()
         self.started = time.perf_counter()  # the time guard's budget counts start-up (caption encoding) too
         self.timer = PhaseTimer()  # where the time goes (RUN/timing.json): setup, caption encoding, the step's parts
@@ -105,8 +112,9 @@ class Trainer:
         self.data_record = data_record(self.data_dir, self.rows, self.run_dir, resume)
         # Encoders and captions first, so a run they cannot serve fails before the (possibly huge) model exists.
         with self.timer.phase("caption encoding"):
-            self.text_states, self.autoencoder = build_text_states(cfg, self.rows, self.device, self.is_main,
-                                                                   self.progress, self._barrier)
+            self.text_states, self.autoencoder = build_text_states(
+                cfg, self.rows, self.device, self.is_main, self.progress, self._barrier
+            )
         self.model = build_model(cfg, self.dims, self.device, self.autocast)
         # Collected after sharding: FSDP2 replaces the Parameters.
         self.router_gates = [m.gate.weight for m in self.model.modules() if isinstance(m, MoELayer)]
@@ -124,9 +132,16 @@ class Trainer:
         # The binding loss: taps on blocks' attention (nothing to train or save besides the model).
         self.binding, self.caption_words = build_binding(cfg, self.model) or (None, None)
         # The step's loss function; each step sets its stage's wavelet weight and whether routing is logged.
-        self.objective = FlowObjective(cfg.model.patch_size, cfg.z_loss_weight, 0.0, cfg.wavelet_levels, self.autocast,
-                                       contrastive_weight=cfg.contrastive_weight, alignment=self.alignment,
-                                       binding=self.binding)
+        self.objective = FlowObjective(
+            cfg.model.patch_size,
+            cfg.z_loss_weight,
+            0.0,
+            cfg.wavelet_levels,
+            self.autocast,
+            contrastive_weight=cfg.contrastive_weight,
+            alignment=self.alignment,
+            binding=self.binding,
+        )
         self.timer.add("setup", time.perf_counter() - self.started - self.timer.seconds["caption encoding"])
 
         # Written once everything above was accepted, so a refused start leaves no run behind.
@@ -177,8 +192,10 @@ class Trainer:
         self.stage_index = index
         sizes = ", ".join(f"{b.ratio} {b.width}x{b.height}" for b in self.aspect_buckets)
         shares = ", ".join(f"B{b}:{s:.2f}" for b, s in share_by_bucket(self.weights, self.rows.buckets).items())
-        self._print(f"stage {stage.name}: {stage.steps} steps, batch {stage.batch_size}, buckets [{sizes}], "
-                    f"capacity factors {list(self.model.config.capacity_factors)}, sampling shares [{shares}]")
+        self._print(
+            f"stage {stage.name}: {stage.steps} steps, batch {stage.batch_size}, buckets [{sizes}], "
+            f"capacity factors {list(self.model.config.capacity_factors)}, sampling shares [{shares}]"
+        )
 
     # ---- one step ------------------------------------------------------------------------------------------
     def _local_rows(self, batch_size: int) -> np.ndarray:
@@ -189,11 +206,27 @@ class Trainer:
     def _start_loader(self):
         """The data loader from the current step on (host work: it seeds its workers from a CPU generator)."""
         if self._dataset is None:  # kept across loader restarts: its in-memory images stay decoded
-            self._dataset = RankBatches(self.plan, self.rank, self.world_size, self.cfg.grad_accum_steps,
-                                        self.text_states, self.cfg.image_cache_mb)
-        return iter(rank_loader(self.plan, self.rank, self.world_size, self.step, self.total_steps,
-                                self.cfg.data_workers, self.cfg.grad_accum_steps, pin_memory=self.device.type == "cuda",
-                                dataset=self._dataset))
+            self._dataset = RankBatches(
+                self.plan,
+                self.rank,
+                self.world_size,
+                self.cfg.grad_accum_steps,
+                self.text_states,
+                self.cfg.image_cache_mb,
+            )
+        return iter(
+            rank_loader(
+                self.plan,
+                self.rank,
+                self.world_size,
+                self.step,
+                self.total_steps,
+                self.cfg.data_workers,
+                self.cfg.grad_accum_steps,
+                pin_memory=self.device.type == "cuda",
+                dataset=self._dataset,
+            )
+        )
 
     def _batch(self, batch_size: int):
         """Latents, per micro-batch text states and mask, and the loader's item (captions, and the maps the
@@ -203,13 +236,20 @@ class Trainer:
             self._batches = self._start_loader()
         item = next(self._batches)
         if item["step"] != self.step or len(item["captions"]) * self.world_size != batch_size:
-            raise RuntimeError(f"data loader out of step: got step {item['step']} with {len(item['captions'])} rows "
-                               f"at step {self.step} (batch {batch_size} over {self.world_size} processes)")
+            raise RuntimeError(
+                f"data loader out of step: got step {item['step']} with {len(item['captions'])} rows "
+                f"at step {self.step} (batch {batch_size} over {self.world_size} processes)"
+            )
         images = item["images"].to(self.device, non_blocking=True).float() / 127.5 - 1.0
         with torch.no_grad():
             latents = self.autoencoder.encode(images)
-        texts = [(states.to(self.device, non_blocking=True),
-                  None if mask is None else mask.to(self.device, non_blocking=True)) for states, mask in item["texts"]]
+        texts = [
+            (
+                states.to(self.device, non_blocking=True),
+                None if mask is None else mask.to(self.device, non_blocking=True),
+            )
+            for states, mask in item["texts"]
+        ]
         return latents, texts, item
 
     def _micro_batches(self, batch_size: int) -> list[FlowBatch]:
@@ -220,8 +260,15 @@ class Trainer:
         targets = item["targets"].to(self.device, non_blocking=True) if "targets" in item else None
         _, _, h, w = latents.shape
         x0 = pack_latents(latents, self.cfg.model.patch_size)
-        noise, sigma = row_noise(self.cfg.seed, self.step, self._local_rows(batch_size), tuple(x0.shape[1:]),
-                                 self.cfg.timesteps, self.device, x0.dtype)
+        noise, sigma = row_noise(
+            self.cfg.seed,
+            self.step,
+            self._local_rows(batch_size),
+            tuple(x0.shape[1:]),
+            self.cfg.timesteps,
+            self.device,
+            x0.dtype,
+        )
         B = x0.shape[0] // len(texts)
         batches = []
         for m, (text, mask) in enumerate(texts):
@@ -229,24 +276,36 @@ class Trainer:
             negatives = contrastive_negatives(captions[part]) if self.cfg.contrastive_weight else None
             bound = None
             if self.binding is not None:
-                cover, named = binding_targets(self.caption_words, captions[part], item["shapes"][part],
-                                               item["coverage"][part], text.shape[1])
+                cover, named = binding_targets(
+                    self.caption_words, captions[part], item["shapes"][part], item["coverage"][part], text.shape[1]
+                )
                 bound = (cover.to(self.device, non_blocking=True), named.to(self.device, non_blocking=True))
-            batches.append(FlowBatch(x0[part], noise[part], sigma[part], text, mask, (h, w), negatives,
-                                     None if targets is None else targets[part], bound))
+            batches.append(
+                FlowBatch(
+                    x0[part],
+                    noise[part],
+                    sigma[part],
+                    text,
+                    mask,
+                    (h, w),
+                    negatives,
+                    None if targets is None else targets[part],
+                    bound,
+                )
+            )
         return batches
 
     def _train_step(self, stage) -> StepOutput:
         """One step of the stage, recorded in the run's state (nothing read back)."""
         cfg = self.cfg
-        objective = replace(self.objective, wavelet_weight=stage.wavelet_weight,
-                            routing_stats=self._due(cfg.log_every))
+        objective = replace(self.objective, wavelet_weight=stage.wavelet_weight, routing_stats=self._due(cfg.log_every))
         optimizers = list(self.optimizers.values()) + ([self.state.heads_optimizer] if self.alignment else [])
         self.timer.mark()
         micro_batches = self._micro_batches(stage.batch_size)
         self.timer.lap("data")
-        out = train_step(self.model, optimizers, micro_batches, objective, cfg.optimizer, self.step, dims=self.dims,
-                         timer=self.timer)
+        out = train_step(
+            self.model, optimizers, micro_batches, objective, cfg.optimizer, self.step, dims=self.dims, timer=self.timer
+        )
         if cfg.orthogonality_step and self.router_gates:
             self._decorrelate_routers(cfg.orthogonality_step, out.applied)
         self.timer.lap("optimizer")
@@ -286,8 +345,9 @@ class Trainer:
 
     def _flush(self) -> None:
         """Read the steps recorded since the last flush back (losses averaged over processes)."""
-        self.state.flush(self._mean_over_ranks, self.cfg.max_nonfinite_in_a_row,
-                         lambda: ckpt.latest_checkpoint(self.run_dir))
+        self.state.flush(
+            self._mean_over_ranks, self.cfg.max_nonfinite_in_a_row, lambda: ckpt.latest_checkpoint(self.run_dir)
+        )
 
     def _due(self, every: int) -> bool:
         """Whether the step about to run (self.step) is one of every `every`-th."""
@@ -298,8 +358,9 @@ class Trainer:
         cfg = self.cfg
         self._print(describe_groups(self.groups))
         logger = RunLogger(self.run_dir) if self.is_main else None
-        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
-                           unit="step")
+        bar = progress_bar(
+            total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step"
+        )
         vote = None
         if self.dims:
             from ..parallel.collectives import StopVote
@@ -350,11 +411,17 @@ class Trainer:
             return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
         logger.loss_curve(self.losses, self.run_dir / "loss_curve.png")
         (self.run_dir / "losses.json").write_text(json.dumps(self.losses) + "\n")
-        self.timer.add("loop (logging, progress, rest)", time.perf_counter() - t0 - sum(
-            v for k, v in self.timer.seconds.items() if k not in ("setup", "caption encoding")))
+        self.timer.add(
+            "loop (logging, progress, rest)",
+            time.perf_counter()
+            - t0
+            - sum(v for k, v in self.timer.seconds.items() if k not in ("setup", "caption encoding")),
+        )
         self.timer.write(self.run_dir / "timing.json", steps=self.step, images=images_seen, device=self.device.type)
-        print(f"done: {self.step} steps, final loss {self.losses[-1]:.4f}, {ips:.1f} images/s, "
-              f"{self.nonfinite} non-finite steps skipped; run folder {self.run_dir}")
+        print(
+            f"done: {self.step} steps, final loss {self.losses[-1]:.4f}, {ips:.1f} images/s, "
+            f"{self.nonfinite} non-finite steps skipped; run folder {self.run_dir}"
+        )
         return TrainResult(self.run_dir, self.step, list(self.losses), self.nonfinite, ips)
 
     def _log_step(self, out: StepOutput, logger: RunLogger | None, bar, stage: str, ips: float) -> None:
@@ -366,8 +433,9 @@ class Trainer:
         extra = {k: float(self._mean_over_ranks(v.double())) for k, v in out.logged.items() if k != "routing"}
         if logger:
             lr = wsm_lr(self.step - 1, self.cfg.optimizer.lr, self.cfg.optimizer.warmup_steps)
-            logger.scalars(self.step, self.losses[-1], lr, self.state.grad_norms[-1], ips, self.nonfinite, routing,
-                           extra)
+            logger.scalars(
+                self.step, self.losses[-1], lr, self.state.grad_norms[-1], ips, self.nonfinite, routing, extra
+            )
         bar.set_postfix(loss=f"{self.losses[-1]:.4f}", img_s=f"{ips:.1f}", stage=stage)
 
     GUARD_SKIP = 3  # a stage's first steps (allocations, first batches) are not timed
@@ -388,30 +456,46 @@ class Trainer:
         per_step = timed_seconds / timed_steps
         pixels = stage.resolution**2 * stage.batch_size
         planned = (stage.steps - done) * per_step + sum(
-            s.steps * per_step * s.resolution**2 * s.batch_size / pixels for s in cfg.stages[index + 1:])
+            s.steps * per_step * s.resolution**2 * s.batch_size / pixels for s in cfg.stages[index + 1 :]
+        )
         left = 0.98 * cfg.time_budget_s - (time.perf_counter() - self.started)  # 2% for the final save and grid
         factor = min(max(left, 0.0) / max(planned, 1e-9), 4.0)
         before = [s.steps for s in cfg.stages]
         stage.steps = done + max(1, round(factor * (stage.steps - done)))
-        for s in cfg.stages[index + 1:]:
+        for s in cfg.stages[index + 1 :]:
             s.steps = max(1, round(factor * s.steps))
         self.total_steps = cfg.total_steps if self.max_steps is None else min(cfg.total_steps, self.max_steps)
         self._batches = None  # the loader's workers planned batches with the old stage lengths: restart it here
         plan = ", ".join(f"{s.name} {b}->{s.steps}" for s, b in zip(cfg.stages, before))
-        print(f"time guard: {per_step:.3f} s/step in {stage.name} (last {timed_steps} steps); "
-              f"{time.perf_counter() - self.started:.0f} of {cfg.time_budget_s:.0f} s used; steps {plan}")
+        print(
+            f"time guard: {per_step:.3f} s/step in {stage.name} (last {timed_steps} steps); "
+            f"{time.perf_counter() - self.started:.0f} of {cfg.time_budget_s:.0f} s used; steps {plan}"
+        )
         cfg.save_json(self.run_dir / "train_config.json")
 
     def _save(self) -> None:
         self._flush()
-        self.state.data = {"kind": "batch-plan", "seed": self.cfg.seed, "next_step": self.step, "rank": self.rank,
-                           "world_size": self.world_size}
+        self.state.data = {
+            "kind": "batch-plan",
+            "seed": self.cfg.seed,
+            "next_step": self.step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
         if self.dims:
-            ckpt.save_distributed(self.run_dir, self.model, self.model.config.to_dict(), self.optimizers, self.state,
-                                  self.cfg.keep_last, self.dims)
+            ckpt.save_distributed(
+                self.run_dir,
+                self.model,
+                self.model.config.to_dict(),
+                self.optimizers,
+                self.state,
+                self.cfg.keep_last,
+                self.dims,
+            )
         else:
-            ckpt.save_checkpoint(self.run_dir, self.model, self.model.config.to_dict(), self.optimizers, self.state,
-                                 self.cfg.keep_last)
+            ckpt.save_checkpoint(
+                self.run_dir, self.model, self.model.config.to_dict(), self.optimizers, self.state, self.cfg.keep_last
+            )
 
     # ---- samples -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -424,8 +508,16 @@ class Trainer:
         self.model.eval()
         try:
             pipe = make_pipeline(self.model, None, self.autoencoder, self.cfg.timesteps, stage.resolution)
-            return sample_grid(pipe, list(self.cfg.sample_prompts), self._prompt_states, self.cfg.sample_seed,
-                               self.cfg.sample_steps, self.cfg.sample_guidance, path, write=self.is_main)
+            return sample_grid(
+                pipe,
+                list(self.cfg.sample_prompts),
+                self._prompt_states,
+                self.cfg.sample_seed,
+                self.cfg.sample_steps,
+                self.cfg.sample_guidance,
+                path,
+                write=self.is_main,
+            )
         finally:
             self.model.train(was_training)
 

@@ -107,8 +107,14 @@ def analyse_items(items: pa.Table, cfg: CurateConfig, images_dir: Path) -> pa.Ta
     rows, smalls = [], []
     for item in items.to_pylist():
         row = {name: None for name in ANALYSIS_SCHEMA.names}
-        row.update(item_index=item["item_index"], source=item["source"], captions=[], caption_sources=[],
-                   caption_scores=[], caption_notes=[])
+        row.update(
+            item_index=item["item_index"],
+            source=item["source"],
+            captions=[],
+            caption_sources=[],
+            caption_scores=[],
+            caption_notes=[],
+        )
         rows.append(row)
         smalls.append(None)
         try:
@@ -132,8 +138,9 @@ def analyse_items(items: pa.Table, cfg: CurateConfig, images_dir: Path) -> pa.Ta
             stats = quality.image_statistics(small)
             row.update(stats)
             smalls[-1] = small
-            row["image_path"] = (item["path"] if item["member"] is None
-                                 else _extract(data, row["sha256"], info["format"], images_dir))
+            row["image_path"] = (
+                item["path"] if item["member"] is None else _extract(data, row["sha256"], info["format"], images_dir)
+            )
         except Rejected as rej:
             row.update(reject_stage=rej.stage, reject_reason=rej.reason, reject_detail=rej.detail)
         texts, notes = _load_captions(item)
@@ -141,8 +148,10 @@ def analyse_items(items: pa.Table, cfg: CurateConfig, images_dir: Path) -> pa.Ta
         row["caption_notes"] = notes
     ok = [i for i, s in enumerate(smalls) if s is not None]
     if ok:
-        stats = [{**{k: rows[i][k] for k in quality.STAT_NAMES}, "source_pixels": rows[i]["width"] * rows[i]["height"]}
-                 for i in ok]
+        stats = [
+            {**{k: rows[i][k] for k in quality.STAT_NAMES}, "source_pixels": rows[i]["width"] * rows[i]["height"]}
+            for i in ok
+        ]
         scores = quality_scorer.score([smalls[i] for i in ok], stats)
         for i, score in zip(ok, scores):
             rows[i]["quality_score"] = float(score)
@@ -166,4 +175,3 @@ def process_chunk(work_dir: str, chunk_id: int, cfg: CurateConfig, images_dir: s
     tmp.replace(out)
     rejected = int(np.sum(np.asarray(table.column("reject_reason").is_valid())))
     return {"chunk_id": chunk_id, "items": table.num_rows, "rejected": rejected}
-

@@ -51,8 +51,9 @@ def _draw(p: np.ndarray, u: np.ndarray) -> np.ndarray:
     return (cdf <= u[:, None]).sum(axis=1)
 
 
-def assign(partition_key: np.ndarray, tier: np.ndarray, width: np.ndarray, height: np.ndarray,
-           cfg: BucketConfig) -> np.ndarray:
+def assign(
+    partition_key: np.ndarray, tier: np.ndarray, width: np.ndarray, height: np.ndarray, cfg: BucketConfig
+) -> np.ndarray:
     """Bucket 1..8 (int8) per image."""
     n = len(partition_key)
     if n == 0:

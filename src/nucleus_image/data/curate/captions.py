@@ -51,7 +51,9 @@ def sentences(text: str) -> list[str]:
 
 def granularity(text: str) -> str:
     n = len(sentences(text))
-    return GRANULARITIES[0] if n <= 1 else GRANULARITIES[1] if n == 2 else GRANULARITIES[2] if n <= 5 else GRANULARITIES[3]
+    return (
+        GRANULARITIES[0] if n <= 1 else GRANULARITIES[1] if n == 2 else GRANULARITIES[2] if n <= 5 else GRANULARITIES[3]
+    )
 
 
 class AlignmentScorer(Protocol):
@@ -99,13 +101,16 @@ def route(score: float, cfg: CaptionConfig) -> str:
     return "synthesize" if score < cfg.synthesize_below else "refine"
 
 
-def curate_captions(texts: list[str], sources: list[str], scores: list[float], cfg: CaptionConfig
-                    ) -> tuple[list[str], list[str], list[dict]]:
+def curate_captions(
+    texts: list[str], sources: list[str], scores: list[float], cfg: CaptionConfig
+) -> tuple[list[str], list[str], list[dict]]:
     """(captions low->high quality, their sources, one decision record per input caption and derived variant)."""
     records, kept = [], []
     for text, source, score in zip(texts, sources, scores):
         decision = route(score, cfg)
-        records.append({"source": source, "score": round(score, 4), "route": decision, "granularity": granularity(text)})
+        records.append(
+            {"source": source, "score": round(score, 4), "route": decision, "granularity": granularity(text)}
+        )
         if decision != "synthesize":
             kept.append((score, GRANULARITIES.index(granularity(text)), text, source))
     if cfg.derive_granularities and kept and min(g for _, g, _, _ in kept) >= 2:
@@ -115,7 +120,13 @@ def curate_captions(texts: list[str], sources: list[str], scores: list[float], c
             if target < g:
                 variant = " ".join(parts[:n])
                 kept.append((score, target, variant, f"derived:{GRANULARITIES[target]}:from:{source}"))
-                records.append({"source": kept[-1][3], "score": round(score, 4), "route": route(score, cfg),
-                                "granularity": GRANULARITIES[target]})
+                records.append(
+                    {
+                        "source": kept[-1][3],
+                        "score": round(score, 4),
+                        "route": route(score, cfg),
+                        "granularity": GRANULARITIES[target],
+                    }
+                )
     kept.sort(key=lambda k: (k[0], k[1], k[2]))
     return [k[2] for k in kept], [k[3] for k in kept], records

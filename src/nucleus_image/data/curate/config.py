@@ -82,18 +82,32 @@ class CurateConfig:
             (self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}"),
             (self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}"),
             (self.workers >= 0, f"workers must be >= 0 (0 = all cores), got {self.workers}"),
-            (0 < self.validate.min_side <= self.validate.max_side,
-             f"need 0 < validate.min_side <= validate.max_side, got {self.validate.min_side}, {self.validate.max_side}"),
+            (
+                0 < self.validate.min_side <= self.validate.max_side,
+                f"need 0 < validate.min_side <= validate.max_side, got {self.validate.min_side}, {self.validate.max_side}",
+            ),
             (self.validate.max_aspect >= 1.0, f"validate.max_aspect must be >= 1, got {self.validate.max_aspect}"),
-            (1 <= self.dedup.hamming_below <= 32, f"dedup.hamming_below must be in [1, 32], got {self.dedup.hamming_below}"),
-            (list(self.quality.tier_edges) == sorted(self.quality.tier_edges) and len(self.quality.tier_edges) == 4,
-             f"quality.tier_edges must be 4 ascending scores (A2..A5 lower edges), got {self.quality.tier_edges}"),
-            (0.0 <= self.captions.synthesize_below <= self.captions.keep_above <= 1.0,
-             f"need 0 <= captions.synthesize_below <= captions.keep_above <= 1, got "
-             f"{self.captions.synthesize_below}, {self.captions.keep_above}"),
-            (self.buckets.temperature > 0 and self.buckets.sigma > 0,
-             f"buckets.temperature and buckets.sigma must be > 0, got {self.buckets.temperature}, {self.buckets.sigma}"),
-            (1 / 8 <= self.buckets.soft_cap <= 1.0, f"buckets.soft_cap must be in [1/8, 1], got {self.buckets.soft_cap}"),
+            (
+                1 <= self.dedup.hamming_below <= 32,
+                f"dedup.hamming_below must be in [1, 32], got {self.dedup.hamming_below}",
+            ),
+            (
+                list(self.quality.tier_edges) == sorted(self.quality.tier_edges) and len(self.quality.tier_edges) == 4,
+                f"quality.tier_edges must be 4 ascending scores (A2..A5 lower edges), got {self.quality.tier_edges}",
+            ),
+            (
+                0.0 <= self.captions.synthesize_below <= self.captions.keep_above <= 1.0,
+                f"need 0 <= captions.synthesize_below <= captions.keep_above <= 1, got "
+                f"{self.captions.synthesize_below}, {self.captions.keep_above}",
+            ),
+            (
+                self.buckets.temperature > 0 and self.buckets.sigma > 0,
+                f"buckets.temperature and buckets.sigma must be > 0, got {self.buckets.temperature}, {self.buckets.sigma}",
+            ),
+            (
+                1 / 8 <= self.buckets.soft_cap <= 1.0,
+                f"buckets.soft_cap must be in [1/8, 1], got {self.buckets.soft_cap}",
+            ),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:

@@ -86,7 +86,7 @@ def all_pairs_near(hashes: np.ndarray, max_dist: int, block: int = 2048) -> np.n
     h = np.ascontiguousarray(hashes, dtype=np.uint64)
     out = []
     for start in range(0, len(h), block):
-        d = popcount64(h[start:start + block, None] ^ h[None, :])
+        d = popcount64(h[start : start + block, None] ^ h[None, :])
         i, j = np.nonzero(d <= max_dist)
         i = i + start
         keep = i < j
@@ -126,8 +126,9 @@ def _survivors(groups: np.ndarray, pixels: np.ndarray, nbytes: np.ndarray, order
     return np.array([best_of_group[g] for g in groups], dtype=np.int64)
 
 
-def deduplicate(sha256: list[str], phash: np.ndarray, pixels: np.ndarray, nbytes: np.ndarray, order: np.ndarray,
-                hamming_below: int) -> tuple[list[str | None], np.ndarray]:
+def deduplicate(
+    sha256: list[str], phash: np.ndarray, pixels: np.ndarray, nbytes: np.ndarray, order: np.ndarray, hamming_below: int
+) -> tuple[list[str | None], np.ndarray]:
     """(reason per row: None, "duplicate_exact" or "duplicate_near"; survivor row index per row)."""
     n = len(sha256)
     if n == 0:

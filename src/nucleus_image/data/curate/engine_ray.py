@@ -34,8 +34,12 @@ def run_units(work: Path, units: list[int], cfg: CurateConfig, images_dir: Path,
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar, ours
         ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
-        ds = ds.map_batches(_map_units, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"work": str(work), "cfg": cfg, "images_dir": str(images_dir)})
+        ds = ds.map_batches(
+            _map_units,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"work": str(work), "cfg": cfg, "images_dir": str(images_dir)},
+        )
         bar = progress_bar(total=len(units), desc="curate (ray)", unit="unit", disable=not progress)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             bar.update(batch.num_rows)

@@ -50,12 +50,34 @@ ITEMS_SCHEMA = pa.schema(
 )
 
 
-def _row(source, path, *, member=None, offset=None, length=0, mtime_ns=0, caption_files=(), blobs=(), blob_names=(),
-         inline=(), inline_sources=(), reject=None) -> dict:
+def _row(
+    source,
+    path,
+    *,
+    member=None,
+    offset=None,
+    length=0,
+    mtime_ns=0,
+    caption_files=(),
+    blobs=(),
+    blob_names=(),
+    inline=(),
+    inline_sources=(),
+    reject=None,
+) -> dict:
     return {
-        "source": source, "path": path, "member": member, "offset": offset, "length": length, "mtime_ns": mtime_ns,
-        "caption_files": list(caption_files), "caption_blobs": list(blobs), "caption_blob_names": list(blob_names),
-        "inline_captions": list(inline), "inline_sources": list(inline_sources), "input_reject": reject,
+        "source": source,
+        "path": path,
+        "member": member,
+        "offset": offset,
+        "length": length,
+        "mtime_ns": mtime_ns,
+        "caption_files": list(caption_files),
+        "caption_blobs": list(blobs),
+        "caption_blob_names": list(blob_names),
+        "inline_captions": list(inline),
+        "inline_sources": list(inline_sources),
+        "input_reject": reject,
     }
 
 
@@ -74,8 +96,9 @@ def _file_rows(files: list[Path]) -> list[dict]:
                 rows.append(_row(str(f), str(f), length=st.st_size, mtime_ns=st.st_mtime_ns, reject="orphan_caption"))
             continue
         st = f.stat()
-        rows.append(_row(str(f), str(f), length=st.st_size, mtime_ns=st.st_mtime_ns,
-                         caption_files=[str(s) for s in sidecars]))
+        rows.append(
+            _row(str(f), str(f), length=st.st_size, mtime_ns=st.st_mtime_ns, caption_files=[str(s) for s in sidecars])
+        )
     return rows
 
 
@@ -115,9 +138,18 @@ def _tar_rows(shard: Path) -> list[dict]:
         if not images:
             rows.append(_row(f"tar:{shard}#{key}", str(shard), member=key, mtime_ns=st.st_mtime_ns, reject="no_image"))
         for _, info in images:
-            rows.append(_row(f"tar:{shard}#{info.name}", str(shard), member=info.name,
-                             offset=None if compressed else info.offset_data, length=info.size,
-                             mtime_ns=st.st_mtime_ns, blobs=[blobs[c] for c in caps], blob_names=caps))
+            rows.append(
+                _row(
+                    f"tar:{shard}#{info.name}",
+                    str(shard),
+                    member=info.name,
+                    offset=None if compressed else info.offset_data,
+                    length=info.size,
+                    mtime_ns=st.st_mtime_ns,
+                    blobs=[blobs[c] for c in caps],
+                    blob_names=caps,
+                )
+            )
     return rows
 
 
@@ -171,9 +203,11 @@ def enumerate_inputs(inputs: list[str | Path]) -> pa.Table:
             seen.add(r["source"])
             unique.append(r)
     if not unique:
-        raise ValueError(f"no images in {[str(p) for p in inputs]}: looked for image files "
-                         f"({', '.join(sorted(IMAGE_EXTS))}) in folders (recursively), WebDataset shards "
-                         f"({', '.join(TAR_SUFFIXES)}) and .parquet tables with an 'image_path' or 'path' column")
+        raise ValueError(
+            f"no images in {[str(p) for p in inputs]}: looked for image files "
+            f"({', '.join(sorted(IMAGE_EXTS))}) in folders (recursively), WebDataset shards "
+            f"({', '.join(TAR_SUFFIXES)}) and .parquet tables with an 'image_path' or 'path' column"
+        )
     for i, r in enumerate(unique):
         r["item_index"] = i
     return pa.Table.from_pylist(unique, schema=ITEMS_SCHEMA)

@@ -23,8 +23,17 @@ from PIL import Image
 from nucleus_image.data.curate.config import QualityConfig
 from nucleus_image.data.curate.plugins import load_plugin
 
-STAT_NAMES = ("lum_mean", "lum_std", "grey_levels", "clip_low", "clip_high", "entropy", "colorfulness",
-              "laplacian_var", "highfreq_ratio")
+STAT_NAMES = (
+    "lum_mean",
+    "lum_std",
+    "grey_levels",
+    "clip_low",
+    "clip_high",
+    "entropy",
+    "colorfulness",
+    "laplacian_var",
+    "highfreq_ratio",
+)
 
 
 def analysis_copy(rgb: Image.Image, side: int) -> Image.Image:
@@ -78,8 +87,10 @@ def filter_reason(stats: dict[str, float], cfg: QualityConfig) -> tuple[str, str
         return "histogram_anomaly", f"{int(stats['grey_levels'])} grey levels < {cfg.min_grey_levels}"
     # Both measures must agree: smooth-but-sharp graphics have a low Laplacian variance yet crisp spectra.
     if stats["laplacian_var"] < cfg.blur_laplacian_min and stats["highfreq_ratio"] < cfg.blur_highfreq_min:
-        return "blurry", (f"Laplacian variance {stats['laplacian_var']:.1f} < {cfg.blur_laplacian_min} and "
-                          f"high-frequency energy {stats['highfreq_ratio']:.4f} < {cfg.blur_highfreq_min}")
+        return "blurry", (
+            f"Laplacian variance {stats['laplacian_var']:.1f} < {cfg.blur_laplacian_min} and "
+            f"high-frequency energy {stats['highfreq_ratio']:.4f} < {cfg.blur_highfreq_min}"
+        )
     return None
 
 

@@ -81,9 +81,18 @@ def decide(a: pa.Table, cfg: CurateConfig) -> dict[str, np.ndarray | list]:
     score, captions, then buckets over what is kept. Returns per-row stage, reason, detail, duplicate_of,
     tier, bucket and partition_key (the last three meaningful for kept rows)."""
     n = a.num_rows
-    col = {name: a.column(name).to_pylist() for name in ("source", "sha256", "reject_stage", "reject_reason",
-                                                          "reject_detail", "caption_scores",
-                                                          "caption_notes")}
+    col = {
+        name: a.column(name).to_pylist()
+        for name in (
+            "source",
+            "sha256",
+            "reject_stage",
+            "reject_reason",
+            "reject_detail",
+            "caption_scores",
+            "caption_notes",
+        )
+    }
     stage, reason, detail = list(col["reject_stage"]), list(col["reject_reason"]), list(col["reject_detail"])
     dup_of: list[str | None] = [None] * n
 
@@ -92,9 +101,13 @@ def decide(a: pa.Table, cfg: CurateConfig) -> dict[str, np.ndarray | list]:
     width = np.asarray(a.column("width").fill_null(0), np.int64)
     height = np.asarray(a.column("height").fill_null(0), np.int64)
     reasons, survivor = dedup.deduplicate(
-        [col["sha256"][i] for i in rows], np.asarray(a.column("phash").fill_null(0), np.uint64)[rows],
-        (width * height)[rows], np.asarray(a.column("file_bytes").fill_null(0), np.int64)[rows], rows,
-        cfg.dedup.hamming_below)
+        [col["sha256"][i] for i in rows],
+        np.asarray(a.column("phash").fill_null(0), np.uint64)[rows],
+        (width * height)[rows],
+        np.asarray(a.column("file_bytes").fill_null(0), np.int64)[rows],
+        rows,
+        cfg.dedup.hamming_below,
+    )
     for k, (row, why) in enumerate(zip(rows, reasons)):
         if why:
             keep = rows[survivor[k]]
@@ -112,8 +125,12 @@ def decide(a: pa.Table, cfg: CurateConfig) -> dict[str, np.ndarray | list]:
         if failed is None and not any(s >= cfg.captions.synthesize_below for s in col["caption_scores"][row]):
             got = len(col["caption_scores"][row])
             notes = "; ".join(col["caption_notes"][row])
-            failed = ("no_caption", (f"no usable caption ({notes})" if notes else "no caption found") if not got else
-                      f"all {got} captions score < {cfg.captions.synthesize_below} ({cfg.captions.scorer})")
+            failed = (
+                "no_caption",
+                (f"no usable caption ({notes})" if notes else "no caption found")
+                if not got
+                else f"all {got} captions score < {cfg.captions.synthesize_below} ({cfg.captions.scorer})",
+            )
         if failed is not None:
             stage[row] = "captions" if failed[0] == "no_caption" else "quality"
             reason[row], detail[row] = failed
@@ -124,8 +141,16 @@ def decide(a: pa.Table, cfg: CurateConfig) -> dict[str, np.ndarray | list]:
     pkey = np.array([partition_key_for(s) if s else -1 for s in col["sha256"]], np.int64)
     bucket = np.zeros(n, np.int8)
     bucket[kept] = buckets.assign(pkey[kept], tier[kept], width[kept], height[kept], cfg.buckets)
-    return {"stage": stage, "reason": reason, "detail": detail, "duplicate_of": dup_of, "kept": kept,
-            "tier": tier, "bucket": bucket, "partition_key": pkey}
+    return {
+        "stage": stage,
+        "reason": reason,
+        "detail": detail,
+        "duplicate_of": dup_of,
+        "kept": kept,
+        "tier": tier,
+        "bucket": bucket,
+        "partition_key": pkey,
+    }
 
 
 class _ShardWriters:
@@ -156,12 +181,22 @@ class _ShardWriters:
 
 
 def _annotations(r: dict, records: list[dict], cfg: CurateConfig) -> str:
-    return json.dumps({"curation": {
-        "source": r["source"], "format": r["format"], "mode": r["mode"],
-        "stats": {k: round(r[k], 4) for k in quality.STAT_NAMES},
-        "quality_scorer": cfg.quality.scorer, "caption_scorer": cfg.captions.scorer,
-        "captions": records, "caption_notes": r["caption_notes"],
-    }}, sort_keys=True, ensure_ascii=False)
+    return json.dumps(
+        {
+            "curation": {
+                "source": r["source"],
+                "format": r["format"],
+                "mode": r["mode"],
+                "stats": {k: round(r[k], 4) for k in quality.STAT_NAMES},
+                "quality_scorer": cfg.quality.scorer,
+                "caption_scorer": cfg.captions.scorer,
+                "captions": records,
+                "caption_notes": r["caption_notes"],
+            }
+        },
+        sort_keys=True,
+        ensure_ascii=False,
+    )
 
 
 def _write_version(work: Path, n_units: int, d: dict, cfg: CurateConfig, inputs: list[str]) -> Path:
@@ -170,8 +205,11 @@ def _write_version(work: Path, n_units: int, d: dict, cfg: CurateConfig, inputs:
     if staged.exists():  # a kill during an earlier finalisation: redo it, it is cheap next to the analysis
         shutil.rmtree(staged)
     (staged / "rejects").mkdir(parents=True)
-    provenance = {"tool": "nucleus data curate", "inputs": inputs,
-                  "config": {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_FIELDS}}
+    provenance = {
+        "tool": "nucleus data curate",
+        "inputs": inputs,
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_FIELDS},
+    }
     meta = {**SCHEMA.metadata, b"nucleus_provenance": json.dumps(provenance, sort_keys=True).encode()}
     manifest = _ShardWriters(staged, cfg.num_shards, SCHEMA.with_metadata(meta))
     rejects = _ShardWriters(staged / "rejects", 1, REJECTS_SCHEMA)
@@ -179,27 +217,52 @@ def _write_version(work: Path, n_units: int, d: dict, cfg: CurateConfig, inputs:
         for r in pq.read_table(chunk_path(work, unit)).to_pylist():
             i = r["item_index"]
             if not d["kept"][i]:
-                rejects.add({"source": r["source"], "stage": d["stage"][i], "reason": d["reason"][i],
-                             "detail": d["detail"][i], "sha256": r["sha256"], "duplicate_of": d["duplicate_of"][i]})
+                rejects.add(
+                    {
+                        "source": r["source"],
+                        "stage": d["stage"][i],
+                        "reason": d["reason"][i],
+                        "detail": d["detail"][i],
+                        "sha256": r["sha256"],
+                        "duplicate_of": d["duplicate_of"][i],
+                    }
+                )
                 continue
-            texts, sources, records = captions.curate_captions(r["captions"], r["caption_sources"],
-                                                               r["caption_scores"], cfg.captions)
+            texts, sources, records = captions.curate_captions(
+                r["captions"], r["caption_sources"], r["caption_scores"], cfg.captions
+            )
             key = int(d["partition_key"][i])
-            manifest.add({
-                "image_id": r["sha256"][:32], "image_path": r["image_path"], "sha256": r["sha256"],
-                "phash": r["phash"], "width": r["width"], "height": r["height"],
-                "quality_score": r["quality_score"], "tier": int(d["tier"][i]), "bucket": int(d["bucket"][i]),
-                "captions": texts, "caption_sources": sources, "partition_key": key,
-                "annotations": _annotations(r, records, cfg),
-            }, shard=key * cfg.num_shards >> 31)
+            manifest.add(
+                {
+                    "image_id": r["sha256"][:32],
+                    "image_path": r["image_path"],
+                    "sha256": r["sha256"],
+                    "phash": r["phash"],
+                    "width": r["width"],
+                    "height": r["height"],
+                    "quality_score": r["quality_score"],
+                    "tier": int(d["tier"][i]),
+                    "bucket": int(d["bucket"][i]),
+                    "captions": texts,
+                    "caption_sources": sources,
+                    "partition_key": key,
+                    "annotations": _annotations(r, records, cfg),
+                },
+                shard=key * cfg.num_shards >> 31,
+            )
     manifest.close()
     rejects.close()
     (staged / "curate_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     return staged
 
 
-def curate(inputs: list[str | Path], out: str | Path, cfg: CurateConfig | None = None, engine: str = "local",
-           progress: bool = True) -> CurateResult:
+def curate(
+    inputs: list[str | Path],
+    out: str | Path,
+    cfg: CurateConfig | None = None,
+    engine: str = "local",
+    progress: bool = True,
+) -> CurateResult:
     """Curate `inputs` into a new manifest version under `out`; resumes an interrupted identical run."""
     cfg = cfg or CurateConfig()
     if engine not in ENGINES:
@@ -208,8 +271,10 @@ def curate(inputs: list[str | Path], out: str | Path, cfg: CurateConfig | None =
     for raw in inputs:
         src = Path(raw).resolve()
         if src.is_dir() and (out == src or src in out.parents):
-            raise ValueError(f"output folder {str(out)!r} is inside input folder {str(src)!r}: inputs are never "
-                             "modified, so choose an output outside the inputs")
+            raise ValueError(
+                f"output folder {str(out)!r} is inside input folder {str(src)!r}: inputs are never "
+                "modified, so choose an output outside the inputs"
+            )
     started = time.perf_counter()
     items = enumerate_inputs(inputs)
     work = out / ".curate-work" / _fingerprint(items, cfg)
@@ -225,15 +290,26 @@ def curate(inputs: list[str | Path], out: str | Path, cfg: CurateConfig | None =
 
     # Only the narrow columns the corpus-level stages need are held in memory; captions stream later.
     narrow = [n for n in ANALYSIS_SCHEMA.names if n not in _WIDE_COLUMNS]
-    analysis = pa.concat_tables([pq.read_table(chunk_path(work, u), columns=narrow) for u in range(n_units)]
-                                or [ANALYSIS_SCHEMA.empty_table().select(narrow)])
+    analysis = pa.concat_tables(
+        [pq.read_table(chunk_path(work, u), columns=narrow) for u in range(n_units)]
+        or [ANALYSIS_SCHEMA.empty_table().select(narrow)]
+    )
     decisions = decide(analysis, cfg)
     staged = _write_version(work, n_units, decisions, cfg, [str(Path(p).resolve()) for p in inputs])
     counts = stats.collect_from(staged)
     (staged / "stats.json").write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
-    (staged / "run.json").write_text(json.dumps({
-        "engine": engine, "units": n_units, "units_resumed": n_units - len(todo),
-        "seconds": round(time.perf_counter() - started, 3)}, indent=2) + "\n")
+    (staged / "run.json").write_text(
+        json.dumps(
+            {
+                "engine": engine,
+                "units": n_units,
+                "units_resumed": n_units - len(todo),
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     version_dir = next_version_dir(out)
     staged.rename(version_dir)
     shutil.rmtree(work)

@@ -43,8 +43,11 @@ def format_report(c: dict) -> str:
     def pct(n: int) -> str:
         return f"{100.0 * n / c['inputs']:5.1f}%" if c["inputs"] else "    -"
 
-    lines = [f"inputs {c['inputs']}   kept {c['kept']} ({pct(c['kept']).strip()})   rejected {c['rejected']}",
-             "", "stage        rejected   remaining"]
+    lines = [
+        f"inputs {c['inputs']}   kept {c['kept']} ({pct(c['kept']).strip()})   rejected {c['rejected']}",
+        "",
+        "stage        rejected   remaining",
+    ]
     lines += [f"{f['stage']:<12} {f['rejected']:>8}   {f['remaining']:>9}" for f in c["funnel"]]
     lines += ["", "reason               count"]
     lines += [f"{r:<20} {n:>6} {pct(n)}" for r, n in c["reasons"].items()] or ["(none)"]
@@ -100,11 +103,18 @@ def write_charts(root: str | Path, out_dir: str | Path) -> list[Path]:
     charts = [
         ("quality_score.png", "quality score (kept images)", *_histogram(score, 20)),
         ("image_size.png", "sqrt(width*height) px (kept images)", *_histogram(side, 20)),
-        ("captions_per_image.png", "captions per image",
-         [str(k) for k in range(1, int(n_caps.max(initial=1)) + 1)],
-         [int((n_caps == k).sum()) for k in range(1, int(n_caps.max(initial=1)) + 1)]),
-        ("tiers.png", "quality tiers (A1 lowest, A5 best)", [_tier_label(t) for t in counts["tiers"]],
-         list(counts["tiers"].values())),
+        (
+            "captions_per_image.png",
+            "captions per image",
+            [str(k) for k in range(1, int(n_caps.max(initial=1)) + 1)],
+            [int((n_caps == k).sum()) for k in range(1, int(n_caps.max(initial=1)) + 1)],
+        ),
+        (
+            "tiers.png",
+            "quality tiers (A1 lowest, A5 best)",
+            [_tier_label(t) for t in counts["tiers"]],
+            list(counts["tiers"].values()),
+        ),
         ("buckets.png", "episodic buckets", list(counts["buckets"]), list(counts["buckets"].values())),
         ("reject_reasons.png", "rejections by reason", list(counts["reasons"]), list(counts["reasons"].values())),
     ]

@@ -86,4 +86,3 @@ def decode(data: bytes, cfg: ValidateConfig) -> tuple[Image.Image, dict]:
     except (OSError, ValueError) as err:
         raise Rejected("validate", "unsupported_mode", f"mode {mode}: {err}") from None
     return rgb, {"format": fmt, "mode": mode, "width": rgb.width, "height": rgb.height}
-
