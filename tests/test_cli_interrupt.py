@@ -29,7 +29,16 @@ ENV = dict(os.environ, PYTHONHASHSEED="0")
 
 def interrupt_when(command: list[str], ready, timeout: float = 300) -> subprocess.CompletedProcess:
     """Start `command`, send SIGINT once `ready()` holds, and wait for it to exit."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # A shell without job control starts background commands with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: give the command the default disposition so the test means the same however it is started.
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + timeout
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
