@@ -37,13 +37,12 @@ from nucleus_image.data.manifest import read_manifest
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
 from nucleus_image.diffusion.sampler_settings import SamplerSettings
 from nucleus_image.pipeline import NucleusPipeline
-from nucleus_image.progress import progress as progress_bar
 from nucleus_image.training import checkpoint as ckpt
+from nucleus_image.training.adapter_loop import train_adapters
 from nucleus_image.training.build import seed_everything
 from nucleus_image.training.config import OptimizerConfig, changed_fields, from_plain, to_plain
 from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.state import TrainState
-from nucleus_image.training.step import train_step
 
 from .objective import ROLLOUTS, TrajectoryBatch, TrajectoryObjective
 from .trajectories import TrajectoryPlan, TrajectoryStore, generate_trajectories, shard_captions
@@ -266,30 +265,21 @@ class Distiller:
         counted, and `max_nonfinite_in_a_row` of them stop the run."""
         cfg, state = self.cfg, self.state
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        with progress_bar(total=end, initial=state.step, disable=not self.progress, desc="distill", unit="step") as bar:
-            while state.step < end:
-                out = train_step(
-                    self.model,
-                    list(self.optimizers.values()),
-                    [self._micro_batch()],
-                    self.objective,
-                    cfg.optimizer,
-                    state.step,
-                    params=list(self.adapters.values()),
-                )
-                state.record(out.loss, out.applied, out.grad_norm)
-                bar.update(1)
-                save = state.step % cfg.checkpoint_every == 0 or state.step == end
-                if save or state.step % cfg.log_every == 0:
-                    state.flush(
-                        limit=cfg.max_nonfinite_in_a_row, last_checkpoint=lambda: ckpt.latest_checkpoint(self.run_dir)
-                    )
-                    per_step = " ".join(f"{v:.4f}" for v in out.logged["per_step"].tolist())
-                    bar.set_postfix(loss=f"{state.losses[-1]:.5f}", per_student_step=per_step)
-                if save:
-                    ckpt.save_checkpoint(
-                        self.run_dir, self.adapters, {"distill": cfg.to_dict()}, self.optimizers, state, cfg.keep_last
-                    )
+        train_adapters(
+            self.model,
+            self.adapters,
+            self.optimizers,
+            self._micro_batch,
+            self.objective,
+            cfg,
+            state,
+            self.run_dir,
+            end,
+            {"distill": cfg.to_dict()},
+            "distill",
+            self.progress,
+            postfix=lambda out, _: {"per_student_step": " ".join(f"{v:.4f}" for v in out.logged["per_step"].tolist())},
+        )
         (self.run_dir / "losses.json").write_text(json.dumps(state.losses) + "\n")
         if state.step >= cfg.steps:
             self.write_adapter(self.run_dir / "adapter")

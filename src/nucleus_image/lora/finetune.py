@@ -25,8 +25,8 @@ from nucleus_image.data.manifest import latest_version_dir, read_manifest
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
 from nucleus_image.model.latents import pack_latents
 from nucleus_image.pipeline import NucleusPipeline
-from nucleus_image.progress import progress as progress_bar
 from nucleus_image.training import checkpoint as ckpt
+from nucleus_image.training.adapter_loop import train_adapters
 from nucleus_image.training.buckets import assign_buckets, draw_batch, fit_image, make_buckets, readable_image
 from nucleus_image.training.build import seed_everything
 from nucleus_image.training.config import (
@@ -41,7 +41,6 @@ from nucleus_image.training.curriculum import caption_probabilities, pick_captio
 from nucleus_image.training.loss import FlowBatch, FlowObjective
 from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.state import TrainState
-from nucleus_image.training.step import train_step
 from nucleus_image.training.timesteps import sample_sigmas
 
 CONFIG_NAME = "finetune_config.json"
@@ -214,31 +213,20 @@ class Finetuner:
         every `log_every` steps and at checkpoints; a step with a non-finite gradient is skipped and counted."""
         cfg, state = self.cfg, self.state
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        with progress_bar(
-            total=end, initial=state.step, disable=not self.progress, desc="finetune", unit="step"
-        ) as bar:
-            while state.step < end:
-                out = train_step(
-                    self.model,
-                    list(self.optimizers.values()),
-                    [self._micro_batch()],
-                    self.objective,
-                    cfg.optimizer,
-                    state.step,
-                    params=list(self.adapters.values()),
-                )
-                state.record(out.loss, out.applied, out.grad_norm)
-                bar.update(1)
-                save = state.step % cfg.checkpoint_every == 0 or state.step == end
-                if save or state.step % cfg.log_every == 0:
-                    state.flush(
-                        limit=cfg.max_nonfinite_in_a_row, last_checkpoint=lambda: ckpt.latest_checkpoint(self.run_dir)
-                    )
-                    bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
-                if save:
-                    ckpt.save_checkpoint(
-                        self.run_dir, self.adapters, {"lora": cfg.to_dict()}, self.optimizers, state, cfg.keep_last
-                    )
+        train_adapters(
+            self.model,
+            self.adapters,
+            self.optimizers,
+            self._micro_batch,
+            self.objective,
+            cfg,
+            state,
+            self.run_dir,
+            end,
+            {"lora": cfg.to_dict()},
+            "finetune",
+            self.progress,
+        )
         (self.run_dir / "losses.json").write_text(json.dumps(state.losses) + "\n")
         self.model.save_pretrained(str(self.run_dir / "adapter"))
         return state.losses

@@ -1,0 +1,56 @@
+"""The loop that trains adapters on a frozen model, shared by LoRA fine-tuning and distillation: the one training
+step per iteration, losses read back only at logging steps and checkpoints (where the non-finite streak is
+checked), atomic checkpoints of the adapters, their optimizers and the run state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from torch.optim import Optimizer
+
+from ..progress import progress as progress_bar
+from . import checkpoint as ckpt
+from .state import TrainState
+from .step import StepOutput, train_step
+
+
+def train_adapters(
+    model: nn.Module,
+    adapters: Mapping[str, nn.Parameter],
+    optimizers: Mapping[str, Optimizer],
+    micro_batch: Callable[[], Any],
+    loss_fn,
+    cfg,
+    state: TrainState,
+    run_dir: Path,
+    end: int,
+    record: dict,
+    desc: str,
+    show_progress: bool = True,
+    postfix: Callable[[StepOutput, TrainState], dict] | None = None,
+) -> None:
+    """Run steps until `state.step == end`. `cfg` carries optimizer, checkpoint_every, log_every, keep_last and
+    max_nonfinite_in_a_row; `record` is the config saved with each checkpoint; `postfix` adds to the progress bar
+    at logging steps (the loss is always shown)."""
+    with progress_bar(total=end, initial=state.step, disable=not show_progress, desc=desc, unit="step") as bar:
+        while state.step < end:
+            out = train_step(
+                model,
+                list(optimizers.values()),
+                [micro_batch()],
+                loss_fn,
+                cfg.optimizer,
+                state.step,
+                params=list(adapters.values()),
+            )
+            state.record(out.loss, out.applied, out.grad_norm)
+            bar.update(1)
+            save = state.step % cfg.checkpoint_every == 0 or state.step == end
+            if save or state.step % cfg.log_every == 0:
+                state.flush(limit=cfg.max_nonfinite_in_a_row, last_checkpoint=lambda: ckpt.latest_checkpoint(run_dir))
+                bar.set_postfix(loss=f"{state.losses[-1]:.5f}", **(postfix(out, state) if postfix else {}))
+            if save:
+                ckpt.save_checkpoint(run_dir, adapters, record, optimizers, state, cfg.keep_last)
