@@ -180,3 +180,24 @@ def resumable(folder, what: str = "samples"):
         raise KeyboardInterrupt(
             f"the {what} written so far are in {folder}; rerun the same command to continue"
         ) from None
+
+
+def load_pipeline(args):
+    """The pipeline that `generate` and `serve` run: --model with --dtype, --device, --quantize, --cuda-graph,
+    --fp8-compute, and --lora (its sampler settings become the pipeline's defaults) at --lora-scale."""
+    import torch
+
+    from nucleus_image.pipeline import NucleusPipeline
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    pipe = NucleusPipeline.from_pretrained(
+        args.model,
+        dtype=dtype,
+        device=args.device,
+        quantize=args.quantize,
+        cuda_graph=args.cuda_graph,
+        fp8_compute=args.fp8_compute,
+    )
+    if args.lora is not None:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
+    return pipe

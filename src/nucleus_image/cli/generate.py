@@ -34,6 +34,7 @@ from nucleus_image.cli.arguments import (
     check_guidance,
     check_out_folder,
     check_positive,
+    load_pipeline,
     prompt_records,
 )
 from nucleus_image.pipeline.command import generate_command, model_name
@@ -257,20 +258,9 @@ def run(args) -> int:
     import torch
 
     import nucleus_image
-    from nucleus_image.pipeline import NucleusPipeline
     from nucleus_image.progress import progress as progress_bar
 
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = NucleusPipeline.from_pretrained(
-        args.model,
-        dtype=dtype,
-        device=args.device,
-        quantize=args.quantize,
-        cuda_graph=args.cuda_graph,
-        fp8_compute=args.fp8_compute,
-    )
-    if args.lora is not None:
-        pipe.load_lora(args.lora, scale=args.lora_scale)
+    pipe = load_pipeline(args)
     _, _, sigma_list = pipe.sampler_defaults.resolve(args.guidance, args.steps, None)
     sigmas = pipe.schedule.sigmas(args.steps, (height // pipe.granularity) * (width // pipe.granularity), sigma_list)
     settings = {

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from nucleus_image.cli.arguments import add_acceleration_args, add_threads_arg, check_acceleration
+from nucleus_image.cli.arguments import add_acceleration_args, add_threads_arg, check_acceleration, load_pipeline
 from nucleus_image.cli.generate import DTYPES, sampler_defaults
 from nucleus_image.serve.request import Limits
 
@@ -130,22 +130,9 @@ def run(args) -> int:
         raise ValueError(
             f"nucleus serve needs FastAPI and uvicorn ({err.name} is missing): pip install 'nucleus-image[serve]'"
         ) from None
-    import torch
-
-    from nucleus_image.pipeline import NucleusPipeline
 
     check_args(args)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = NucleusPipeline.from_pretrained(
-        args.model,
-        dtype=dtype,
-        device=args.device,
-        quantize=args.quantize,
-        cuda_graph=args.cuda_graph,
-        fp8_compute=args.fp8_compute,
-    )
-    if args.lora is not None:
-        pipe.load_lora(args.lora, scale=args.lora_scale)
+    pipe = load_pipeline(args)
     config = ServeConfig(
         model_path=str(args.model),
         max_batch=args.max_batch,
