@@ -3,7 +3,6 @@ intervals, in one run, plus a picture grid of both on the same seeds.
 
     python benchmarks/distill.py --model runs/demo/merged --adapter runs/distill/adapter \
         --prompts runs/demo/data/heldout_metadata.jsonl --out runs/distill/bench
-    python benchmarks/distill.py --released --device cuda      # released preset, 1024 px: teacher vs student s/image
 
 Arms, every one on the same held-out prompts (all six GenEval tasks) and the same seeds (image k of prompt i uses
 seed + i * samples + k, as `nucleus eval compositional` does): the teacher as `make demo` samples (16 steps, CFG 4:
@@ -21,10 +20,8 @@ process, one thread, interleaved (so load slows all alike), it times the demo re
 batch 64, flow loss, backward, Muon + AdamW) at its two stage resolutions, the distillation's own step, one batch
 of teacher trajectories and one caption's encoding, and adds them up by the two runs' plans.
 
-`--released` times the transformer part (latent output) of the released preset with random weights in bf16 at
-1024x1024: the teacher's 50 steps with CFG 4 against the student's 4 steps without guidance, with its adapter
-merged (the base model's cost) and attached unmerged (peft's extra matmuls). `released_seconds_per_image()` is
-that measurement as a function, for a benchmark suite to call.
+The released preset's seconds per 1024x1024 image (teacher 50 steps with CFG against a 4-step student) is a row
+of `benchmarks/gpu_suite.py` (`check_few_step_student`).
 """
 
 from __future__ import annotations
@@ -287,73 +284,6 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [line] if line else lines
 
 
-def released_seconds_per_image(
-    device: str = "cuda",
-    preset: str = "released",
-    size: int = 1024,
-    teacher_steps: int = 50,
-    student_steps: int = 4,
-    guidance: float = 4.0,
-    lora_rank: int = 32,
-) -> list[dict]:
-    """Seconds per image (transformer part, latent output, random weights, bf16 on GPU) of the teacher's
-    `teacher_steps` steps with CFG against the student's `student_steps` steps without guidance, merged and with
-    a rank-`lora_rank` adapter attached. Each: one warmup call, then one timed call. Rows: {name, steps,
-    rows_per_image, seconds, speedup}."""
-    from generate import stand_in_vae, text_inputs
-    from transformer_forward import build_models
-
-    from nucleus_image.adapters import add_lora
-    from nucleus_image.encoders.qwen_image import QwenImageAutoencoder
-    from nucleus_image.model import NucleusConfig
-
-    dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    cfg = NucleusConfig.preset(preset)
-    _, transformer = build_models(cfg, dev, dtype)
-    pipe = NucleusPipeline(transformer, QwenImageAutoencoder(stand_in_vae(cfg.latent_channels, dev, dtype)))
-    latents = torch.randn(1, (size // 16) ** 2, cfg.in_channels, generator=torch.Generator().manual_seed(2))
-    common = dict(height=size, width=size, output_type="latent", progress=False, **text_inputs(cfg, 1, 128, dev, dtype))
-
-    def seconds(steps: int, g: float) -> float:
-        with torch.inference_mode():
-            pipe(**common, latents=latents, num_inference_steps=steps, guidance_scale=g)  # warmup
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            pipe(**common, latents=latents, num_inference_steps=steps, guidance_scale=g)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
-
-    rows = [
-        {
-            "name": f"teacher {teacher_steps} steps, CFG {guidance:g}",
-            "steps": teacher_steps,
-            "rows_per_image": 2 * teacher_steps,
-            "seconds": seconds(teacher_steps, guidance),
-        },
-        {
-            "name": f"student {student_steps} steps, adapter merged",
-            "steps": student_steps,
-            "rows_per_image": student_steps,
-            "seconds": seconds(student_steps, 1.0),
-        },
-    ]
-    pipe.lora = add_lora(transformer, lora_rank)
-    rows.append(
-        {
-            "name": f"student {student_steps} steps, rank-{lora_rank} adapter attached",
-            "steps": student_steps,
-            "rows_per_image": student_steps,
-            "seconds": seconds(student_steps, 1.0),
-        }
-    )
-    for row in rows:
-        row["speedup"] = rows[0]["seconds"] / row["seconds"]
-    return rows
-
-
 def cost(args) -> None:
     """Seconds of the distillation against the demo's training, both from per-step times measured interleaved."""
     import shutil
@@ -479,18 +409,6 @@ def cost(args) -> None:
     print(f"ratio distillation / demo training: {ratio:.2f}")
 
 
-def released(args) -> None:
-    rows = released_seconds_per_image(args.device, args.preset, args.size, args.released_steps, 4, 4.0)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(
-        f"# {args.preset} preset, {name}, {args.size}x{args.size}, batch 1, latent output, random weights, "
-        f"torch {torch.__version__}"
-    )
-    print("| sampler | rows/image | s/image | speedup |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['rows_per_image']} | {r['seconds']:.3f} | {r['speedup']:.1f}x |")
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -522,20 +440,8 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--config", default="{}", help="with --cost: distill config fields as JSON, e.g. '{\"steps\": 400}'"
     )
-    ap.add_argument("--released", action="store_true", help="time the released preset at 1024 px")
-    ap.add_argument(
-        "--preset",
-        default="released",
-        choices=["tiny", "small", "released"],
-        help="with --released: the preset to time (a smaller one checks the command on a CPU)",
-    )
-    ap.add_argument("--size", type=int, default=1024, help="with --released: image side in pixels")
-    ap.add_argument("--released-steps", type=int, default=50, help="with --released: the teacher's steps")
     args = ap.parse_args(argv)
-    if args.released:
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        released(args)
-    elif args.cost:
+    if args.cost:
         cost(args)
     else:
         quality(args)
