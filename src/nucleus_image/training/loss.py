@@ -45,18 +45,20 @@ def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torc
     return torch.mean((pred.float() - velocity_target(x0, noise).float()) ** 2)
 
 
-def contrastive_negatives(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def contrastive_negatives(captions: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """For contrastive flow matching: each row's negative is the next row (a roll by one, so no random number
     is drawn and the run's random streams are unchanged), and whether the pair counts. A pair does not count when
     either caption is empty (an unconditional row has no condition to tell apart, and it is what classifier-free
     guidance subtracts) or both captions are equal (in a small domain the same prompt recurs: pushing its two
-    images apart would push the model away from a correct answer). Returns (index (B,), weight (B,) float)."""
-    B = len(captions)
-    index = torch.roll(torch.arange(B), -1)
+    images apart would push the model away from a correct answer). Returns (index (B,), weight (B,) float) on
+    `device`, made there while the batch is prepared: the loss would otherwise copy them in the middle of the step,
+    a host-to-device copy that waits for the device."""
+    following = [(i + 1) % len(captions) for i in range(len(captions))]
+    index = torch.tensor(following)
     weight = torch.tensor(
-        [float(bool(a) and bool(b) and a != b) for a, b in zip(captions, (captions[int(j)] for j in index))]
+        [float(bool(a) and bool(captions[j]) and a != captions[j]) for a, j in zip(captions, following)]
     )
-    return index, weight
+    return index.to(device, non_blocking=True), weight.to(device, non_blocking=True)
 
 
 def contrastive_flow_loss(
@@ -67,9 +69,9 @@ def contrastive_flow_loss(
     mean over the rows whose pair counts (`contrastive_negatives`). The paper's objective is
     ||v - v+||^2 - lambda ||v - v-||^2 with lambda = 0.05: it pushes conditional predictions apart so that
     different conditions give different flows. Rows are weighted, so the shape stays static (no host sync)."""
-    negative = velocity_target(x0, noise).float().index_select(0, index.to(pred.device))
+    negative = velocity_target(x0, noise).float().index_select(0, index)
     per_row = (pred.float() - negative).pow(2).flatten(1).mean(1)
-    w = weight.to(per_row)
+    w = weight.float()
     return (per_row * w).sum() / w.sum().clamp_min(1.0)
 
 

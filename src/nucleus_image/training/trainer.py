@@ -273,7 +273,7 @@ class Trainer:
         batches = []
         for m, (text, mask) in enumerate(texts):
             part = slice(m * B, (m + 1) * B)
-            negatives = contrastive_negatives(captions[part]) if self.cfg.contrastive_weight else None
+            negatives = contrastive_negatives(captions[part], self.device) if self.cfg.contrastive_weight else None
             bound = None
             if self.binding is not None:
                 cover, named = binding_targets(
