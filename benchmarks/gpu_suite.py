@@ -23,9 +23,14 @@ Rows, in order (each reuses the benchmark that owns the measurement):
   student, a rank-16 LoRA adapter on the usual targets of the same model (random weights: the work is timed), both
   through `NucleusPipeline`, interleaved;
 - QLoRA: one step of rank-16 adapters on the int8 released model (gpu_step.py): time and peak memory;
-- planner vs measured peak memory: generation in bf16, int8 and fp8 (within 10% on the GPU), and one training
-  step of the released preset cut to 4 blocks at 1024x1024 (train_step.py; planned 0.95-1.25x measured: the plan
-  is an upper bound that counts every gradient beside the activations' peak).
+- memory: planner vs measured peak memory: generation in bf16, int8 and fp8 (within 10% on the GPU), and one
+  training step of the released preset cut to 4 blocks at 1024x1024 (train_step.py; planned 0.95-1.25x measured:
+  the plan is an upper bound that counts every gradient beside the activations' peak); each row carries
+  `planned_bytes`, `measured_bytes` and `measured_by` (the CUDA allocator's peak on a GPU, live tensor bytes
+  counted op by op on the CPU); then the process's peak RSS (and on a GPU the allocator's reserved peak).
+
+The report groups rows into sections (`sections` in the JSON, a list under the table): environment, parity,
+fsdp, fp8, int8, step, cache, lora, generation and memory; a section's status is its worst row's.
 
 Statuses: pass; fail (a correctness check failed or the check raised: the suite exits 1); slow (correct, target
 missed); info (measured, nothing to check here); not run (with the reason). `--budget-s` stops starting checks
@@ -433,10 +438,22 @@ def _quantized_layers_error(model, dtype) -> float:
     return worst
 
 
+def measured_by(ctx: Context) -> str:
+    """What a memory row's measured bytes are, on this device."""
+    if ctx.cuda:
+        return "torch.cuda.max_memory_allocated (the caching allocator's peak of live tensors)"
+    return "live tensor bytes counted op by op (planning.measure.LiveBytes; no allocator on the CPU)"
+
+
 def _plan_row(ctx: Context, label: str, planned: int, measured: int, bounds=(0.9, 1.1), why: str = "") -> dict:
+    """A memory section row: the planner's peak (nucleus_image.planning) against the measured one, both in bytes
+    (`planned_bytes`, `measured_bytes`, and `measured_by` saying what the measured number is)."""
     ratio = planned / measured
     detail = f"planned {planned / GIB:.3f} GiB, measured {measured / GIB:.3f} GiB{why}"
     target = f"{bounds[0]:g}-{bounds[1]:g}"
+    fields = dict(
+        section="memory", planned_bytes=int(planned), measured_bytes=int(measured), measured_by=measured_by(ctx)
+    )
     if not ctx.cuda:
         return row(
             label,
@@ -445,8 +462,10 @@ def _plan_row(ctx: Context, label: str, planned: int, measured: int, bounds=(0.9
             "planned/measured",
             f"{target} on GPUs",
             detail + " (checked on GPUs: the plan counts a GPU's kernels, e.g. flash attention)",
+            **fields,
         )
-    return row(label, "pass" if bounds[0] <= ratio <= bounds[1] else "fail", ratio, "planned/measured", target, detail)
+    status = "pass" if bounds[0] <= ratio <= bounds[1] else "fail"
+    return row(label, status, ratio, "planned/measured", target, detail, **fields)
 
 
 def check_few_step_student(ctx: Context) -> list[dict]:
@@ -586,6 +605,76 @@ def check_training_plan(ctx: Context) -> list[dict]:
     ]
 
 
+def check_memory(ctx: Context) -> list[dict]:
+    """The process's peak memory over every check before this one, beside the planner rows (which compare one
+    piece of work each): the envelope a user's machine must hold to run the suite."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    rows = [
+        row(
+            "memory: process peak RSS",
+            "info",
+            rss / GIB,
+            "GiB",
+            detail="resident set size of the suite process over all checks so far (getrusage ru_maxrss): weights, "
+            "activations, allocator caches and Python together, so not comparable with a plan",
+            section="memory",
+            measured_bytes=rss,
+            measured_by="getrusage(RUSAGE_SELF).ru_maxrss",
+        )
+    ]
+    if ctx.cuda:
+        peak = torch.cuda.max_memory_reserved(ctx.device)
+        rows.append(
+            row(
+                "memory: CUDA reserved peak",
+                "info",
+                peak / GIB,
+                "GiB",
+                detail="torch.cuda.max_memory_reserved over all checks so far: what the caching allocator held",
+                section="memory",
+                measured_bytes=peak,
+                measured_by="torch.cuda.max_memory_reserved",
+            )
+        )
+    return rows
+
+
+# Report sections, in report order: a row's section is the first whose test its check name passes (or the
+# section a check gave it). The dry run's report must have every section of REQUIRED_SECTIONS.
+SECTIONS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("environment", lambda name: name == "environment"),
+    ("parity", lambda name: name.startswith("parity")),
+    ("fsdp", lambda name: name.startswith(("FSDP2", "fsdp", "expert_parallel"))),
+    ("fp8", lambda name: "fp8" in name and not name.startswith("planner")),
+    ("int8", lambda name: "int8" in name and not name.startswith(("planner", "QLoRA"))),
+    ("step", lambda name: name.startswith(("CFG step", "cfg_step"))),
+    ("cache", lambda name: "step cache" in name or name == "step_cache"),
+    ("lora", lambda name: name.startswith(("seconds per image", "QLoRA", "few_step_student", "qlora"))),
+    ("generation", lambda name: name.startswith("generation")),
+    ("memory", lambda name: name.startswith(("planner vs measured", "memory", "training_plan"))),
+)
+REQUIRED_SECTIONS = ("parity", "fsdp", "step", "fp8", "int8", "cache", "lora", "memory")
+
+
+def section_of(name: str) -> str:
+    return next((section for section, matches in SECTIONS if matches(name)), "other")
+
+
+def sections(rows: list[dict]) -> dict[str, dict]:
+    """{section: {"status": the worst status of its rows, "rows": their check names}}, in SECTIONS order."""
+    order = [name for name, _ in SECTIONS] + ["other"]
+    worst = ("fail", "slow", "pass", "info", "not run")
+    out: dict[str, dict] = {}
+    for name in order:
+        members = [r for r in rows if r.get("section") == name]
+        if members:
+            status = min((r["status"] for r in members), key=worst.index)
+            out[name] = {"status": status, "rows": [r["check"] for r in members]}
+    return out
+
+
 CHECKS = [
     Check("environment", check_environment),
     Check("parity", check_parity),
@@ -597,6 +686,7 @@ CHECKS = [
     Check("few_step_student", check_few_step_student),
     Check("qlora", check_qlora),
     Check("training_plan", check_training_plan),
+    Check("memory", check_memory),
 ]
 
 
@@ -607,10 +697,11 @@ def run_suite(ctx: Context, only: set[str] | None = None) -> list[dict]:
         if only and check.name not in only:
             continue
         if check.needs == "cuda" and not ctx.cuda:
-            rows.append(row(check.name, "not run", detail="needs CUDA"))
+            rows.append(row(check.name, "not run", detail="needs CUDA", section=section_of(check.name)))
             continue
         if ctx.left_s() <= 0:
-            rows.append(row(check.name, "not run", detail=f"time budget of {ctx.budget_s:.0f} s spent"))
+            detail = f"time budget of {ctx.budget_s:.0f} s spent"
+            rows.append(row(check.name, "not run", detail=detail, section=section_of(check.name)))
             continue
         t0, cpu0 = time.perf_counter(), time.process_time()
         print(f"[gpu_suite] {check.name} ... ({ctx.left_s():.0f} s of budget left)", flush=True)
@@ -618,7 +709,7 @@ def run_suite(ctx: Context, only: set[str] | None = None) -> list[dict]:
             found = check.run(ctx)
         except Exception as err:  # noqa: BLE001  (a failing check is a row; the others still run)
             tail = traceback.format_exc().strip().splitlines()[-1]
-            found = [row(check.name, "fail", detail=f"{type(err).__name__}: {tail}")]
+            found = [row(check.name, "fail", detail=f"{type(err).__name__}: {tail}", section=section_of(check.name))]
         seconds = time.perf_counter() - t0
         print(
             f"[gpu_suite] {check.name}: {seconds:.1f} s ({time.process_time() - cpu0:.1f} s CPU in this process)",
@@ -626,6 +717,7 @@ def run_suite(ctx: Context, only: set[str] | None = None) -> list[dict]:
         )
         for r in found:
             r.setdefault("seconds", round(seconds / len(found), 1))
+            r.setdefault("section", section_of(r["check"]))
             print(f"[gpu_suite]   {r['status']:8s} {r['check']}: {_value(r)} {r['detail']}", flush=True)
         rows += found
         gc.collect()
@@ -642,10 +734,13 @@ def _value(r: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The rows as one table, then the sections with their worst status."""
     lines = ["| check | status | value | target | detail | s |", "|---|---|---|---|---|---|"]
     for r in rows:
         cells = [r["check"], r["status"], _value(r), r["target"], r["detail"], f"{r.get('seconds', 0):.1f}"]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    lines += ["", "Sections:"]
+    lines += [f"- {name}: {s['status']} ({len(s['rows'])} rows)" for name, s in sections(rows).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -683,6 +778,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "seconds": round(total, 1),
         "budget_s": args.budget_s,
+        "sections": sections(rows),
         "rows": rows,
     }
     (out / "gpu_report.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -77,3 +77,22 @@ def test_checks_that_run_on_a_cpu_pass_with_their_numbers(report):
     assert 0.95 <= train["value"] <= 1.05, train
     (ep,) = rows_of(data, "expert_parallel")
     assert ep["status"] == "not run" and "CUDA" in ep["detail"]
+
+
+def test_report_has_every_section_and_the_memory_rows_say_what_they_measure(report):
+    data, table = report
+    names = list(data["sections"])
+    for required in ("parity", "fsdp", "step", "fp8", "int8", "cache", "lora", "memory"):
+        assert required in names, names
+        assert data["sections"][required]["status"] in {"pass", "info", "not run"}
+        assert f"- {required}: " in table
+    assert all(r["section"] in data["sections"] for r in data["rows"])
+    assert data["sections"]["parity"]["status"] == "pass" and data["sections"]["int8"]["status"] == "pass"
+    memory = [r for r in data["rows"] if r["section"] == "memory"]
+    plans = [r for r in memory if r["check"].startswith("planner vs measured")]
+    assert len(plans) == 4
+    for r in plans:
+        assert r["planned_bytes"] > 0 and r["measured_bytes"] > 0 and "LiveBytes" in r["measured_by"]
+        assert abs(r["value"] - r["planned_bytes"] / r["measured_bytes"]) < 1e-9
+    (rss,) = [r for r in memory if r["check"] == "memory: process peak RSS"]
+    assert rss["measured_bytes"] >= max(r["measured_bytes"] for r in plans) and "ru_maxrss" in rss["measured_by"]
