@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nucleus_image.kernels.runtime import KERNEL_CHOICES
+
 DENSE_MOE_STRATEGIES = (
     "leave_first_three_and_last_block_dense",
     "leave_first_three_blocks_dense",
@@ -67,6 +69,9 @@ class NucleusConfig:
     # which expert choice makes possible and which is faster than grouped_mm on the same shapes.
     use_grouped_mm: bool = True
     router_input: str = "decoupled"
+    # How the blocks run, not what they compute: "eager" (PyTorch ops) or "triton" (the fused kernels of
+    # nucleus_image.kernels, equal to eager within rounding). Not written to config.json.
+    kernels: str = "eager"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -90,6 +95,8 @@ class NucleusConfig:
             )
         if self.router_input not in ROUTER_INPUTS:
             errors.append(f"unknown router_input {self.router_input!r}; accepted: {', '.join(ROUTER_INPUTS)}")
+        if self.kernels not in KERNEL_CHOICES:
+            errors.append(f"unknown kernels {self.kernels!r}; accepted: {', '.join(KERNEL_CHOICES)}")
         if self.num_attention_heads % self.num_key_value_heads:
             errors.append(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -181,11 +188,12 @@ class NucleusConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
-        """The diffusers config.json content (our `router_input` only when it differs from the release)."""
+        """The diffusers config.json content (our `router_input` only when it differs from the release; `kernels`,
+        a way of running the model, never)."""
         out: dict[str, Any] = {"_class_name": "NucleusMoEImageTransformer2DModel", "_diffusers_version": "0.38.0"}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "router_input" and value == "decoupled":
+            if (f.name == "router_input" and value == "decoupled") or f.name == "kernels":
                 continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out

@@ -19,8 +19,9 @@ class _GatedProj(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, inner: int):
+    def __init__(self, dim: int, inner: int, kernels: str = "eager"):
         super().__init__()
+        self.kernels = kernels
         # Index 1 is the reference's (no-op) dropout; the list keeps checkpoint keys identical.
         self.net = nn.ModuleList([_GatedProj(dim, inner), nn.Identity(), nn.Linear(inner, dim, bias=False)])
 

@@ -59,16 +59,24 @@ class SwiGLUExperts(nn.Module):
 
 class MoELayer(nn.Module):
     def __init__(
-        self, dim: int, inner: int, num_experts: int, capacity_factor: float, use_sigmoid: bool, route_scale: float
+        self,
+        dim: int,
+        inner: int,
+        num_experts: int,
+        capacity_factor: float,
+        use_sigmoid: bool,
+        route_scale: float,
+        kernels: str = "eager",
     ):
         super().__init__()
+        self.kernels = kernels
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.use_sigmoid = use_sigmoid
         self.route_scale = route_scale
         self.gate = nn.Linear(2 * dim, num_experts, bias=False)
         self.experts = SwiGLUExperts(dim, inner, num_experts)
-        self.shared_expert = SwiGLU(dim, inner)
+        self.shared_expert = SwiGLU(dim, inner, kernels=kernels)
 
     def capacity(self, seq_len: int) -> int:
         return expert_capacity(self.capacity_factor, seq_len, self.num_experts)

@@ -112,9 +112,10 @@ class NucleusBlock(nn.Module):
                 cfg.capacity_factors[layer_idx],
                 cfg.use_sigmoid,
                 cfg.route_scale,
+                kernels=cfg.kernels,
             )
         else:
-            self.img_mlp = SwiGLU(d, cfg.dense_mlp_dim)
+            self.img_mlp = SwiGLU(d, cfg.dense_mlp_dim, kernels=cfg.kernels)
 
     def text_kv(self, txt_normed_BLJ, txt_rot):
         return self.attn.text_kv(self.encoder_proj(txt_normed_BLJ), txt_rot)
