@@ -1,9 +1,13 @@
 """Test-wide settings: the text-state cache (shared across runs by design) lives in one temporary folder per test
-session, never in the user's ~/.cache; subprocesses inherit it through the environment."""
+session, never in the user's ~/.cache; subprocesses inherit it through the environment. Triton kernels run in
+Triton's interpreter on CPU tensors (TRITON_INTERPRET is read when a kernel module is imported, so it is set here,
+before any test imports one)."""
 
 import os
 
 import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
