@@ -184,7 +184,9 @@ def _check(x_BSD: torch.Tensor, *per_sample: torch.Tensor | None) -> None:
     B, _, D = x_BSD.shape
     for t in per_sample:
         if t is not None and tuple(t.shape) != (B, 1, D):
-            raise ValueError(f"a per-sample modulation has shape {tuple(t.shape)}; expected (batch, 1, dim) = {(B, 1, D)}")
+            raise ValueError(
+                f"a per-sample modulation has shape {tuple(t.shape)}; expected (batch, 1, dim) = {(B, 1, D)}"
+            )
 
 
 # ---- forward ops -------------------------------------------------------------------------------------------------
@@ -255,7 +257,10 @@ def norm_modulate_backward(
     (x, or x' with the residual). Without the residual dy and d_gate come back empty."""
     B, S, D = normed_input.shape
     has_residual = y is not None
-    d_mod = d_mod.contiguous()
+    # The saved inputs are the caller's tensors: per-sample chunks of one projection are strided views.
+    normed_input, scale, d_mod = normed_input.contiguous(), scale.contiguous(), d_mod.contiguous()
+    y = y.contiguous() if y is not None else None
+    gate = gate.contiguous() if gate is not None else None
     d_norm = d_norm.contiguous() if d_norm is not None else None
     if has_residual:
         d_res = (d_res if d_res is not None else torch.zeros_like(normed_input)).contiguous()

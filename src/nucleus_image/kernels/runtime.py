@@ -35,3 +35,14 @@ def check_kernels_choice(kernels: str) -> None:
             "kernels='triton' needs the triton package: pip install 'nucleus-image[kernels]' "
             "(GPU builds of torch bundle it)"
         )
+
+
+def check_can_run(kernels: str, device: torch.device | str) -> None:
+    """Refuse kernels='triton' where Triton cannot run on `device`'s tensors, saying what would run."""
+    check_kernels_choice(kernels)
+    device = torch.device(device)
+    if kernels == "triton" and not can_run_on(device):
+        raise ValueError(
+            f"kernels='triton' cannot run on device {device}: Triton kernels run on CUDA tensors, or on the CPU "
+            f"under Triton's interpreter (TRITON_INTERPRET=1, slow: for tests); use kernels='eager' here"
+        )

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nucleus_image.kernels.runtime import check_can_run
+
 from .attention import Attention
 from .config import NucleusConfig
 from .mlp import SwiGLU
@@ -82,15 +84,28 @@ class TimeEmbedding(nn.Module):
         return self.norm(self.timestep_embedder(timestep_features(t_B, self.dim).to(dtype)))
 
 
+def fused_norm_ops(device: torch.device):
+    """The fused LayerNorm + modulation ops (`nucleus_image.kernels.norm_modulation`), after refusing a device
+    Triton cannot run on. Imported on first use, not with the model: `@triton.jit` reads TRITON_INTERPRET then."""
+    if not torch.compiler.is_compiling():  # a compiled graph was traced through this check already
+        check_can_run("triton", device)
+    from nucleus_image.kernels import norm_modulation
+
+    return norm_modulation
+
+
 class OutputNorm(nn.Module):
     """Final adaptive LayerNorm: scale and shift from the timestep embedding (this one does shift)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, kernels: str = "eager"):
         super().__init__()
+        self.kernels = kernels
         self.linear = nn.Linear(dim, 2 * dim)
 
     def forward(self, x_BSD: torch.Tensor, temb_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(F.silu(temb_BD).to(x_BSD.dtype)).chunk(2, dim=1)
+        if self.kernels == "triton":
+            return fused_norm_ops(x_BSD.device).ln_modulate(x_BSD, scale[:, None], shift[:, None], 1e-6)[0]
         return layer_norm(x_BSD) * (1 + scale)[:, None] + shift[:, None]
 
 
@@ -99,6 +114,7 @@ class NucleusBlock(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.coupled = cfg.router_input == "coupled"
+        self.kernels = cfg.kernels
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 4 * d))
         self.encoder_proj = nn.Linear(cfg.joint_attention_dim, d)
         self.attn = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim)
@@ -122,9 +138,14 @@ class NucleusBlock(nn.Module):
 
     def forward(self, x, temb, img_rot, txt_k, txt_v, mask) -> tuple[torch.Tensor, Routing | None]:
         scale1, gate1, scale2, gate2 = self.img_mod(temb).unsqueeze(1).chunk(4, dim=-1)
-        x = x + gate1.clamp(-2.0, 2.0).tanh() * self.attn(layer_norm(x) * (1 + scale1), img_rot, txt_k, txt_v, mask)
-        normed = layer_norm(x)
-        x_mod = normed * (1 + scale2)
+        if self.kernels == "triton":
+            ops = fused_norm_ops(x.device)
+            attn_out = self.attn(ops.ln_modulate(x, scale1, None, 1e-6)[0], img_rot, txt_k, txt_v, mask)
+            x, normed, x_mod = ops.gated_residual_ln_modulate(x, attn_out, gate1, scale2, None, 1e-6)
+        else:
+            x = x + gate1.clamp(-2.0, 2.0).tanh() * self.attn(layer_norm(x) * (1 + scale1), img_rot, txt_k, txt_v, mask)
+            normed = layer_norm(x)
+            x_mod = normed * (1 + scale2)
         routing = None
         if self.is_moe:
             mlp_out, routing = self.img_mlp(x_mod, x_mod if self.coupled else normed, temb)
@@ -148,7 +169,7 @@ class NucleusTransformer(nn.Module):
         self.txt_norm = RMSNorm(config.joint_attention_dim)
         self.img_in = nn.Linear(config.in_channels, d)
         self.transformer_blocks = nn.ModuleList([NucleusBlock(config, i) for i in range(config.num_layers)])
-        self.norm_out = OutputNorm(d)
+        self.norm_out = OutputNorm(d, config.kernels)
         self.proj_out = nn.Linear(d, config.patch_size**2 * config.out_channels, bias=False)
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
@@ -207,6 +228,15 @@ class NucleusTransformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.img_in.weight.device
+
+    def set_kernels(self, kernels: str) -> None:
+        """Run the blocks on "eager" PyTorch ops or the fused "triton" kernels (same weights, same results within
+        rounding); refused where Triton cannot run on the model's device."""
+        check_can_run(kernels, self.device)
+        self.config = self.config.replace(kernels=kernels)
+        for m in self.modules():
+            if isinstance(m, (NucleusBlock, OutputNorm, MoELayer, SwiGLU)):
+                m.kernels = kernels
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
