@@ -15,6 +15,10 @@ Rows, in order (each reuses the benchmark that owns the measurement):
   within bf16 rounding (2e-2 relative; 1e-5 in float32 on the CPU); expert parallelism needs 2 or more GPUs;
 - CFG step (gpu_step.py): diffusers vs ours eager / compiled / CUDA graph / fp8, each checked against our eager
   step, and the targets (H100/H200): best compiled bf16 <= 45 ms, best fp8 <= 30 ms;
+- kernels (norm_kernels.py, train_step.py): each fused Triton kernel of nucleus_image.kernels, forward + backward at
+  the released block's shapes (D=2048, S=4096, B=1 and 2, bf16) against eager and torch.compile, within 2e-2 of
+  eager (slow when not faster than compiled); the released training step cut to 4 blocks at 1024x1024 with
+  kernels on and off, losses within bf16 rounding (on the CPU: the interpreter, tiny shapes, correctness only);
 - generation at 1024x1024, 50 steps with CFG: bf16, int8 and fp8 weights (8-bit: every quantized layer within 2e-2
   of the same layer in float32 from the weights its codes stand for; the whole guided forward's distance to the
   bf16 model is reported, not bounded: untrained routers sit on top-C ties that any perturbation flips), and the
@@ -30,7 +34,7 @@ Rows, in order (each reuses the benchmark that owns the measurement):
   counted op by op on the CPU); then the process's peak RSS (and on a GPU the allocator's reserved peak).
 
 The report groups rows into sections (`sections` in the JSON, a list under the table): environment, parity,
-fsdp, fp8, int8, step, cache, lora, generation and memory; a section's status is its worst row's.
+fsdp, fp8, int8, step, kernels, cache, lora, generation and memory; a section's status is its worst row's.
 
 Statuses: pass; fail (a correctness check failed or the check raised: the suite exits 1); slow (correct, target
 missed); info (measured, nothing to check here); not run (with the reason). `--budget-s` stops starting checks
@@ -300,6 +304,73 @@ def check_cfg_step(ctx: Context) -> list[dict]:
             continue
         best = min(fast, key=fast.get)
         rows.append(row(label, "pass" if fast[best] <= target else "slow", fast[best], "ms", f"<= {target:g} ms", best))
+    return rows
+
+
+KERNEL_BOUND = 2e-2  # bf16: the kernels round each output once from fp32, eager every intermediate
+
+
+def check_kernels(ctx: Context) -> list[dict]:
+    """The fused Triton kernels (nucleus_image.kernels) against eager and torch.compile, forward + backward at the
+    released block's shapes (norm_kernels.py), and the released training step cut to 4 blocks with kernels on and
+    off (train_step.py). On a CPU the kernels run under Triton's interpreter: correctness only, its times are not
+    a kernel's."""
+    from nucleus_image.kernels.runtime import triton_installed
+
+    if not triton_installed():
+        return [row("kernels", "not run", detail="triton is not installed (pip install 'nucleus-image[kernels]')")]
+    if not ctx.cuda:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel module is imported, which is next
+    import norm_kernels
+
+    dim = 128 if ctx.tiny else 2048
+    tokens = 16 if ctx.tiny else (ctx.size // 16) ** 2
+    rows = []
+    for op in norm_kernels.OPS:
+        for batch in (1, 2):
+            r = norm_kernels.measure(
+                op, batch, tokens, dim, torch.bfloat16, ctx.device, ctx.cuda, iters=1 if ctx.tiny else 20
+            )
+            ms, error = r["ms"], r["error"]["triton"]
+            status = "fail" if error > KERNEL_BOUND else "pass"
+            detail = f"eager {ms['eager']:.3f} ms ({ms['eager'] / ms['triton']:.2f}x)"
+            if "compiled" in ms:
+                detail += f", compiled {ms['compiled']:.3f} ms ({ms['compiled'] / ms['triton']:.2f}x)"
+                status = "slow" if status == "pass" and ms["triton"] > ms["compiled"] else status
+            else:
+                detail += (
+                    ", compiled not timed (inductor is timed on GPUs); Triton's interpreter: times are not a kernel's"
+                )
+            rows.append(
+                row(
+                    f"kernels: {op} fwd+bwd, B={batch} S={tokens} D={dim} bf16",
+                    status,
+                    ms["triton"],
+                    "ms",
+                    f"max rel error vs eager <= {KERNEL_BOUND:g}" + ("; faster than compiled" if ctx.cuda else ""),
+                    f"{detail}; error {error:.1e}",
+                    section="kernels",
+                )
+            )
+    layers, size, text = (2, 16, 16) if ctx.tiny else (4, 1024, 128)
+    argv = _train_argv(ctx, ctx.preset, size, text, 1 if ctx.tiny else 3, "--batch", "1", "--layers", str(layers))
+    runs = {k: _train_step(argv + ["--kernels", k], parallel=False) for k in ("eager", "triton")}
+    # The same seeds and data: the kernels' losses follow eager's to rounding (bf16 autocast on a GPU).
+    bound = 2e-2 if ctx.cuda else 1e-4
+    gap = max(abs(a - b) / abs(b) for a, b in zip(runs["triton"]["losses"], runs["eager"]["losses"]))
+    ms = {k: 1000 / r["images_per_s"] for k, r in runs.items()}
+    rows.append(
+        row(
+            f"kernels: training step, {ctx.preset} cut to {layers} blocks, {size}x{size}, batch 1, triton vs eager",
+            "fail" if gap > bound else "pass" if not ctx.cuda or ms["triton"] <= ms["eager"] else "slow",
+            ms["triton"],
+            "ms",
+            f"losses within {bound:g} of eager's" + ("; faster than eager" if ctx.cuda else ""),
+            f"eager {ms['eager']:.1f} ms ({ms['eager'] / ms['triton']:.2f}x); loss gap {gap:.1e} over "
+            f"{len(runs['eager']['losses'])} steps",
+            section="kernels",
+        )
+    )
     return rows
 
 
@@ -650,12 +721,13 @@ SECTIONS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("fp8", lambda name: "fp8" in name and not name.startswith("planner")),
     ("int8", lambda name: "int8" in name and not name.startswith(("planner", "QLoRA"))),
     ("step", lambda name: name.startswith(("CFG step", "cfg_step"))),
+    ("kernels", lambda name: name.startswith("kernels")),
     ("cache", lambda name: "step cache" in name or name == "step_cache"),
     ("lora", lambda name: name.startswith(("seconds per image", "QLoRA", "few_step_student", "qlora"))),
     ("generation", lambda name: name.startswith("generation")),
     ("memory", lambda name: name.startswith(("planner vs measured", "memory", "training_plan"))),
 )
-REQUIRED_SECTIONS = ("parity", "fsdp", "step", "fp8", "int8", "cache", "lora", "memory")
+REQUIRED_SECTIONS = ("parity", "fsdp", "step", "kernels", "fp8", "int8", "cache", "lora", "memory")
 
 
 def section_of(name: str) -> str:
@@ -681,6 +753,7 @@ CHECKS = [
     Check("fsdp_nccl", check_fsdp_nccl),
     Check("expert_parallel", check_expert_parallel, needs="cuda"),
     Check("cfg_step", check_cfg_step),
+    Check("kernels", check_kernels),
     Check("generation", check_generation),
     Check("step_cache", check_step_cache),
     Check("few_step_student", check_few_step_student),

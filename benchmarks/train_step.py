@@ -18,6 +18,7 @@ on CUDA `--peak-tflops` (default 989: H200 dense bf16). Prints one row per proce
 `--parallel` runs the torch.distributed path (process group, FSDP2 through `parallel.parallelize`) even for one
 process, `--compile` compiles each block there, `--losses` adds each step's loss and the peak memory of the run to
 the JSON a worker prints (the GPU suite compares the one-process NCCL path with the plain one this way).
+`--kernels triton` runs the model on the fused Triton kernels (nucleus_image.kernels).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--parallel", action="store_true", help="the FSDP2 path even for one process")
     p.add_argument("--compile", action="store_true", help="with the FSDP2 path: compile each block")
     p.add_argument("--losses", action="store_true", help="report each step's loss and the peak memory")
+    p.add_argument("--kernels", default="eager", choices=("eager", "triton"), help="the model's kernels (eager)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -99,6 +101,7 @@ def _train(args, rank: int, world: int, device: torch.device, dims) -> dict:
     cfg = NucleusConfig.preset(args.preset)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)
+    cfg = cfg.replace(kernels=args.kernels)
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} does not divide over {world} processes")
     local = args.batch // world

@@ -75,6 +75,11 @@ def test_checks_that_run_on_a_cpu_pass_with_their_numbers(report):
     # is planned in bf16 and run in float32 here, so its ratio is only checked on GPUs.
     (train,) = [r for r in plans if "training step" in r["check"]]
     assert 0.95 <= train["value"] <= 1.05, train
+    kernels = rows_of(data, "kernels: ")
+    assert len(kernels) == 5 and all(r["status"] == "pass" and r["value"] > 0 for r in kernels), kernels
+    for r in kernels[:4]:  # each fused op, forward + backward under the interpreter, within bf16 rounding of eager
+        assert "fwd+bwd" in r["check"] and float(r["detail"].rsplit("error ", 1)[1]) <= 2e-2, r
+    assert "triton vs eager" in kernels[4]["check"] and "loss gap" in kernels[4]["detail"]
     (ep,) = rows_of(data, "expert_parallel")
     assert ep["status"] == "not run" and "CUDA" in ep["detail"]
 
@@ -82,7 +87,7 @@ def test_checks_that_run_on_a_cpu_pass_with_their_numbers(report):
 def test_report_has_every_section_and_the_memory_rows_say_what_they_measure(report):
     data, table = report
     names = list(data["sections"])
-    for required in ("parity", "fsdp", "step", "fp8", "int8", "cache", "lora", "memory"):
+    for required in ("parity", "fsdp", "step", "kernels", "fp8", "int8", "cache", "lora", "memory"):
         assert required in names, names
         assert data["sections"][required]["status"] in {"pass", "info", "not run"}
         assert f"- {required}: " in table

@@ -156,8 +156,9 @@ def test_set_kernels_switches_a_loaded_model_and_keeps_config_json_free_of_it():
         model.set_kernels("cuda")
 
 
-def test_triton_kernels_where_triton_cannot_run_are_refused_naming_the_device():
-    """A fresh process without TRITON_INTERPRET: the CPU cannot run Triton kernels, and the model says so."""
+def test_triton_kernels_where_triton_cannot_run_are_refused_naming_the_device(tmp_path):
+    """A fresh process without TRITON_INTERPRET: the CPU cannot run Triton kernels, and the model, the pipeline and
+    `nucleus generate --kernels triton` say so (the last two before loading anything)."""
     script = textwrap.dedent(
         """
         import torch
@@ -172,13 +173,25 @@ def test_triton_kernels_where_triton_cannot_run_are_refused_naming_the_device():
             NucleusTransformer(NucleusConfig.preset("tiny")).set_kernels("triton")
         except ValueError as err:
             print(err)
+        from nucleus_image.pipeline import NucleusPipeline
+        try:  # refused on the device: the folder is never read
+            NucleusPipeline.from_pretrained("no_such_pipeline", device="cpu", kernels="triton")
+        except ValueError as err:
+            print(err)
+        from nucleus_image.cli import main
+        argv = ["generate", "--model", "no_such_pipeline", "--prompt", "a cube", "--device", "cpu", "--out", OUT]
+        print("exit", main(argv + ["--kernels", "triton"]))
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = f"OUT = {str(tmp_path / 'samples')!r}\n" + script
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 2, done.stdout
-    for line in lines:
+    *lines, exit_line = done.stdout.strip().splitlines()
+    assert len(lines) == 3 and exit_line == "exit 2", done.stdout
+    errors = lines + done.stderr.strip().splitlines()[-1:]
+    for line in errors:
         assert "kernels='triton' cannot run on device cpu" in line and "TRITON_INTERPRET=1" in line, line
         assert "kernels='eager'" in line
+    assert errors[-1].startswith("nucleus generate: error: --kernels triton: "), errors[-1]
+    assert not (tmp_path / "samples").exists()

@@ -118,14 +118,22 @@ def add_acceleration_args(parser) -> None:
         action="store_true",
         help="replay each denoising step as one CUDA graph (GPU only; not with --cache)",
     )
+    parser.add_argument(
+        "--kernels",
+        choices=("eager", "triton"),
+        default="eager",
+        help="the blocks' LayerNorm + modulation on PyTorch ops (eager, default) or fused Triton kernels (GPU)",
+    )
 
 
 def check_acceleration(args) -> None:
-    """--cuda-graph and --fp8-compute: refuse combinations and devices that cannot run them, before loading."""
-    if not (args.cuda_graph or args.fp8_compute):
+    """--cuda-graph, --fp8-compute and --kernels: refuse combinations and devices that cannot run them, before
+    loading."""
+    if not (args.cuda_graph or args.fp8_compute or args.kernels != "eager"):
         return
     import torch
 
+    from nucleus_image.kernels.runtime import check_can_run
     from nucleus_image.pipeline.cuda_graph import check_cuda_graph
     from nucleus_image.pipeline.pipeline import default_device
     from nucleus_image.quantization.fp8_compute import check_fp8_compute
@@ -142,6 +150,7 @@ def check_acceleration(args) -> None:
     for flag, check, wanted in (
         ("--cuda-graph", check_cuda_graph, args.cuda_graph),
         ("--fp8-compute", check_fp8_compute, args.fp8_compute),
+        (f"--kernels {args.kernels}", lambda device: check_can_run(args.kernels, device), args.kernels != "eager"),
     ):
         if wanted:
             try:
@@ -184,7 +193,7 @@ def resumable(folder, what: str = "samples"):
 
 def load_pipeline(args):
     """The pipeline that `generate` and `serve` run: --model with --dtype, --device, --quantize, --cuda-graph,
-    --fp8-compute, and --lora (its sampler settings become the pipeline's defaults) at --lora-scale."""
+    --fp8-compute, --kernels, and --lora (its sampler settings become the pipeline's defaults) at --lora-scale."""
     import torch
 
     from nucleus_image.pipeline import NucleusPipeline
@@ -197,6 +206,7 @@ def load_pipeline(args):
         quantize=args.quantize,
         cuda_graph=args.cuda_graph,
         fp8_compute=args.fp8_compute,
+        kernels=args.kernels,
     )
     if args.lora is not None:
         pipe.load_lora(args.lora, scale=args.lora_scale)

@@ -266,7 +266,7 @@ def norm_modulate_backward(
         d_res = (d_res if d_res is not None else torch.zeros_like(normed_input)).contiguous()
     n_chunks = triton.cdiv(S, ROWS_PER_PROGRAM)
     dx = torch.empty_like(normed_input)
-    dy = torch.empty_like(normed_input) if has_residual else normed_input.new_empty(0)
+    dy = torch.empty_like(y) if y is not None else normed_input.new_empty(0)
     part = lambda: torch.empty(B, n_chunks, D, dtype=torch.float32, device=normed_input.device)  # noqa: E731
     dscale_part, dshift_part = part(), part()
     dgate_part = part() if has_residual else dscale_part
@@ -308,25 +308,27 @@ def norm_modulate_backward(
 def _ln_modulate_setup(ctx, inputs, output):
     x, scale, shift, eps = inputs
     ctx.save_for_backward(x, scale)
-    ctx.has_shift, ctx.eps = shift is not None, eps
+    ctx.shift_dtype, ctx.eps = shift.dtype if shift is not None else None, eps
 
 
 def _ln_modulate_backward(ctx, d_mod, d_norm):
     x, scale = ctx.saved_tensors
+    d_mod = d_mod if d_mod is not None else torch.zeros_like(x)  # an unused output may bring no gradient
     dx, _, d_scale, d_shift, _ = norm_modulate_backward(x, None, None, scale, None, d_norm, d_mod, ctx.eps)
-    return dx, d_scale, d_shift if ctx.has_shift else None, None
+    return dx, d_scale, d_shift.to(ctx.shift_dtype) if ctx.shift_dtype else None, None
 
 
 def _gated_setup(ctx, inputs, output):
     _, y, gate, scale, shift, eps = inputs
     ctx.save_for_backward(output[0], y, gate, scale)
-    ctx.has_shift, ctx.eps = shift is not None, eps
+    ctx.shift_dtype, ctx.eps = shift.dtype if shift is not None else None, eps
 
 
 def _gated_backward(ctx, d_res, d_norm, d_mod):
     res, y, gate, scale = ctx.saved_tensors
+    d_mod = d_mod if d_mod is not None else torch.zeros_like(res)
     dx, dy, d_scale, d_shift, d_gate = norm_modulate_backward(res, y, gate, scale, d_res, d_norm, d_mod, ctx.eps)
-    return dx, dy, d_gate, d_scale, d_shift if ctx.has_shift else None, None
+    return dx, dy, d_gate, d_scale, d_shift.to(ctx.shift_dtype) if ctx.shift_dtype else None, None
 
 
 ln_modulate.register_autograd(_ln_modulate_backward, setup_context=_ln_modulate_setup)

@@ -29,6 +29,7 @@ from nucleus_image.diffusion.guidance import uses_cfg
 from nucleus_image.diffusion.sampler_settings import SamplerSettings
 from nucleus_image.encoders.autoencoder import Autoencoder
 from nucleus_image.encoders.text import TextEncoder, check_prompts
+from nucleus_image.kernels.runtime import check_can_run
 from nucleus_image.model.latents import pack_latents, unpack_latents
 from nucleus_image.pipeline.cuda_graph import StepGraphs, check_cuda_graph
 from nucleus_image.pipeline.denoise import denoise_step
@@ -120,6 +121,7 @@ class NucleusPipeline:
         quantize: str | None = None,
         cuda_graph: bool = False,
         fp8_compute: bool = False,
+        kernels: str = "eager",
     ) -> NucleusPipeline:
         """Load a diffusers NucleusMoEImagePipeline folder or one saved by `save_pretrained` (our training), from a
         local folder or a Hugging Face Hub model id ("owner/name[@revision]", through huggingface_hub's cache).
@@ -127,9 +129,11 @@ class NucleusPipeline:
         Defaults: the GPU when there is one, in bfloat16; otherwise the CPU in float32. `quantize` ("int8" |
         "fp8") gives the transformer 8-bit weights, quantized tensor by tensor while loading; a folder saved
         quantized loads quantized, in the dtype it was saved in. `cuda_graph` and `fp8_compute`: see the class;
-        a device that cannot run them is refused before anything loads."""
+        a device that cannot run them is refused before anything loads. `kernels`: "eager" (PyTorch ops) or
+        "triton" (the fused kernels of nucleus_image.kernels: CUDA, or the CPU under TRITON_INTERPRET=1)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        check_can_run(kernels, device)
         if cuda_graph:
             check_cuda_graph(device)
         if fp8_compute:
@@ -139,8 +143,10 @@ class NucleusPipeline:
                     f"fp8_compute computes with fp8 copies of high-precision weights; quantize="
                     f"{quantize!r} stores 8-bit weights computed in high precision: choose one"
                 )
+        components = load_components(path, dtype, device, load_text_encoder, quantize=quantize)
+        components["transformer"].set_kernels(kernels)
         return cls(
-            **load_components(path, dtype, device, load_text_encoder, quantize=quantize),
+            **components,
             cuda_graph=cuda_graph,
             fp8_compute=fp8_compute,
         )

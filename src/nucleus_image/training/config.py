@@ -289,6 +289,8 @@ class TrainConfig:
             if f.name == "model":
                 out[f.name] = {k: v for k, v in value.to_dict().items() if not k.startswith("_")}
                 out[f.name]["router_input"] = value.router_input
+                if value.kernels != "eager":  # how the run ran, so --resume runs the same way (not in config.json)
+                    out[f.name]["kernels"] = value.kernels
             else:
                 out[f.name] = to_plain(value)
         return out
