@@ -85,13 +85,14 @@ class TimeEmbedding(nn.Module):
 
 
 def fused_norm_ops(device: torch.device):
-    """The fused LayerNorm + modulation ops (`nucleus_image.kernels.norm_modulation`), after refusing a device
-    Triton cannot run on. Imported on first use, not with the model: `@triton.jit` reads TRITON_INTERPRET then."""
+    """The fused LayerNorm + modulation ops (`torch.ops.nucleus`, registered by nucleus_image.kernels.norm_modulation),
+    after refusing a device Triton cannot run on. Imported on first use, not with the model: `@triton.jit` reads
+    TRITON_INTERPRET then."""
     if not torch.compiler.is_compiling():  # a compiled graph was traced through this check already
         check_can_run("triton", device)
-    from nucleus_image.kernels import norm_modulation
+    from nucleus_image.kernels import norm_modulation  # noqa: F401  (registers the ops)
 
-    return norm_modulation
+    return torch.ops.nucleus
 
 
 class OutputNorm(nn.Module):
