@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import fused_ops
+
 
 class _GatedProj(nn.Module):
     def __init__(self, dim: int, inner: int):
@@ -26,4 +28,6 @@ class SwiGLU(nn.Module):
         self.net = nn.ModuleList([_GatedProj(dim, inner), nn.Identity(), nn.Linear(inner, dim, bias=False)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":  # the fused activation reads the projection's two halves in place
+            return self.net[2](fused_ops(x.device).swiglu(self.net[0].proj(x), False))
         return self.net[2](self.net[0](x))

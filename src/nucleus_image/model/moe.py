@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import dispatch_plan, fused_ops
 from .mlp import SwiGLU
 
 
@@ -47,12 +48,15 @@ def expert_capacity(capacity_factor: float, seq_len: int, num_experts: int) -> i
 class SwiGLUExperts(nn.Module):
     """E SwiGLU experts stored pre-transposed: gate_up_proj (E, D, 2F) = [gate | up], down_proj (E, F, D)."""
 
-    def __init__(self, dim: int, inner: int, num_experts: int):
+    def __init__(self, dim: int, inner: int, num_experts: int, kernels: str = "eager"):
         super().__init__()
+        self.kernels = kernels
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * inner))
         self.down_proj = nn.Parameter(torch.empty(num_experts, inner, dim))
 
     def forward(self, x_ETD: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":
+            return torch.bmm(fused_ops(x_ETD.device).swiglu(torch.bmm(x_ETD, self.gate_up_proj), True), self.down_proj)
         gate, up = torch.bmm(x_ETD, self.gate_up_proj).chunk(2, dim=-1)
         return torch.bmm(F.silu(gate) * up, self.down_proj)
 
@@ -75,7 +79,7 @@ class MoELayer(nn.Module):
         self.use_sigmoid = use_sigmoid
         self.route_scale = route_scale
         self.gate = nn.Linear(2 * dim, num_experts, bias=False)
-        self.experts = SwiGLUExperts(dim, inner, num_experts)
+        self.experts = SwiGLUExperts(dim, inner, num_experts, kernels=kernels)
         self.shared_expert = SwiGLU(dim, inner, kernels=kernels)
 
     def capacity(self, seq_len: int) -> int:
@@ -94,6 +98,8 @@ class MoELayer(nn.Module):
         # Flat token ids in expert-major order (E, B*C), the order the experts consume them.
         flat_idx = (idx_BEC + torch.arange(B, device=idx_BEC.device).view(B, 1, 1) * S).transpose(0, 1).reshape(-1)
         gating = gating_BEC.transpose(0, 1).reshape(-1)
+        if self.kernels == "triton":
+            return self._dispatch_fused(x_mod_BSD, flat_idx, gating, C), Routing(logits, idx_BEC)
         # Renormalise each token's picked affinities over the experts that picked it.
         token_sums = torch.zeros(B * S, device=gating.device, dtype=gating.dtype).scatter_add_(0, flat_idx, gating)
         gating = gating / (token_sums.index_select(0, flat_idx) + 1e-12) * self.route_scale
@@ -107,3 +113,20 @@ class MoELayer(nn.Module):
         out = self.shared_expert(x_mod_BSD).reshape(B * S, D)
         out = out.scatter_add(0, flat_idx.unsqueeze(-1).expand(-1, D), routed)
         return out.view(B, S, D), Routing(logits, idx_BEC)
+
+    def _dispatch_fused(
+        self, x_mod_BSD: torch.Tensor, flat_idx: torch.Tensor, gating: torch.Tensor, C: int
+    ) -> torch.Tensor:
+        """The eager path's gather, renormalisation and weighted scatter-add on the expert-dispatch kernels: every
+        sum over a token's picks runs in the picks' order (no atomics, so reproducible on a GPU too), and the
+        weighting and the shared expert's add happen in the combine's one pass."""
+        B, S, D = x_mod_BSD.shape
+        ops = fused_ops(x_mod_BSD.device)
+        order, offsets = dispatch_plan(flat_idx, B * S)
+        token_sums = ops.expert_combine(None, gating.unsqueeze(-1), None, flat_idx, order, offsets)
+        picked_sums = ops.expert_gather(token_sums, flat_idx, order, offsets).squeeze(-1)
+        gating = gating / (picked_sums + 1e-12) * self.route_scale
+        rows = ops.expert_gather(x_mod_BSD.reshape(B * S, D), flat_idx, order, offsets)
+        routed = self.experts(rows.view(self.num_experts, B * C, D)).reshape(-1, D)
+        shared = self.shared_expert(x_mod_BSD).reshape(B * S, D)
+        return ops.expert_combine(shared, routed, gating, flat_idx, order, offsets).view(B, S, D)

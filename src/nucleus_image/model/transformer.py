@@ -24,8 +24,9 @@ from nucleus_image.kernels.runtime import check_can_run
 
 from .attention import Attention
 from .config import NucleusConfig
+from .fused import fused_ops
 from .mlp import SwiGLU
-from .moe import MoELayer, Routing
+from .moe import MoELayer, Routing, SwiGLUExperts
 from .norms import RMSNorm, layer_norm
 from .rope import image_angles, rotations, text_angles
 
@@ -84,17 +85,6 @@ class TimeEmbedding(nn.Module):
         return self.norm(self.timestep_embedder(timestep_features(t_B, self.dim).to(dtype)))
 
 
-def fused_norm_ops(device: torch.device):
-    """The fused LayerNorm + modulation ops (`torch.ops.nucleus`, registered by nucleus_image.kernels.norm_modulation),
-    after refusing a device Triton cannot run on. Imported on first use, not with the model: `@triton.jit` reads
-    TRITON_INTERPRET then."""
-    if not torch.compiler.is_compiling():  # a compiled graph was traced through this check already
-        check_can_run("triton", device)
-    from nucleus_image.kernels import norm_modulation  # noqa: F401  (registers the ops)
-
-    return torch.ops.nucleus
-
-
 class OutputNorm(nn.Module):
     """Final adaptive LayerNorm: scale and shift from the timestep embedding (this one does shift)."""
 
@@ -106,7 +96,7 @@ class OutputNorm(nn.Module):
     def forward(self, x_BSD: torch.Tensor, temb_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(F.silu(temb_BD).to(x_BSD.dtype)).chunk(2, dim=1)
         if self.kernels == "triton":
-            return fused_norm_ops(x_BSD.device).ln_modulate(x_BSD, scale[:, None], shift[:, None], 1e-6)[0]
+            return fused_ops(x_BSD.device).ln_modulate(x_BSD, scale[:, None], shift[:, None], 1e-6)[0]
         return layer_norm(x_BSD) * (1 + scale)[:, None] + shift[:, None]
 
 
@@ -140,7 +130,7 @@ class NucleusBlock(nn.Module):
     def forward(self, x, temb, img_rot, txt_k, txt_v, mask) -> tuple[torch.Tensor, Routing | None]:
         scale1, gate1, scale2, gate2 = self.img_mod(temb).unsqueeze(1).chunk(4, dim=-1)
         if self.kernels == "triton":
-            ops = fused_norm_ops(x.device)
+            ops = fused_ops(x.device)
             attn_out = self.attn(ops.ln_modulate(x, scale1, None, 1e-6)[0], img_rot, txt_k, txt_v, mask)
             x, normed, x_mod = ops.gated_residual_ln_modulate(x, attn_out, gate1, scale2, None, 1e-6)
         else:
@@ -236,7 +226,7 @@ class NucleusTransformer(nn.Module):
         check_can_run(kernels, self.device)
         self.config = self.config.replace(kernels=kernels)
         for m in self.modules():
-            if isinstance(m, (NucleusBlock, OutputNorm, MoELayer, SwiGLU)):
+            if isinstance(m, (NucleusBlock, OutputNorm, MoELayer, SwiGLU, SwiGLUExperts)):
                 m.kernels = kernels
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
