@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,5 +31,5 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels == "triton":  # the fused activation reads the projection's two halves in place
-            return self.net[2](fused_ops(x.device).swiglu(self.net[0].proj(x), False))
+            return self.net[2](fused_ops(x.device).swiglu(cast(_GatedProj, self.net[0]).proj(x), False))
         return self.net[2](self.net[0](x))
