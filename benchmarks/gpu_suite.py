@@ -15,7 +15,7 @@ Rows, in order (each reuses the benchmark that owns the measurement):
   within bf16 rounding (2e-2 relative; 1e-5 in float32 on the CPU); expert parallelism needs 2 or more GPUs;
 - CFG step (gpu_step.py): diffusers vs ours eager / compiled / CUDA graph / fp8, each checked against our eager
   step, and the targets (H100/H200): best compiled bf16 <= 45 ms, best fp8 <= 30 ms;
-- kernels (norm_kernels.py, train_step.py): each fused Triton kernel of nucleus_image.kernels, forward + backward at
+- kernels (fused_kernels.py, train_step.py): each fused Triton kernel of nucleus_image.kernels, forward + backward at
   the released block's shapes (D=2048, S=4096, B=1 and 2, bf16) against eager and torch.compile, within 2e-2 of
   eager (slow when not faster than compiled); the released training step cut to 4 blocks at 1024x1024 with
   kernels on and off, losses within bf16 rounding (on the CPU: the interpreter, tiny shapes, correctness only);
@@ -311,9 +311,9 @@ KERNEL_BOUND = 2e-2  # bf16: the kernels round each output once from fp32, eager
 
 
 def check_kernels(ctx: Context) -> list[dict]:
-    """The fused Triton kernels (nucleus_image.kernels) against eager and torch.compile, forward + backward at the
-    released block's shapes (norm_kernels.py), and the released training step cut to 4 blocks with kernels on and
-    off (train_step.py). On a CPU the kernels run under Triton's interpreter: correctness only, its times are not
+    """The fused Triton kernels (nucleus_image.kernels: the norm ops, SwiGLU, the expert dispatch) against eager and
+    torch.compile, forward + backward at the released model's shapes (fused_kernels.py), and the released training step
+    cut to 4 blocks with kernels on and off (train_step.py). On a CPU the kernels run under Triton's interpreter: correctness only, its times are not
     a kernel's."""
     from nucleus_image.kernels.runtime import triton_installed
 
@@ -321,16 +321,14 @@ def check_kernels(ctx: Context) -> list[dict]:
         return [row("kernels", "not run", detail="triton is not installed (pip install 'nucleus-image[kernels]')")]
     if not ctx.cuda:
         os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel module is imported, which is next
-    import norm_kernels
+    import fused_kernels
 
-    dim = 128 if ctx.tiny else 2048
     tokens = 16 if ctx.tiny else (ctx.size // 16) ** 2
     rows = []
-    for op in norm_kernels.OPS:
+    for op in fused_kernels.OPS:
         for batch in (1, 2):
-            r = norm_kernels.measure(
-                op, batch, tokens, dim, torch.bfloat16, ctx.device, ctx.cuda, iters=1 if ctx.tiny else 20
-            )
+            shapes = fused_kernels.Shapes(batch, tokens, 128, 96, 8) if ctx.tiny else fused_kernels.Shapes(batch, tokens)
+            r = fused_kernels.measure(op, shapes, torch.bfloat16, ctx.device, ctx.cuda, iters=1 if ctx.tiny else 20)
             ms, error = r["ms"], r["error"]["triton"]
             status = "fail" if error > KERNEL_BOUND else "pass"
             detail = f"eager {ms['eager']:.3f} ms ({ms['eager'] / ms['triton']:.2f}x)"
@@ -343,7 +341,7 @@ def check_kernels(ctx: Context) -> list[dict]:
                 )
             rows.append(
                 row(
-                    f"kernels: {op} fwd+bwd, B={batch} S={tokens} D={dim} bf16",
+                    f"kernels: {op} fwd+bwd, B={batch} S={tokens} D={shapes.dim} bf16",
                     status,
                     ms["triton"],
                     "ms",

@@ -76,10 +76,12 @@ def test_checks_that_run_on_a_cpu_pass_with_their_numbers(report):
     (train,) = [r for r in plans if "training step" in r["check"]]
     assert 0.95 <= train["value"] <= 1.05, train
     kernels = rows_of(data, "kernels: ")
-    assert len(kernels) == 5 and all(r["status"] == "pass" and r["value"] > 0 for r in kernels), kernels
-    for r in kernels[:4]:  # each fused op, forward + backward under the interpreter, within bf16 rounding of eager
+    assert len(kernels) == 9 and all(r["status"] == "pass" and r["value"] > 0 for r in kernels), kernels
+    ops = ["ln_modulate", "gated_residual_ln_modulate", "swiglu", "expert_dispatch"]
+    assert [r["check"].split()[1] for r in kernels[:8]] == [op for op in ops for _ in (1, 2)]
+    for r in kernels[:8]:  # each fused op at B=1, 2, forward + backward under the interpreter, within bf16 of eager
         assert "fwd+bwd" in r["check"] and float(r["detail"].rsplit("error ", 1)[1]) <= 2e-2, r
-    assert "triton vs eager" in kernels[4]["check"] and "loss gap" in kernels[4]["detail"]
+    assert "triton vs eager" in kernels[8]["check"] and "loss gap" in kernels[8]["detail"]
     (ep,) = rows_of(data, "expert_parallel")
     assert ep["status"] == "not run" and "CUDA" in ep["detail"]
 
