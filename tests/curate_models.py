@@ -29,7 +29,17 @@ LLAVA_TEMPLATE = (
 
 
 def _clip_vision(**over) -> dict:
-    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8) | over
+    return (
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+        | over
+    )
 
 
 def clip_tokenizer():
@@ -37,7 +47,9 @@ def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate([*alphabet, *(a + "</w>" for a in alphabet), "<|startoftext|>", "<|endoftext|>"])}
+    vocab = {
+        t: i for i, t in enumerate([*alphabet, *(a + "</w>" for a in alphabet), "<|startoftext|>", "<|endoftext|>"])
+    }
     return CLIPTokenizer(vocab=vocab, merges=[])
 
 
@@ -119,7 +131,9 @@ def llava_folder(path: Path, seed: int = 0) -> Path:
 def synth_inputs(root: Path, num: int = 10) -> Path:
     """`nucleus data synth` images at 256 px with their captions as a Parquet input, all captions of every third
     image replaced by a file name (so the captioner has work to do)."""
-    version = generate_dataset(root, num, seed=3, config=SynthConfig(size=256, aspect_ratios=("1:1", "4:3")), progress=False)
+    version = generate_dataset(
+        root, num, seed=3, config=SynthConfig(size=256, aspect_ratios=("1:1", "4:3")), progress=False
+    )
     rows = pq.read_table(version).select(["image_path", "captions"]).to_pylist()
     for i, r in enumerate(rows):
         if i % 3 == 0:

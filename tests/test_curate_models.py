@@ -18,6 +18,7 @@ from nucleus_image import cli
 from nucleus_image.data.curate import CurateConfig, analyse, curate, model_folders, quality
 from nucleus_image.data.manifest import read_manifest
 
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -37,8 +38,8 @@ def _analysis_copy(path: str, cfg: CurateConfig, side: int):
 
 
 def test_scores_tiers_and_captions_match_the_models_run_directly(run):
-    from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPModel
     from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPModel
 
     cfg, m = run["cfg"], read_manifest(run["result"].version_dir).to_pylist()
     rejects = pq.read_table(run["result"].version_dir / "rejects").column("reason").to_pylist()
@@ -51,12 +52,16 @@ def test_scores_tiers_and_captions_match_the_models_run_directly(run):
     for r in m:
         small = _analysis_copy(r["image_path"], cfg, cfg.quality.analysis_side)
         with torch.no_grad():
-            img = model.get_image_features(**processor.image_processor(images=[small], return_tensors="pt")).pooler_output
+            img = model.get_image_features(
+                **processor.image_processor(images=[small], return_tensors="pt")
+            ).pooler_output
             img = torch.nn.functional.normalize(img, dim=-1)
             x = img
             for i in curate_models.HEAD_LAYERS:
                 x = x @ head[f"layers.{i}.weight"].T + head[f"layers.{i}.bias"]
-            tokens = processor.tokenizer(r["captions"], padding=True, truncation=True, max_length=77, return_tensors="pt")
+            tokens = processor.tokenizer(
+                r["captions"], padding=True, truncation=True, max_length=77, return_tensors="pt"
+            )
             txt = torch.nn.functional.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
         np.testing.assert_allclose(r["quality_score"], x.item(), rtol=1e-5, atol=1e-5)
         scores.append(x.item())
@@ -75,9 +80,12 @@ def test_scores_tiers_and_captions_match_the_models_run_directly(run):
     assert len(captioned) == len(m)
     r = captioned[0]
     small = _analysis_copy(r["image_path"], cfg, cfg.captioner.image_side)
-    for name, prompt, tokens in zip(("short", "medium", "detailed"), cfg.captioner.prompts, cfg.captioner.max_new_tokens):
+    for name, prompt, tokens in zip(
+        ("short", "medium", "detailed"), cfg.captioner.prompts, cfg.captioner.max_new_tokens
+    ):
         text = vlm_proc.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True,
         )
         inputs_ = vlm_proc(images=[small], text=[text], return_tensors="pt")
         out = vlm_model.generate(**inputs_, max_new_tokens=tokens, do_sample=False)
@@ -89,7 +97,9 @@ def test_scores_tiers_and_captions_match_the_models_run_directly(run):
     ann = json.loads(r["annotations"])["curation"]
     assert ann["captioner"] == label and ann["quality_scorer"].startswith("clip-aesthetic:clip@")
     # Provenance: every folder by path and full digest.
-    meta = json.loads(pq.read_schema(next(run["result"].version_dir.glob("part-*.parquet"))).metadata[b"nucleus_provenance"])
+    meta = json.loads(
+        pq.read_schema(next(run["result"].version_dir.glob("part-*.parquet"))).metadata[b"nucleus_provenance"]
+    )
     assert meta["models"]["captioner.model"]["sha256"] == model_folders.folder_info(run["llava"]).sha256
     assert set(meta["models"]) == {"quality.model", "captions.model", "captioner.model"}
     stats = json.loads((run["result"].version_dir / "stats.json").read_text())

@@ -39,7 +39,9 @@ def register(subparsers) -> None:
         help="quality.model: a CLIP / SigLIP folder with aesthetic_head.safetensors; its score sets the tiers",
     )
     p.add_argument(
-        "--clip-model", metavar="DIR", help="captions.model: a CLIP / SigLIP folder; image-text similarity scores captions"
+        "--clip-model",
+        metavar="DIR",
+        help="captions.model: a CLIP / SigLIP folder; image-text similarity scores captions",
     )
     p.add_argument(
         "--captioner-model",

@@ -118,6 +118,4 @@ class ClipAlignmentScorer:
 
     def score(self, images: list[Image.Image], captions: list[list[str]]) -> list[list[float]]:
         span = self.high - self.low
-        return [
-            [min(1.0, max(0.0, (c - self.low) / span)) for c in row] for row in self.similarities(images, captions)
-        ]
+        return [[min(1.0, max(0.0, (c - self.low) / span)) for c in row] for row in self.similarities(images, captions)]

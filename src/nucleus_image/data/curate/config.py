@@ -20,7 +20,6 @@ from pathlib import Path
 
 import tomllib
 
-
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 CAPTIONER_WHEN = ("needed", "always")
 
@@ -98,7 +97,7 @@ class CurateConfig:
     num_shards: int = 8  # manifest shards, by partition_key range
     workers: int = 0  # local engine processes; 0 = all cores
     ray_address: str | None = None  # None: start Ray locally (or reuse a running session)
-    ray_model_actors: int = 0  # Ray actors holding the models; 0 = one per GPU, or 1 on a cluster without GPUs
+    ray_model_actors: int = 0  # Ray actors holding the models, one GPU each where there are GPUs; 0 = one per GPU, or 1
     model_batch_size: int = 16  # images per forward pass of a learned model
     model_dtype: str = "float32"  # float32, bfloat16 or float16 (on GPU; CPU always runs float32)
     validate: ValidateConfig = field(default_factory=ValidateConfig)

@@ -6,8 +6,9 @@ images and the work folder by path, so on a cluster both must be on a filesystem
 nucleus_image package must be importable there (installed, or shipped with a runtime_env).
 
 With learned models configured (quality.model, captions.model, captioner.model) the units go to a pool of
-`ray_model_actors` actors that each load the models once and keep them (default: one per GPU of the cluster,
-each holding one GPU; one CPU actor on a cluster without GPUs); model folders must be readable on every node.
+`ray_model_actors` actors that each load the models once and keep them: on a cluster with GPUs each actor holds
+one GPU (default and most: one actor per GPU), without GPUs the actors run on CPU (default: one). Model folders
+must be readable on every node.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class _ModelWorker:
 def _actor_pool(ray, cfg: CurateConfig, units: int) -> dict:
     """map_batches arguments for the model actors: how many, and one GPU each where the cluster has GPUs."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = min(cfg.ray_model_actors or max(gpus, 1), units)
+    actors = min(cfg.ray_model_actors or max(gpus, 1), gpus or units, units)  # never more actors than GPUs
     return {"fn_constructor_kwargs": {"cfg": cfg}, "concurrency": actors, "num_gpus": 1 if gpus else 0}
 
 

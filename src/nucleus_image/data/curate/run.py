@@ -44,7 +44,12 @@ from nucleus_image.data.manifest import (
 )
 
 ENGINES = ("local", "ray")
-_EXECUTION_FIELDS = ("workers", "ray_address", "ray_model_actors", "chunk_size")  # how a run executes, not what it produces
+_EXECUTION_FIELDS = (
+    "workers",
+    "ray_address",
+    "ray_model_actors",
+    "chunk_size",
+)  # how a run executes, not what it produces
 _FLUSH_ROWS = 8192
 _WIDE_COLUMNS = ("image_path", "format", "mode", "captions", "caption_sources")
 
