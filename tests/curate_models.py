@@ -53,32 +53,31 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[])
 
 
-def clip_folder(path: Path, seed: int = 0, head_scale: float = 1.0) -> Path:
-    """A CLIP folder whose aesthetic head gives scores around 6 +- head_scale."""
+def clip_folder(path: Path, seed: int = 0, head_scale: float = 1.0, vit_b32: bool = False) -> Path:
+    """A CLIP folder whose aesthetic head gives scores around 6 +- head_scale; tiny, or with vit_b32 the layout
+    of CLIP ViT-B/32 (transformers' CLIPConfig defaults, 224 px; still random, with the byte-level vocabulary)."""
     from safetensors.torch import save_file
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
     tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=_clip_vision(),
-        projection_dim=16,
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
+    if vit_b32:
+        config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), **ids))
+        image_processor = CLIPImageProcessorPil()
+    else:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        config = CLIPConfig(
+            text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **text, **ids),
+            vision_config=_clip_vision(),
+            projection_dim=16,
+        )
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPModel(config).eval().save_pretrained(path)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    widths = (16, 8, 4, 1)
+    widths = (config.projection_dim, 8, 4, 1)
     head = {}
     for k, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
         head[f"layers.{HEAD_LAYERS[k]}.weight"] = torch.randn(o, i) / i**0.5 * (head_scale if k == 2 else 1.0)

@@ -43,15 +43,23 @@ class ClipEmbedder:
         self.dtype = dtype
         self.max_length = self.model.config.text_config.max_position_embeddings
         self.padding = "max_length" if self.config["model_type"] == "siglip" else True  # SigLIP trained padded
+        self._last: tuple[list, torch.Tensor] | None = None
 
     @torch.inference_mode()
     def images(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
+        """Embeddings of `images`; asked again for the very same image objects (the aesthetic and the alignment
+        scorer of one work unit sharing a model), the embeddings computed the first time."""
+        last = self._last
+        if last is not None and len(last[0]) == len(images) and all(a is b for a, b in zip(last[0], images)):
+            return last[1]
         out = []
         for start in range(0, len(images), batch_size):
             pixels = self.processor.image_processor(images=images[start : start + batch_size], return_tensors="pt")
             feats = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device, self.dtype))
             out.append(torch.nn.functional.normalize(feats.pooler_output.float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, embed_dim(self.config))
+        embeds = torch.cat(out) if out else torch.zeros(0, embed_dim(self.config))
+        self._last = (list(images), embeds)
+        return embeds
 
     @torch.inference_mode()
     def texts(self, texts: list[str], batch_size: int) -> torch.Tensor:
@@ -105,10 +113,7 @@ class ClipAlignmentScorer:
         if not flat:
             return [[] for _ in captions]
         owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-        with_text = sorted(set(owner.tolist()))
-        embedded = self.embedder.images([images[i] for i in with_text], self.batch_size)
-        image_ND = torch.zeros(len(images), embedded.shape[1])
-        image_ND[with_text] = embedded
+        image_ND = self.embedder.images(images, self.batch_size)
         cos = (image_ND[owner] * self.embedder.texts(flat, self.batch_size)).sum(-1).double().tolist()
         out, k = [], 0
         for caps in captions:
