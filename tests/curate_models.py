@@ -3,6 +3,7 @@
 
 - `clip_folder(path)`: CLIPModel + CLIPProcessor (a byte-level CLIPTokenizer, CLIP's PIL image processor) and an
   aesthetic_head.safetensors in the LAION improved-predictor layout (layers.0 / 2 / 4 of an nn.Sequential);
+- `siglip_folder(path)`: SiglipModel + SiglipProcessor with a single-linear aesthetic head (LAION v1 layout);
 - `llava_folder(path)`: LlavaForConditionalGeneration (CLIP vision tower, Llama text model) + LlavaProcessor with
   a chat template, using the byte-level tokenizer of the generation tests.
 """
@@ -86,6 +87,37 @@ def clip_folder(path: Path, seed: int = 0, head_scale: float = 1.0, vit_b32: boo
     return Path(path)
 
 
+def siglip_folder(path: Path, seed: int = 1) -> Path:
+    """A SigLIP folder (SiglipModel + SiglipProcessor, 16 text positions) with a single-linear aesthetic head."""
+    from safetensors.torch import save_file
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipProcessor
+
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(seed)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = SiglipConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            **ids,
+        ),
+        vision_config=_clip_vision(),
+    )
+    SiglipModel(config).eval().save_pretrained(path)
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    save_file(
+        {"weight": torch.randn(1, 32), "bias": torch.tensor([6.0])}, str(Path(path) / "aesthetic_head.safetensors")
+    )
+    return Path(path)
+
+
 def llava_folder(path: Path, seed: int = 0) -> Path:
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -150,7 +182,7 @@ def model_cfg(clip: Path, llava: Path, **top) -> CurateConfig:
             "model_batch_size": 3,
             "quality": {"model": str(clip), "tier_edges": list(EDGES)},
             # Every caption kept whatever its score, so the test can compare each generated one with the model's.
-            "captions": {"model": str(clip), "synthesize_below": 0.0, "keep_above": 0.5},
+            "captions": {"model": str(clip), "synthesize_below": 0.0, "keep_above": 0.5, "similarity_range": [-1, 1]},
             "captioner": {"model": str(llava), "when": "always", "max_new_tokens": [6, 10, 14]},
             **top,
         }
