@@ -266,3 +266,19 @@ def test_bad_model_folders_refused_before_any_image_is_read(run, tmp_path, monke
     assert "quality.model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="give quality.scorer or quality.model, not both"):
         CurateConfig.from_dict({"quality": {"model": str(run["clip"]), "scorer": "x.y:Z"}})
+
+
+def test_cli_model_flags_with_relative_folders(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", ("data",))
+    monkeypatch.chdir(run["root"])
+    config = tmp_path / "c.toml"
+    config.write_text('preset = "lenient"\n[captions]\nsynthesize_below = 0.0\nkeep_above = 0.5\n')  # keep all
+    args = ["data", "curate", str(run["table"]), "--out", str(tmp_path / "ds"), "--config", str(config), "--quiet"]
+    assert cli.main([*args, "--aesthetic-model", "clip", "--clip-model", "clip", "--workers", "1"]) == 0
+    assert "captions  keep" in capsys.readouterr().out
+    version = tmp_path / "ds" / "manifest-v0001"
+    saved = json.loads((version / "curate_config.json").read_text())
+    assert saved["quality"]["model"] == saved["captions"]["model"] == str(run["clip"].resolve())
+    label = model_folders.folder_info(run["clip"]).label
+    ann = json.loads(read_manifest(version).column("annotations")[0].as_py())["curation"]
+    assert (ann["quality_scorer"], ann["caption_scorer"]) == (f"clip-aesthetic:{label}", f"clip-similarity:{label}")

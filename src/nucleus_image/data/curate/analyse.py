@@ -3,9 +3,9 @@
 Each image is read and decoded once; this pass hashes it (SHA-256, pHash), validates it, measures the
 statistics the quality filters need, scores it with the quality scorer, reads and decodes its captions and
 scores them with the alignment scorer; a configured captioner then writes captions for the images left without
-a usable one. Scorers and the captioner see the whole unit at once, so learned models run batched. It decides only what a single image can decide (input and validation
-rejections); the stages that need the whole corpus (duplicates, soft-capped buckets) run in `run.py` over the
-analysis tables. `analyse_items` is a pure function of a record batch; `process_chunk` adds the I/O around it.
+a usable one. Scorers and the captioner see the whole unit at once, so learned models run batched. This pass
+decides only what a single image can decide (input and validation rejections); the stages that need the whole
+corpus (duplicates, soft-capped buckets) run in `run.py` over the analysis tables. `analyse_items` is a pure function of a record batch; `process_chunk` adds the I/O around it.
 """
 
 from __future__ import annotations

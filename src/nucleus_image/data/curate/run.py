@@ -18,6 +18,7 @@ reader never sees a half-written version and older versions are never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,12 +45,8 @@ from nucleus_image.data.manifest import (
 )
 
 ENGINES = ("local", "ray")
-_EXECUTION_FIELDS = (
-    "workers",
-    "ray_address",
-    "ray_model_actors",
-    "chunk_size",
-)  # how a run executes, not what it produces
+# How a run executes, not what it produces.
+_EXECUTION_FIELDS = ("workers", "ray_address", "ray_model_actors", "chunk_size")
 _FLUSH_ROWS = 8192
 _WIDE_COLUMNS = ("image_path", "format", "mode", "captions", "caption_sources")
 
@@ -264,6 +261,15 @@ def _write_version(
     return staged
 
 
+def _with_absolute_model_paths(cfg: CurateConfig) -> CurateConfig:
+    changes = {}
+    for key in cfg.model_folders():
+        table, field = key.split(".")
+        folder = str(Path(getattr(getattr(cfg, table), field)).resolve())
+        changes[table] = dataclasses.replace(changes.get(table, getattr(cfg, table)), **{field: folder})
+    return dataclasses.replace(cfg, **changes)
+
+
 def curate(
     inputs: list[str | Path],
     out: str | Path,
@@ -288,6 +294,7 @@ def curate(
         from nucleus_image.data.curate.model_folders import check_all
 
         models = {key: info.provenance() for key, info in check_all(cfg.model_folders()).items()}
+        cfg = _with_absolute_model_paths(cfg)  # workers (Ray's included) may run in another folder
     started = time.perf_counter()
     items = enumerate_inputs(inputs)
     work = out / ".curate-work" / _fingerprint(items, cfg, models)
