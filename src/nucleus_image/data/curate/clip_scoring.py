@@ -29,6 +29,13 @@ from PIL import Image
 from nucleus_image.data.curate.model_folders import AESTHETIC_HEAD, device_and_dtype, embed_dim, head_layers
 
 
+def _normalised(features) -> torch.Tensor:
+    """L2-normalised float32 CPU embeddings from get_image/text_features: a tensor before transformers 5, an
+    output whose pooler_output is the projected embedding from 5 on."""
+    x = features if isinstance(features, torch.Tensor) else features.pooler_output
+    return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
+
+
 class ClipEmbedder:
     """A CLIP or SigLIP model and its processor; embeddings come back L2-normalised, float32, on the CPU."""
 
@@ -56,7 +63,7 @@ class ClipEmbedder:
         for start in range(0, len(images), batch_size):
             pixels = self.processor.image_processor(images=images[start : start + batch_size], return_tensors="pt")
             feats = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device, self.dtype))
-            out.append(torch.nn.functional.normalize(feats.pooler_output.float(), dim=-1).cpu())
+            out.append(_normalised(feats))
         embeds = torch.cat(out) if out else torch.zeros(0, embed_dim(self.config))
         self._last = (list(images), embeds)
         return embeds
@@ -72,8 +79,7 @@ class ClipEmbedder:
                 max_length=self.max_length,
                 return_tensors="pt",
             ).to(self.device)
-            feats = self.model.get_text_features(**tokens)
-            out.append(torch.nn.functional.normalize(feats.pooler_output.float(), dim=-1).cpu())
+            out.append(_normalised(self.model.get_text_features(**tokens)))
         return torch.cat(out) if out else torch.zeros(0, embed_dim(self.config))
 
 
