@@ -240,6 +240,23 @@ def _broken(root: Path, clip: Path, llava: Path) -> list[tuple[str, Path, str]]:
     cases.append(("quality.model", wide_head, "the image embedding is 16 wide"))
     cases.append(("quality.model", llava, "model_type 'llava' is not one of ['clip', 'siglip']"))
     cases.append(("captioner.model", clip, "model_type 'clip' is not an image-text-to-text model"))
+    sharded = root / "sharded"
+    from transformers import CLIPModel
+
+    CLIPModel.from_pretrained(clip, use_safetensors=True).save_pretrained(sharded, max_shard_size="200KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        shutil.copy(clip / name, sharded / name)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    model_folders.check_folder(sharded, "captions.model")  # a sharded folder is fine...
+    next(sharded.glob("model-*.safetensors")).unlink()
+    cases.append(("captions.model", sharded, "weight shards listed in model.safetensors.index.json are missing"))
+    no_processor = copy(clip, "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_processor / name).unlink()
+    cases.append(("captions.model", no_processor, "has no tokenizer files"))
+    bad_processor = copy(clip, "bad_processor")
+    (bad_processor / "processor_config.json").write_text("{truncated")
+    cases.append(("captions.model", bad_processor, "its processor does not load"))
     no_template = copy(llava, "no_template")
     (no_template / "chat_template.jinja").unlink()
     cases.append(("captioner.model", no_template, "has no chat template"))

@@ -30,9 +30,11 @@ class VlmCaptioner:
 
         self.name, self.cfg, self.batch_size = name, cfg, batch_size
         self.device, self.dtype = device_and_dtype(dtype_name)
-        self.model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True, dtype=self.dtype)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            folder, use_safetensors=True, dtype=self.dtype, local_files_only=True
+        )
         self.model = self.model.to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(folder)
+        self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every prompt at its end
         self.pad_token_id = self.processor.tokenizer.pad_token_id
         if self.pad_token_id is None:

@@ -45,8 +45,12 @@ class ClipEmbedder:
         self.config = json.loads((Path(folder) / "config.json").read_text())
         model_cls = {"clip": CLIPModel, "siglip": SiglipModel}[self.config["model_type"]]
         self.device, dtype = device_and_dtype(dtype_name)
-        self.model = model_cls.from_pretrained(folder, use_safetensors=True, dtype=dtype).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(folder)
+        self.model = (
+            model_cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, local_files_only=True)
+            .to(self.device)
+            .eval()
+        )
+        self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
         self.dtype = dtype
         self.max_length = self.model.config.text_config.max_position_embeddings
         self.padding = "max_length" if self.config["model_type"] == "siglip" else True  # SigLIP trained padded

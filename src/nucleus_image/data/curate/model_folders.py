@@ -21,6 +21,7 @@ from pathlib import Path
 
 AESTHETIC_HEAD = "aesthetic_head.safetensors"
 CLIP_TYPES = ("clip", "siglip")  # config.json model_type of the image-text models
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
 # What each config key needs, for the error messages.
 EXPECTED = {
     "quality.model": f"a CLIP or SigLIP folder written by save_pretrained (config.json, *.safetensors weights, "
@@ -151,16 +152,20 @@ def check_folder(folder: str | Path, key: str) -> FolderInfo:
     elif model_type not in CLIP_TYPES:
         raise _fail(key, path, f"model_type {model_type!r} is not one of {list(CLIP_TYPES)}")
     _check_weights(key, path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from the processor config alone, and run on it
+        raise _fail(key, path, f"has no tokenizer files (one of {list(TOKENIZER_FILES)})")
     try:
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(str(path))
+        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # transformers raises OSError, ValueError, KeyError... for a broken processor
         raise _fail(key, path, f"its processor does not load ({type(err).__name__}: {err})") from None
     if key == "captioner.model" and not getattr(processor, "chat_template", None):
         raise _fail(key, path, "its processor has no chat template (chat_template.jinja or in processor_config)")
-    if key != "captioner.model" and not hasattr(processor, "image_processor"):
-        raise _fail(key, path, f"its processor ({type(processor).__name__}) has no image processor")
+    missing = [a for a in ("image_processor", "tokenizer") if getattr(processor, a, None) is None]
+    if missing:
+        raise _fail(key, path, f"its processor ({type(processor).__name__}) has no {' or '.join(missing)}")
     if key == "quality.model":
         _check_head(path, embed_dim(config))
     return folder_info(path)
