@@ -41,7 +41,11 @@ def _actor_pool(ray, cfg: CurateConfig, units: int) -> dict:
     """map_batches arguments for the model actors: how many, and one GPU each where the cluster has GPUs."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = min(cfg.ray_model_actors or max(gpus, 1), gpus or units, units)  # never more actors than GPUs
-    return {"fn_constructor_kwargs": {"cfg": cfg}, "concurrency": actors, "num_gpus": 1 if gpus else 0}
+    return {
+        "fn_constructor_kwargs": {"cfg": cfg},
+        "compute": ray.data.ActorPoolStrategy(size=actors),
+        "num_gpus": 1 if gpus else 0,
+    }
 
 
 def run_units(work: Path, units: list[int], cfg: CurateConfig, images_dir: Path, progress: bool) -> None:
