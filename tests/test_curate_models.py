@@ -299,3 +299,21 @@ def test_cli_model_flags_with_relative_folders(run, tmp_path, monkeypatch, capsy
     label = model_folders.folder_info(run["clip"]).label
     ann = json.loads(read_manifest(version).column("annotations")[0].as_py())["curation"]
     assert (ann["quality_scorer"], ann["caption_scorer"]) == (f"clip-aesthetic:{label}", f"clip-similarity:{label}")
+
+
+def test_a_model_folder_changed_in_place_is_a_new_run(run, tmp_path):
+    """Same config, new weights in the same folder: a new fingerprint and a reloaded model, so new scores."""
+    import shutil
+
+    folder = tmp_path / "clip"
+    shutil.copytree(run["clip"], folder)
+    cfg = CurateConfig.from_dict(
+        {"preset": "lenient", "workers": 1, "chunk_size": 4, "quality": {"model": str(folder)}}
+    )
+    first = read_manifest(curate([str(run["table"])], tmp_path / "out", cfg, progress=False).version_dir)
+    curate_models.clip_folder(folder, seed=5)
+    second = read_manifest(curate([str(run["table"])], tmp_path / "out", cfg, progress=False).version_dir)
+    assert first.column("sha256").equals(second.column("sha256"))
+    assert not np.allclose(first.column("quality_score").to_numpy(), second.column("quality_score").to_numpy())
+    labels = {json.loads(t.column("annotations")[0].as_py())["curation"]["quality_scorer"] for t in (first, second)}
+    assert len(labels) == 2

@@ -66,11 +66,16 @@ def stage_names(cfg: CurateConfig) -> dict[str, str | None]:
     }
 
 
-@lru_cache(maxsize=2)
 def load_stages(cfg: CurateConfig):
     """(quality scorer, caption scorer, captioner or None), built once per worker process or Ray actor (a learned
-    model is expensive to load)."""
+    model is expensive to load), and again only when a model folder's content changes."""
     names = stage_names(cfg)
+    return _build_stages(cfg, tuple(sorted(names.items(), key=lambda kv: kv[0])))
+
+
+@lru_cache(maxsize=2)
+def _build_stages(cfg: CurateConfig, names_key: tuple):
+    names = dict(names_key)
     batch, dtype = cfg.model_batch_size, cfg.model_dtype
     if cfg.quality.model or cfg.captions.model:
         from nucleus_image.data.curate import clip_scoring

@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nucleus_image.data.curate.model_folders import AESTHETIC_HEAD, device_and_dtype, embed_dim, head_layers
+from nucleus_image.data.curate.model_folders import (
+    AESTHETIC_HEAD,
+    device_and_dtype,
+    embed_dim,
+    folder_info,
+    head_layers,
+)
 
 
 def _normalised(features) -> torch.Tensor:
@@ -87,8 +93,13 @@ class ClipEmbedder:
         return torch.cat(out) if out else torch.zeros(0, embed_dim(self.config))
 
 
-@lru_cache(maxsize=2)
 def load_embedder(folder: str, dtype_name: str) -> ClipEmbedder:
+    """One embedder per folder, dtype and folder content: shared by the two scorers, reloaded after a change."""
+    return _embedder(folder, dtype_name, folder_info(folder).sha256)
+
+
+@lru_cache(maxsize=2)
+def _embedder(folder: str, dtype_name: str, sha256: str) -> ClipEmbedder:
     return ClipEmbedder(folder, dtype_name)
 
 
