@@ -19,6 +19,7 @@ import imagehash
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from nucleus_image.data.curate import captions as captions_mod
 from nucleus_image.data.curate import quality
@@ -77,6 +78,8 @@ def load_stages(cfg: CurateConfig):
 def _build_stages(cfg: CurateConfig, names_key: tuple):
     names = dict(names_key)
     batch, dtype = cfg.model_batch_size, cfg.model_dtype
+    quality_scorer: quality.QualityScorer
+    caption_scorer: captions_mod.AlignmentScorer
     if cfg.quality.model or cfg.captions.model:
         from nucleus_image.data.curate import clip_scoring
     if cfg.quality.model:
@@ -145,7 +148,9 @@ def _extract(data: bytes, sha: str, fmt: str, images_dir: Path) -> str:
 def analyse_items(items: pa.Table, cfg: CurateConfig, images_dir: Path) -> pa.Table:
     """One ANALYSIS_SCHEMA row per item, in item order."""
     quality_scorer, caption_scorer, captioner = load_stages(cfg)
-    rows, smalls, for_captioner = [], [], []
+    rows: list[dict] = []
+    smalls: list[Image.Image | None] = []
+    for_captioner: list[Image.Image | None] = []  # the captioner's larger copies (only with a captioner)
     for item in items.to_pylist():
         row = {name: None for name in ANALYSIS_SCHEMA.names}
         row.update(

@@ -262,12 +262,15 @@ def _write_version(
 
 
 def _with_absolute_model_paths(cfg: CurateConfig) -> CurateConfig:
-    changes = {}
-    for key in cfg.model_folders():
-        table, field = key.split(".")
-        folder = str(Path(getattr(getattr(cfg, table), field)).resolve())
-        changes[table] = dataclasses.replace(changes.get(table, getattr(cfg, table)), **{field: folder})
-    return dataclasses.replace(cfg, **changes)
+    def absolute(folder: str | None) -> str | None:
+        return None if folder is None else str(Path(folder).resolve())
+
+    return dataclasses.replace(
+        cfg,
+        quality=dataclasses.replace(cfg.quality, model=absolute(cfg.quality.model)),
+        captions=dataclasses.replace(cfg.captions, model=absolute(cfg.captions.model)),
+        captioner=dataclasses.replace(cfg.captioner, model=absolute(cfg.captioner.model)),
+    )
 
 
 def curate(
