@@ -31,6 +31,7 @@ from curate_models import clip_folder  # noqa: E402
 
 from nucleus_image.data.curate import CurateConfig, curate  # noqa: E402
 from nucleus_image.data.curate.dedup import all_pairs_near, choose_bands, near_pairs  # noqa: E402
+from nucleus_image.data.curate.model_folders import check_folder  # noqa: E402
 
 
 def write_images(src: Path, n_images: int, size: tuple[int, int]) -> None:
@@ -67,6 +68,13 @@ def bench_learned_stages(n_images: int, size: tuple[int, int], batch: int) -> No
     with tempfile.TemporaryDirectory() as tmp:
         src, clip = Path(tmp) / "in", clip_folder(Path(tmp) / "clip-b32", vit_b32=True)
         write_images(src, n_images, size)
+        start = time.perf_counter()
+        check_folder(clip, "quality.model")
+        megabytes = sum(p.stat().st_size for p in clip.iterdir()) / 1e6
+        print(
+            f"model folder check before the run (headers, processor, head, SHA-256 of {megabytes:.0f} MB): "
+            f"{time.perf_counter() - start:.2f} s"
+        )
         arms = {
             "heuristic stages": {},
             "CLIP B/32 aesthetic + caption similarity": {
