@@ -2,10 +2,13 @@
 
     python benchmarks/curate.py                       # 240 images of 768x576, 1M hashes
     python benchmarks/curate.py --images 64 --hashes 200000 --subsample 10000   # quick
+    python benchmarks/curate.py --images 64 --clip --hashes 0                   # learned stages vs heuristics
 
 1. Local engine: images per second on generated captioned JPEGs, with 1 worker and with every core, printed
    per core and as the multi-core / single-core ratio.
-2. Near duplicates among N random 64-bit hashes (plus planted near copies): the multi-index-hashing search
+2. Learned stages (--clip): the same images, 1 worker, with a CLIP ViT-B/32-sized model (random weights, same
+   compute) scoring aesthetics and caption similarity, against the heuristic stages timed in the same run.
+3. Near duplicates among N random 64-bit hashes (plus planted near copies): the multi-index-hashing search
    of `dedup.near_pairs` against brute-force all pairs, timed on a subsample and extrapolated by (N/n)^2,
    printed as a ratio. The index's pairs are checked equal to brute force on the subsample first.
 """
@@ -24,19 +27,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test corpus' scene generator
 
 from curate_corpus import GOOD_CAPTION, encode, scene  # noqa: E402
+from curate_models import clip_folder  # noqa: E402
 
 from nucleus_image.data.curate import CurateConfig, curate  # noqa: E402
 from nucleus_image.data.curate.dedup import all_pairs_near, choose_bands, near_pairs  # noqa: E402
+from nucleus_image.data.curate.model_folders import check_folder  # noqa: E402
+
+
+def write_images(src: Path, n_images: int, size: tuple[int, int]) -> None:
+    src.mkdir()
+    for i in range(n_images):
+        (src / f"img{i:05d}.jpg").write_bytes(encode(scene(1000 + i, size), "JPEG", quality=90))
+        (src / f"img{i:05d}.txt").write_text(GOOD_CAPTION.format(c=f"colour {i}"))
 
 
 def bench_engine(n_images: int, size: tuple[int, int]) -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
-        src.mkdir()
-        for i in range(n_images):
-            (src / f"img{i:05d}.jpg").write_bytes(encode(scene(1000 + i, size), "JPEG", quality=90))
-            (src / f"img{i:05d}.txt").write_text(GOOD_CAPTION.format(c=f"colour {i}"))
+        write_images(src, n_images, size)
         rates = {}
         for workers in sorted({1, cores}):
             cfg = CurateConfig(workers=workers, chunk_size=max(1, n_images // (4 * workers)))
@@ -51,6 +60,41 @@ def bench_engine(n_images: int, size: tuple[int, int]) -> None:
             )
         if cores > 1:
             print(f"scaling {cores} cores vs 1: {rates[cores] / rates[1]:.2f}x")
+
+
+def bench_learned_stages(n_images: int, size: tuple[int, int], batch: int) -> None:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, clip = Path(tmp) / "in", clip_folder(Path(tmp) / "clip-b32", vit_b32=True)
+        write_images(src, n_images, size)
+        start = time.perf_counter()
+        check_folder(clip, "quality.model")
+        megabytes = sum(p.stat().st_size for p in clip.iterdir()) / 1e6
+        print(
+            f"model folder check before the run (headers, processor, head, SHA-256 of {megabytes:.0f} MB): "
+            f"{time.perf_counter() - start:.2f} s"
+        )
+        arms = {
+            "heuristic stages": {},
+            "CLIP B/32 aesthetic + caption similarity": {
+                "quality": {"model": str(clip)},
+                "captions": {"model": str(clip)},
+                "model_batch_size": batch,
+            },
+        }
+        rates = {}
+        for rep in range(2):  # interleaved, the second round reported (the first loads libraries)
+            for arm, (name, fields) in enumerate(arms.items()):
+                cfg = CurateConfig.from_dict({"preset": "lenient", "workers": 1, "chunk_size": 32, **fields})
+                start = time.perf_counter()
+                curate([src], Path(tmp) / f"out-{rep}-{arm}", cfg, progress=False)
+                rates[name] = n_images / (time.perf_counter() - start)
+        threads = torch.get_num_threads()
+        for name, rate in rates.items():
+            print(f"{name}, 1 worker ({threads} torch threads): {rate:.1f} images/s")
+        base = rates["heuristic stages"]
+        print(f"learned stages vs heuristic: {rates['CLIP B/32 aesthetic + caption similarity'] / base:.2f}x the rate")
 
 
 def bench_near_duplicates(n: int, subsample: int, max_dist: int = 4) -> None:
@@ -86,9 +130,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(768, 576))
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--subsample", type=int, default=20_000)
+    parser.add_argument("--clip", action="store_true", help="also time the CLIP stages against the heuristics")
+    parser.add_argument("--model-batch", type=int, default=16)
     args = parser.parse_args()
     bench_engine(args.images, tuple(args.size))
-    bench_near_duplicates(args.hashes, args.subsample)
+    if args.clip:
+        bench_learned_stages(args.images, tuple(args.size), args.model_batch)
+    if args.hashes:
+        bench_near_duplicates(args.hashes, min(args.subsample, args.hashes))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,31 @@ def test_manifest_content(corpus):
     assert not (out / ".curate-work").exists()
 
 
+# Digest of the manifest the built-in heuristics write for this corpus (rows by sha256: score to 6 decimals, tier,
+# bucket, captions, sources, annotations less the input path), from before the learned stages existed: a run that
+# names no model folder must write exactly this.
+HEURISTIC_DIGEST = "076925ce6ef4c84f"
+
+
+def test_heuristic_default_manifest_is_unchanged(corpus):
+    rows = []
+    for r in read_manifest(corpus["out"]).to_pylist():
+        ann = {k: v for k, v in json.loads(r["annotations"])["curation"].items() if k != "source"}
+        rows.append(
+            [
+                r["sha256"],
+                round(r["quality_score"], 6),
+                r["tier"],
+                r["bucket"],
+                r["captions"],
+                r["caption_sources"],
+                ann,
+            ]
+        )
+    rows.sort(key=lambda row: row[0])
+    assert hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16] == HEURISTIC_DIGEST
+
+
 def test_inputs_untouched_and_rerun_adds_identical_version(corpus, tmp_path):
     assert _tree_digest(corpus["root"] / "in") == corpus["before"]
     out = tmp_path / "out"

@@ -109,7 +109,7 @@ def test_caption_routing_order_and_variants():
     assert [captions.route(s, cfg) for s in (0.66, 0.65, 0.30, 0.29)] == ["keep", "refine", "refine", "synthesize"]
     texts = ["IMG_0042.jpg", "a kite", "A green kite with a long tail flies over a crowded summer beach."]
     scorer = captions.CaptionTextHeuristicScorer()
-    scores = scorer.score(None, texts)
+    [scores] = scorer.score([None], [texts])
     assert scores[0] < 0.3 < scores[1] < 0.65 < scores[2]
     kept, sources, records = captions.curate_captions(texts, ["alt", "user", "vlm"], scores, cfg)
     assert kept == texts[1:] and sources == ["user", "vlm"]

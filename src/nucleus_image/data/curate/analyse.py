@@ -2,9 +2,10 @@
 
 Each image is read and decoded once; this pass hashes it (SHA-256, pHash), validates it, measures the
 statistics the quality filters need, scores it with the quality scorer, reads and decodes its captions and
-scores them with the alignment scorer. It decides only what a single image can decide (input and validation
-rejections); the stages that need the whole corpus (duplicates, soft-capped buckets) run in `run.py` over the
-analysis tables. `analyse_items` is a pure function of a record batch; `process_chunk` adds the I/O around it.
+scores them with the alignment scorer; a configured captioner then writes captions for the images left without
+a usable one. Scorers and the captioner see the whole unit at once, so learned models run batched. This pass
+decides only what a single image can decide (input and validation rejections); the stages that need the whole
+corpus (duplicates, soft-capped buckets) run in `run.py` over the analysis tables. `analyse_items` is a pure function of a record batch; `process_chunk` adds the I/O around it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import imagehash
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from nucleus_image.data.curate import captions as captions_mod
 from nucleus_image.data.curate import quality
@@ -50,10 +52,52 @@ ANALYSIS_SCHEMA = pa.schema(
 )
 
 
-@lru_cache(maxsize=4)
-def _scorers(quality_spec: str, caption_spec: str):
-    """Scorers load once per worker process (a learned model is expensive to build)."""
-    return quality.load_scorer(quality_spec), captions_mod.load_scorer(caption_spec)
+def stage_names(cfg: CurateConfig) -> dict[str, str | None]:
+    """The names the manifest records for the quality scorer, the caption scorer and the captioner: a plugin's
+    spec, or "<kind>:<model folder name>@<12 hex of its digest>" for a learned model."""
+    from_folder = {}
+    if cfg.model_folders():
+        from nucleus_image.data.curate.model_folders import folder_info
+
+        from_folder = {key: folder_info(folder).label for key, folder in cfg.model_folders().items()}
+    return {
+        "quality": f"clip-aesthetic:{from_folder['quality.model']}" if cfg.quality.model else cfg.quality.scorer,
+        "captions": f"clip-similarity:{from_folder['captions.model']}" if cfg.captions.model else cfg.captions.scorer,
+        "captioner": from_folder.get("captioner.model"),
+    }
+
+
+def load_stages(cfg: CurateConfig):
+    """(quality scorer, caption scorer, captioner or None), built once per worker process or Ray actor (a learned
+    model is expensive to load), and again only when a model folder's content changes."""
+    names = stage_names(cfg)
+    return _build_stages(cfg, tuple(sorted(names.items(), key=lambda kv: kv[0])))
+
+
+@lru_cache(maxsize=2)
+def _build_stages(cfg: CurateConfig, names_key: tuple):
+    names = dict(names_key)
+    batch, dtype = cfg.model_batch_size, cfg.model_dtype
+    quality_scorer: quality.QualityScorer
+    caption_scorer: captions_mod.AlignmentScorer
+    if cfg.quality.model or cfg.captions.model:
+        from nucleus_image.data.curate import clip_scoring
+    if cfg.quality.model:
+        quality_scorer = clip_scoring.ClipAestheticScorer(cfg.quality.model, names["quality"], batch, dtype)
+    else:
+        quality_scorer = quality.load_scorer(cfg.quality.scorer)
+    if cfg.captions.model:
+        caption_scorer = clip_scoring.ClipAlignmentScorer(
+            cfg.captions.model, names["captions"], batch, dtype, cfg.captions.similarity_range
+        )
+    else:
+        caption_scorer = captions_mod.load_scorer(cfg.captions.scorer)
+    captioner = None
+    if cfg.captioner.model:
+        from nucleus_image.data.curate.captioner import VlmCaptioner
+
+        captioner = VlmCaptioner(cfg.captioner.model, names["captioner"], cfg.captioner, batch, dtype)
+    return quality_scorer, caption_scorer, captioner
 
 
 def phash_int(image) -> int:
@@ -103,8 +147,10 @@ def _extract(data: bytes, sha: str, fmt: str, images_dir: Path) -> str:
 
 def analyse_items(items: pa.Table, cfg: CurateConfig, images_dir: Path) -> pa.Table:
     """One ANALYSIS_SCHEMA row per item, in item order."""
-    quality_scorer, caption_scorer = _scorers(cfg.quality.scorer, cfg.captions.scorer)
-    rows, smalls = [], []
+    quality_scorer, caption_scorer, captioner = load_stages(cfg)
+    rows: list[dict] = []
+    smalls: list[Image.Image | None] = []
+    for_captioner: list[Image.Image | None] = []  # the captioner's larger copies (only with a captioner)
     for item in items.to_pylist():
         row = {name: None for name in ANALYSIS_SCHEMA.names}
         row.update(
@@ -117,6 +163,7 @@ def analyse_items(items: pa.Table, cfg: CurateConfig, images_dir: Path) -> pa.Ta
         )
         rows.append(row)
         smalls.append(None)
+        for_captioner.append(None)
         try:
             if item["input_reject"]:
                 raise Rejected("input", item["input_reject"], item["source"])
@@ -134,6 +181,8 @@ def analyse_items(items: pa.Table, cfg: CurateConfig, images_dir: Path) -> pa.Ta
             row.update(width=info["width"], height=info["height"], format=info["format"], mode=info["mode"])
             row["phash"] = phash_int(rgb)
             small = quality.analysis_copy(rgb, cfg.quality.analysis_side)
+            if captioner is not None:
+                for_captioner[-1] = quality.analysis_copy(rgb, cfg.captioner.image_side)
             del rgb
             stats = quality.image_statistics(small)
             row.update(stats)
@@ -153,10 +202,31 @@ def analyse_items(items: pa.Table, cfg: CurateConfig, images_dir: Path) -> pa.Ta
             for i in ok
         ]
         scores = quality_scorer.score([smalls[i] for i in ok], stats)
-        for i, score in zip(ok, scores):
+        caption_scores = caption_scorer.score([smalls[i] for i in ok], [rows[i]["captions"] for i in ok])
+        for i, score, caps in zip(ok, scores, caption_scores):
             rows[i]["quality_score"] = float(score)
-            rows[i]["caption_scores"] = [float(s) for s in caption_scorer.score(smalls[i], rows[i]["captions"])]
+            rows[i]["caption_scores"] = [float(s) for s in caps]
+        if captioner is not None:
+            _add_generated_captions(rows, ok, smalls, for_captioner, captioner, caption_scorer, cfg)
     return pa.Table.from_pylist(rows, schema=ANALYSIS_SCHEMA)
+
+
+def _add_generated_captions(rows, ok, smalls, for_captioner, captioner, caption_scorer, cfg: CurateConfig) -> None:
+    """Caption the images that need it (all with captioner.when = "always"); the new captions are scored like
+    any other and appended after the image's own."""
+    floor = cfg.captions.synthesize_below
+    todo = [i for i in ok if cfg.captioner.when == "always" or not any(s >= floor for s in rows[i]["caption_scores"])]
+    if not todo:
+        return
+    generated = captioner.caption([for_captioner[i] for i in todo])
+    fresh = [[(t, s) for t, s in pairs if t not in rows[i]["captions"]] for i, pairs in zip(todo, generated)]
+    scores = caption_scorer.score([smalls[i] for i in todo], [[t for t, _ in pairs] for pairs in fresh])
+    for i, pairs, caps in zip(todo, fresh, scores):
+        rows[i]["captions"] = rows[i]["captions"] + [t for t, _ in pairs]
+        rows[i]["caption_sources"] = rows[i]["caption_sources"] + [s for _, s in pairs]
+        rows[i]["caption_scores"] = rows[i]["caption_scores"] + [float(s) for s in caps]
+        if not pairs:
+            rows[i]["caption_notes"] = rows[i]["caption_notes"] + [f"captioner {captioner.name}: no new caption"]
 
 
 def chunk_path(work_dir: Path, chunk_id: int) -> Path:

@@ -8,13 +8,14 @@ is rejected as `no_caption`, so a user can caption those images and feed them ba
 
 The built-in `CaptionTextHeuristicScorer` reads ONLY the caption text -- length, letter share, word variety,
 file-name / URL / boilerplate patterns, mojibake -- and never the image, so it measures how descriptive a
-caption is, not whether it matches the picture. Plug an image-text model (e.g. CLIP similarity) for real
-alignment:
+caption is, not whether it matches the picture. Plug an image-text model for real alignment:
 
     class MyAlignment:                      # any "package.module:Factory" returning an object like this
-        name = "clip-vit-l14"
-        def score(self, image, captions):   # RGB PIL image (longer side analysis_side), list of str
-            return [...]                    # one float in [0, 1] per caption
+        name = "my-alignment-model"
+        def score(self, images, captions):  # RGB PIL images (longer side analysis_side), one list of str each
+            return [[...], ...]             # per image, one float in [0, 1] per caption
+
+The built-in learned scorer is CLIP / SigLIP similarity (`captions.model`, see `clip_scoring`).
 
 Granularities: 1 sentence, 2 sentences, 3-5 sentences, paragraph (6+). Where an image's captions are all
 3 sentences or longer, the shorter granularities are derived from the best one by keeping its leading
@@ -59,7 +60,7 @@ def granularity(text: str) -> str:
 class AlignmentScorer(Protocol):
     name: str
 
-    def score(self, image: Image.Image, captions: list[str]) -> list[float]: ...
+    def score(self, images: list[Image.Image], captions: list[list[str]]) -> list[list[float]]: ...
 
 
 class CaptionTextHeuristicScorer:
@@ -84,8 +85,8 @@ class CaptionTextHeuristicScorer:
         value = 0.1 + 0.9 * length * letters * variety**0.5
         return value * 0.5 if any(m in text for m in _MOJIBAKE) else value
 
-    def score(self, image: Image.Image, captions: list[str]) -> list[float]:
-        return [self.score_text(c) for c in captions]
+    def score(self, images: list[Image.Image], captions: list[list[str]]) -> list[list[float]]:
+        return [[self.score_text(c) for c in caps] for caps in captions]
 
 
 BUILTIN_SCORERS = {CaptionTextHeuristicScorer.name: CaptionTextHeuristicScorer}

@@ -3,8 +3,12 @@
     cfg = CurateConfig.preset("recipe")                  # the thresholds of REFERENCE.md section 3
     cfg = CurateConfig.from_file("curate.toml")           # any subset of fields; unknown keys are refused
 
-A file mirrors the dataclasses: top-level run fields plus [validate], [dedup], [quality], [captions] and
-[buckets] tables, and an optional `preset = "..."` that the other keys override.
+A file mirrors the dataclasses: top-level run fields plus [validate], [dedup], [quality], [captions],
+[captioner] and [buckets] tables, and an optional `preset = "..."` that the other keys override.
+
+Learned models are folders written by `save_pretrained` (see `model_folders`): `quality.model` (CLIP or SigLIP
+with an aesthetic head), `captions.model` (CLIP or SigLIP) and `captioner.model` (a vision-language model).
+Left unset, the heuristic scorers run and no captions are written.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+CAPTIONER_WHEN = ("needed", "always")
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,8 @@ class DedupConfig:
 class QualityConfig:
     # A dotted path "package.module:Factory" of a QualityScorer, or the built-in heuristic's name.
     scorer: str = "image-statistics-heuristic"
+    # A CLIP / SigLIP folder with aesthetic_head.safetensors; its aesthetic score (0..10) replaces `scorer`.
+    model: str | None = None
     min_score: float = 5.0  # images scoring below are rejected as low_quality
     tier_edges: tuple[float, ...] = (5.5, 6.0, 6.5, 6.8)  # A1 [min,5.5) A2 [5.5,6) A3 [6,6.5) A4 [6.5,6.8) A5 >=6.8
     blank_std: float = 3.0  # luminance std (0..255) below which an image is flat
@@ -49,9 +58,26 @@ class QualityConfig:
 class CaptionConfig:
     # A dotted path "package.module:Factory" of an AlignmentScorer, or the built-in heuristic's name.
     scorer: str = "caption-text-heuristic"
+    # A CLIP / SigLIP folder; image-text cosine similarity, mapped onto [0, 1] by similarity_range, replaces `scorer`.
+    model: str | None = None
+    similarity_range: tuple[float, float] = (0.15, 0.35)  # cosine at alignment 0 and 1 (linear, clipped)
     keep_above: float = 0.65  # alignment > keep_above: keep as is
     synthesize_below: float = 0.30  # alignment < synthesize_below: drop, a captioner must write a new one
     derive_granularities: bool = True  # derive 1 / 2 / 3-5 sentence variants from a longer caption
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    model: str | None = None  # a vision-language model folder (AutoModelForImageTextToText + its processor)
+    when: str = "needed"  # "needed": images with no caption scoring >= captions.synthesize_below; "always"
+    # One instruction per granularity (short, medium, detailed), answered greedily (deterministic).
+    prompts: tuple[str, str, str] = (
+        "Describe this image in one sentence.",
+        "Describe this image in two sentences.",
+        "Describe this image in detail, in three to five sentences.",
+    )
+    max_new_tokens: tuple[int, int, int] = (40, 80, 200)
+    image_side: int = 448  # the captioner sees a copy with this longer side (never upscaled)
 
 
 @dataclass(frozen=True)
@@ -71,10 +97,14 @@ class CurateConfig:
     num_shards: int = 8  # manifest shards, by partition_key range
     workers: int = 0  # local engine processes; 0 = all cores
     ray_address: str | None = None  # None: start Ray locally (or reuse a running session)
+    ray_model_actors: int = 0  # Ray actors holding the models, one GPU each where there are GPUs; 0 = one per GPU, or 1
+    model_batch_size: int = 16  # images per forward pass of a learned model
+    model_dtype: str = "float32"  # float32, bfloat16 or float16 (on GPU; CPU always runs float32)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     buckets: BucketConfig = field(default_factory=BucketConfig)
 
     def __post_init__(self):
@@ -108,6 +138,42 @@ class CurateConfig:
                 1 / 8 <= self.buckets.soft_cap <= 1.0,
                 f"buckets.soft_cap must be in [1/8, 1], got {self.buckets.soft_cap}",
             ),
+            (
+                self.model_batch_size >= 1 and self.ray_model_actors >= 0,
+                f"need model_batch_size >= 1 and ray_model_actors >= 0, got {self.model_batch_size}, "
+                f"{self.ray_model_actors}",
+            ),
+            (
+                self.model_dtype in MODEL_DTYPES,
+                f"model_dtype must be one of {list(MODEL_DTYPES)}, got {self.model_dtype!r}",
+            ),
+            (
+                self.quality.model is None or self.quality.scorer == QualityConfig.scorer,
+                f"give quality.scorer or quality.model, not both (got {self.quality.scorer!r} and "
+                f"{self.quality.model!r})",
+            ),
+            (
+                self.captions.model is None or self.captions.scorer == CaptionConfig.scorer,
+                f"give captions.scorer or captions.model, not both (got {self.captions.scorer!r} and "
+                f"{self.captions.model!r})",
+            ),
+            (
+                len(self.captions.similarity_range) == 2
+                and self.captions.similarity_range[0] < self.captions.similarity_range[1],
+                f"captions.similarity_range must be (low, high) with low < high, got {self.captions.similarity_range}",
+            ),
+            (
+                self.captioner.when in CAPTIONER_WHEN,
+                f"captioner.when must be one of {list(CAPTIONER_WHEN)}, got {self.captioner.when!r}",
+            ),
+            (
+                len(self.captioner.prompts) == 3
+                and len(self.captioner.max_new_tokens) == 3
+                and min(self.captioner.max_new_tokens) >= 1,
+                f"captioner.prompts and captioner.max_new_tokens need 3 entries each (short, medium, detailed; "
+                f"tokens >= 1), got {len(self.captioner.prompts)} and {self.captioner.max_new_tokens}",
+            ),
+            (self.captioner.image_side >= 32, f"captioner.image_side must be >= 32, got {self.captioner.image_side}"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:
@@ -140,6 +206,15 @@ class CurateConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def model_folders(self) -> dict[str, str]:
+        """The learned-model folders this config names, by config key (quality.model, ...)."""
+        named = {
+            "quality.model": self.quality.model,
+            "captions.model": self.captions.model,
+            "captioner.model": self.captioner.model,
+        }
+        return {key: folder for key, folder in named.items() if folder is not None}
 
 
 def _merge(base, overrides: dict, prefix: str):

@@ -5,7 +5,8 @@ Statistics are measured once per image, in the decode pass, on a copy resized to
 thresholds mean the same at any source resolution). The built-in scorer, `ImageStatisticsHeuristicScorer`,
 is an honest heuristic over those statistics -- sharpness, contrast, exposure, colourfulness, tonal entropy,
 resolution -- mapped onto the 0..10 scale of aesthetic predictors. It has NOT been fitted to human ratings and
-does not judge composition or content; plug a learned aesthetic model for real curation:
+does not judge composition or content. For real curation use the built-in learned scorer, a CLIP / SigLIP
+aesthetic head (`quality.model`, see `clip_scoring`), or plug any other model:
 
     class MyAesthetic:                      # any "package.module:Factory" returning an object like this
         name = "laion-aesthetic-v2"

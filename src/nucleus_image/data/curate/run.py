@@ -18,6 +18,7 @@ reader never sees a half-written version and older versions are never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nucleus_image.data.curate import buckets, captions, dedup, quality, stats
-from nucleus_image.data.curate.analyse import ANALYSIS_SCHEMA, chunk_path
+from nucleus_image.data.curate.analyse import ANALYSIS_SCHEMA, chunk_path, stage_names
 from nucleus_image.data.curate.config import CurateConfig
 from nucleus_image.data.curate.inputs import enumerate_inputs
 from nucleus_image.data.manifest import (
@@ -44,7 +45,8 @@ from nucleus_image.data.manifest import (
 )
 
 ENGINES = ("local", "ray")
-_EXECUTION_FIELDS = ("workers", "ray_address", "chunk_size")  # how a run executes, not what it produces
+# How a run executes, not what it produces.
+_EXECUTION_FIELDS = ("workers", "ray_address", "ray_model_actors", "chunk_size")
 _FLUSH_ROWS = 8192
 _WIDE_COLUMNS = ("image_path", "format", "mode", "captions", "caption_sources")
 
@@ -59,9 +61,10 @@ class CurateResult:
     units_resumed: int  # work units already complete from an earlier, interrupted run
 
 
-def _fingerprint(items: pa.Table, cfg: CurateConfig) -> str:
+def _fingerprint(items: pa.Table, cfg: CurateConfig, models: dict[str, dict]) -> str:
     h = hashlib.blake2b(digest_size=12)
-    h.update(json.dumps([SCHEMA_VERSION, cfg.to_dict()], sort_keys=True).encode())
+    digests = {key: m["sha256"] for key, m in models.items()}  # a model folder changed in place is a new run
+    h.update(json.dumps([SCHEMA_VERSION, cfg.to_dict(), digests], sort_keys=True).encode())
     for name in ("source", "length", "mtime_ns"):
         h.update(json.dumps(items.column(name).to_pylist()).encode())
     return h.hexdigest()
@@ -75,7 +78,7 @@ def _run_engine(engine: str, work: Path, todo: list[int], cfg: CurateConfig, ima
     run_units(work, todo, cfg, images_dir, progress)
 
 
-def decide(a: pa.Table, cfg: CurateConfig) -> dict[str, np.ndarray | list]:
+def decide(a: pa.Table, cfg: CurateConfig, names: dict[str, str | None]) -> dict[str, np.ndarray | list]:
     """The corpus-level stages over the analysis table (rows in item order), in the issue's order:
     input/validate (already decided per image), exact + near duplicates, blank / histogram / blur, quality
     score, captions, then buckets over what is kept. Returns per-row stage, reason, detail, duplicate_of,
@@ -121,7 +124,7 @@ def decide(a: pa.Table, cfg: CurateConfig) -> dict[str, np.ndarray | list]:
             continue
         failed = quality.filter_reason({k: stat_cols[k][row] for k in quality.STAT_NAMES}, cfg.quality)
         if failed is None and score[row] < cfg.quality.min_score:
-            failed = ("low_quality", f"score {score[row]:.3f} < {cfg.quality.min_score} ({cfg.quality.scorer})")
+            failed = ("low_quality", f"score {score[row]:.3f} < {cfg.quality.min_score} ({names['quality']})")
         if failed is None and not any(s >= cfg.captions.synthesize_below for s in col["caption_scores"][row]):
             got = len(col["caption_scores"][row])
             notes = "; ".join(col["caption_notes"][row])
@@ -129,7 +132,7 @@ def decide(a: pa.Table, cfg: CurateConfig) -> dict[str, np.ndarray | list]:
                 "no_caption",
                 (f"no usable caption ({notes})" if notes else "no caption found")
                 if not got
-                else f"all {got} captions score < {cfg.captions.synthesize_below} ({cfg.captions.scorer})",
+                else f"all {got} captions score < {cfg.captions.synthesize_below} ({names['captions']})",
             )
         if failed is not None:
             stage[row] = "captions" if failed[0] == "no_caption" else "quality"
@@ -180,26 +183,25 @@ class _ShardWriters:
             self.writers[s].close()
 
 
-def _annotations(r: dict, records: list[dict], cfg: CurateConfig) -> str:
-    return json.dumps(
-        {
-            "curation": {
-                "source": r["source"],
-                "format": r["format"],
-                "mode": r["mode"],
-                "stats": {k: round(r[k], 4) for k in quality.STAT_NAMES},
-                "quality_scorer": cfg.quality.scorer,
-                "caption_scorer": cfg.captions.scorer,
-                "captions": records,
-                "caption_notes": r["caption_notes"],
-            }
-        },
-        sort_keys=True,
-        ensure_ascii=False,
-    )
+def _annotations(r: dict, records: list[dict], names: dict[str, str | None]) -> str:
+    curation = {
+        "source": r["source"],
+        "format": r["format"],
+        "mode": r["mode"],
+        "stats": {k: round(r[k], 4) for k in quality.STAT_NAMES},
+        "quality_scorer": names["quality"],
+        "caption_scorer": names["captions"],
+        "captions": records,
+        "caption_notes": r["caption_notes"],
+    }
+    if names["captioner"]:
+        curation["captioner"] = names["captioner"]
+    return json.dumps({"curation": curation}, sort_keys=True, ensure_ascii=False)
 
 
-def _write_version(work: Path, n_units: int, d: dict, cfg: CurateConfig, inputs: list[str]) -> Path:
+def _write_version(
+    work: Path, n_units: int, d: dict, cfg: CurateConfig, inputs: list[str], models: dict[str, dict]
+) -> Path:
     """Stream the analysis tables into the staged manifest and rejects tables; returns the staged folder."""
     staged = work / "manifest"
     if staged.exists():  # a kill during an earlier finalisation: redo it, it is cheap next to the analysis
@@ -210,6 +212,9 @@ def _write_version(work: Path, n_units: int, d: dict, cfg: CurateConfig, inputs:
         "inputs": inputs,
         "config": {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_FIELDS},
     }
+    if models:
+        provenance["models"] = models  # by config key: path, name, sha256, model_type, transformers_version
+    names = stage_names(cfg)
     meta = {**SCHEMA.metadata, b"nucleus_provenance": json.dumps(provenance, sort_keys=True).encode()}
     manifest = _ShardWriters(staged, cfg.num_shards, SCHEMA.with_metadata(meta))
     rejects = _ShardWriters(staged / "rejects", 1, REJECTS_SCHEMA)
@@ -246,7 +251,7 @@ def _write_version(work: Path, n_units: int, d: dict, cfg: CurateConfig, inputs:
                     "captions": texts,
                     "caption_sources": sources,
                     "partition_key": key,
-                    "annotations": _annotations(r, records, cfg),
+                    "annotations": _annotations(r, records, names),
                 },
                 shard=key * cfg.num_shards >> 31,
             )
@@ -254,6 +259,18 @@ def _write_version(work: Path, n_units: int, d: dict, cfg: CurateConfig, inputs:
     rejects.close()
     (staged / "curate_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     return staged
+
+
+def _with_absolute_model_paths(cfg: CurateConfig) -> CurateConfig:
+    def absolute(folder: str | None) -> str | None:
+        return None if folder is None else str(Path(folder).resolve())
+
+    return dataclasses.replace(
+        cfg,
+        quality=dataclasses.replace(cfg.quality, model=absolute(cfg.quality.model)),
+        captions=dataclasses.replace(cfg.captions, model=absolute(cfg.captions.model)),
+        captioner=dataclasses.replace(cfg.captioner, model=absolute(cfg.captioner.model)),
+    )
 
 
 def curate(
@@ -275,9 +292,15 @@ def curate(
                 f"output folder {str(out)!r} is inside input folder {str(src)!r}: inputs are never "
                 "modified, so choose an output outside the inputs"
             )
+    models = {}
+    if cfg.model_folders():  # every model folder is checked before any input is looked at
+        from nucleus_image.data.curate.model_folders import check_all
+
+        models = {key: info.provenance() for key, info in check_all(cfg.model_folders()).items()}
+        cfg = _with_absolute_model_paths(cfg)  # workers (Ray's included) may run in another folder
     started = time.perf_counter()
     items = enumerate_inputs(inputs)
-    work = out / ".curate-work" / _fingerprint(items, cfg)
+    work = out / ".curate-work" / _fingerprint(items, cfg, models)
     items_path = work / "items.parquet"
     if not items_path.exists():
         work.mkdir(parents=True, exist_ok=True)
@@ -294,8 +317,8 @@ def curate(
         [pq.read_table(chunk_path(work, u), columns=narrow) for u in range(n_units)]
         or [ANALYSIS_SCHEMA.empty_table().select(narrow)]
     )
-    decisions = decide(analysis, cfg)
-    staged = _write_version(work, n_units, decisions, cfg, [str(Path(p).resolve()) for p in inputs])
+    decisions = decide(analysis, cfg, stage_names(cfg))
+    staged = _write_version(work, n_units, decisions, cfg, [str(Path(p).resolve()) for p in inputs], models)
     counts = stats.collect_from(staged)
     (staged / "stats.json").write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
     (staged / "run.json").write_text(

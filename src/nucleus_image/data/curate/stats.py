@@ -8,6 +8,7 @@ Charts are drawn with Pillow (no plotting dependency).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,10 @@ def collect_from(root: str | Path) -> dict:
     for stage in REJECT_STAGES:
         remaining -= by_stage.get(stage, 0)
         funnel.append({"stage": stage, "rejected": by_stage.get(stage, 0), "remaining": remaining})
+    routes: Counter = Counter()
+    for text in manifest.column("annotations").to_pylist():
+        routes.update(c["route"] for c in json.loads(text or "{}").get("curation", {}).get("captions", []))
+    generated = sum(s.startswith("vlm:") for sources in manifest.column("caption_sources").to_pylist() for s in sources)
     tiers = Counter(manifest.column("tier").to_pylist())
     buckets = Counter(manifest.column("bucket").to_pylist())
     return {
@@ -36,6 +41,9 @@ def collect_from(root: str | Path) -> dict:
         "reasons": dict(sorted(Counter(rejects.column("reason").to_pylist()).items())),
         "tiers": {f"A{t}": tiers.get(t, 0) for t in range(1, NUM_TIERS + 1)},
         "buckets": {f"B{b}": buckets.get(b, 0) for b in range(1, NUM_BUCKETS + 1)},
+        # Captions of kept images by route (synthesize: scored below captions.synthesize_below and dropped),
+        # and how many of the manifest's captions a captioner wrote.
+        "captions": {**{r: routes.get(r, 0) for r in ("keep", "refine", "synthesize")}, "generated": generated},
     }
 
 
@@ -53,6 +61,13 @@ def format_report(c: dict) -> str:
     lines += [f"{r:<20} {n:>6} {pct(n)}" for r, n in c["reasons"].items()] or ["(none)"]
     lines += ["", "tier  count   (A1 lowest .. A5 best)", *[f"{t:<5} {n:>5}" for t, n in c["tiers"].items()]]
     lines += ["", "bucket count", *[f"{b:<6} {n:>5}" for b, n in c["buckets"].items()]]
+    if "captions" in c:
+        k = c["captions"]
+        lines += [
+            "",
+            f"captions  keep {k['keep']}   refine {k['refine']}   below threshold (dropped) {k['synthesize']}   "
+            f"written by the captioner {k['generated']}",
+        ]
     return "\n".join(lines)
 
 
