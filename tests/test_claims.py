@@ -76,7 +76,7 @@ def test_unknown_claim_arm_and_key_are_refused_by_name(tmp_path, capsys, monkeyp
     assert main(["ablate", "claims", "--claim", "routing,speed", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown claim speed" in err and "accepted: routing, choice, optimizer, capacity, merge" in err
-    with pytest.raises(ValueError, match="unknown arm cf_fixed3 .* accepted: cf_fixed2, cf_fixed4"):
+    with pytest.raises(ValueError, match="unknown arm cf_fixed3 .* accepted: cf_fixed2, cf_fixed4, control"):
         select(ClaimsConfig(claims=("capacity",), arms=("cf_fixed3",)))
     fake = Claim("fake", "a key this version lacks", Arm("control", "preset"), (Arm("bad", "bad", ("no_such_key=1",)),))
     monkeypatch.setitem(claims.CLAIMS, "fake", fake)

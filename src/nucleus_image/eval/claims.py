@@ -178,7 +178,7 @@ def select(cfg: ClaimsConfig) -> list[tuple[Claim, list[Arm]]]:
     if unknown or not cfg.claims:
         raise ValueError(f"unknown claim {', '.join(unknown) or '(none given)'}; accepted: {', '.join(CLAIMS)}")
     picked = [(CLAIMS[c], [a for a in CLAIMS[c].arms if not cfg.arms or a.name in cfg.arms]) for c in cfg.claims]
-    names = {a.name for c, _ in picked for a in c.arms}
+    names = {a.name for c, _ in picked for a in c.all_arms}  # naming the control too is allowed: it always runs
     if set(cfg.arms) - names:
         raise ValueError(
             f"unknown arm {', '.join(sorted(set(cfg.arms) - names))} for claims {', '.join(cfg.claims)}; "
