@@ -147,7 +147,9 @@ def run_claims(args) -> int:
     command += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
     for item in args.overrides:
         command += ["--set", item]
+    command += ["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every else []
     command += ["--per-task", str(args.per_task), "--samples", str(args.samples)]
+    command += ["--routing-per-task", str(args.routing_per_task)] if args.routing_per_task != 4 else []
     text = shlex.join(command).replace("'{claim}'", "{claim}")
     if args.claim is not None:
         if args.report_only:
