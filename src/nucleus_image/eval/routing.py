@@ -33,6 +33,10 @@ Metrics that separate the regimes (`routing_metrics`), each per MoE layer and av
   (the highest-scoring expert among those that picked the token, or "none").
 - `accuracy` / `accuracy_chance`: how often the majority label of a token's preferred expert is the token's
   own label, against always guessing the most common label: the simple classifier reading of the same question.
+- `homogeneity`: per label (shape, colour, region), the mean pairwise cosine similarity between the experts'
+  label distributions, each expert's distribution being the share of the tokens it picked (all timesteps and
+  images) under each label value; background tokens are left out of the shape and colour distributions. 1 = every
+  expert sees the same mix (no specialisation); lower = experts keep to their own shapes, colours or regions.
 """
 
 from __future__ import annotations
@@ -380,6 +384,32 @@ def assigned_expert(logits_TNSE: np.ndarray, indices_TNEC: np.ndarray) -> np.nda
     return np.where(picked.any(-1), best, E)
 
 
+def expert_label_shares(indices_TNEC: np.ndarray, labels_NS: np.ndarray, classes: int, skip: int | None) -> np.ndarray:
+    """(E, classes): per expert, the share of the tokens it picked under each label value (`skip`, e.g. the
+    background, left out; a slot index S, a slot no token filled, counts nowhere); an expert that picked none of
+    the counted tokens has a row of zeros."""
+    T, N, E, C = indices_TNEC.shape
+    padded_NS = np.concatenate([labels_NS, np.full((N, 1), classes, labels_NS.dtype)], axis=1)
+    picked_NTEC = padded_NS[np.arange(N)[:, None, None, None], indices_TNEC.transpose(1, 0, 2, 3)]
+    counts = np.stack([np.bincount(picked_NTEC[:, :, e].ravel(), minlength=classes + 1)[:classes] for e in range(E)])
+    counts = counts.astype(np.float64)
+    if skip is not None:
+        counts[:, skip] = 0
+    total = counts.sum(1, keepdims=True)
+    return np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+
+
+def homogeneity(shares_EK: np.ndarray) -> float:
+    """Mean pairwise cosine similarity between the experts' label distributions (experts with none left out):
+    1 when all experts see the same mix; nan with fewer than two experts to compare."""
+    rows = shares_EK[shares_EK.sum(1) > 0]
+    if len(rows) < 2:
+        return float("nan")
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    return float(sim[np.triu_indices(len(rows), 1)].mean())
+
+
 def layer_metrics(record: RoutingRecord, k: int) -> dict:
     logits, indices = record.logits[k], record.indices[k]
     T, N, S, E = logits.shape
@@ -394,9 +424,17 @@ def layer_metrics(record: RoutingRecord, k: int) -> dict:
         nmi[name] = normalized_mutual_information(preferred, lab)
         nmi_assigned[name] = normalized_mutual_information(assigned, lab)
         acc[name], acc_chance[name] = majority_accuracy(preferred, lab)
+    shares = {}
+    for name, lab in record.labels.items():
+        names = record.label_names.get(name, [])
+        classes = max(len(names), int(lab.max()) + 1)
+        skip = names.index("background") if "background" in names else None
+        shares[name] = expert_label_shares(indices, lab, classes, skip)
     return {
         "layer": record.layers[k],
         "variance_share": variance_decomposition(logits.reshape(T, N * S, E)),
+        "homogeneity": {name: homogeneity(v) for name, v in shares.items()},
+        "expert_label_shares": {name: v.round(4).tolist() for name, v in shares.items()},
         "jaccard": float(jac[off].mean()),
         "jaccard_chance": chance,
         "jaccard_matrix": jac.tolist(),
@@ -421,6 +459,9 @@ def routing_metrics(record: RoutingRecord) -> dict:
     }
     for key in ("nmi", "nmi_assigned", "accuracy", "accuracy_chance"):
         summary[key] = {name: float(np.mean([m[key][name] for m in layers])) for name in layers[0][key]}
+    summary["homogeneity"] = {
+        name: float(np.nanmean([m["homogeneity"][name] for m in layers])) for name in layers[0]["homogeneity"]
+    }
     summary["no_expert_share"] = float(np.mean([s["no_expert_share"] for m in layers for s in m["per_timestep"]]))
     return {
         "sigmas": record.sigmas.tolist(),

@@ -49,6 +49,9 @@ METRIC_DEFINITIONS = {
     "nmi": "normalised mutual information I/sqrt(H H) between the token's preferred expert and a label "
     "(timestep; shape, colour, 3x3 region under the token); nmi_assigned uses the expert that computed "
     "the token (best-scoring picker, or none)",
+    "homogeneity": "per label (shape, colour, region), mean pairwise cosine similarity between the experts' "
+    "distributions of the label under the tokens they picked (background left out for shape and colour); 1 = "
+    "every expert sees the same mix, lower = experts specialise",
     "accuracy": "accuracy of predicting a label from the preferred expert by that expert's majority label; "
     "accuracy_chance always guesses the most common label",
 }
