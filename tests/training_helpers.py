@@ -53,7 +53,8 @@ def legacy_layout(config: dict) -> dict:
 
     old_name = {new: old for old, new in LEGACY_OPTIMIZER_KEYS.items()}
     flat = {k: v for k, v in config.items() if k != "optimizer"}
-    flat.update({old_name[k]: v for k, v in config["optimizer"].items()})
+    # Fields added after the flat layout (schedule, min_lr_ratio) have no old name: an old file never held them.
+    flat.update({old_name[k]: v for k, v in config["optimizer"].items() if k in old_name})
     return flat
 
 

@@ -45,6 +45,7 @@ def train_adapters(
                 cfg.optimizer,
                 state.step,
                 params=list(adapters.values()),
+                total_steps=end,
             )
             state.record(out.loss, out.applied, out.grad_norm)
             bar.update(1)

@@ -10,6 +10,8 @@ Layout of RUN_DIR/checkpoints/step-00001200/:
                            numpy/python RNG states
     heads.safetensors      training-only heads outside the model (an alignment head) and their optimizer's
     heads.json             tensors / param groups, when the run's state has heads; never merged or exported
+    ema.safetensors        the moving average of the transformer's weights (float32, the model's key names), when
+                           the run keeps one (`ema_decay` > 0); `nucleus merge --ema` exports it
 
 A run of several processes (FSDP2 / expert parallelism) writes `dcp/` instead of the model and optimizer files:
 a `torch.distributed.checkpoint` of {"model", "optim"} from `get_state_dict` (keys are parameter FQNs, the same
@@ -43,6 +45,7 @@ COMMON_FILES = ("config.json", "rng.safetensors", "trainer.json")
 FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json") + COMMON_FILES
 DCP_DIR = "dcp"
 HEADS_FILES = ("heads.safetensors", "heads.json")
+EMA_FILE = "ema.safetensors"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -161,6 +164,8 @@ def _write_run_state(tmp: Path, model_config: dict, state: TrainState) -> None:
     (tmp / "trainer.json").write_text(json.dumps(trainer, default=_json_default) + "\n")
     if state.heads is not None:
         _write_heads(tmp, state)
+    if state.ema is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.ema.state_dict().items()}, tmp / EMA_FILE)
 
 
 def _write_heads(tmp: Path, state: TrainState) -> None:
@@ -289,6 +294,8 @@ def load_checkpoint(
     state.load_state_dict(trainer)
     if state.heads is not None:
         _load_heads(path, state)
+    if state.ema is not None:
+        state.ema.load_state_dict(load_ema_state(path, device=str(state.ema.shadow[0].device)))
     if state.np_rng is not None:
         state.np_rng.bit_generator.state = trainer["rng"]["numpy_generator"]
     g = trainer["rng"]["numpy_global"]
@@ -370,6 +377,17 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     loaded = {"model": state}
     dcp.load(loaded, storage_reader=reader)
     return loaded["model"]
+
+
+def load_ema_state(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's moving average of the weights (ema.safetensors), refused by name when it has none."""
+    file = Path(path) / EMA_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} has no {EMA_FILE}: it was saved by a run without an EMA of the weights "
+            f"(ema_decay=0); train with --set ema_decay=0.999 (or another decay in (0, 1)) to keep one"
+        )
+    return load_file(file, device=device)
 
 
 def _json_default(value):

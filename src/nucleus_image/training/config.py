@@ -41,12 +41,18 @@ class TimestepConfig:
 @dataclass
 class OptimizerConfig:
     """The optimizer of a run: "muon" is Muon for the hidden matrices and AdamW for the rest (the recipe), "adamw"
-    AdamW for everything (a baseline). Muon's update RMS is matched to AdamW's, so one learning rate serves both
-    groups, under Warmup-Stable-Merge: linear warmup over `warmup_steps`, then constant (`schedule.wsm_lr`)."""
+    AdamW for everything (a baseline: every parameter at `lr`, weight decay on the matrices only, as the recipe's
+    AdamW groups). Muon's update RMS is matched to AdamW's, so one learning rate serves both groups.
+
+    `schedule`: "wsm" (the recipe, Warmup-Stable-Merge: linear warmup over `warmup_steps`, then constant) or
+    "cosine" (a baseline: the same warmup, then a cosine decay to `min_lr_ratio * lr` at the run's last step);
+    `schedule.lr_at`."""
 
     kind: str = "muon"
     lr: float = 1e-4
     warmup_steps: int = 1000
+    schedule: str = "wsm"
+    min_lr_ratio: float = 0.1  # "cosine": the learning rate at the last step, as a share of lr
     weight_decay: float = 0.0  # matrices only
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW
     eps: float = 1e-8  # AdamW
@@ -59,6 +65,10 @@ class OptimizerConfig:
         out = []
         if self.kind not in ("muon", "adamw"):
             out.append(f"optimizer.kind {self.kind!r}; accepted: muon, adamw")
+        if self.schedule not in ("wsm", "cosine"):
+            out.append(f"optimizer.schedule {self.schedule!r}; accepted: wsm, cosine")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            out.append(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0 or not self.grad_clip > 0:
             out.append(
                 f"optimizer needs lr > 0, warmup_steps >= 0, weight_decay >= 0 and grad_clip > 0; got "
@@ -181,6 +191,10 @@ class TrainConfig:
     # Merge (WSM): how `nucleus merge` and the demo combine the last checkpoints.
     merge_last: int = 8
     merge_weights: str = "inverse-sqrt"
+    # An exponential moving average of the transformer's weights (a baseline to WSM's merge; 0 = none): after
+    # every applied step ema = decay * ema + (1 - decay) * weights, in float32 beside the weights (4 bytes per
+    # parameter), saved in each checkpoint (ema.safetensors); `nucleus merge RUN --ema` exports it.
+    ema_decay: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -251,6 +265,8 @@ class TrainConfig:
         errors += self.optimizer.errors()
         if self.time_budget_s < 0:
             errors.append(f"time_budget_s must be >= 0 (0 = no budget), got {self.time_budget_s}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            errors.append(f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
         if self.checkpoint_every < 1 or self.keep_last < 1:
             errors.append("checkpoint_every >= 1 and keep_last >= 1 are required")
         if errors:

@@ -14,6 +14,9 @@ i.e. the run replayed from theta_0 with the i-th window of updates scaled by w_i
                                                              keeps more of the recent updates
 
 `decay_weights` returns the w_i a merge implies; `tests/test_merge.py` checks the identity above numerically.
+
+`export_ema` is the baseline's counterpart: the moving average of the weights a run with `ema_decay` > 0 kept,
+taken from its newest checkpoint, in the same pipeline folder layout.
 """
 
 from __future__ import annotations
@@ -70,19 +73,10 @@ def merge_state_dicts(state_dicts: list[dict[str, torch.Tensor]], coefficients: 
 def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> Path:
     """Merge the newest `last` complete checkpoints of a run into a pipeline folder at `out` (diffusers layout:
     transformer/, vae/, text_encoder/, scheduler/) that `NucleusPipeline.from_pretrained(out)` loads."""
-    from ..model import NucleusConfig, NucleusTransformer
-    from .checkpoint import INTERRUPTED, list_checkpoints, load_model_state
-    from .config import TrainConfig
-    from .encoders import build_encoders
-    from .sampling import make_pipeline
+    from .checkpoint import INTERRUPTED, load_model_state
 
     run_dir = Path(run_dir)
-    config_file = run_dir / "train_config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a training run folder (no train_config.json)")
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise ValueError(f"run {str(run_dir)!r} has no complete checkpoint to merge")
+    found = _checkpoints(run_dir)
     if last < 1:
         raise ValueError(f"--last must be >= 1, got {last}")
     # A checkpoint saved on an interrupt resumes a run but is not merged (unless the run ends there), so an
@@ -95,15 +89,58 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
             f"{', '.join(str(s) for s, _ in chosen)}): merging those"
         )
     coefficients = merge_coefficients(len(chosen), weights)
-    cfg = TrainConfig.from_json(config_file)
     print(
         f"merging {len(chosen)} checkpoints ({weights}): "
         + ", ".join(f"step {step} x {c:.3f}" for (step, _), c in zip(chosen, coefficients))
     )
     merged = merge_state_dicts([load_model_state(path) for _, path in chosen], coefficients)
+    record = {"weights": weights, "coefficients": coefficients, "decay_weights": decay_weights(coefficients)}
+    return _export(run_dir, chosen, merged, out, record)
+
+
+def export_ema(run_dir: str | Path, out: str | Path) -> Path:
+    """The moving average of the weights kept by a run with `ema_decay` > 0, from its newest complete checkpoint,
+    as a pipeline folder at `out` (the layout `merge_run` writes). The average is float32; each tensor is written
+    in the dtype of the weights it averages."""
+    from .checkpoint import load_ema_state, load_model_state
+
+    run_dir = Path(run_dir)
+    step, path = _checkpoints(run_dir)[-1]
+    weights = load_model_state(path)
+    ema = load_ema_state(path)
+    unknown = sorted(set(ema) - set(weights))
+    if unknown:
+        raise ValueError(f"{str(path)!r}: its EMA holds tensors the weights do not: {unknown[:5]}")
+    state = {k: ema[k].to(v.dtype) if k in ema else v for k, v in weights.items()}
+    print(f"exporting the EMA of the weights at step {step} ({len(ema)} tensors)")
+    return _export(run_dir, [(step, path)], state, out, {"ema": True})
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    from .checkpoint import list_checkpoints
+
+    if not (run_dir / "train_config.json").exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a training run folder (no train_config.json)")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise ValueError(f"run {str(run_dir)!r} has no complete checkpoint to merge")
+    return found
+
+
+def _export(
+    run_dir: Path, chosen: list[tuple[int, Path]], state: dict[str, torch.Tensor], out: str | Path, record: dict
+) -> Path:
+    """`state` (the transformer's weights made from the checkpoints `chosen`) with the run's encoders as a pipeline
+    folder at `out`, and merge.json recording what it was made from."""
+    from ..model import NucleusConfig, NucleusTransformer
+    from .config import TrainConfig
+    from .encoders import build_encoders
+    from .sampling import make_pipeline
+
+    cfg = TrainConfig.from_json(run_dir / "train_config.json")
     model_cfg = NucleusConfig.from_json(chosen[-1][1] / "config.json")
     model = NucleusTransformer(model_cfg)
-    model.load_state_dict(merged)
+    model.load_state_dict(state)
     text_encoder, autoencoder = build_encoders(cfg, torch.device("cpu"))
     # Native size: the resolution of the stage the newest merged checkpoint was trained in (a run stopped early,
     # or merged mid-run, has not reached the last configured stage). Checkpoint "step s" holds the weights
@@ -114,23 +151,16 @@ def merge_run(run_dir: str | Path, last: int, weights: str, out: str | Path) -> 
             f"the merge window (steps {chosen[0][0]}..{chosen[-1][0]}) crosses a stage boundary "
             f"({' -> '.join(dict.fromkeys(s.name for s in stages))}): it averages weights trained at "
             f"different resolutions; merge fewer checkpoints (--last) to stay inside the last stage",
-            stacklevel=2,
+            stacklevel=3,
         )
     pipe = make_pipeline(model, text_encoder, autoencoder, cfg.timesteps, stages[-1].resolution)
     pipe.save_pretrained(out)
-    (Path(out) / "merge.json").write_text(
-        json.dumps(
-            {
-                "run": str(run_dir),
-                "weights": weights,
-                "steps": [s for s, _ in chosen],
-                "coefficients": coefficients,
-                "decay_weights": decay_weights(coefficients),
-                "stages": [s.name for s in stages],
-                "resolution": stages[-1].resolution,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    record = {
+        "run": str(run_dir),
+        **record,
+        "steps": [s for s, _ in chosen],
+        "stages": [s.name for s in stages],
+        "resolution": stages[-1].resolution,
+    }
+    (Path(out) / "merge.json").write_text(json.dumps(record, indent=1) + "\n")
     return Path(out)

@@ -85,9 +85,12 @@ def expert_factors(model: nn.Module) -> dict[nn.Parameter, ExpertFactor]:
 
 
 def describe_groups(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> str:
-    """A table of the split, by role, with parameter counts: printed at the start of training."""
+    """A table of the split, by role, with parameter counts: printed at the start of training (an optimizer with
+    no parameters, Muon under `kind` "adamw", is left out)."""
     rows = []
     for opt, members in groups.items():
+        if not members:
+            continue
         by_role: dict[str, list[int]] = {}
         for name, p in members:
             role = _role(name, p, opt)
@@ -118,7 +121,8 @@ def _role(name: str, p: nn.Parameter, opt: str) -> str:
     ):
         if key in name:
             return label
-    return "other matrices"
+    # Under `kind` "adamw" the hidden matrices are AdamW's too: named by the role they would have under Muon.
+    return next((role for role, pat in MUON_ROLES if re.search(pat, name)), "other matrices")
 
 
 def build_optimizers(

@@ -15,7 +15,8 @@ A step's numbers stay on the device until `flush`, which reads every step record
 a run reads its losses only on logging steps and at checkpoints, so its steps never wait for the host.
 
 `heads` / `heads_optimizer`: training-only modules outside the model (an alignment head), saved and restored with
-the state, never with the model's weights.
+the state, never with the model's weights. `ema`: the moving average of the weights (`ema.WeightEMA`, with
+`ema_decay` > 0), saved and restored with the state in a file of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .ema import WeightEMA
 
 
 class NonFiniteLossError(ValueError):
@@ -46,6 +49,7 @@ class TrainState:
     # beside the model's weights (heads.safetensors), never in them.
     heads: torch.nn.Module | None = None
     heads_optimizer: torch.optim.Optimizer | None = None
+    ema: WeightEMA | None = None  # the weights' moving average (ema.safetensors), with ema_decay > 0
     _pending: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def record(self, loss: torch.Tensor, applied: torch.Tensor, grad_norm: torch.Tensor) -> None:

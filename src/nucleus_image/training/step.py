@@ -6,8 +6,9 @@
 
 A step: gradients zeroed; for each micro-batch the loss function's loss, backpropagated divided by the number of
 micro-batches (so the gradient is the whole batch's mean); the global gradient norm clipped to `grad_clip`; the
-learning rate of step `step` under Warmup-Stable-Merge; every optimizer stepped. A step whose gradient norm is not
-finite is skipped: no parameter and no optimizer state changes.
+learning rate of step `step` under the configured schedule (`schedule.lr_at`: Warmup-Stable-Merge, or a cosine
+over `total_steps`); every optimizer stepped. A step whose gradient norm is not finite is skipped: no parameter
+and no optimizer state changes.
 
 Nothing here reads a tensor back to the host: the loss stays on the device, the clipping scales the gradients by
 a device factor, and the skip is a masked update decided on the device. Each optimizer gets the step's flag as
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .config import OptimizerConfig
-from .schedule import set_lr, wsm_lr
+from .schedule import lr_at, set_lr
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -51,12 +52,13 @@ def train_step(
     dims=None,
     params: list[torch.Tensor] | None = None,
     timer=None,
+    total_steps: int | None = None,
 ) -> StepOutput:
     """One optimizer step over `micro_batches` (see the module docstring). `dims`: the `ParallelDims` of a sharded
     model (the gradient norm then sums over the meshes); `params`: what is clipped (default: the model's
     parameters with a gradient); `timer`: a `timing.PhaseTimer` whose laps split the step into forward, backward
     and optimizer, the first counted from the timer's last mark or lap (host wall time: exact on the CPU, launch
-    time on a GPU)."""
+    time on a GPU); `total_steps`: the run's length, which a cosine schedule decays over."""
     lap = timer.lap if timer is not None else (lambda _name: None)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -76,7 +78,7 @@ def train_step(
     params = [p for p in (params if params is not None else model.parameters()) if p.grad is not None]
     grad_norm = clip_grad_norm(params, cfg.grad_clip, dims)
     applied = torch.isfinite(grad_norm)
-    set_lr(tuple(optimizers), wsm_lr(step, cfg.lr, cfg.warmup_steps))
+    set_lr(tuple(optimizers), lr_at(cfg, step, total_steps))
     skip = (~applied).float()
     for opt in optimizers:
         opt.found_inf = skip

@@ -1,5 +1,7 @@
 """The training loop: stages of aspect-bucketed batches through the rectified-flow objective, Muon + AdamW under
 Warmup-Stable-Merge, atomic checkpoints with exact resume, TensorBoard scalars, sample grids and a loss curve.
+Baselines by config: AdamW alone (`optimizer.kind`), a cosine decay (`optimizer.schedule`), an EMA of the weights
+(`ema_decay`, `ema.WeightEMA`, updated after each step and saved with each checkpoint).
 
     nucleus train --preset tiny --data data/synth --out runs/tiny [--max-steps N] [--resume] [--set optimizer.lr=3e-3]
 
@@ -49,12 +51,13 @@ from .build import (
 from .config import TrainConfig
 from .curriculum import share_by_bucket
 from .data_loader import BatchPlan, RankBatches, rank_loader, rank_rows, read_rows
+from .ema import WeightEMA
 from .loss import FlowBatch, FlowObjective, contrastive_negatives, decorrelate_router_rows_
 from .monitor import RunLogger, routing_table
 from .noise import row_noise
 from .optim import build_optimizers, describe_groups
 from .sampling import make_pipeline, sample_grid
-from .schedule import wsm_lr
+from .schedule import lr_at
 from .state import NonFiniteLossError, TrainState
 from .step import StepOutput, train_step
 
@@ -93,6 +96,11 @@ class Trainer:
         # The layout is checked before any work; a run may change its layout on resume (checkpoints reshard).
         self.dims = build_parallel(cfg, resolve_device(cfg.device))
         self.device = self.dims.device if self.dims else resolve_device(cfg.device)
+        if cfg.ema_decay and self.dims is not None:
+            raise ValueError(
+                f"ema_decay={cfg.ema_decay} needs a one-process run (the EMA is saved beside one process's weights); "
+                f"this layout has {self.dims.world} processes: train in one, or use ema_decay=0 and nucleus merge"
+            )
         self.is_main = self.dims is None or self.dims.is_main
         self.rank, self.world_size = (self.dims.rank, self.dims.world) if self.dims else (0, 1)
         self.progress = progress and self.is_main
@@ -123,6 +131,8 @@ class Trainer:
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.muon, self.adamw, self.groups = build_optimizers(self.model, cfg.optimizer, ns_dtype)
         self.optimizers = {k: o for k, o in (("muon", self.muon), ("adamw", self.adamw)) if o is not None}
+        # The EMA starts at the initial weights (a resume below restores the checkpoint's average into it).
+        self.state.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         # The alignment head: outside the model, with its own optimizer; the state saves both beside the model.
         self.alignment = None
         built = build_alignment(cfg, self.model, self.device, self.dims)
@@ -304,10 +314,20 @@ class Trainer:
         micro_batches = self._micro_batches(stage.batch_size)
         self.timer.lap("data")
         out = train_step(
-            self.model, optimizers, micro_batches, objective, cfg.optimizer, self.step, dims=self.dims, timer=self.timer
+            self.model,
+            optimizers,
+            micro_batches,
+            objective,
+            cfg.optimizer,
+            self.step,
+            dims=self.dims,
+            timer=self.timer,
+            total_steps=self.total_steps,  # what a cosine decays over: the time guard may re-plan it
         )
         if cfg.orthogonality_step and self.router_gates:
             self._decorrelate_routers(cfg.orthogonality_step, out.applied)
+        if self.state.ema is not None:  # after every change the step makes to the weights
+            self.state.ema.update(out.applied)
         self.timer.lap("optimizer")
         self.state.record(out.loss, out.applied, out.grad_norm)
         return out
@@ -357,6 +377,12 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         self._print(describe_groups(self.groups))
+        if self.state.ema is not None:
+            ema = self.state.ema
+            self._print(
+                f"EMA of the weights: decay {ema.decay}, {ema.numel:,} params in float32, "
+                f"{ema.nbytes:,} bytes ({ema.nbytes / 2**20:.1f} MiB) beside the weights"
+            )
         logger = RunLogger(self.run_dir) if self.is_main else None
         bar = progress_bar(
             total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step"
@@ -417,7 +443,13 @@ class Trainer:
             - t0
             - sum(v for k, v in self.timer.seconds.items() if k not in ("setup", "caption encoding")),
         )
-        self.timer.write(self.run_dir / "timing.json", steps=self.step, images=images_seen, device=self.device.type)
+        self.timer.write(
+            self.run_dir / "timing.json",
+            steps=self.step,
+            images=images_seen,
+            device=self.device.type,
+            ema_bytes=0 if self.state.ema is None else self.state.ema.nbytes,
+        )
         print(
             f"done: {self.step} steps, final loss {self.losses[-1]:.4f}, {ips:.1f} images/s, "
             f"{self.nonfinite} non-finite steps skipped; run folder {self.run_dir}"
@@ -432,7 +464,7 @@ class Trainer:
         routing = None if routing is None else routing_table(self._mean_over_ranks(routing))
         extra = {k: float(self._mean_over_ranks(v.double())) for k, v in out.logged.items() if k != "routing"}
         if logger:
-            lr = wsm_lr(self.step - 1, self.cfg.optimizer.lr, self.cfg.optimizer.warmup_steps)
+            lr = lr_at(self.cfg.optimizer, self.step - 1, self.total_steps)
             logger.scalars(
                 self.step, self.losses[-1], lr, self.state.grad_norms[-1], ips, self.nonfinite, routing, extra
             )
