@@ -12,6 +12,9 @@ on a GPU.
 
 from __future__ import annotations
 
+# peft is imported here, on the real CPU build: its import chain (transformers -> torchao) queries the CUDA
+# device, which the fake CUDA device guard answers with an error if the first import happens inside a test.
+import peft  # noqa: F401
 import pytest
 import torch
 from fake_cuda import REAL_GENERATOR, HostSync, count_host_reads, fake_cuda, on_cuda
