@@ -138,7 +138,7 @@ def test_load_statistics_count_unpicked_and_crowded_tokens():
     assert st["no_expert_share"] == pytest.approx(5 / 8) and st["max_experts_per_token"] == 4
     assert st["experts_per_token"] == pytest.approx(1.0) and st["many_expert_share"] == pytest.approx(2 / 8)
     assert st["router_load"] == pytest.approx([0.25] * 4)
-    assert token_sets(idx[None, 0], 0, 0) == [[0, 1], [0, 1], [0, 1], [0, 2]]
+    assert token_sets(idx[None, 0], 0, 0, 8) == [[0, 1], [0, 1], [0, 1], [0, 2]]
     logits[0, 0, :, 2] = 1.0
     a = assigned_expert(logits, idx)
     assert list(a[0, 0, :4]) == [2, 2, 3, 4]  # the best-scoring picker; E stands for "no expert"

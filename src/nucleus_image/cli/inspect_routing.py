@@ -80,8 +80,12 @@ def run(args) -> int:
         validate_records(records)
     pipeline = NucleusPipeline.from_pretrained(args.model, device=args.device)
     record, batch = inspect_pipeline(pipeline, records, sigmas, args.seed, args.batch_size, args.steps)
+    cfg = pipeline.transformer.config
     report = write_report(
-        record, batch, args.out, {"model": str(args.model), "router_input": pipeline.transformer.config.router_input}
+        record,
+        batch,
+        args.out,
+        {"model": str(args.model), "router_input": cfg.router_input, "router_type": cfg.router_type},
     )
     print(format_metrics(report))
     print(f"report: {args.out}/routing.json; pictures: {args.out}/expert_load.png, {args.out}/expert_map_layer*.png")

@@ -57,7 +57,7 @@ class RoutingRecord:
     """Router outputs over a (timestep x image x token) grid, as float32/int64 numpy arrays.
 
     logits[k]: (T, N, S, E) for the k-th MoE layer (model block `layers[k]`); indices[k]: (T, N, E, C) token ids
-    each expert chose. `labels[name]`: (N, S) integer codes into `label_names[name]` (ground truth per token)."""
+    each expert chose (with token choice, S marks a slot no token filled; the statistics below skip it). `labels[name]`: (N, S) integer codes into `label_names[name]` (ground truth per token)."""
 
     sigmas: np.ndarray
     layers: list[int]
@@ -265,25 +265,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def pick_counts(indices_TNEC: np.ndarray, seq_len: int) -> np.ndarray:
-    """(T, N, S): how many experts picked each token."""
+    """(T, N, S): how many experts picked each token (empty slots, index S, are counted apart and dropped)."""
     T, N, E, C = indices_TNEC.shape
-    counts = np.zeros((T * N, seq_len), dtype=np.int64)
+    counts = np.zeros((T * N, seq_len + 1), dtype=np.int64)
     flat = indices_TNEC.reshape(T * N, E * C)
     np.add.at(counts, (np.repeat(np.arange(T * N), E * C), flat.ravel()), 1)
-    return counts.reshape(T, N, seq_len)
+    return counts[:, :seq_len].reshape(T, N, seq_len)
 
 
 def picked_mask(indices_TNEC: np.ndarray, seq_len: int) -> np.ndarray:
-    """(T, N, S, E) booleans: expert e picked token s."""
+    """(T, N, S, E) booleans: expert e picked token s (empty slots, index S, mark nothing)."""
     T, N, E, C = indices_TNEC.shape
-    mask = np.zeros((T, N, E, seq_len), dtype=bool)
+    mask = np.zeros((T, N, E, seq_len + 1), dtype=bool)
     np.put_along_axis(mask, indices_TNEC, True, axis=-1)
-    return mask.transpose(0, 1, 3, 2)
+    return mask[..., :seq_len].transpose(0, 1, 3, 2)
 
 
-def token_sets(indices_TNEC: np.ndarray, t: int, n: int) -> list[list[int]]:
-    """The sorted token ids each expert chose at timestep index t in image n."""
-    return [sorted(int(s) for s in row) for row in indices_TNEC[t, n]]
+def token_sets(indices_TNEC: np.ndarray, t: int, n: int, seq_len: int) -> list[list[int]]:
+    """The sorted token ids each expert chose at timestep index t in image n (without empty slots, index S)."""
+    return [sorted(int(s) for s in row if s < seq_len) for row in indices_TNEC[t, n]]
 
 
 def load_statistics(logits_TNSE: np.ndarray, indices_TNEC: np.ndarray) -> list[dict]:
@@ -334,13 +334,14 @@ def variance_decomposition(logits_TUE: np.ndarray) -> dict[str, float]:
 
 def jaccard_between_timesteps(indices_TNEC: np.ndarray, seq_len: int) -> tuple[np.ndarray, float]:
     """(T, T) mean Jaccard overlap of each expert's chosen token set between two timesteps (same image), and the
-    expected overlap of two independent uniform C-of-S picks."""
+    expected overlap of two independent uniform C-of-S picks (C: the mean set size, which is C itself with expert
+    choice and may be less with token choice's empty slots)."""
     mask = picked_mask(indices_TNEC, seq_len).astype(np.float32)  # (T, N, S, E); counts stay exact below 2^24
     inter = np.einsum("anse,bnse->abne", mask, mask)
     sizes = mask.sum(axis=2)  # (T, N, E)
     union = sizes[:, None] + sizes[None, :] - inter
     matrix = (inter / np.maximum(union, 1)).mean(axis=(2, 3))
-    C = indices_TNEC.shape[-1]
+    C = float(sizes.mean())
     expected_inter = C * C / seq_len
     chance = expected_inter / (2 * C - expected_inter) if C < seq_len else 1.0
     return matrix, float(chance)

@@ -22,7 +22,7 @@ def write_report(record: RoutingRecord, batch: SceneBatch | None, out, extra: di
     report = routing_metrics(record)
     report["definitions"] = METRIC_DEFINITIONS
     report["token_sets_image0"] = {
-        str(layer): [token_sets(record.indices[k], t, 0) for t in range(len(record.sigmas))]
+        str(layer): [token_sets(record.indices[k], t, 0, record.seq_len) for t in range(len(record.sigmas))]
         for k, layer in enumerate(record.layers)
     }
     if batch is not None:

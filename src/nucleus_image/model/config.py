@@ -2,7 +2,9 @@
 
 Field names mirror the diffusers `NucleusMoEImageTransformer2DModel` config keys, so a released config.json maps
 onto it one to one. `router_input` is ours: "decoupled" (the released design) or "coupled" (the LLM-style
-router on the modulated token, kept for the ablation the announcement describes).
+router on the modulated token, kept for the ablation the announcement describes). So are `router_type` and
+`router_top_k`: "expert_choice" (the release) or "token_choice" (each token picks its top `router_top_k`
+experts, each expert keeping at most the same C tokens, for a comparison at equal expert compute).
 
     NucleusConfig.preset("released")   # the 17B released model
     NucleusConfig.preset("tiny").replace(num_layers=6)
@@ -27,6 +29,7 @@ DENSE_MOE_STRATEGIES = (
     "all_dense",
 )
 ROUTER_INPUTS = ("decoupled", "coupled")
+ROUTER_TYPES = ("expert_choice", "token_choice")
 
 
 def is_moe_layer(strategy: str, layer_idx: int, num_layers: int) -> bool:
@@ -69,6 +72,11 @@ class NucleusConfig:
     # which expert choice makes possible and which is faster than grouped_mm on the same shapes.
     use_grouped_mm: bool = True
     router_input: str = "decoupled"
+    # "expert_choice" (the release: each expert takes its top C tokens) or "token_choice" (each token picks its
+    # top router_top_k experts; an expert keeps at most the same C, the rest are dropped). router_top_k is read by
+    # token choice only (and by the training's load-balance loss, for either router).
+    router_type: str = "expert_choice"
+    router_top_k: int = 2
     # How the blocks run, not what they compute: "eager" (PyTorch ops) or "triton" (the fused kernels of
     # nucleus_image.kernels, equal to eager within rounding). Not written to config.json.
     kernels: str = "eager"
@@ -95,6 +103,12 @@ class NucleusConfig:
             )
         if self.router_input not in ROUTER_INPUTS:
             errors.append(f"unknown router_input {self.router_input!r}; accepted: {', '.join(ROUTER_INPUTS)}")
+        if self.router_type not in ROUTER_TYPES:
+            errors.append(f"unknown router_type {self.router_type!r}; accepted: {', '.join(ROUTER_TYPES)}")
+        if self.router_top_k < 1 or (self.router_type == "token_choice" and self.router_top_k > self.num_experts):
+            errors.append(
+                f"router_top_k={self.router_top_k} must be >= 1 and, with token choice, <= num_experts={self.num_experts}"
+            )
         if self.kernels not in KERNEL_CHOICES:
             errors.append(f"unknown kernels {self.kernels!r}; accepted: {', '.join(KERNEL_CHOICES)}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -188,12 +202,14 @@ class NucleusConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
-        """The diffusers config.json content (our `router_input` only when it differs from the release; `kernels`,
-        a way of running the model, never)."""
+        """The diffusers config.json content (our `router_input`, `router_type` and `router_top_k` only when they
+        differ from the release's defaults, so a released-style config stays diffusers' own; `kernels`, a way of
+        running the model, never)."""
         out: dict[str, Any] = {"_class_name": "NucleusMoEImageTransformer2DModel", "_diffusers_version": "0.38.0"}
+        ours = {"router_input": "decoupled", "router_type": "expert_choice", "router_top_k": 2}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if (f.name == "router_input" and value == "decoupled") or f.name == "kernels":
+            if (f.name in ours and value == ours[f.name]) or f.name == "kernels":
                 continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out

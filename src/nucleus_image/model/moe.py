@@ -10,6 +10,13 @@ a shared SwiGLU expert that sees every token.
 
 Because every expert takes exactly C tokens, all shapes are static: tokens are gathered to (E, B*C, D), run
 through the experts as two batched matmuls, weighted and scatter-added back. No host sync, no padding.
+
+`router_type="token_choice"` is the comparison arm: each token picks its top-k experts by score, and each expert
+keeps at most the same C slots per sample, so expert compute and every shape are those of expert choice at the
+same capacity factor. Picks past an expert's C slots are dropped (GShard/Switch priority: every token's first
+choice in sequence order, then every second choice, ...). A slot left empty holds the sentinel token id S in
+`Routing.indices_BEC` (one past the last token, so a consumer that forgets to mask it fails on an out-of-range
+index instead of miscounting a real token); inside the layer it computes on the sample's last token with weight 0.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ROUTER_TYPES
 from .fused import dispatch_plan, fused_ops
 from .mlp import SwiGLU
 
 
 @dataclass
 class Routing:
-    """What one MoE layer decided for a batch: router logits (B, S, E) and chosen token indices (B, E, C)."""
+    """What one MoE layer decided for a batch: router logits (B, S, E) and chosen token indices (B, E, C).
+    With token choice, a slot no token filled holds S (the sequence length): mask `indices_BEC < S`."""
 
     logits_BSE: torch.Tensor
     indices_BEC: torch.Tensor
@@ -71,9 +80,17 @@ class MoELayer(nn.Module):
         use_sigmoid: bool,
         route_scale: float,
         kernels: str = "eager",
+        router_type: str = "expert_choice",
+        top_k: int = 2,
     ):
         super().__init__()
+        if router_type not in ROUTER_TYPES:
+            raise ValueError(f"unknown router_type {router_type!r}; accepted: {', '.join(ROUTER_TYPES)}")
+        if router_type == "token_choice" and not 1 <= top_k <= num_experts:
+            raise ValueError(f"token choice needs 1 <= top_k <= num_experts={num_experts}, got top_k={top_k}")
         self.kernels = kernels
+        self.router_type = router_type
+        self.top_k = top_k
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.use_sigmoid = use_sigmoid
@@ -94,9 +111,18 @@ class MoELayer(nn.Module):
         scores = torch.sigmoid(logits.float()) if self.use_sigmoid else F.softmax(logits.float(), dim=-1)
         scores = scores.to(logits.dtype)
 
-        gating_BEC, idx_BEC = torch.topk(scores.transpose(1, 2), k=C, dim=-1)
+        if self.router_type == "token_choice":
+            idx_BEC = self._token_choice_slots(scores, C)
+            # Empty slots (index S) compute on the sample's last token with weight 0: a real row, so nothing can
+            # turn it into NaN, and the same dispatch as expert choice below.
+            slot_idx_BEC = idx_BEC.clamp(max=S - 1)
+            gating_BEC = scores.transpose(1, 2).gather(-1, slot_idx_BEC) * (idx_BEC < S).to(scores.dtype)
+        else:
+            gating_BEC, idx_BEC = torch.topk(scores.transpose(1, 2), k=C, dim=-1)
+            slot_idx_BEC = idx_BEC
         # Flat token ids in expert-major order (E, B*C), the order the experts consume them.
-        flat_idx = (idx_BEC + torch.arange(B, device=idx_BEC.device).view(B, 1, 1) * S).transpose(0, 1).reshape(-1)
+        offsets_B11 = torch.arange(B, device=idx_BEC.device).view(B, 1, 1) * S
+        flat_idx = (slot_idx_BEC + offsets_B11).transpose(0, 1).reshape(-1)
         gating = gating_BEC.transpose(0, 1).reshape(-1)
         if self.kernels == "triton":
             return self._dispatch_fused(x_mod_BSD, flat_idx, gating, C), Routing(logits, idx_BEC)
@@ -113,6 +139,22 @@ class MoELayer(nn.Module):
         out = self.shared_expert(x_mod_BSD).reshape(B * S, D)
         out = out.scatter_add(0, flat_idx.unsqueeze(-1).expand(-1, D), routed)
         return out.view(B, S, D), Routing(logits, idx_BEC)
+
+    def _token_choice_slots(self, scores_BSE: torch.Tensor, C: int) -> torch.Tensor:
+        """(B, E, C) token ids each expert keeps under token choice, S where a slot stays empty. Every token picks
+        its top-k experts; an expert fills its C slots in priority order (all first choices in sequence order,
+        then all second choices, ... as GShard does) and drops the rest. Static shapes and no host sync: a running
+        count of each expert's picks (cumsum) and, for slot c, the first pick that brings the count to c + 1."""
+        B, S, E = scores_BSE.shape
+        k = self.top_k
+        picks_BKS = scores_BSE.topk(k, dim=-1).indices.transpose(1, 2)  # (B, k, S): rank-major = priority order
+        # (B, k*S, E), one row per (rank, token). A scatter, not F.one_hot, which reads the ids' range back on a CPU.
+        picked_BRE = torch.zeros(B, k * S, E, dtype=torch.long, device=scores_BSE.device)
+        picked_BRE.scatter_(2, picks_BKS.reshape(B, k * S, 1), 1)
+        count_BER = picked_BRE.cumsum(1).transpose(1, 2).contiguous()  # picks expert e has seen up to row r
+        wanted_BEC = torch.arange(1, C + 1, device=scores_BSE.device).expand(B, E, C).contiguous()
+        row_BEC = torch.searchsorted(count_BER, wanted_BEC)  # k*S where the expert has fewer than c + 1 picks
+        return torch.where(row_BEC < k * S, row_BEC % S, S)
 
     def _dispatch_fused(
         self, x_mod_BSD: torch.Tensor, flat_idx: torch.Tensor, gating: torch.Tensor, C: int

@@ -120,6 +120,8 @@ class NucleusBlock(nn.Module):
                 cfg.use_sigmoid,
                 cfg.route_scale,
                 kernels=cfg.kernels,
+                router_type=cfg.router_type,
+                top_k=cfg.router_top_k,
             )
         else:
             self.img_mlp = SwiGLU(d, cfg.dense_mlp_dim, kernels=cfg.kernels)

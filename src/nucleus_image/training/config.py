@@ -142,6 +142,9 @@ class TrainConfig:
     # Objective.
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     z_loss_weight: float = 5e-7
+    # Switch-style load-balance loss over the tokens' top model.router_top_k experts (loss.load_balance_loss);
+    # 0 = none. Meant for token choice, whose experts can overflow; with expert choice it balances preferences.
+    load_balance_weight: float = 0.0
     orthogonality_step: float = 0.01  # router rows pushed apart after each step (loss.decorrelate_router_rows_)
     wavelet_levels: int = 2  # Haar levels of the stages' wavelet loss
     # Contrastive flow matching (loss.contrastive_flow_loss): lambda of the subtracted term; 0 = plain flow matching.
@@ -262,6 +265,8 @@ class TrainConfig:
             errors.append(f"contrastive_weight must be in [0, 1), got {self.contrastive_weight}")
         if self.z_loss_weight < 0 or not 0 <= self.orthogonality_step < 0.5 or self.wavelet_levels < 1:
             errors.append("z_loss_weight >= 0, orthogonality_step in [0, 0.5) and wavelet_levels >= 1 are required")
+        if self.load_balance_weight < 0:
+            errors.append(f"load_balance_weight must be >= 0, got {self.load_balance_weight}")
         errors += self.optimizer.errors()
         if self.time_budget_s < 0:
             errors.append(f"time_budget_s must be >= 0 (0 = no budget), got {self.time_budget_s}")

@@ -1,5 +1,5 @@
 """The rectified-flow objective in the released sign convention, and the recipe's auxiliary terms (router
-z-loss, router orthogonality, Haar wavelet loss).
+z-loss, router orthogonality, Haar wavelet loss), plus a Switch-style load-balance loss for router comparisons.
 
 Forward process (diffusers' FlowMatchEulerDiscreteScheduler): x_s = (1 - s) * x0 + s * noise, s = sigma in
 [0, 1], integrated from s = 1 (noise) to s = 0 (data). Its velocity is dx_s/ds = noise - x0. The released
@@ -103,7 +103,9 @@ class FlowObjective:
     on the batch's `negatives`); `alignment` (an `alignment.AlignmentTerm`: a head outside the model reading a
     block's tokens) adds its weighted per-token loss against the batch's `token_targets_BSK` and logs it (a device
     tensor) as "alignment"; `binding` (a `binding.BindingTerm`: taps on blocks' attention) adds the weighted loss
-    of their image-to-text attention against the batch's `binding_targets`, logged as "binding"."""
+    of their image-to-text attention against the batch's `binding_targets`, logged as "binding";
+    `load_balance_weight` adds the weighted `load_balance_loss` over the tokens' top `load_balance_top_k` experts
+    (the model's router_top_k) and logs it as "load_balance"."""
 
     patch: int
     z_loss_weight: float = 0.0
@@ -115,6 +117,9 @@ class FlowObjective:
     contrastive_weight: float = 0.0
     alignment: AlignmentTerm | None = None
     binding: BindingTerm | None = None
+    # Switch-style load balance (`load_balance_loss`) over each token's top `load_balance_top_k` experts.
+    load_balance_weight: float = 0.0
+    load_balance_top_k: int = 2
 
     def __call__(self, model, batch: FlowBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from .monitor import routing_stats
@@ -123,7 +128,7 @@ class FlowObjective:
         h, w = batch.grid
         B = x0.shape[0]
         cast = (lambda t: t.to(self.input_dtype)) if self.input_dtype is not None else (lambda t: t)
-        routing = self.z_loss_weight > 0 or self.routing_stats
+        routing = self.z_loss_weight > 0 or self.load_balance_weight > 0 or self.routing_stats
         with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = model(
                 hidden_states=cast(noisy_latents(x0, noise, sigma)),
@@ -149,6 +154,10 @@ class FlowObjective:
             logged["binding"] = bound.detach()
         if self.z_loss_weight:
             loss = loss + self.z_loss_weight * router_z_loss(out.router_logits)
+        if self.load_balance_weight:
+            balance = load_balance_loss(out.router_logits, self.load_balance_top_k)
+            loss = loss + self.load_balance_weight * balance
+            logged["load_balance"] = balance.detach()
         if self.wavelet_weight:
             loss = loss + self.wavelet_weight * wavelet_loss(
                 out.sample, x0, noise, h, w, self.patch, self.wavelet_levels
@@ -164,6 +173,26 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if not router_logits:
         return torch.zeros(())
     per_layer = [torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits in router_logits]
+    return torch.stack(per_layer).mean()
+
+
+def load_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Mean over MoE layers of E * sum_i f_i * P_i (Switch Transformer), over all tokens of the batch: f_i is the
+    share of the tokens' top-k picks that go to expert i (before any capacity drop, counted on the logits, whose
+    order is the scores' for a softmax or a sigmoid router), P_i the mean softmax probability of expert i. It is 1
+    when picks and probability are uniform and grows as both pile onto the same experts; only P carries a
+    gradient. With expert choice every expert still takes C tokens: the term then balances the tokens' preferences
+    (what token choice would route), which expert choice does not need but a controlled comparison may add."""
+    if not router_logits:
+        return torch.zeros(())
+    per_layer = []
+    for logits in router_logits:
+        E = logits.shape[-1]
+        flat = logits.float().reshape(-1, E)
+        picks = torch.zeros_like(flat).scatter_(1, flat.topk(top_k, dim=-1).indices, 1.0)
+        f_E = picks.mean(0) / top_k
+        P_E = torch.softmax(flat, dim=-1).mean(0)
+        per_layer.append(E * (f_E * P_E).sum())
     return torch.stack(per_layer).mean()
 
 

@@ -21,13 +21,15 @@ def routing_stats(
     """(layers, E + 2) float32 on the model's device, one row per MoE layer: each expert's share of the router's
     probability mass (`load`: expert choice gives every expert exactly C tokens, so the softmax mass is where
     imbalance shows), then the share of tokens only the shared expert saw and the mean experts per token.
-    Computed on the device without reading anything back; `routing_table` turns it into numbers to log."""
+    Computed on the device without reading anything back; `routing_table` turns it into numbers to log.
+    Token choice's empty slots (index `seq_len`) are counted in an extra column that is then dropped."""
     rows = []
     for logits_BSE, idx_BEC in zip(router_logits, expert_indices):
         B, E, C = idx_BEC.shape
         load_E = torch.softmax(logits_BSE.detach().float(), dim=-1).mean(dim=(0, 1))
-        counts = torch.zeros(B, seq_len, device=idx_BEC.device)
+        counts = torch.zeros(B, seq_len + 1, device=idx_BEC.device)
         counts.scatter_add_(1, idx_BEC.reshape(B, E * C), torch.ones(B, E * C, device=idx_BEC.device))
+        counts = counts[:, :seq_len]
         rows.append(torch.cat([load_E, (counts == 0).float().mean()[None], counts.mean()[None]]))
     return torch.stack(rows)
 

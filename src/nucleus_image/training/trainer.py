@@ -149,6 +149,8 @@ class Trainer:
             cfg.wavelet_levels,
             self.autocast,
             contrastive_weight=cfg.contrastive_weight,
+            load_balance_weight=cfg.load_balance_weight,
+            load_balance_top_k=cfg.model.router_top_k,
             alignment=self.alignment,
             binding=self.binding,
         )
