@@ -104,8 +104,9 @@ def op_inputs(op: str, shapes: Shapes, dtype: torch.dtype, device: torch.device)
     return [x, rand(B, S, D), rand(B, 1, D, spread=0.5), rand(B, 1, D, spread=0.1), None, 1e-6]
 
 
-def measure(op: str, shapes: Shapes, dtype, device, compile_: bool, iters: int) -> dict:
-    """{"ms": {variant: median ms of forward + backward}, "error": {variant: max rel error vs eager}}."""
+def measure(op: str, shapes: Shapes, dtype, device, compile_: bool, iters: int, warmup: int = 2) -> dict:
+    """{"ms": {variant: median ms of forward + backward}, "error": {variant: max rel error vs eager}}; `warmup`
+    untimed calls first (0 under Triton's interpreter, which has nothing to warm up)."""
     args = op_inputs(op, shapes, dtype, device)
     tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     variants = op_variants(op, compile_)
@@ -124,7 +125,7 @@ def measure(op: str, shapes: Shapes, dtype, device, compile_: bool, iters: int) 
         for name, res in results.items()
         if name != "eager"
     }
-    ms = timeit({name: (lambda fn=fn: call(fn)) for name, fn in variants.items()}, device, warmup=2, iters=iters)
+    ms = timeit({name: (lambda fn=fn: call(fn)) for name, fn in variants.items()}, device, warmup=warmup, iters=iters)
     return {"ms": ms, "error": error}
 
 
