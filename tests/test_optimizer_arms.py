@@ -19,16 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_helpers import micro_config as micro_model_config
 from safetensors.torch import load_file
-from training_helpers import micro_config, micro_dataset
+from training_helpers import fixed_batch, micro_config, micro_dataset
 
 from nucleus_image.cli import main
-from nucleus_image.model import NucleusTransformer
 from nucleus_image.training.checkpoint import EMA_FILE, list_checkpoints
 from nucleus_image.training.config import OptimizerConfig, TrainConfig
 from nucleus_image.training.ema import WeightEMA
-from nucleus_image.training.loss import FlowBatch, FlowObjective
 from nucleus_image.training.optim import build_optimizers, describe_groups
 from nucleus_image.training.schedule import cosine_lr, lr_at, wsm_lr
 from nucleus_image.training.step import train_step
@@ -38,24 +35,6 @@ sys.path.insert(0, str(Path(__file__).parent / "process_hooks"))
 import host_sync  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-def fixed_batch(seed: int = 0):
-    cfg = micro_model_config()
-    torch.manual_seed(seed)
-    model = NucleusTransformer(cfg)
-    g = torch.Generator().manual_seed(1)
-    B, h, w = 4, 8, 8
-    x0 = torch.randn(B, (h // 2) * (w // 2), cfg.in_channels, generator=g)
-    batch = FlowBatch(
-        x0,
-        torch.randn(x0.shape, generator=g),
-        torch.rand(B, generator=g),
-        torch.randn(B, 5, cfg.joint_attention_dim, generator=g),
-        None,
-        (h, w),
-    )
-    return model, batch, FlowObjective(cfg.patch_size, z_loss_weight=1e-3)
 
 
 def poisoned(objective):

@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_helpers import micro_config as micro_model_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from training_helpers import micro_config, micro_dataset
+from training_helpers import fixed_batch, micro_config, micro_dataset
 
-from nucleus_image.model import NucleusTransformer
 from nucleus_image.training.config import OptimizerConfig, TimestepConfig
-from nucleus_image.training.loss import FlowBatch, FlowObjective
+from nucleus_image.training.loss import FlowBatch
 from nucleus_image.training.noise import row_noise
 from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.step import train_step
@@ -33,30 +31,18 @@ torch.set_num_threads(1)
 
 
 def model_and_batches(micro: int = 1, seed: int = 0):
-    cfg = micro_model_config()
-    torch.manual_seed(seed)
-    model = NucleusTransformer(cfg)
-    g = torch.Generator().manual_seed(1)
-    B, h, w = 4, 8, 8
-    x0 = torch.randn(B, (h // 2) * (w // 2), cfg.in_channels, generator=g)
-    batch = FlowBatch(
-        x0,
-        torch.randn(x0.shape, generator=g),
-        torch.rand(B, generator=g),
-        torch.randn(B, 5, cfg.joint_attention_dim, generator=g),
-        None,
-        (h, w),
-    )
+    model, batch, objective = fixed_batch(seed)
+    B = batch.x0_BSC.shape[0]
     n = B // micro
     parts = [
         FlowBatch(
             *(t[i * n : (i + 1) * n] for t in (batch.x0_BSC, batch.noise_BSC, batch.sigma_B, batch.text_BLD)),
             None,
-            (h, w),
+            batch.grid,
         )
         for i in range(micro)
     ]
-    return model, parts, FlowObjective(cfg.patch_size, z_loss_weight=1e-3)
+    return model, parts, objective
 
 
 def optimizer_state(optimizers) -> dict[str, torch.Tensor]:

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from model_helpers import micro_config as micro_model_config
+
 from nucleus_image.data.synthetic import SynthConfig, generate_dataset
-from nucleus_image.model import NucleusConfig
+from nucleus_image.model import NucleusConfig, NucleusTransformer
 from nucleus_image.training.config import OptimizerConfig, StageConfig, TrainConfig
+from nucleus_image.training.loss import FlowBatch, FlowObjective
 
 MICRO_MODEL = NucleusConfig.preset("tiny").replace(
     num_layers=2,
@@ -70,3 +74,22 @@ def cli(*args: str) -> list[str]:
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONHASHSEED="0")
     return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def fixed_batch(seed: int = 0):
+    """The micro model (seeded) and one fixed flow-matching batch of 4 rows at 8x8, with its objective."""
+    cfg = micro_model_config()
+    torch.manual_seed(seed)
+    model = NucleusTransformer(cfg)
+    g = torch.Generator().manual_seed(1)
+    B, h, w = 4, 8, 8
+    x0 = torch.randn(B, (h // 2) * (w // 2), cfg.in_channels, generator=g)
+    batch = FlowBatch(
+        x0,
+        torch.randn(x0.shape, generator=g),
+        torch.rand(B, generator=g),
+        torch.randn(B, 5, cfg.joint_attention_dim, generator=g),
+        None,
+        (h, w),
+    )
+    return model, batch, FlowObjective(cfg.patch_size, z_loss_weight=1e-3)
