@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import shlex
 
-from nucleus_image.cli.arguments import EVAL_STEPS, add_threads_arg
+from nucleus_image.cli.arguments import EVAL_STEPS, add_overrides_arg, add_threads_arg
 from nucleus_image.eval.routing import DEFAULT_SIGMAS
 
 
@@ -42,14 +42,7 @@ def register(subparsers) -> None:
         default=None,
         help="stop both arms after this many steps (default: the preset's stages)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override applied to both arms; repeatable",
-    )
+    add_overrides_arg(p, "config override applied to both arms; repeatable")
     p.add_argument(
         "--sequential", action="store_true", help="train the arms one after the other (default: in parallel)"
     )
@@ -84,14 +77,7 @@ def register_claims(sub) -> None:
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps")
     steps.add_argument("--steps", default=None, help="comma-separated steps per stage (default: the preset's)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override applied to every arm; repeatable",
-    )
+    add_overrides_arg(p, "config override applied to every arm; repeatable")
     p.add_argument(
         "--checkpoint-every",
         type=int,

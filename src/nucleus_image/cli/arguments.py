@@ -26,6 +26,11 @@ def add_prompt_args(parser, what: str = "") -> None:
     )
 
 
+def add_overrides_arg(parser, help: str) -> None:
+    """`--set KEY=VALUE`, repeatable, collected in `args.overrides` (config fields, dotted for sections)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def add_threads_arg(parser) -> None:
     """`--threads`, applied by `nucleus_image.cli.main` before the command runs (`nucleus_image.threads`)."""
     parser.add_argument(

@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from nucleus_image.cli.arguments import add_threads_arg
+from nucleus_image.cli.arguments import add_overrides_arg, add_threads_arg
 from nucleus_image.parallel.config import check_layout
 from nucleus_image.parallel.launch import launch
 from nucleus_image.parallel.mesh import launched_world
@@ -53,13 +53,9 @@ def register(subparsers) -> None:
         help="stop after this many optimizer steps in total (default: the config's stages)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (dotted: optimizer.lr=3e-3, stages.0.steps=200, model.num_experts=16; "
+    add_overrides_arg(
+        p,
+        "override a config field (dotted: optimizer.lr=3e-3, stages.0.steps=200, model.num_experts=16; "
         "the optimizer's old flat names such as lr=3e-3 still work); repeatable",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
