@@ -12,7 +12,16 @@ from training_helpers import micro_dataset
 
 from nucleus_image.cli import main
 from nucleus_image.eval import claims
-from nucleus_image.eval.claims import Arm, Claim, ClaimsConfig, plan_runs, select, summarize_arm, verdict
+from nucleus_image.eval.claims import (
+    NONINFERIORITY_MARGIN,
+    Arm,
+    Claim,
+    ClaimsConfig,
+    plan_runs,
+    select,
+    summarize_arm,
+    verdict,
+)
 from nucleus_image.eval.routing import expert_label_shares, homogeneity
 
 T95_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom
@@ -49,7 +58,9 @@ def test_verdict_rule():
     assert verdict(-0.05, 0.06, "worse") == "not reproduced at this scale"
     assert verdict(0.05, 0.03, "better") == "reproduced"
     assert verdict(-0.05, 0.03, "better") == "inverted"
-    assert verdict(-0.05, 0.06, "not better") == "reproduced"
+    assert verdict(-0.05, 0.06, "not better") == "reproduced"  # upper end +0.01: within the margin
+    assert verdict(0.0, 0.03, "not better") == "not reproduced at this scale"  # could be 3 points better
+    assert verdict(0.0, NONINFERIORITY_MARGIN, "not better") == "reproduced"
     assert verdict(0.05, 0.03, "not better") == "inverted"
     assert verdict(0.05, float("nan"), "worse").startswith("not reproduced at this scale (one seed")
 
