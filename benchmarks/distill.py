@@ -1,8 +1,11 @@
 """The few-step student against its teacher: transformer rows per image, wall time and compositional score with 95%
 intervals, in one run, plus a picture grid of both on the same seeds.
 
-    python benchmarks/distill.py --model runs/demo/merged --adapter runs/distill/adapter \
-        --prompts runs/demo/data/heldout_metadata.jsonl --out runs/distill/bench
+    python benchmarks/distill.py --model runs/demo/merged --adapter runs/distill/adapter --out runs/distill/bench
+
+Without --prompts the prompts are the synthetic domain's held-out GenEval prompts, up to --per-task (24) per task:
+111 over the six tasks (`make demo`'s heldout_metadata.jsonl holds 597 lines, 279 distinct prompts, for its own
+scoring: pass it as --prompts for the larger set).
 
 Arms, every one on the same held-out prompts (all six GenEval tasks) and the same seeds (image k of prompt i uses
 seed + i * samples + k, as `nucleus eval compositional` does): the teacher as `make demo` samples (16 steps, CFG 4:
