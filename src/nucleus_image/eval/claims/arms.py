@@ -66,14 +66,22 @@ CLAIMS: dict[str, Claim] = {
         ),
         Claim(
             "choice",
-            "Expert-choice routing beats token-choice routing (top-2 with a load-balancing loss) at the same expert "
-            "capacity.",
+            "Expert-choice routing beats token-choice routing (top-2 or top-4 with a load-balancing loss) at the "
+            "same expert capacity.",
             _control("expert choice"),
             (
                 Arm(
                     "token_choice",
                     "token choice, top 2",
                     ("model.router_type=token_choice", "model.router_top_k=2", "load_balance_weight=0.01"),
+                ),
+                # Top 2 fills at most half of the control's slots in its CF 4 stage (expert choice fills all C x E
+                # of them); top 4 asks for as many picks as expert choice makes there, and is capped at the same
+                # C slots per expert in the CF 2 stage, so its filled slots never fall short of the control's.
+                Arm(
+                    "token_choice_top4",
+                    "token choice, top 4",
+                    ("model.router_type=token_choice", "model.router_top_k=4", "load_balance_weight=0.01"),
                 ),
             ),
             routing=True,
