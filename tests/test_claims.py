@@ -167,3 +167,7 @@ def test_write_doc_gathers_the_claims(finished, tmp_path):
     text = doc.read_text()
     assert "## routing" in text and "| coupled |" in text and "nucleus ablate claims --claim routing" in text
     assert (tmp_path / "docs" / "claims-routing.png").exists()
+    other = tmp_path / "docs" / "claims-full.md"  # a second document's pictures do not overwrite the first's
+    assert main(["ablate", "claims", "--out", str(root / "out"), "--write-doc", str(other)]) == 0
+    assert "![routing](claims-full-routing.png)" in other.read_text()
+    assert (tmp_path / "docs" / "claims-full-routing.png").exists()

@@ -177,7 +177,7 @@ def report(cfg: ClaimsConfig, out: str | Path, command: str) -> list[dict]:
 
 def write_doc(out: str | Path, doc: str | Path) -> Path:
     """DOC: every claim summarised under OUT, in CLAIMS order, each with its table, its reproducing command and its
-    picture (copied to DOC's folder as claims-<name>.png)."""
+    picture (copied to DOC's folder as <DOC's stem>-<name>.png, so two documents' pictures do not collide)."""
     out, doc = Path(out), Path(doc)
     found = [json.loads((out / c / "claim.json").read_text()) for c in CLAIMS if (out / c / "claim.json").exists()]
     if not found:
@@ -200,7 +200,7 @@ def write_doc(out: str | Path, doc: str | Path) -> Path:
         picture = out / summary["claim"] / "claim.png"
         parts += ["", f"## {summary['claim']}", "", format_claim(summary)]
         if picture.exists():
-            target = doc.parent / f"claims-{summary['claim']}.png"
+            target = doc.parent / f"{doc.stem}-{summary['claim']}.png"
             shutil.copyfile(picture, target)
             parts += ["", f"![{summary['claim']}]({target.name})"]
     doc.write_text("\n".join(parts) + "\n")
