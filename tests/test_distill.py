@@ -57,6 +57,8 @@ def distill(model, data, out, *extra):
             "teacher_batch_size=8",
             "--set",
             "optimizer.warmup_steps=2",
+            "--set",
+            "validation_trajectories=8",
             *extra,
         ]
     )
@@ -173,8 +175,33 @@ def test_distill_resume_is_exact_and_refuses_to_overwrite(run, tmp_path, capsys)
     assert any(straight[k].abs().sum() > 0 for k in straight if "lora_B" in k)
     losses = json.loads((folder / "losses.json").read_text())
     assert losses == json.loads((tmp_path / "split" / "losses.json").read_text()) and len(losses) == 16
+    validation = json.loads((folder / "validation.json").read_text())
+    assert validation == json.loads((tmp_path / "split" / "validation.json").read_text())
     assert distill(model, data, folder) == 2  # an existing run is not overwritten
     assert "already holds a distillation run" in capsys.readouterr().err
+
+
+def test_validation_trajectories_are_held_out_and_scored_at_every_checkpoint(run, capsys):
+    """The validation store shares no noise or caption draw with the training store, and its loss is measured
+    before training and at each checkpoint (every 8 of 16 steps): finite, per student step, falling from the
+    base model's as the student learns."""
+    model, data, folder = run
+    train, held_out = TrajectoryStore(folder / "teacher"), TrajectoryStore(folder / "teacher-validation")
+    assert len(held_out) == 8 and held_out.plan.seed != train.plan.seed
+    assert held_out.plan.student_sigmas == train.plan.student_sigmas
+    noise_train, noise_held = train.states[:, 0].flatten(1), held_out.states[:, 0].flatten(1)
+    assert torch.cdist(noise_held, noise_train).min() > 1.0  # no starting noise in common
+    validation = json.loads((folder / "validation.json").read_text())
+    assert [v["step"] for v in validation] == [0, 8, 16]
+    assert all(np.isfinite(v["loss"]) and len(v["per_step"]) == 2 for v in validation)
+    assert np.isclose(validation[0]["loss"], np.mean(validation[0]["per_step"]))
+    assert validation[-1]["loss"] < validation[0]["loss"]
+    capsys.readouterr()
+    assert distill(model, data, folder.parent / "bad", "--set", "validation_trajectories=-1") == 2
+    assert "validation_trajectories=-1 must be >= 0" in capsys.readouterr().err
+    assert distill(model, data, folder.parent / "none", "--set", "validation_trajectories=0", "--max-steps", "8") == 0
+    assert not (folder.parent / "none" / "teacher-validation").exists()
+    assert not (folder.parent / "none" / "validation.json").exists()
 
 
 def test_distillation_moves_the_student_toward_the_teacher(run):

@@ -145,4 +145,11 @@ def run(args) -> int:
             f"done: {cfg.steps} steps; adapter in {out / 'adapter'} (sample it with nucleus generate --lora "
             f"{out / 'adapter'})"
         )
+    if distiller.validation_log:  # the last training losses against the held-out ones: memorising shows as a gap
+        tail = distiller.state.losses[-cfg.checkpoint_every :]
+        print(
+            f"loss at step {distiller.step}: training {sum(tail) / max(len(tail), 1):.5f} (mean of the last "
+            f"{len(tail)} steps), validation {distiller.validation_log[-1]['loss']:.5f} "
+            f"(step {distiller.validation_log[-1]['step']}; all in {out / 'validation.json'})"
+        )
     return 0

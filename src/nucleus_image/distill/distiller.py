@@ -12,10 +12,16 @@ rollout as Simple and Fast Distillation does. The teacher is never called during
 once: K x M x 2 rows per trajectory (M = teacher steps per student step) against the student's K rows per
 trajectory and update.
 
-Writes RUN/distill_config.json, RUN/teacher/ (the trajectories; a rerun keeps complete shards), RUN/checkpoints/
-step-*/ (adapter, optimizer and RNG states: `--resume` continues a killed run to the same adapter bit for bit on
-CPU), RUN/losses.json and RUN/adapter/: peft's format with the sampler settings (steps, sigmas, guidance 1) in its
-adapter_config.json, which `NucleusPipeline.load_lora` and `nucleus generate --lora` take as their defaults.
+Validation: `validation_trajectories` more teacher trajectories, drawn under another seed (their noise and captions
+share no draw with training's), are scored with the same objective at the start and at every checkpoint, so the gap
+between the training loss and a held-out one shows when the student memorises its trajectories instead of learning
+the teacher (the remedy is more trajectories, not more updates).
+
+Writes RUN/distill_config.json, RUN/teacher/ and RUN/teacher-validation/ (the trajectories; a rerun keeps complete
+shards), RUN/checkpoints/step-*/ (adapter, optimizer and RNG states: `--resume` continues a killed run to the same
+adapter bit for bit on CPU), RUN/losses.json, RUN/validation.json (step, loss, per student step) and RUN/adapter/:
+peft's format with the sampler settings (steps, sigmas, guidance 1) in its adapter_config.json, which
+`NucleusPipeline.load_lora` and `nucleus generate --lora` take as their defaults.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +54,10 @@ from .objective import ROLLOUTS, TrajectoryBatch, TrajectoryObjective
 from .trajectories import TrajectoryPlan, TrajectoryStore, generate_trajectories, shard_captions
 
 CONFIG_NAME = "distill_config.json"
+VALIDATION_FILE = "validation.json"
+# The validation trajectories' plan seed is the run's plus this: shard draws are functions of (plan seed, shard), so
+# they share no noise or caption draw with any training run of a seed below it.
+VALIDATION_SEED_OFFSET = 2**32
 
 
 def default_optimizer() -> OptimizerConfig:
@@ -65,6 +75,7 @@ class DistillConfig:
     teacher_steps: int = 16  # a multiple of student_steps
     teacher_guidance: float = 4.0
     trajectories: int = 2048
+    validation_trajectories: int = 256  # held-out teacher trajectories scored at every checkpoint; 0: none
     teacher_batch_size: int = 64
     resolution: int = 0  # square side in pixels; 0: the pipeline's native size
     caption_weights: tuple[float, ...] = ()  # over each image's captions, low to high granularity; empty: uniform
@@ -113,6 +124,10 @@ class DistillConfig:
             errors.append(f"rollout={self.rollout!r}; accepted: {', '.join(ROLLOUTS)}")
         if not math.isfinite(self.teacher_guidance):
             errors.append(f"teacher_guidance={self.teacher_guidance!r} must be a finite number")
+        if isinstance(self.validation_trajectories, bool) or not isinstance(self.validation_trajectories, int):
+            errors.append(f"validation_trajectories={self.validation_trajectories!r} must be an integer >= 0")
+        elif self.validation_trajectories < 0:
+            errors.append(f"validation_trajectories={self.validation_trajectories!r} must be >= 0 (0: no validation)")
         if self.resolution < 0:
             errors.append(f"resolution={self.resolution!r} must be >= 0 (0: the model's native size)")
         errors += self.optimizer.errors()
@@ -157,7 +172,7 @@ class Distiller:
             raise ValueError(f"pipeline {cfg.model!r} has no text encoder; distillation encodes the captions with it")
         self.pipe.text_encoder.requires_grad_(False)
         (self.run_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self.store = self._teacher_trajectories()
+        self.store, self.validation = self._teacher_trajectories()
 
         side = cfg.resolution or self.pipe.sample_size
         grid = side // self.pipe.granularity
@@ -178,6 +193,11 @@ class Distiller:
         if resume and (latest := ckpt.latest_checkpoint(self.run_dir)) is not None:
             ckpt.load_checkpoint(latest, self.adapters, self.optimizers, self.state)
             self._log(f"resumed from {latest} at step {self.state.step}")
+        # Entries past the resumed step belong to steps about to be redone (the same values: a killed run may have
+        # validated after its last checkpoint).
+        file = self.run_dir / VALIDATION_FILE
+        saved = json.loads(file.read_text()) if resume and file.exists() else []
+        self.validation_log: list[dict] = [v for v in saved if v["step"] <= self.state.step]
 
     @property
     def step(self) -> int:
@@ -201,7 +221,8 @@ class Distiller:
                 raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def _teacher_trajectories(self) -> TrajectoryStore:
+    def _teacher_trajectories(self) -> tuple[TrajectoryStore, TrajectoryStore | None]:
+        """The training trajectories and the validation ones (None without `validation_trajectories`)."""
         cfg = self.cfg
         table = read_manifest(cfg.data)
         row_captions = [[c for c in caps if c] for caps in table.column("captions").to_pylist()]
@@ -224,8 +245,13 @@ class Distiller:
             seed=cfg.seed,
             caption_weights=cfg.caption_weights,
         )
+        held_out = cfg.validation_trajectories
+        validation_plan = (
+            replace(plan, trajectories=held_out, seed=cfg.seed + VALIDATION_SEED_OFFSET) if held_out else None
+        )
         # Only the captions some trajectory uses are encoded (into the text-state cache shared with training).
-        used = {c for s in range(plan.num_shards) for c in shard_captions(plan, s, row_captions, weights)}
+        plans = [p for p in (plan, validation_plan) if p is not None]
+        used = {c for p in plans for s in range(p.num_shards) for c in shard_captions(p, s, row_captions, weights)}
         store = TextStateStore(encoder_id(f"pipeline:{cfg.model}"))
         encoded = store.encode_missing(self.pipe.text_encoder, used | {""}, self.progress)
         self.text = CaptionStates(store, self.device)
@@ -236,18 +262,18 @@ class Distiller:
         )
         start = time.perf_counter()
         self.pipe.transformer.eval()
-        trajectories = generate_trajectories(
-            self.pipe,
-            plan,
-            self.text,
-            row_captions,
-            weights,
-            self.run_dir / "teacher",
-            cfg.teacher_batch_size,
-            log=self._log,
+        stores = [
+            generate_trajectories(
+                self.pipe, p, self.text, row_captions, weights, self.run_dir / folder, cfg.teacher_batch_size, self._log
+            )
+            for p, folder in ((plan, "teacher"), (validation_plan, "teacher-validation"))
+            if p is not None
+        ]
+        self._log(
+            f"teacher trajectories: {' + '.join(str(len(s)) for s in stores)} (training + validation) ready "
+            f"({time.perf_counter() - start:.1f} s)"
         )
-        self._log(f"teacher trajectories: {len(trajectories)} ready ({time.perf_counter() - start:.1f} s)")
-        return trajectories
+        return stores[0], stores[1] if len(stores) > 1 else None
 
     def _batch_rows(self, step: int) -> np.ndarray:
         """Trajectories of optimizer step `step`: a pure function of (seed, step), so resume needs nothing else."""
@@ -259,12 +285,47 @@ class Distiller:
         text, mask = self.text.batch([self.store.captions[r] for r in rows])
         return TrajectoryBatch(self.store.states[torch.from_numpy(rows)].to(self.device), text, mask, self.img_shapes)
 
+    def validate(self, step: int) -> dict | None:
+        """The objective on the validation trajectories (batches of `batch_size`, no gradients), recorded for
+        `step` in RUN/validation.json; None without validation trajectories."""
+        store = self.validation
+        if store is None:
+            return None
+        bs, training = self.cfg.batch_size, self.model.training
+        self.model.eval()
+        total, per_step = torch.zeros((), device=self.device), torch.zeros(self.cfg.student_steps, device=self.device)
+        with torch.no_grad():
+            for i in range(0, len(store), bs):
+                captions = store.captions[i : i + bs]
+                text, mask = self.text.batch(captions)
+                states = store.states[i : i + bs].to(self.device)
+                loss, logged = self.objective(
+                    self.model, TrajectoryBatch(states, text, mask, self.img_shapes[: len(captions)])
+                )
+                total += loss * len(captions)
+                per_step += logged["per_step"] * len(captions)
+        self.model.train(training)
+        entry = {"step": step, "loss": float(total) / len(store), "per_step": (per_step / len(store)).tolist()}
+        self.validation_log = [v for v in self.validation_log if v["step"] < step] + [entry]
+        file = self.run_dir / VALIDATION_FILE
+        tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.validation_log) + "\n")
+        os.replace(tmp, file)
+        self._log(
+            f"validation at step {step}: loss {entry['loss']:.5f} on {len(store)} held-out trajectories "
+            f"(per student step {' '.join(f'{v:.4f}' for v in entry['per_step'])})"
+        )
+        return entry
+
     def train(self, max_steps: int | None = None) -> list[float]:
         """Train to cfg.steps (or stop after `max_steps` in total); a finished run writes RUN/adapter/. Losses are
         read back every `log_every` steps and at checkpoints; a step with a non-finite gradient is skipped and
-        counted, and `max_nonfinite_in_a_row` of them stop the run."""
+        counted, and `max_nonfinite_in_a_row` of them stop the run. The validation loss is measured before the
+        first step and after every checkpoint."""
         cfg, state = self.cfg, self.state
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+        if self.validation is not None and not any(v["step"] == state.step for v in self.validation_log):
+            self.validate(state.step)
         train_adapters(
             self.model,
             self.adapters,
@@ -279,6 +340,7 @@ class Distiller:
             "distill",
             self.progress,
             postfix=lambda out, _: {"per_student_step": " ".join(f"{v:.4f}" for v in out.logged["per_step"].tolist())},
+            after_checkpoint=self.validate,
         )
         (self.run_dir / "losses.json").write_text(json.dumps(state.losses) + "\n")
         if state.step >= cfg.steps:

@@ -31,10 +31,12 @@ def train_adapters(
     desc: str,
     show_progress: bool = True,
     postfix: Callable[[StepOutput, TrainState], dict] | None = None,
+    after_checkpoint: Callable[[int], object] | None = None,
 ) -> None:
     """Run steps until `state.step == end`. `cfg` carries optimizer, checkpoint_every, log_every, keep_last and
     max_nonfinite_in_a_row; `record` is the config saved with each checkpoint; `postfix` adds to the progress bar
-    at logging steps (the loss is always shown)."""
+    at logging steps (the loss is always shown); `after_checkpoint(step)` runs after each checkpoint is saved (a
+    validation pass)."""
     with progress_bar(total=end, initial=state.step, disable=not show_progress, desc=desc, unit="step") as bar:
         while state.step < end:
             out = train_step(
@@ -55,3 +57,5 @@ def train_adapters(
                 bar.set_postfix(loss=f"{state.losses[-1]:.5f}", **(postfix(out, state) if postfix else {}))
             if save:
                 ckpt.save_checkpoint(run_dir, adapters, record, optimizers, state, cfg.keep_last)
+                if after_checkpoint is not None:
+                    after_checkpoint(state.step)
