@@ -171,3 +171,26 @@ def test_write_doc_gathers_the_claims(finished, tmp_path):
     assert main(["ablate", "claims", "--out", str(root / "out"), "--write-doc", str(other)]) == 0
     assert "![routing](claims-full-routing.png)" in other.read_text()
     assert (tmp_path / "docs" / "claims-full-routing.png").exists()
+
+
+def test_one_claims_run_per_out_folder(tmp_path, capsys):
+    """A second `nucleus ablate claims` on the same OUT is refused while the first lives; a stale lock (its
+    process gone) is taken over and the lock is removed on the way out."""
+    import os
+    import subprocess
+    import sys
+
+    from nucleus_image.eval.claims.runs import LOCK_FILE, run_lock
+
+    out, data = tmp_path / "out", tmp_path / "data"
+    out.mkdir()
+    data.mkdir()
+    (out / LOCK_FILE).write_text(f"{os.getpid()}\n")  # this test's own process: alive
+    args = ["ablate", "claims", "--claim", "routing", "--data", str(data), "--out", str(out)]
+    assert main(args) == 2
+    assert f"another nucleus ablate claims (pid {os.getpid()}) is running" in capsys.readouterr().err
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_FILE).write_text(gone.stdout)
+    with run_lock(out):
+        assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+    assert not (out / LOCK_FILE).exists()

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ...training.checkpoint import latest_checkpoint
@@ -96,8 +98,6 @@ def plan_runs(cfg: ClaimsConfig, selected, data: Path, out: Path) -> list[tuple[
 def execute(plan, out: Path, parallel: int, env: dict | None = None) -> list[str]:
     """Run the plan, `parallel` children at a time, a run that merges another's training only once that training
     has finished. Returns the failures (each naming its log); the other runs go on."""
-    import os
-
     env = env or dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     pending, running, failed = list(plan), {}, []
     training = {(a.name, s) for a, s, cmds in plan if cmds and cmds[0][0] == "train"}
@@ -157,6 +157,51 @@ def prepare_prompts(data: Path, out: Path, per_task: int, routing_per_task: int)
         file.write_text(text)
 
 
+LOCK_FILE = ".claims.lock"
+
+
+@contextmanager
+def run_lock(out: Path):
+    """One `nucleus ablate claims` per OUT at a time: two would plan the same runs, and each would find the other's
+    trainings started and count them as failures. OUT/.claims.lock holds the owner's pid; a lock whose process is
+    gone (killed with SIGKILL, the machine restarted) is taken over."""
+    lock = out / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _alive(owner):
+                raise ValueError(
+                    f"another nucleus ablate claims (pid {owner}) is running on {str(out)!r}; wait for it, stop it, "
+                    f"or give another --out (its runs are skipped by a later rerun, not redone)"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its owner is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise ValueError(f"could not take the lock {str(lock)!r}; remove it if no nucleus ablate claims is running")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def run_claims(cfg: ClaimsConfig, data: str | Path, out: str | Path, command: str, check_command=None) -> list[dict]:
     """Train and score what is missing, then write each claim's summary. `check_command(argv)` may refuse a
     planned `nucleus` command (a flag this version lacks) before anything runs. Raises when a run failed, after
@@ -167,16 +212,17 @@ def run_claims(cfg: ClaimsConfig, data: str | Path, out: str | Path, command: st
     if not data.is_dir():
         raise ValueError(f"--data {str(data)!r} is not a dataset folder (make one with `nucleus data synth`)")
     out.mkdir(parents=True, exist_ok=True)
-    prepare_prompts(data, out, cfg.per_task, cfg.routing_per_task)
-    plan = plan_runs(cfg, selected, data, out)
-    for arm, _seed, commands in plan if check_command else ():
-        for argv in commands:
-            try:
-                check_command(argv)
-            except ValueError as err:
-                raise ValueError(f"arm {arm.name}: {err}") from None
-    failed = execute(plan, out, cfg.parallel)
-    summaries = report(cfg, out, command)
+    with run_lock(out):
+        prepare_prompts(data, out, cfg.per_task, cfg.routing_per_task)
+        plan = plan_runs(cfg, selected, data, out)
+        for arm, _seed, commands in plan if check_command else ():
+            for argv in commands:
+                try:
+                    check_command(argv)
+                except ValueError as err:
+                    raise ValueError(f"arm {arm.name}: {err}") from None
+        failed = execute(plan, out, cfg.parallel)
+        summaries = report(cfg, out, command)
     if failed:
         raise RuntimeError("runs failed:\n" + "\n".join(failed))
     return summaries
