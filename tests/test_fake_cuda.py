@@ -20,6 +20,13 @@ import torch
 from fake_cuda import REAL_GENERATOR, HostSync, count_host_reads, fake_cuda, on_cuda
 
 from nucleus_image.adapters import add_lora
+from nucleus_image.distill.distribution_matching import (
+    MatchingConfig,
+    MatchingDraws,
+    MatchingObjective,
+    add_fake_score,
+    draw,
+)
 from nucleus_image.distill.objective import TrajectoryBatch, TrajectoryObjective
 from nucleus_image.model import NucleusTransformer
 from nucleus_image.model.config import NucleusConfig
@@ -107,7 +114,10 @@ def flow_step(
     return lambda: train_step(model, optimizers, [flow], objective, opt_cfg, 5, params=trainable)
 
 
-def distill_step(model, cfg, device, grid: int, student_steps: int = 2):
+def distill_step(model, cfg, device, grid: int, student_steps: int = 2, fake: list | None = None):
+    """One distillation step; `fake`: the parameters of a fake-score adapter added to `model` (`add_fake_score`),
+    for a step with the distribution-matching term (the fake score's optimizers stepped inside the loss, the guided
+    real score on 2 rows)."""
     opt_cfg = OptimizerConfig(lr=1e-4, warmup_steps=2)
     muon, adamw, _ = build_optimizers(model, opt_cfg, BF16)
     sigma = torch.linspace(1.0, 0.0, student_steps + 1, device=device)
@@ -115,7 +125,24 @@ def distill_step(model, cfg, device, grid: int, student_steps: int = 2):
     states, mask = text_inputs(cfg, 1, device)
     teacher = torch.randn(1, student_steps + 1, grid * grid, cfg.in_channels, device=device)
     batch = TrajectoryBatch(teacher, states, mask, [(1, grid, grid)])
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in fake or ())]
+    if fake is not None:
+        matching_cfg = MatchingConfig(weight=0.5, fake_updates=2)
+        for p in trainable:  # the fake score's optimizers take its parameters alone
+            p.requires_grad_(False)
+        fake_muon, fake_adamw, _ = build_optimizers(model, opt_cfg, BF16)
+        for p in trainable:
+            p.requires_grad_(True)
+        objective = MatchingObjective(
+            objective, matching_cfg, 4.0, fake, [o for o in (fake_muon, fake_adamw) if o is not None], opt_cfg
+        )
+        drawn = draw(0, matching_cfg, 1, student_steps, tuple(teacher.shape[2:]), device)
+        batch.matching = MatchingDraws(
+            **drawn,
+            guided_text_RLD=torch.cat([states, states]),
+            guided_mask_RL=None if mask is None else torch.cat([mask, mask]),
+            step=5,
+        )
     return train_step(
         model, [o for o in (muon, adamw) if o is not None], [batch], objective, opt_cfg, 5, params=trainable
     )
@@ -257,6 +284,15 @@ def test_distillation_step(gpu):
     assert out.logged["per_step"].shape == (2,) and out.logged["per_step"].device.type == "cuda"
 
 
+def test_distillation_step_with_distribution_matching(gpu):
+    model = add_lora(on_cuda(lambda: NucleusTransformer(BLOCKS)), rank=8).train()
+    fake = add_fake_score(model, rank=4, alpha=None)
+    with gpu.step():
+        out = distill_step(model, BLOCKS, "cuda", grid=32, fake=fake)
+        check_step_output(out)
+    assert out.logged["matching_grad"].device.type == out.logged["fake_loss"].device.type == "cuda"
+
+
 def test_qlora_step(gpu):
     base = quantize_transformer(on_cuda(lambda: NucleusTransformer(BLOCKS)), "int8")
     model = add_lora(base, rank=8).train()
@@ -341,6 +377,13 @@ def test_distillation_step_real_bf16_cpu():
     model = add_lora(tiny_model(), rank=4).train()
     out = _real_step(lambda: distill_step(model, TINY, "cpu", grid=TINY_GRID))
     assert out.logged["per_step"].shape == (2,) and torch.isfinite(out.logged["per_step"]).all()
+
+
+def test_distribution_matching_step_real_bf16_cpu():
+    model = add_lora(tiny_model(), rank=4).train()
+    fake = add_fake_score(model, rank=4, alpha=None)
+    out = _real_step(lambda: distill_step(model, TINY, "cpu", grid=TINY_GRID, fake=fake))
+    assert torch.isfinite(out.logged["matching_grad"]) and torch.isfinite(out.logged["fake_loss"])
 
 
 def test_qlora_step_real_bf16_cpu():

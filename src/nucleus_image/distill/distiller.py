@@ -8,9 +8,11 @@ guidance: two transformer rows per step); its trajectories are generated once, b
 captions drawn from the dataset's manifest (text states from the shared text-state cache), and kept at the
 student's K noise levels (`trajectories.py`). The student, the base transformer plus a LoRA adapter, takes K Euler
 steps with one row per image and learns to land each step on the teacher's state (`objective.py`), on its own
-rollout as Simple and Fast Distillation does. The teacher is never called during training, so its cost is paid
+rollout as Simple and Fast Distillation does. This objective never calls the teacher in training, so its cost is paid
 once: K x M x 2 rows per trajectory (M = teacher steps per student step) against the student's K rows per
-trajectory and update.
+trajectory and update. `matching.weight > 0` adds DMD2's distribution-matching term (distribution_matching.py:
+a fake-score adapter on the same base, trained online; the guided base as the real score), at 3 more rows per
+trajectory and update plus the fake score's updates.
 
 Validation: `validation_trajectories` more teacher trajectories, drawn under another seed (their noise and captions
 share no draw with training's), are scored with the same objective at the start and at every checkpoint, so the gap
@@ -50,6 +52,7 @@ from nucleus_image.training.config import OptimizerConfig, changed_fields, from_
 from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.state import TrainState
 
+from .distribution_matching import MatchingConfig, MatchingDraws, MatchingObjective, add_fake_score, draw
 from .objective import ROLLOUTS, TrajectoryBatch, TrajectoryObjective
 from .trajectories import TrajectoryPlan, TrajectoryStore, generate_trajectories, shard_captions
 
@@ -85,6 +88,7 @@ class DistillConfig:
     steps: int = 500  # optimizer steps
     batch_size: int = 32  # trajectories per step
     optimizer: OptimizerConfig = field(default_factory=default_optimizer)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)  # DMD2's term; off at weight 0
     seed: int = 0
     checkpoint_every: int = 100
     keep_last: int = 3
@@ -130,7 +134,7 @@ class DistillConfig:
             errors.append(f"validation_trajectories={self.validation_trajectories!r} must be >= 0 (0: no validation)")
         if self.resolution < 0:
             errors.append(f"resolution={self.resolution!r} must be >= 0 (0: the model's native size)")
-        errors += self.optimizer.errors()
+        errors += self.optimizer.errors() + self.matching.errors()
         if errors:
             raise ValueError("distill config: " + "; ".join(errors))
 
@@ -184,14 +188,19 @@ class Distiller:
 
         self.model = add_lora(self.pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
         self.model.train()
-        self.adapters = nn.ParameterDict(
-            {n.replace(".", "/"): p for n, p in self.model.named_parameters() if p.requires_grad}
-        )
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         muon, adamw, _ = build_optimizers(self.model, cfg.optimizer, ns_dtype)
         self.optimizers = {k: o for k, o in (("muon", muon), ("adamw", adamw)) if o is not None}
+        # The fake score's optimizers are stepped by its objective, not by the loop; saved with the run.
+        self.fake_optimizers: dict = {}
+        self.loss_fn: TrajectoryObjective | MatchingObjective = self.objective
+        if cfg.matching.enabled:
+            self.loss_fn = self._matching_objective(ns_dtype)
+        self.adapters = nn.ParameterDict(
+            {n.replace(".", "/"): p for n, p in self.model.named_parameters() if p.requires_grad}
+        )
         if resume and (latest := ckpt.latest_checkpoint(self.run_dir)) is not None:
-            ckpt.load_checkpoint(latest, self.adapters, self.optimizers, self.state)
+            ckpt.load_checkpoint(latest, self.adapters, {**self.optimizers, **self.fake_optimizers}, self.state)
             self._log(f"resumed from {latest} at step {self.state.step}")
         # Entries past the resumed step belong to steps about to be redone (the same values: a killed run may have
         # validated after its last checkpoint).
@@ -202,6 +211,29 @@ class Distiller:
     @property
     def step(self) -> int:
         return self.state.step
+
+    def _matching_objective(self, ns_dtype: torch.dtype) -> MatchingObjective:
+        """The fake score's adapter and optimizers (the student's recipe, at `matching.fake_lr` when set), and the
+        objective that adds the distribution-matching term."""
+        cfg = self.cfg
+        fake_params = add_fake_score(self.model, cfg.matching.fake_rank or cfg.lora_rank, cfg.lora_alpha)
+        fake_cfg = replace(cfg.optimizer, lr=cfg.matching.fake_lr or cfg.optimizer.lr)
+        fake = set(fake_params)
+        student = [p for p in self.model.parameters() if p.requires_grad and p not in fake]
+        for p in student:  # build_optimizers takes the trainable parameters: the fake score's alone here
+            p.requires_grad_(False)
+        muon, adamw, _ = build_optimizers(self.model, fake_cfg, ns_dtype)
+        for p in student:
+            p.requires_grad_(True)
+        self.fake_optimizers = {k: o for k, o in (("fake_muon", muon), ("fake_adamw", adamw)) if o is not None}
+        return MatchingObjective(
+            self.objective,
+            cfg.matching,
+            cfg.teacher_guidance,
+            fake_params,
+            list(self.fake_optimizers.values()),
+            fake_cfg,
+        )
 
     def _log(self, text: str) -> None:
         if self.progress:
@@ -282,8 +314,21 @@ class Distiller:
 
     def _micro_batch(self) -> TrajectoryBatch:
         rows = self._batch_rows(self.state.step)
-        text, mask = self.text.batch([self.store.captions[r] for r in rows])
-        return TrajectoryBatch(self.store.states[torch.from_numpy(rows)].to(self.device), text, mask, self.img_shapes)
+        captions = [self.store.captions[r] for r in rows]
+        text, mask = self.text.batch(captions)
+        states = self.store.states[torch.from_numpy(rows)].to(self.device)
+        return TrajectoryBatch(states, text, mask, self.img_shapes, self._matching_draws(captions, states))
+
+    def _matching_draws(self, captions: list[str], states: torch.Tensor) -> MatchingDraws | None:
+        """The distribution-matching term's draws for this step, a function of (seed, step); None when it is off."""
+        cfg, step = self.cfg, self.state.step
+        if not cfg.matching.enabled:
+            return None
+        seed = int(np.random.default_rng([cfg.seed, 11, step]).integers(2**62))
+        shape = tuple(states.shape[2:])
+        drawn = draw(seed, cfg.matching, len(captions), cfg.student_steps, shape, self.device)
+        text, mask = self.text.batch(captions + [""] * len(captions))
+        return MatchingDraws(**drawn, guided_text_RLD=text, guided_mask_RL=mask, step=step)
 
     def validate(self, step: int) -> dict | None:
         """The objective on the validation trajectories (batches of `batch_size`, no gradients), recorded for
@@ -331,7 +376,7 @@ class Distiller:
             self.adapters,
             self.optimizers,
             self._micro_batch,
-            self.objective,
+            self.loss_fn,
             cfg,
             state,
             self.run_dir,
@@ -339,20 +384,29 @@ class Distiller:
             {"distill": cfg.to_dict()},
             "distill",
             self.progress,
-            postfix=lambda out, _: {"per_student_step": " ".join(f"{v:.4f}" for v in out.logged["per_step"].tolist())},
+            postfix=self._postfix,
             after_checkpoint=self.validate,
+            extra_optimizers=self.fake_optimizers,
         )
         (self.run_dir / "losses.json").write_text(json.dumps(state.losses) + "\n")
         if state.step >= cfg.steps:
             self.write_adapter(self.run_dir / "adapter")
         return state.losses
 
+    @staticmethod
+    def _postfix(out, _state) -> dict:
+        shown = {"per_student_step": " ".join(f"{v:.4f}" for v in out.logged["per_step"].tolist())}
+        for key in ("matching_grad", "fake_loss"):
+            if key in out.logged:
+                shown[key] = f"{float(out.logged[key]):.4f}"
+        return shown
+
     def write_adapter(self, folder: Path) -> Path:
         """peft's adapter files plus the student's sampler settings in its adapter_config.json, written into a
         temp folder and renamed into place, so `folder` is only ever a complete adapter."""
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp))
+        self.model.save_pretrained(str(tmp), selected_adapters=["default"])  # the student's, not the fake score's
         write_sampler_settings(tmp, self.sampler_settings())
         if folder.exists():
             shutil.rmtree(folder)

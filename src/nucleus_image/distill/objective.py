@@ -18,6 +18,7 @@ the student's own steps cause); an option (`--set rollout=teacher`), not the def
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,10 +57,13 @@ def trajectory_loss(
     mask_BL: torch.Tensor | None,
     img_shapes: list[tuple[int, int, int]],
     rollout: str = "student",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_predictions: bool = False,
+):
     """Mean over the K steps of the squared distance (per latent value) between the student's next state and the
-    teacher's; returns (loss, per-step losses). `sigma_K1`: the K + 1 shifted levels ending in 0; `t_K`: the
-    timesteps the pipeline gives the transformer at the first K of them."""
+    teacher's; returns (loss, per-step losses), and with `with_predictions` also each step's x0-prediction
+    (K, B, S, C), x + s_i * u from the step's input x (with the graph: distribution_matching.py trains on them).
+    `sigma_K1`: the K + 1 shifted levels ending in 0; `t_K`: the timesteps the pipeline gives the transformer at
+    the first K of them."""
     if rollout not in ROLLOUTS:
         raise ValueError(f"rollout {rollout!r}; accepted: {', '.join(ROLLOUTS)}")
     B, K1 = teacher_BKSC.shape[:2]
@@ -81,16 +85,22 @@ def trajectory_loss(
         y_RSC = euler_step(x_RSC, v, s_R1, s_next)
         target = teacher_BKSC[:, 1:].transpose(0, 1).reshape(B * K, *teacher_BKSC.shape[2:])
         per_step = ((y_RSC - target) ** 2).view(K, B, -1).mean(dim=(1, 2))
-        return per_step.mean(), per_step.detach()
+        if not with_predictions:
+            return per_step.mean(), per_step.detach()
+        return per_step.mean(), per_step.detach(), (x_RSC + s_R1 * v).view(K, B, *x_RSC.shape[1:])
     y = teacher_BKSC[:, 0]
-    losses = []
+    losses, predictions = [], []
     for i in range(K):
         v = student_step(model, y, t_K[i], text_BLD, mask_BL, img_shapes)
         y_next = euler_step(y, v, sigma_K1[i], sigma_K1[i + 1])
         losses.append(((y_next - teacher_BKSC[:, i + 1]) ** 2).mean())
+        if with_predictions:
+            predictions.append(y + sigma_K1[i] * v)
         y = y_next.detach()
     per_step = torch.stack(losses)
-    return per_step.mean(), per_step.detach()
+    if not with_predictions:
+        return per_step.mean(), per_step.detach()
+    return per_step.mean(), per_step.detach(), torch.stack(predictions)
 
 
 @dataclass
@@ -99,6 +109,7 @@ class TrajectoryBatch:
     text_BLD: torch.Tensor
     text_mask_BL: torch.Tensor | None
     img_shapes: list[tuple[int, int, int]]
+    matching: Any = None  # distribution_matching.MatchingDraws when the run adds that term
 
 
 @dataclass(frozen=True)

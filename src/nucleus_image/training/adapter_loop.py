@@ -32,11 +32,13 @@ def train_adapters(
     show_progress: bool = True,
     postfix: Callable[[StepOutput, TrainState], dict] | None = None,
     after_checkpoint: Callable[[int], object] | None = None,
+    extra_optimizers: Mapping[str, Optimizer] | None = None,
 ) -> None:
     """Run steps until `state.step == end`. `cfg` carries optimizer, checkpoint_every, log_every, keep_last and
     max_nonfinite_in_a_row; `record` is the config saved with each checkpoint; `postfix` adds to the progress bar
     at logging steps (the loss is always shown); `after_checkpoint(step)` runs after each checkpoint is saved (a
-    validation pass)."""
+    validation pass); `extra_optimizers` are saved and restored with the checkpoints but stepped by the loss
+    function itself (distillation's fake score)."""
     with progress_bar(total=end, initial=state.step, disable=not show_progress, desc=desc, unit="step") as bar:
         while state.step < end:
             out = train_step(
@@ -56,6 +58,7 @@ def train_adapters(
                 state.flush(limit=cfg.max_nonfinite_in_a_row, last_checkpoint=lambda: ckpt.latest_checkpoint(run_dir))
                 bar.set_postfix(loss=f"{state.losses[-1]:.5f}", **(postfix(out, state) if postfix else {}))
             if save:
-                ckpt.save_checkpoint(run_dir, adapters, record, optimizers, state, cfg.keep_last)
+                saved = {**optimizers, **(extra_optimizers or {})}
+                ckpt.save_checkpoint(run_dir, adapters, record, saved, state, cfg.keep_last)
                 if after_checkpoint is not None:
                     after_checkpoint(state.step)
