@@ -46,9 +46,9 @@ from nucleus_image.data.text_states import CaptionStates, TextStateStore, encode
 from nucleus_image.diffusion.sampler_settings import SamplerSettings
 from nucleus_image.pipeline import NucleusPipeline
 from nucleus_image.training import checkpoint as ckpt
-from nucleus_image.training.adapter_loop import train_adapters
+from nucleus_image.training.adapter_loop import check_run_dir, train_adapters
 from nucleus_image.training.build import seed_everything
-from nucleus_image.training.config import OptimizerConfig, changed_fields, from_plain, to_plain
+from nucleus_image.training.config import OptimizerConfig, from_plain, to_plain
 from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.state import TrainState
 
@@ -157,7 +157,7 @@ class Distiller:
         cfg.validate()
         self.started = time.perf_counter()
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
-        self._check_run_dir(resume)
+        check_run_dir(self.run_dir, CONFIG_NAME, cfg, "distillation", resume)
         self.device = torch.device(
             "cuda"
             if cfg.device == "auto" and torch.cuda.is_available()
@@ -238,20 +238,6 @@ class Distiller:
     def _log(self, text: str) -> None:
         if self.progress:
             print(text, flush=True)
-
-    def _check_run_dir(self, resume: bool) -> None:
-        config_file = self.run_dir / CONFIG_NAME
-        if config_file.exists():
-            if not resume:
-                raise ValueError(
-                    f"run folder {str(self.run_dir)!r} already holds a distillation run; pass --resume "
-                    f"to continue it or choose a new --out"
-                )
-            saved = DistillConfig.from_dict(json.loads(config_file.read_text())).to_dict()
-            diff = changed_fields(saved, self.cfg.to_dict())
-            if diff:
-                raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _teacher_trajectories(self) -> tuple[TrajectoryStore, TrajectoryStore | None]:
         """The training trajectories and the validation ones (None without `validation_trajectories`)."""

@@ -26,13 +26,12 @@ from nucleus_image.data.text_states import CaptionStates, TextStateStore, encode
 from nucleus_image.model.latents import pack_latents
 from nucleus_image.pipeline import NucleusPipeline
 from nucleus_image.training import checkpoint as ckpt
-from nucleus_image.training.adapter_loop import train_adapters
+from nucleus_image.training.adapter_loop import check_run_dir, train_adapters
 from nucleus_image.training.buckets import assign_buckets, draw_batch, fit_image, make_buckets, readable_image
 from nucleus_image.training.build import seed_everything
 from nucleus_image.training.config import (
     OptimizerConfig,
     TimestepConfig,
-    changed_fields,
     from_plain,
     nest_legacy_optimizer,
     to_plain,
@@ -111,7 +110,7 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, progress: bool = True):
         cfg.validate()
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
-        self._check_run_dir(resume)
+        check_run_dir(self.run_dir, CONFIG_NAME, cfg, "fine-tuning", resume)
         self.device = torch.device(
             "cuda"
             if cfg.device == "auto" and torch.cuda.is_available()
@@ -156,21 +155,6 @@ class Finetuner:
         if resume and (latest := ckpt.latest_checkpoint(self.run_dir)) is not None:
             ckpt.load_checkpoint(latest, self.adapters, self.optimizers, self.state)
             print(f"resumed from {latest} at step {self.state.step}")
-
-    def _check_run_dir(self, resume: bool) -> None:
-        config_file = self.run_dir / CONFIG_NAME
-        if config_file.exists():
-            if not resume:
-                raise ValueError(
-                    f"run folder {str(self.run_dir)!r} already holds a fine-tuning run; pass --resume "
-                    f"to continue it or choose a new --out"
-                )
-            # A config saved in an older layout compares as its current one.
-            saved = FinetuneConfig.from_dict(json.loads(config_file.read_text())).to_dict()
-            diff = changed_fields(saved, self.cfg.to_dict())
-            if diff:
-                raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _load_data(self) -> None:
         data = Path(self.cfg.data)

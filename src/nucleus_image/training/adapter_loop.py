@@ -4,6 +4,7 @@ checked), atomic checkpoints of the adapters, their optimizers and the run state
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,27 @@ from torch.optim import Optimizer
 
 from ..progress import progress as progress_bar
 from . import checkpoint as ckpt
+from .config import changed_fields
 from .state import TrainState
 from .step import StepOutput, train_step
+
+
+def check_run_dir(run_dir: Path, config_name: str, cfg, kind: str, resume: bool) -> None:
+    """Create `run_dir`, refusing one that already holds a run unless resuming, and a resume whose config (a
+    dataclass with `to_dict` / `from_dict`, saved as `config_name`) differs from the saved one. A config saved in
+    an older layout compares as its current one. `kind` names the run in the error ("fine-tuning")."""
+    config_file = run_dir / config_name
+    if config_file.exists():
+        if not resume:
+            raise ValueError(
+                f"run folder {str(run_dir)!r} already holds a {kind} run; pass --resume to continue it or choose a "
+                f"new --out"
+            )
+        saved = type(cfg).from_dict(json.loads(config_file.read_text())).to_dict()
+        diff = changed_fields(saved, cfg.to_dict())
+        if diff:
+            raise ValueError(f"--resume with a different config than {config_file}: fields {diff} differ")
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def train_adapters(
