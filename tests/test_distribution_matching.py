@@ -205,3 +205,25 @@ def test_bad_matching_settings_are_refused_by_name(runs, capsys):
     ):
         assert distill(runs / "model", runs / "data", runs / "bad", "--set", setting) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rollout", ["student", "teacher"])
+def test_each_steps_x0_prediction_is_its_input_plus_sigma_times_the_output(adapted, rollout):
+    """The samples the term trains on: x + s_i * u(x, s_i) at each step's input, which is the teacher's state in the
+    teacher rollout and the student's own previous state in its own (both start from the teacher's noise)."""
+    model, _, _ = adapted
+    batch = _batch(model)
+    sigma = torch.tensor([1.0, 0.5, 0.0])
+    with torch.no_grad():
+        loss, per_step, x0 = trajectory_loss(
+            model, batch.teacher_BKSC, sigma, sigma[:-1], batch.text_BLD, None, batch.img_shapes, rollout, True
+        )
+        first = batch.teacher_BKSC[:, 0]
+        u0 = student_step(model, first, sigma[0], batch.text_BLD, None, batch.img_shapes)
+        euler = first + (0.5 - 1.0) * -u0  # the student's own step from 1 to 0.5
+        second = batch.teacher_BKSC[:, 1] if rollout == "teacher" else euler
+        u1 = student_step(model, second, sigma[1], batch.text_BLD, None, batch.img_shapes)
+    assert x0.shape == (2, *first.shape)
+    assert torch.allclose(x0[0], first + u0, atol=1e-5)
+    assert torch.allclose(x0[1], second + 0.5 * u1, atol=1e-5)
+    assert torch.allclose(loss, per_step.mean())
