@@ -1,7 +1,7 @@
 """Distillation's distribution-matching term (DMD2): the three scores share one base and route without touching
 `requires_grad`, the term vanishes where the fake score equals the real one and pushes the student's samples
 towards the real score's denoising otherwise, the fake score learns, the shipped adapter is the student's alone,
-and a resumed run equals a straight one."""
+a resumed run equals a straight one, and a student can start from a saved adapter."""
 
 import json
 import shutil
@@ -227,3 +227,24 @@ def test_each_steps_x0_prediction_is_its_input_plus_sigma_times_the_output(adapt
     assert torch.allclose(x0[0], first + u0, atol=1e-5)
     assert torch.allclose(x0[1], second + 0.5 * u1, atol=1e-5)
     assert torch.allclose(loss, per_step.mean())
+
+
+def test_a_student_starts_from_a_saved_adapter(runs, tmp_path, capsys):
+    """`--init-adapter`: the run's first validation (before any update) scores the saved student exactly as that
+    student's own run scored it last; another rank or a folder that is no adapter is refused before any work."""
+    model, data = runs / "model", runs / "data"
+    out = tmp_path / "from-plain"
+    for store in ("teacher", "teacher-validation"):
+        shutil.copytree(runs / "plain" / store, out / store)
+    adapter = str(runs / "plain" / "adapter")
+    assert distill(model, data, out, "--init-adapter", adapter, "--max-steps", "1", *MATCHING) == 0
+    first = json.loads((out / "validation.json").read_text())[0]
+    last = json.loads((runs / "plain" / "validation.json").read_text())[-1]
+    assert first["step"] == 0 and last["step"] == 16
+    assert first["loss"] == pytest.approx(last["loss"], rel=1e-6)
+    capsys.readouterr()
+    assert distill(model, data, tmp_path / "rank", "--init-adapter", adapter, "--lora-rank", "4") == 2
+    assert "has rank 8, lora_rank is 4" in capsys.readouterr().err
+    assert distill(model, data, tmp_path / "none", "--init-adapter", str(tmp_path)) == 2
+    assert "is not a LoRA adapter folder" in capsys.readouterr().err
+    assert not (tmp_path / "rank").exists() and not (tmp_path / "none").exists()

@@ -90,6 +90,42 @@ def load_lora(model: nn.Module, path, scale: float = 1.0):
     return peft_model.eval()
 
 
+def adapter_rank(path) -> int:
+    """The LoRA rank an adapter folder was saved with (its adapter_config.json's `r`)."""
+    fields = _read_config(Path(path))
+    rank = fields.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{str(Path(path) / CONFIG_FILE)!r} has no positive integer LoRA rank 'r' (got {rank!r})")
+    return rank
+
+
+def load_adapter_weights(peft_model, path, adapter_name: str = "default") -> None:
+    """Copy a saved adapter's weights into `peft_model`'s adapter `adapter_name` (same targets and rank), to train
+    on from there; every saved tensor must find its place and every adapter weight must be saved."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    rank, expected = adapter_rank(path), peft_model.peft_config[adapter_name].r
+    if rank != expected:
+        raise ValueError(f"adapter {str(path)!r} has rank {rank}; this run's adapter has rank {expected}")
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} holds no adapter_model.safetensors")
+    saved = load_file(file)
+    wanted = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    if saved.keys() != wanted.keys():
+        missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+        raise ValueError(
+            f"adapter {str(path)!r} does not fit this model's adapter: {len(missing)} weights missing "
+            f"(e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})"
+        )
+    shapes = [k for k in saved if saved[k].shape != wanted[k].shape]
+    if shapes:
+        raise ValueError(f"adapter {str(path)!r}: {len(shapes)} weights of another shape, e.g. {shapes[0]!r}")
+    set_peft_model_state_dict(peft_model, saved, adapter_name=adapter_name)
+
+
 def set_lora_scale(peft_model, scale: float) -> None:
     """Multiply every adapter's update by `scale` (0 gives the base model, 1 the adapter as trained)."""
     from peft.tuners.lora import LoraLayer

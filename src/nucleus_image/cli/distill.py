@@ -36,6 +36,11 @@ def register(subparsers) -> None:
     p.add_argument("--teacher-guidance", type=float, default=4.0, help="the teacher's guidance scale (default 4.0)")
     p.add_argument("--trajectories", type=int, default=None, help="teacher trajectories generated once (default 2048)")
     p.add_argument("--lora-rank", type=int, default=None, help="adapter rank (default 32)")
+    p.add_argument(
+        "--init-adapter",
+        default=None,
+        help="a saved adapter folder of the same rank (a finished student's RUN/adapter) the student starts from",
+    )
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default 500)")
     p.add_argument("--batch-size", type=int, default=None, help="trajectories per optimizer step (default 32)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.004)")
@@ -84,6 +89,8 @@ def build_config(args):
             fields[key] = getattr(args, flag)
     if args.lr is not None:
         fields["optimizer"] = {"lr": args.lr}
+    if args.init_adapter is not None:
+        fields["init_adapter"] = str(Path(args.init_adapter).resolve())
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:

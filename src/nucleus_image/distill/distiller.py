@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from nucleus_image.adapters import add_lora, write_sampler_settings
+from nucleus_image.adapters.lora import adapter_rank, load_adapter_weights
 from nucleus_image.data.manifest import read_manifest
 from nucleus_image.data.text_states import CaptionStates, TextStateStore, encoder_id
 from nucleus_image.diffusion.sampler_settings import SamplerSettings
@@ -84,6 +85,7 @@ class DistillConfig:
     caption_weights: tuple[float, ...] = ()  # over each image's captions, low to high granularity; empty: uniform
     lora_rank: int = 32
     lora_alpha: float | None = None
+    init_adapter: str = ""  # a saved adapter of the same rank the student starts from; empty: zero (the base)
     rollout: str = "student"
     steps: int = 500  # optimizer steps
     batch_size: int = 32  # trajectories per step
@@ -134,6 +136,14 @@ class DistillConfig:
             errors.append(f"validation_trajectories={self.validation_trajectories!r} must be >= 0 (0: no validation)")
         if self.resolution < 0:
             errors.append(f"resolution={self.resolution!r} must be >= 0 (0: the model's native size)")
+        if self.init_adapter and not errors:
+            try:
+                rank = adapter_rank(self.init_adapter)
+            except (OSError, ValueError) as err:
+                errors.append(f"init_adapter: {err}")
+            else:
+                if rank != self.lora_rank:
+                    errors.append(f"init_adapter {self.init_adapter!r} has rank {rank}, lora_rank is {self.lora_rank}")
         errors += self.optimizer.errors() + self.matching.errors()
         if errors:
             raise ValueError("distill config: " + "; ".join(errors))
@@ -187,6 +197,8 @@ class Distiller:
         self.objective = TrajectoryObjective(sigma_K1, sigma_K1[:-1] * steps / steps, cfg.rollout)
 
         self.model = add_lora(self.pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
+        if cfg.init_adapter:
+            load_adapter_weights(self.model, cfg.init_adapter)
         self.model.train()
         ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         muon, adamw, _ = build_optimizers(self.model, cfg.optimizer, ns_dtype)
