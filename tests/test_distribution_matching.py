@@ -22,11 +22,11 @@ from nucleus_image.distill.distribution_matching import (
     MatchingObjective,
     add_fake_score,
     draw,
+    fake_score_optimizers,
     routed_through,
 )
 from nucleus_image.distill.objective import TrajectoryBatch, TrajectoryObjective, student_step, trajectory_loss
 from nucleus_image.training.config import OptimizerConfig
-from nucleus_image.training.optim import build_optimizers
 
 MATCHING = ("--set", "matching.weight=1.0", "--set", "matching.fake_updates=2")
 
@@ -88,13 +88,7 @@ def _objective(model, fake, guidance, weight=1.0):
     sigma = torch.tensor([1.0, 0.5, 0.0])
     trajectory = TrajectoryObjective(sigma, sigma[:-1])
     fake_cfg = OptimizerConfig(lr=1e-3, warmup_steps=0)
-    student = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in fake)]
-    for p in student:
-        p.requires_grad_(False)
-    muon, adamw, _ = build_optimizers(model, fake_cfg, torch.float32)
-    for p in student:
-        p.requires_grad_(True)
-    optimizers = [o for o in (muon, adamw) if o is not None]
+    optimizers = fake_score_optimizers(model, fake, fake_cfg, torch.float32)
     return MatchingObjective(trajectory, MatchingConfig(weight=weight), guidance, fake, optimizers, fake_cfg)
 
 

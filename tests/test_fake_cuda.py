@@ -26,6 +26,7 @@ from nucleus_image.distill.distribution_matching import (
     MatchingObjective,
     add_fake_score,
     draw,
+    fake_score_optimizers,
 )
 from nucleus_image.distill.objective import TrajectoryBatch, TrajectoryObjective
 from nucleus_image.model import NucleusTransformer
@@ -128,13 +129,8 @@ def distill_step(model, cfg, device, grid: int, student_steps: int = 2, fake: li
     trainable = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in fake or ())]
     if fake is not None:
         matching_cfg = MatchingConfig(weight=0.5, fake_updates=2)
-        for p in trainable:  # the fake score's optimizers take its parameters alone
-            p.requires_grad_(False)
-        fake_muon, fake_adamw, _ = build_optimizers(model, opt_cfg, BF16)
-        for p in trainable:
-            p.requires_grad_(True)
         objective = MatchingObjective(
-            objective, matching_cfg, 4.0, fake, [o for o in (fake_muon, fake_adamw) if o is not None], opt_cfg
+            objective, matching_cfg, 4.0, fake, fake_score_optimizers(model, fake, opt_cfg, BF16), opt_cfg
         )
         drawn = draw(0, matching_cfg, 1, student_steps, tuple(teacher.shape[2:]), device)
         batch.matching = MatchingDraws(

@@ -53,7 +53,14 @@ from nucleus_image.training.config import OptimizerConfig, from_plain, to_plain
 from nucleus_image.training.optim import build_optimizers
 from nucleus_image.training.state import TrainState
 
-from .distribution_matching import MatchingConfig, MatchingDraws, MatchingObjective, add_fake_score, draw
+from .distribution_matching import (
+    MatchingConfig,
+    MatchingDraws,
+    MatchingObjective,
+    add_fake_score,
+    draw,
+    fake_score_optimizers,
+)
 from .objective import ROLLOUTS, TrajectoryBatch, TrajectoryObjective
 from .trajectories import TrajectoryPlan, TrajectoryStore, generate_trajectories, shard_captions
 
@@ -230,14 +237,8 @@ class Distiller:
         cfg = self.cfg
         fake_params = add_fake_score(self.model, cfg.matching.fake_rank or cfg.lora_rank, cfg.lora_alpha)
         fake_cfg = replace(cfg.optimizer, lr=cfg.matching.fake_lr or cfg.optimizer.lr)
-        fake = set(fake_params)
-        student = [p for p in self.model.parameters() if p.requires_grad and p not in fake]
-        for p in student:  # build_optimizers takes the trainable parameters: the fake score's alone here
-            p.requires_grad_(False)
-        muon, adamw, _ = build_optimizers(self.model, fake_cfg, ns_dtype)
-        for p in student:
-            p.requires_grad_(True)
-        self.fake_optimizers = {k: o for k, o in (("fake_muon", muon), ("fake_adamw", adamw)) if o is not None}
+        optimizers = fake_score_optimizers(self.model, fake_params, fake_cfg, ns_dtype)
+        self.fake_optimizers = {f"fake_{type(o).__name__.lower()}": o for o in optimizers}
         return MatchingObjective(
             self.objective,
             cfg.matching,

@@ -149,6 +149,22 @@ def add_fake_score(model, rank: int, alpha: float | None) -> list[nn.Parameter]:
     return fake
 
 
+def fake_score_optimizers(model, fake: list[nn.Parameter], cfg: OptimizerConfig, ns_dtype: torch.dtype) -> list:
+    """The fake score's optimizers under the student's recipe (`build_optimizers` takes a model's trainable
+    parameters: the student's are frozen while it runs, then trainable again)."""
+    from nucleus_image.training.optim import build_optimizers
+
+    student = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in fake)]
+    for p in student:
+        p.requires_grad_(False)
+    try:
+        muon, adamw, _ = build_optimizers(model, cfg, ns_dtype)
+    finally:
+        for p in student:
+            p.requires_grad_(True)
+    return [o for o in (muon, adamw) if o is not None]
+
+
 @dataclass
 class FakeScoreObjective:
     """The fake score's flow-matching loss on the student's detached samples, update `index` of the step."""
